@@ -1,0 +1,42 @@
+# Quick start: `make demo` runs a local mesh on the embedded defaults; `make test` runs the suite.
+# Both create .venv on first use and install the exact stack in deps/requirements.lock.
+PYTHON ?= python3.11
+VENV   := .venv
+UV     := .tools/bin/uv
+UV_VERSION := 0.13.8
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench lock install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/sealmesh testnet up --trainers 2 --validators 2 --miners 1 --rounds 2 --dir testnet
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+# Heavy tests too (Concrete-ML compile/FHE execution, large meshes).
+test-all: $(STAMP)
+	SEALMESH_SLOW=1 $(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/gossip.py
+
+install: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)
+
+# `uv pip sync` installs exactly the lock, without re-resolving: the lock carries the
+# protobuf override (see deps/overrides.txt and the README) that a resolver would refuse.
+$(STAMP): deps/requirements.lock pyproject.toml | $(UV)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(UV) pip sync --python $(VENV)/bin/python deps/requirements.lock
+	$(UV) pip install --python $(VENV)/bin/python --no-deps -e .
+	touch $(STAMP)
+
+# Re-resolve the lock from deps/requirements.in with the overrides applied.
+lock: | $(UV)
+	$(UV) pip compile deps/requirements.in --override deps/overrides.txt --python-version 3.11 -o deps/requirements.lock
+
+clean:
+	rm -rf $(VENV) .tools testnet
