@@ -1,0 +1,111 @@
+"""The node's HTTP API: /health, /status, /metrics, and Epistula-signed POST /v1/message.
+
+Bridge choice: aiohttp runs on its own thread with its own asyncio loop; the node's
+trio loop stays pure trio. Why not trio-asyncio in the same thread: libp2p's trio tasks
+and aiohttp handlers would then share one loop shim whose edge cases (cancellation,
+shutdown order) become ours to debug, and a slow handler would stall gossip. Across
+the thread boundary there are only two things: /status and /metrics read thread-safe
+snapshots, and /v1/message hands the request to trio with trio.from_thread.run (run in
+an executor so the asyncio loop never blocks), where verification and dispatch happen
+on the node's own loop, the only owner of protocol state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Awaitable, Callable, Mapping
+
+import trio
+from aiohttp import web
+
+from node.metrics import NodeMetrics
+
+log = logging.getLogger("sealmesh.api")
+
+MAX_REQUEST_BYTES = 1024 * 1024
+
+# (headers, body) -> (http status, json body); runs on the trio loop.
+RequestHandler = Callable[[Mapping[str, str], bytes], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class ApiServer:
+    def __init__(self, host: str, port: int, *, status: Callable[[], dict[str, Any]],
+                 metrics: NodeMetrics, on_message: RequestHandler) -> None:
+        self.host, self.port = host, port
+        self._status, self._metrics, self._on_message = status, metrics, on_message
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; task_status.started(port) once listening."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        thread = threading.Thread(target=self._thread_main, name="sealmesh-api", daemon=True)
+        thread.start()
+        await trio.to_thread.run_sync(self._bound.wait)
+        if self._error is not None:
+            raise RuntimeError(f"HTTP API could not listen on {self.host}:{self.port}: {self._error}")
+        log.info("api listening on http://%s:%d", self.host, self.port)
+        task_status.started(self.port)
+        try:
+            await trio.sleep_forever()
+        finally:
+            if self._loop is not None and self._stop is not None:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, 10)
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._run_app())
+        except BaseException as exc:  # reported to the trio side through _error
+            self._error = exc
+            self._bound.set()
+
+    async def _run_app(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/status", self._status_handler)
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_post("/v1/message", self._message)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        self._bound.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _status_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status())
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _message(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self._metrics.reject("http", "oversized")
+            return web.json_response({"error": "request body too large", "reason": "oversized"},
+                                     status=413)
+        headers = dict(request.headers)
+        loop = asyncio.get_running_loop()
+        status, payload = await loop.run_in_executor(
+            None, lambda: trio.from_thread.run(self._on_message, headers, body,
+                                               trio_token=self._trio_token))
+        return web.json_response(payload, status=status)
+

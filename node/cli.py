@@ -1,0 +1,163 @@
+"""`sealmesh ...`: wallets, a node daemon, and a local test mesh."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  sealmesh wallet create --name alice --hotkey default
+  sealmesh node --role validator --config node.toml
+  sealmesh node --role trainer --genesis mesh/genesis.json --wallet-name alice --hotkey default
+  sealmesh testnet up --trainers 2 --validators 2 --miners 1 --dir testnet
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sealmesh", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A node for private, decentralized machine learning on a libp2p mesh.",
+        epilog=EXAMPLES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    wallet = commands.add_parser("wallet", help="make or inspect btcli-compatible hotkeys")
+    wallet_commands = wallet.add_subparsers(dest="wallet_command", required=True, metavar="ACTION")
+    create = wallet_commands.add_parser(
+        "create", help="create an sr25519 hotkey in btcli's layout (PATH/NAME/hotkeys/HOTKEY)")
+    create.add_argument("--name", required=True, help="wallet name")
+    create.add_argument("--hotkey", required=True, help="hotkey name")
+    create.add_argument("--path", type=Path, default=Path("~/.bittensor/wallets"),
+                        help="wallets directory (default: %(default)s, where btcli keeps them)")
+    create.add_argument("--overwrite", action="store_true",
+                        help="replace an existing hotkey (its old key is lost)")
+    show = wallet_commands.add_parser("show", help="print a hotkey's SS58 address")
+    show.add_argument("--name", required=True)
+    show.add_argument("--hotkey", required=True)
+    show.add_argument("--path", type=Path, default=Path("~/.bittensor/wallets"))
+
+    node = commands.add_parser(
+        "node", help="run a node daemon until SIGINT/SIGTERM",
+        description="Run one node. Settings come from --config (TOML) and these flags; "
+                    "flags win. State (node key, status) is kept under --data-dir.")
+    node.add_argument("--role", choices=["trainer", "validator", "miner"])
+    node.add_argument("--config", type=Path, help="node.toml")
+    node.add_argument("--data-dir", type=Path, help="state directory (default ~/.sealmesh/node)")
+    node.add_argument("--wallet-name", help="btcli wallet name (default: default)")
+    node.add_argument("--hotkey", help="btcli hotkey name (default: default)")
+    node.add_argument("--wallet-path", type=Path, help="wallets directory (default ~/.bittensor/wallets)")
+    node.add_argument("--genesis", type=Path, help="genesis file of a local mesh")
+    node.add_argument("--network", help="Bittensor network (finney, test, ws://...) instead of a genesis file")
+    node.add_argument("--netuid", type=int, help="subnet uid, with --network")
+    node.add_argument("--listen-host", help="libp2p listen address (default 127.0.0.1)")
+    node.add_argument("--listen-port", type=int, help="libp2p TCP port (default: any free)")
+    node.add_argument("--bootstrap", action="append", help="peer multiaddr to dial (repeatable)")
+    node.add_argument("--api-host", help="HTTP API address (default 127.0.0.1)")
+    node.add_argument("--api-port", type=int, help="HTTP API port (default: any free)")
+    node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    testnet = commands.add_parser("testnet", help="run a local test mesh of OS processes")
+    testnet_commands = testnet.add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
+    up = testnet_commands.add_parser(
+        "up", help="make wallets and a genesis, start every node, run the scenarios, "
+                   "write DIR/report.json; exit 1 if anything expected is missing")
+    up.add_argument("--trainers", type=int, default=2)
+    up.add_argument("--validators", type=int, default=2)
+    up.add_argument("--miners", type=int, default=1)
+    up.add_argument("--rounds", type=int, default=1, help="scenario rounds (default %(default)s)")
+    up.add_argument("--pings", type=int, default=10, help="pings each node sends per round")
+    up.add_argument("--dir", type=Path, default=Path("testnet"), help="working directory")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "wallet":
+            return _wallet(args)
+        if args.command == "node":
+            return _node(args)
+        if args.command == "testnet":
+            from node.testnet import TestnetPlan, run_testnet
+            plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,
+                               rounds=args.rounds, pings=args.pings, directory=args.dir,
+                               timeout_s=args.timeout)
+            return run_testnet(plan)
+    except KeyboardInterrupt:
+        return 130
+    except UserError as exc:
+        print(f"sealmesh: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+class UserError(Exception):
+    pass
+
+
+def _wallet(args: argparse.Namespace) -> int:
+    from node.wallet import WalletError, create_hotkey, hotkey_path, load_hotkey
+    try:
+        if args.wallet_command == "create":
+            hotkey = create_hotkey(args.name, args.hotkey, args.path, overwrite=args.overwrite)
+            print(f"created hotkey {hotkey.ss58_address} at {hotkey_path(args.name, args.hotkey, args.path)}")
+        else:
+            print(load_hotkey(args.name, args.hotkey, args.path).ss58_address)
+    except WalletError as exc:
+        raise UserError(str(exc)) from exc
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    import trio
+
+    from node.daemon import Node
+    from node.registry.genesis import GenesisError
+    from node.settings import SettingsError, load_settings
+    from node.wallet import WalletError, load_hotkey
+
+    overrides = {
+        "role": args.role, "data_dir": args.data_dir, "wallet_name": args.wallet_name,
+        "hotkey": args.hotkey, "wallet_path": args.wallet_path, "genesis": args.genesis,
+        "network": args.network, "netuid": args.netuid, "listen_host": args.listen_host,
+        "listen_port": args.listen_port, "api_host": args.api_host, "api_port": args.api_port,
+        "bootstrap": tuple(args.bootstrap) if args.bootstrap else None,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(args.config, overrides)
+        _setup_logging(settings.log_level)
+        hotkey = load_hotkey(settings.wallet_name, settings.hotkey, settings.wallet_path)
+        genesis = _registry(settings)
+    except (SettingsError, WalletError, GenesisError, ConnectionError) as exc:
+        raise UserError(str(exc)) from exc
+    if genesis.directory.member(hotkey.ss58_address) is None:
+        raise UserError(f"hotkey {hotkey.ss58_address} is not a member of mesh {genesis.mesh_id!r}; "
+                        "add it to the genesis file or register it on the subnet")
+    trio.run(Node(settings, hotkey, genesis).run)
+    return 0
+
+
+def _registry(settings):
+    from node.registry.genesis import Genesis, GenesisError, load_genesis
+    if settings.genesis is not None:
+        return load_genesis(settings.genesis)
+    if settings.network is not None:
+        if settings.netuid is None:
+            raise GenesisError("--network needs --netuid")
+        from node.registry.metagraph import load_metagraph_directory
+        directory = load_metagraph_directory(settings.network, settings.netuid)
+        return Genesis(f"bittensor-{settings.netuid}", directory.members)
+    raise GenesisError("no registry: give --genesis FILE, or --network and --netuid")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""One node: the mesh, the HTTP API and the role loops under one trio nursery.
+
+Runs until SIGINT/SIGTERM, then cancels the nursery, which shuts every part down in
+order; the final status is written under the data dir so nothing observed is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import trio
+
+from node.api import ApiServer
+from node.mesh import Mesh, MeshConfig, ValidationResult
+from node.metrics import NodeMetrics
+from node.presence import Presence
+from node.registry.genesis import Genesis
+from node.settings import NodeSettings
+from protocol.epistula import EnvelopeVerifier, Envelope, Signer
+from protocol.errors import RemoteProtocolError
+from protocol.inbound import open_gossip, open_request, seal_message
+from protocol.messages import Announce, Channel, MembershipView, Message, Ping, decode
+
+log = logging.getLogger("sealmesh.node")
+
+MEMBERSHIP_VIEW_INTERVAL_S = 5.0
+STATUS_INTERVAL_S = 0.5
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def load_or_create_node_key(data_dir: Path) -> bytes:
+    """The libp2p identity seed, kept so a restarted node keeps its peer id."""
+    path = data_dir / "node_key"
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path} is not a 32-byte node key; delete it to make a new identity")
+        return seed
+    seed = secrets.token_bytes(32)
+    write_atomic(path, seed, mode=0o600)
+    return seed
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, hotkey: Signer, genesis: Genesis) -> None:
+        self.settings = settings
+        self.hotkey = hotkey
+        self.genesis = genesis
+        self.verifier = EnvelopeVerifier(genesis.directory, hotkey.ss58_address,
+                                         window_ms=settings.epistula_window_ms)
+        self.metrics = NodeMetrics()
+        self.presence = Presence(hotkey.ss58_address, frozenset(m.hotkey for m in genesis.members))
+        self.mesh: Mesh | None = None
+        self.api_port: int | None = None
+        self.started_ms = now_ms()
+        self.membership_views: dict[str, list[str]] = {}
+        self._status_lock = threading.Lock()
+        self._status: dict[str, Any] = {}
+
+    # --- running ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = MeshConfig(
+            mesh_id=self.genesis.mesh_id, listen_host=self.settings.listen_host,
+            listen_port=self.settings.listen_port,
+            bootstrap=tuple(self.genesis.bootstrap) + tuple(self.settings.bootstrap),
+            invalid_message_limit=self.settings.invalid_message_limit)
+        log.info("phase=start role=%s hotkey=%s mesh=%s", self.settings.role.value,
+                 self.hotkey.ss58_address, self.genesis.mesh_id)
+        async with Mesh.open(config, load_or_create_node_key(data_dir)) as mesh:
+            self.mesh = mesh
+            # Read from the status snapshot: the mesh's own counters belong to the trio thread.
+            self.metrics.add_counters("sealmesh_mesh_events", "libp2p mesh counters (drops, disconnects)",
+                                      lambda: self.status().get("mesh_stats", {}).items())
+            try:
+                async with trio.open_nursery() as nursery:
+                    for channel in Channel:
+                        receive = await mesh.subscribe(channel.value, self._gossip_validator(channel))
+                        nursery.start_soon(self._consume, channel, receive)
+                    api = ApiServer(self.settings.api_host, self.settings.api_port,
+                                    status=self.status, metrics=self.metrics,
+                                    on_message=self._on_http_message)
+                    self.api_port = await nursery.start(api.serve)
+                    self._refresh_status()
+                    write_atomic(data_dir / "ready.json", json.dumps(self._ready_doc()).encode())
+                    log.info("phase=ready peer_id=%s addrs=%s api_port=%d", mesh.peer_id,
+                             mesh.listen_addrs, self.api_port)
+                    nursery.start_soon(self._announce_loop)
+                    nursery.start_soon(self._status_loop)
+                    if self.settings.pings:
+                        nursery.start_soon(self._ping_scenario)
+                    if self.settings.role.value == "validator":
+                        nursery.start_soon(self._membership_view_loop)
+                    await _until_signalled()
+                    log.info("phase=stopping")
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._refresh_status()
+                write_atomic(data_dir / "status.json", json.dumps(self.status()).encode())
+                log.info("phase=stopped")
+
+    def _ready_doc(self) -> dict[str, Any]:
+        assert self.mesh is not None
+        return {"hotkey": self.hotkey.ss58_address, "peer_id": self.mesh.peer_id,
+                "addrs": self.mesh.listen_addrs, "api_port": self.api_port, "pid": os.getpid()}
+
+    # --- inbound ---------------------------------------------------------------
+
+    def _gossip_validator(self, channel: Channel):
+        def validate(from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
+            try:
+                verified = open_gossip(data, channel=channel, verifier=self.verifier, now_ms=now_ms(),
+                                       max_bytes=self.mesh.config.max_gossip_bytes)
+                _check_binding(verified.message, from_peer, self.genesis.mesh_id)
+            except RemoteProtocolError as exc:
+                self.metrics.reject("gossip", exc.reason)
+                log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",
+                            exc.reason, from_peer, channel.value, exc.hint)
+                return ValidationResult.REJECT, exc.reason
+            return ValidationResult.ACCEPT, "ok"
+        return validate
+
+    async def _consume(self, channel: Channel, receive) -> None:
+        async for gossip in receive:
+            # The validator already verified these bytes; here they are only parsed.
+            envelope = Envelope.from_gossip_bytes(gossip.data)
+            if envelope.signed_by == self.hotkey.ss58_address:
+                continue
+            message = decode(envelope.body, channel=channel)
+            self.metrics.received.labels(channel=channel.value, type=message.TYPE).inc()
+            self._dispatch(envelope.signed_by, message, gossip.received_ms)
+
+    def _dispatch(self, sender: str, message: Message, received_ms: int) -> None:
+        if isinstance(message, Announce):
+            if self.presence.on_announce(sender, message):
+                log.info("heard member=%s (%s) peer_id=%s", self.genesis.name_of(sender),
+                         sender, message.peer_id)
+                self.metrics.members_heard.set(len(self.presence.peer_of))
+        elif isinstance(message, Ping):
+            self.presence.on_ping(sender, message, received_ms)
+            self.metrics.delivery_latency.observe(max(0, received_ms - message.sent_ms) / 1000)
+        elif isinstance(message, MembershipView):
+            self.membership_views[sender] = list(message.members)
+
+    async def _on_http_message(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict]:
+        try:
+            verified = open_request(headers, body, verifier=self.verifier, now_ms=now_ms())
+        except RemoteProtocolError as exc:
+            self.metrics.reject("http", exc.reason)
+            log.warning("rejected http reason=%s: %s", exc.reason, exc.hint)
+            return 401 if exc.reason in _AUTH_REASONS else 400, {"error": exc.hint, "reason": exc.reason}
+        self.metrics.received.labels(channel="http", type=verified.message.TYPE).inc()
+        self._dispatch(verified.member.hotkey, verified.message, now_ms())
+        return 200, {"ok": True, "type": verified.message.TYPE}
+
+    # --- outbound --------------------------------------------------------------
+
+    async def publish(self, message: Message) -> None:
+        assert self.mesh is not None
+        envelope = seal_message(self.hotkey, message, now_ms=now_ms())
+        await self.mesh.publish(message.CHANNEL.value, envelope.to_gossip_bytes())
+        self.metrics.published.labels(channel=message.CHANNEL.value, type=message.TYPE).inc()
+
+    async def _announce_loop(self) -> None:
+        """Announce often until every member is heard, then rarely (for late joiners)."""
+        assert self.mesh is not None
+        while True:
+            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id, self.mesh.listen_addrs,
+                                        [self.settings.role.value], self.started_ms))
+            fast = not self.presence.heard_everyone()
+            await trio.sleep(self.settings.announce_interval_s * (1 if fast else 10))
+
+    async def _ping_scenario(self) -> None:
+        """Once every member is heard, send the configured number of pings."""
+        while not self.presence.heard_everyone():
+            await trio.sleep(0.1)
+        # Others may hear us a little later than we hear them; give their mesh a moment.
+        await trio.sleep(2 * self.settings.announce_interval_s)
+        log.info("phase=pings count=%d", self.settings.pings)
+        for seq in range(self.settings.pings):
+            await self.publish(Ping(seq=seq, sent_ms=now_ms()))
+            self.presence.pings_sent += 1
+            await trio.sleep(self.settings.ping_interval_s)
+        log.info("phase=pings-done sent=%d", self.presence.pings_sent)
+
+    async def _membership_view_loop(self) -> None:
+        while True:
+            await trio.sleep(MEMBERSHIP_VIEW_INTERVAL_S)
+            await self.publish(MembershipView(now_ms(), sorted(self.presence.peer_of)))
+
+    # --- status ----------------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        while True:
+            self._refresh_status()
+            await trio.sleep(STATUS_INTERVAL_S)
+
+    def _refresh_status(self) -> None:
+        mesh = self.mesh
+        peers = mesh.connected_peers() if mesh else []
+        self.metrics.peers.set(len(peers))
+        doc = {
+            "hotkey": self.hotkey.ss58_address,
+            "role": self.settings.role.value,
+            "mesh_id": self.genesis.mesh_id,
+            "peer_id": mesh.peer_id if mesh else None,
+            "peers": peers,
+            "topics": [f"/sealmesh/{self.genesis.mesh_id}/1/{c.value}" for c in Channel],
+            "api_port": self.api_port,
+            "uptime_s": round((now_ms() - self.started_ms) / 1000, 3),
+            "presence": self.presence.snapshot(),
+            "membership_views": dict(self.membership_views),
+            "rejected": _rejected_counts(self.metrics),
+            "mesh_stats": dict(_flatten_stats(mesh.stats)) if mesh else {},
+        }
+        with self._status_lock:
+            self._status = doc
+
+    def status(self) -> dict[str, Any]:
+        """Thread-safe: the API thread calls this."""
+        with self._status_lock:
+            return dict(self._status)
+
+
+_AUTH_REASONS = {"unknown_signer", "signer_not_allowed", "wrong_recipient", "stale_timestamp",
+                 "future_timestamp", "replay", "bad_signature", "malformed_envelope"}
+
+
+class PeerBindingError(RemoteProtocolError):
+    reason = "peer_binding"
+
+
+def _check_binding(message: Message, from_peer: str, mesh_id: str) -> None:
+    """An announcement must come from the peer id it claims, for this mesh."""
+    if isinstance(message, Announce):
+        if message.peer_id != from_peer:
+            raise PeerBindingError(f"announce claims peer {message.peer_id} but was published by {from_peer}")
+        if message.mesh_id != mesh_id:
+            raise PeerBindingError(f"announce for mesh {message.mesh_id!r}, this is {mesh_id!r}")
+
+
+def _rejected_counts(metrics: NodeMetrics) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for family in metrics.rejected.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                reason = sample.labels["reason"]
+                counts[reason] = counts.get(reason, 0) + int(sample.value)
+    return counts
+
+
+def _flatten_stats(stats: Any) -> Iterable[tuple[str, float]]:
+    """The mesh's counter dataclass as (name, value) pairs, dict fields expanded."""
+    if stats is None:
+        return []
+    items = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+    flat = []
+    for name, value in items.items():
+        if isinstance(value, dict):
+            flat.extend((f"{name}.{k}", float(v)) for k, v in value.items())
+        elif isinstance(value, (int, float)):
+            flat.append((name, float(value)))
+    return flat
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            return

@@ -1,0 +1,94 @@
+"""One frozen settings object per node, built from node.toml and command-line flags.
+
+This is the only module that reads configuration; everything else is handed a
+NodeSettings. Precedence: command line > config file > defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from node.wallet import DEFAULT_WALLET_PATH
+from protocol.epistula import DEFAULT_WINDOW_MS
+from protocol.membership import Role
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    role: Role
+    data_dir: Path = Path("~/.sealmesh/node")
+    wallet_name: str = "default"
+    hotkey: str = "default"
+    wallet_path: Path = DEFAULT_WALLET_PATH
+    genesis: Path | None = None  # local mesh registry; or network+netuid for Bittensor
+    network: str | None = None
+    netuid: int | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    api_host: str = "127.0.0.1"
+    api_port: int = 0  # 0 = pick a free port; the chosen one is written to DATA_DIR/ready.json
+    epistula_window_ms: int = DEFAULT_WINDOW_MS
+    invalid_message_limit: int = 20
+    announce_interval_s: float = 1.0
+    pings: int = 0  # scenario: pings each node sends once it has heard every member
+    ping_interval_s: float = 0.02
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def resolved(self) -> "NodeSettings":
+        return replace(self, data_dir=Path(self.data_dir).expanduser(),
+                       wallet_path=Path(self.wallet_path).expanduser())
+
+
+_FIELDS = {f.name: f for f in fields(NodeSettings)}
+_PATHS = {"data_dir", "wallet_path", "genesis"}
+
+
+def load_settings(config: Path | None, overrides: dict[str, Any]) -> NodeSettings:
+    """Merge a TOML file (flat keys, or grouped in tables) with non-None overrides."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            doc = tomllib.loads(Path(config).read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {config} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config}: {exc}") from exc
+        values.update(_flatten(doc))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(_FIELDS) - {"extra"}
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
+    if "role" not in values:
+        raise SettingsError("a node needs a role: --role trainer|validator|miner")
+    return _coerce(values).resolved()
+
+
+def _flatten(doc: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update(value)  # [node], [mesh], [api] tables are for humans only
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(values: dict[str, Any]) -> NodeSettings:
+    try:
+        values["role"] = Role(values["role"])
+    except ValueError:
+        raise SettingsError(f"unknown role {values['role']!r}; use trainer, validator or miner") from None
+    for name in _PATHS & set(values):
+        values[name] = Path(values[name])
+    if "bootstrap" in values:
+        values["bootstrap"] = tuple(values["bootstrap"])
+    return NodeSettings(**values)

@@ -1,0 +1,252 @@
+"""`sealmesh testnet up`: a local mesh of node processes on 127.0.0.1, driven to the end.
+
+Makes wallets and a genesis file, starts every node as its own OS process, shows
+progress, waits until every scenario has what it expects (or the timeout), stops all
+nodes with SIGTERM, and writes DIR/report.json. Scenarios now: every node announces
+itself (signed, bound to its peer id) and sends pings; every node must hear every
+other node's announcement and every ping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.mesh import peer_id_from_seed
+from node.registry.genesis import Genesis, write_genesis
+from node.wallet import create_hotkey
+from protocol.membership import Member, Role
+
+BOOTSTRAP_PEERS = 3  # genesis lists this many nodes; each node also dials 2 random others
+STAKE = {Role.VALIDATOR: 100.0, Role.TRAINER: 10.0, Role.MINER: 10.0}
+
+
+@dataclass(frozen=True)
+class TestnetPlan:
+    trainers: int = 2
+    validators: int = 2
+    miners: int = 1
+    rounds: int = 1
+    pings: int = 10
+    directory: Path = Path("testnet")
+    timeout_s: float = 120.0
+    mesh_id: str = "testnet"
+
+    @property
+    def roles(self) -> list[Role]:
+        return ([Role.VALIDATOR] * self.validators + [Role.TRAINER] * self.trainers
+                + [Role.MINER] * self.miners)
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    role: Role
+    hotkey: str
+    data_dir: Path
+    api_port: int
+    process: subprocess.Popen | None = None
+    last_status: dict | None = None
+
+
+def run_testnet(plan: TestnetPlan) -> int:
+    started = time.monotonic()
+    nodes = prepare(plan)
+    print(f"testnet: {len(nodes)} nodes ({plan.validators} validators, {plan.trainers} trainers, "
+          f"{plan.miners} miners) in {plan.directory}", flush=True)
+    try:
+        for node in nodes:
+            node.process = _spawn(node)
+        complete = _watch(plan, nodes, deadline=time.monotonic() + plan.timeout_s)
+    finally:
+        _stop_all(nodes)
+    report = build_report(plan, nodes, complete, time.monotonic() - started)
+    (plan.directory / "report.json").write_text(json.dumps(report, indent=2))
+    g = report["gossip"]
+    print(f"testnet: {'OK' if report['ok'] else 'INCOMPLETE'}: gossip delivered {g['delivered']}/"
+          f"{g['expected']} p50={g['p50_ms']} ms p99={g['p99_ms']} ms; rejected {report['rejected']}; "
+          f"report {plan.directory / 'report.json'}", flush=True)
+    for problem in report["problems"]:
+        print(f"testnet: missing: {problem}", flush=True)
+    return 0 if report["ok"] else 1
+
+
+def prepare(plan: TestnetPlan) -> list[NodeProcess]:
+    """Wallets, node keys, genesis and one node.toml per node; nothing started yet."""
+    root = plan.directory.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    counts: dict[Role, int] = {}
+    nodes, members, names, addrs = [], [], [], []
+    ports = _free_ports(2 * len(plan.roles))
+    for i, role in enumerate(plan.roles):
+        name = f"{role.value}-{counts.setdefault(role, 0)}"
+        counts[role] += 1
+        hotkey = create_hotkey("testnet", name, root / "wallets", overwrite=True).ss58_address
+        data_dir = root / "nodes" / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("status.json", "ready.json"):
+            (data_dir / stale).unlink(missing_ok=True)
+        seed = os.urandom(32)
+        (data_dir / "node_key").write_bytes(seed)
+        os.chmod(data_dir / "node_key", 0o600)
+        mesh_port, api_port = ports[2 * i], ports[2 * i + 1]
+        addrs.append(f"/ip4/127.0.0.1/tcp/{mesh_port}/p2p/{peer_id_from_seed(seed)}")
+        members.append(Member(hotkey, frozenset({role}), STAKE[role]))
+        names.append((hotkey, name))
+        nodes.append(NodeProcess(name, role, hotkey, data_dir, api_port))
+        _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port)
+    write_genesis(root / "genesis.json",
+                  Genesis(plan.mesh_id, tuple(members), tuple(addrs[:BOOTSTRAP_PEERS]), tuple(names)))
+    rng = random.Random(plan.mesh_id)
+    for i, node in enumerate(nodes):
+        others = [a for j, a in enumerate(addrs) if j != i]
+        extra = rng.sample(others, min(2, len(others)))
+        with open(node.data_dir / "node.toml", "a") as f:
+            f.write(f"bootstrap = {json.dumps(extra)}\n")
+    return nodes
+
+
+def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) -> None:
+    (data_dir / "node.toml").write_text(
+        f'role = "{role.value}"\n'
+        f'data_dir = "{data_dir}"\n'
+        f'wallet_name = "testnet"\nhotkey = "{name}"\nwallet_path = "{root / "wallets"}"\n'
+        f'genesis = "{root / "genesis.json"}"\n'
+        f"listen_port = {mesh_port}\napi_port = {api_port}\n"
+        f"pings = {plan.pings * plan.rounds}\n")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _spawn(node: NodeProcess) -> subprocess.Popen:
+    log = open(node.data_dir / "node.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "node", "--config", str(node.data_dir / "node.toml")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
+    expected_pings = plan.pings * plan.rounds * (len(nodes) - 1)
+    last_line = ""
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.process.poll() is not None:
+                print(f"testnet: node {node.name} exited with {node.process.returncode}; "
+                      f"see {node.data_dir / 'node.log'}", flush=True)
+                return False
+            node.last_status = _get_status(node) or node.last_status
+        heard = sum(len(n.last_status["presence"]["heard"]) for n in nodes if n.last_status)
+        pings = sum(sum(n.last_status["presence"]["pings_received"].values())
+                    for n in nodes if n.last_status)
+        line = (f"testnet: up {sum(1 for n in nodes if n.last_status)}/{len(nodes)}, "
+                f"announcements heard {heard}/{len(nodes) * (len(nodes) - 1)}, "
+                f"pings delivered {pings}/{expected_pings * len(nodes)}")
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+        if pings >= expected_pings * len(nodes) and heard >= len(nodes) * (len(nodes) - 1):
+            return True
+        time.sleep(0.5)
+    print("testnet: timed out waiting for the scenarios", flush=True)
+    return False
+
+
+def _get_status(node: NodeProcess) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/status", timeout=2) as r:
+            doc = json.load(r)
+        return doc if doc.get("presence") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stop_all(nodes: list[NodeProcess], grace_s: float = 15.0) -> None:
+    for node in nodes:
+        if node.process and node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for node in nodes:
+        if node.process is None:
+            continue
+        try:
+            node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"testnet: {node.name} did not stop in {grace_s:.0f} s; killing it", flush=True)
+            node.process.kill()
+            node.process.wait()
+
+
+def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, duration_s: float) -> dict:
+    finals = {n.name: _final_status(n) for n in nodes}
+    hotkeys = {n.hotkey: n.name for n in nodes}
+    per_sender = plan.pings * plan.rounds
+    expected = per_sender * len(nodes) * (len(nodes) - 1)
+    delivered, latencies, rejected, drops, problems = 0, [], {}, {}, []
+    for node in nodes:
+        status = finals[node.name]
+        if status is None:
+            problems.append(f"{node.name}: no status (see {node.data_dir / 'node.log'})")
+            continue
+        presence = status["presence"]
+        for hotkey in presence["missing"]:
+            problems.append(f"{node.name} never heard {hotkeys.get(hotkey, hotkey)}")
+        for other in nodes:
+            if other is node:
+                continue
+            got = presence["pings_received"].get(other.hotkey, 0)
+            delivered += min(got, per_sender)
+            if got < per_sender:
+                problems.append(f"{node.name} got {got}/{per_sender} pings from {other.name}")
+        latencies.extend(presence["latencies_ms"])
+        for reason, count in status["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + count
+        for key, value in status.get("mesh_stats", {}).items():
+            if key.startswith("dropped") and value:
+                drops[key] = drops.get(key, 0) + value
+    return {
+        "ok": complete and not problems and delivered == expected,
+        "nodes": len(nodes),
+        "roles": {r.value: plan.roles.count(r) for r in Role},
+        "rounds": plan.rounds,
+        "duration_s": round(duration_s, 2),
+        "gossip": {"expected": expected, "delivered": delivered,
+                   "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+                   "max_ms": max(latencies, default=None)},
+        "rejected": rejected,
+        "mesh_drops": drops,
+        "problems": problems,
+    }
+
+
+def _final_status(node: NodeProcess) -> dict | None:
+    path = node.data_dir / "status.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return node.last_status  # killed before writing its final status
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))  # nearest rank
+    return ordered[index]
