@@ -22,7 +22,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.mesh import peer_id_from_seed
+from libp2p.peer.id import ID
+
+from node.mesh import derive_key_pair
 from node.registry.genesis import Genesis, write_genesis
 from node.wallet import create_hotkey
 from protocol.membership import Member, Role
@@ -33,6 +35,7 @@ STAKE = {Role.VALIDATOR: 100.0, Role.TRAINER: 10.0, Role.MINER: 10.0}
 
 @dataclass(frozen=True)
 class TestnetPlan:
+    __test__ = False  # not a pytest test class, despite the name
     trainers: int = 2
     validators: int = 2
     miners: int = 1
@@ -124,6 +127,11 @@ def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) ->
         f'genesis = "{root / "genesis.json"}"\n'
         f"listen_port = {mesh_port}\napi_port = {api_port}\n"
         f"pings = {plan.pings * plan.rounds}\n")
+
+
+def peer_id_from_seed(seed: bytes) -> str:
+    """The libp2p peer id a node will have with this node_key seed."""
+    return ID.from_pubkey(derive_key_pair(seed).public_key).to_base58()
 
 
 def _free_ports(count: int) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -175,8 +176,8 @@ def _no_ext(code: int, data: bytes) -> None:
 def _build(cls: type[Message], fields: Any) -> Message:
     if not isinstance(fields, dict):
         raise MessageError(f"{cls.TYPE}: fields must be a map")
-    hints = typing.get_type_hints(cls)
-    expected = {f.name for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    expected = hints.keys()
     if set(fields) != expected:
         missing, extra = expected - set(fields), set(fields) - expected
         raise MessageError(f"{cls.TYPE}: missing fields {sorted(missing)}, unknown fields {sorted(map(str, extra))}")
@@ -184,6 +185,13 @@ def _build(cls: type[Message], fields: Any) -> Message:
         if not _is_instance(fields[name], hints[name]):
             raise MessageError(f"{cls.TYPE}.{name}: expected {hints[name]}, got {type(fields[name]).__name__}")
     return cls(**fields)
+
+
+@functools.cache
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    """Declared field types of a message class (get_type_hints is too slow per message)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _is_instance(value: Any, hint: Any) -> bool:

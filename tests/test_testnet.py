@@ -1,0 +1,53 @@
+"""A real multi-process mesh on loopback: every node hears every other node."""
+
+import json
+import subprocess
+import sys
+
+from node.testnet import TestnetPlan, build_report, run_testnet, NodeProcess
+from protocol.membership import Role
+
+
+def test_five_node_mesh_delivers_every_announcement_and_ping(tmp_path):
+    plan = TestnetPlan(validators=2, trainers=2, miners=1, pings=5, rounds=1,
+                       directory=tmp_path / "tn", timeout_s=120)
+    assert run_testnet(plan) == 0
+    report = json.loads((tmp_path / "tn" / "report.json").read_text())
+    assert report["ok"] and report["nodes"] == 5 and report["problems"] == []
+    assert report["gossip"]["expected"] == 5 * 4 * 5 == report["gossip"]["delivered"]
+    assert 0 <= report["gossip"]["p50_ms"] <= report["gossip"]["p99_ms"]
+    assert report["rejected"] == {}  # honest nodes trip no check
+    for name in ("validator-0", "trainer-1", "miner-0"):
+        status = json.loads((tmp_path / "tn" / "nodes" / name / "status.json").read_text())
+        assert status["presence"]["missing"] == []  # final status written at SIGTERM
+
+
+def test_cli_exits_nonzero_when_the_mesh_cannot_complete(tmp_path):
+    # A 1-second timeout cannot be met: the CLI must say so and exit 1, with a report.
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "testnet", "up", "--validators", "1", "--trainers", "1",
+         "--miners", "0", "--pings", "1", "--timeout", "1", "--dir", str(tmp_path / "tn")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "INCOMPLETE" in result.stdout
+    report = json.loads((tmp_path / "tn" / "report.json").read_text())
+    assert not report["ok"] and report["problems"]
+
+
+def _status(heard_missing, pings):
+    return {"presence": {"missing": heard_missing, "pings_received": pings, "latencies_ms": [1.0, 9.0]},
+            "rejected": {"bad_signature": 2}, "mesh_stats": {"dropped_rate_limited": 0}}
+
+
+def test_report_names_each_missing_delivery(tmp_path):
+    plan = TestnetPlan(validators=1, trainers=1, miners=0, pings=3, directory=tmp_path)
+    a = NodeProcess("validator-0", Role.VALIDATOR, "A", tmp_path / "a", 0)
+    b = NodeProcess("trainer-0", Role.TRAINER, "B", tmp_path / "b", 0)
+    a.last_status = _status([], {"B": 3})
+    b.last_status = _status(["A"], {"A": 1})
+    report = build_report(plan, [a, b], complete=True, duration_s=1.0)
+    assert not report["ok"]
+    assert report["gossip"] == {"expected": 6, "delivered": 4, "p50_ms": 1.0, "p99_ms": 9.0, "max_ms": 9.0}
+    assert report["rejected"] == {"bad_signature": 4}
+    assert "trainer-0 never heard validator-0" in report["problems"]
+    assert "trainer-0 got 1/3 pings from validator-0" in report["problems"]
