@@ -20,11 +20,13 @@ from typing import Any, Iterable, Mapping
 import trio
 
 from node.api import ApiServer
+from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, BlobService, handle_probe
 from node.mesh import Mesh, MeshConfig, ValidationResult
 from node.metrics import NodeMetrics
 from node.presence import Presence
 from node.registry.genesis import Genesis
 from node.settings import NodeSettings
+from node.storage import LocalBlobStore
 from protocol.epistula import EnvelopeVerifier, Envelope, Signer
 from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_gossip, open_request, seal_message
@@ -96,6 +98,10 @@ class Node:
             # Read from the status snapshot: the mesh's own counters belong to the trio thread.
             self.metrics.add_counters("sealmesh_mesh_events", "libp2p mesh counters (drops, disconnects)",
                                       lambda: self.status().get("mesh_stats", {}).items())
+            blobs = BlobService(LocalBlobStore(data_dir / "blobs"), self.verifier,
+                                on_reject=lambda reason: self.metrics.reject("stream", reason))
+            mesh.set_stream_handler(BLOB_PROTOCOL, blobs.handle, MAX_BLOB_REQUEST_BYTES)
+            mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
             try:
                 async with trio.open_nursery() as nursery:
                     for channel in Channel:

@@ -41,3 +41,13 @@ def open_request(headers: Mapping[str, str], body: bytes, *, verifier: EnvelopeV
     message = decode(body)
     member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
     return Verified(member, envelope, message)
+
+
+def open_direct(raw: bytes, *, verifier: EnvelopeVerifier, now_ms: int, max_bytes: int) -> Verified:
+    """Verify a request that came on a stream: it must be signed for this node."""
+    if len(raw) > max_bytes:
+        raise OversizedMessage(f"request of {len(raw)} bytes is over the {max_bytes}-byte limit")
+    envelope = Envelope.from_gossip_bytes(raw)
+    message = decode(envelope.body)
+    member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
+    return Verified(member, envelope, message)

@@ -55,7 +55,7 @@ class WrongChannel(MessageError):
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str]
-    CHANNEL: ClassVar[Channel]
+    CHANNEL: ClassVar[Channel | None]  # None: direct (stream) only, never on gossip
     MAX_BYTES: ClassVar[int]
     POLICY: ClassVar[SenderPolicy] = SenderPolicy()
     BROADCAST: ClassVar[bool] = True  # sent on a gossip topic with an empty signed-for
@@ -131,6 +131,19 @@ class MembershipView(Message):
     members: list[str]
 
 
+@message_type
+@dataclass(frozen=True)
+class BlobRequest(Message):
+    """Ask a peer, over the blob stream protocol, for the blob with this sha256."""
+
+    TYPE: ClassVar[str] = "blob_request"
+    CHANNEL: ClassVar[Channel | None] = None
+    MAX_BYTES: ClassVar[int] = 512
+    BROADCAST: ClassVar[bool] = False
+
+    cid: str
+
+
 MAX_MESSAGE_BYTES = 1024 * 1024  # no type may declare more; bigger payloads use streams
 
 
@@ -165,7 +178,8 @@ def decode(raw: bytes, *, channel: Channel | None = None) -> Message:
     if len(raw) > cls.MAX_BYTES:
         raise OversizedMessage(f"{cls.TYPE} of {len(raw)} bytes is over its {cls.MAX_BYTES}-byte limit")
     if channel is not None and cls.CHANNEL != channel:
-        raise WrongChannel(f"{cls.TYPE} belongs on {cls.CHANNEL.value}, not {channel.value}")
+        where = cls.CHANNEL.value if cls.CHANNEL else "a direct stream"
+        raise WrongChannel(f"{cls.TYPE} belongs on {where}, not {channel.value}")
     return _build(cls, top["fields"])
 
 
@@ -211,7 +225,7 @@ def _is_instance(value: Any, hint: Any) -> bool:
 
 
 __all__ = [
-    "ALL_ROLES", "Announce", "Channel", "MembershipView", "Message", "MessageError",
+    "ALL_ROLES", "Announce", "BlobRequest", "Channel", "MembershipView", "Message", "MessageError",
     "OversizedMessage", "Ping", "UnknownMessageType", "UnsupportedVersion", "WrongChannel",
     "decode", "encode", "message_type", "registered_types",
 ]
