@@ -1,0 +1,669 @@
+"""The libp2p gossip mesh: the only module in sealmesh that knows py-libp2p.
+
+A ``Mesh`` wraps one py-libp2p 0.8.1 host (TCP + Noise + Yamux) running
+GossipSub, plus length-prefixed request/response stream protocols, under trio.
+
+py-libp2p's defaults drop gossip silently (docs/mesh.md has the list with
+file:line); every limit is a field of ``MeshConfig`` and every drop we can see
+is a counter in ``Mesh.stats``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import inspect
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ValidationError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+from libp2p.pubsub.validators import signature_validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from node._libp2p_tuning import (
+    MeshGossipSub,
+    MeshPubsub,
+    MeshScorer,
+    MeshStats,
+    PubsubHooks,
+    TokenBucket,
+    check_library_shape,
+)
+
+__all__ = [
+    "CHANNELS",
+    "GossipMessage",
+    "Mesh",
+    "MeshConfig",
+    "MeshRequestError",
+    "MeshStats",
+    "ValidationResult",
+    "topic_for",
+]
+
+logger = logging.getLogger(__name__)
+
+CHANNELS = ("membership", "train", "fhe", "settle")
+
+# An RPC frame carries the message plus signature, key, topic and seqno; keep
+# headroom so a max-size payload never trips libp2p's 1 MiB frame limit, which
+# would drop it as "oversized" (gossipsub.py send_rpc).
+_RPC_OVERHEAD = 64 * 1024
+_ERROR_FLAG = 0x8000_0000  # top bit of a response length prefix marks an error frame
+_MAX_FRAME = _ERROR_FLAG - 1
+_KEY_DOMAIN = b"sealmesh/libp2p-identity/v1"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    mesh_id: str
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0  # 0 = pick a free port
+    bootstrap: tuple[str, ...] = ()  # multiaddrs incl. /p2p/<peer id>
+    bootstrap_timeout_s: float = 20.0  # open() waits at most this long for a first bootstrap peer
+    bootstrap_recheck_s: float = 10.0  # afterwards, re-dial lost bootstrap peers this often
+    dial_timeout_s: float = 10.0
+
+    # GossipSub mesh degree and timing: go-libp2p's defaults (D=6, Dlo=4, Dhi=12,
+    # 1 s heartbeat).  py-libp2p has no defaults for D and a 120 s heartbeat.
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    heartbeat_interval_s: float = 1.0
+    gossip_window: int = 3
+    gossip_history: int = 5
+    seen_ttl_s: int = 120
+
+    # Forwarding rate limit per (forwarding peer, topic).  py-libp2p: 10 msg/s,
+    # no burst, sliding window -> a 200-message burst loses 190.  A token bucket
+    # lets honest bursts through and still caps floods.
+    forward_rate_per_s: float = 1000.0
+    forward_burst: float = 2000.0
+    # Our own publishes are paced below what any neighbour forwards, so an honest
+    # node never trips its neighbours' limit even when relaying for a second publisher.
+    publish_rate_per_s: float = 500.0
+    publish_burst: float = 1000.0
+
+    # Per-peer outbound RPC queue (py-libp2p: 32, drop on full).  publish() waits
+    # while any queue is above half of this, so only relaying can fill it.
+    outbound_queue_size: int = 4096
+    publish_backpressure_timeout_s: float = 10.0
+    # Subscription channel handed to the caller (py-libp2p: 32, drop on full).
+    delivery_buffer: int = 65536
+    # Messages kept for peers whose subscriptions are not known yet (py-libp2p: 100, 30 s).
+    pending_per_peer: int = 1024
+    pending_ttl_s: float = 30.0
+
+    max_gossip_bytes: int = 256 * 1024  # payloads above this must use a stream protocol
+    invalid_message_limit: int = 20  # peer disconnected (and not re-accepted for a while) after this many rejected messages
+    blacklist_cooloff_s: float = 600.0
+    stream_timeout_s: float = 60.0  # server side: a whole request/response exchange
+
+    # Peer score: P4 (invalid messages) only; see docs/mesh.md.
+    score_invalid_weight: float = 1.0
+    score_invalid_decay: float = 0.99  # per heartbeat: ~70 s half-life
+
+    def __post_init__(self) -> None:
+        if self.max_gossip_bytes + _RPC_OVERHEAD > DefaultMaxMessageSize:
+            raise ValueError(f"max_gossip_bytes must be <= {DefaultMaxMessageSize - _RPC_OVERHEAD}")
+        if not (0 < self.degree_low <= self.degree <= self.degree_high):
+            raise ValueError("need 0 < degree_low <= degree <= degree_high")
+        if self.invalid_message_limit < 1 or self.outbound_queue_size < 2:
+            raise ValueError("invalid_message_limit >= 1 and outbound_queue_size >= 2 required")
+
+
+class ValidationResult(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"  # counts against the forwarding peer
+    IGNORE = "ignore"  # dropped, not forwarded, no penalty
+
+
+Validator = Callable[[str, bytes], "tuple[ValidationResult, str] | Awaitable[tuple[ValidationResult, str]]"]
+StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    channel: str
+    topic: str
+    from_peer: str  # base58 peer id of the ORIGINAL publisher (signed pubsub 'from')
+    data: bytes
+    received_ms: int
+    seqno: bytes
+
+
+class MeshRequestError(Exception):
+    """A stream request failed: refused by the remote, protocol violation, or no stream."""
+
+
+def topic_for(mesh_id: str, channel: str) -> str:
+    return f"/sealmesh/{mesh_id}/1/{channel}"
+
+
+def derive_key_pair(key_seed: bytes) -> KeyPair:
+    """Deterministic ed25519 identity; domain-separated so the seed can be reused elsewhere."""
+    if len(key_seed) != 32:
+        raise ValueError("key_seed must be 32 bytes")
+    return ed25519_key_pair(hashlib.sha256(_KEY_DOMAIN + key_seed).digest())
+
+
+@dataclass
+class _Subscription:
+    channel: str
+    validator: Validator
+    send: trio.MemorySendChannel[GossipMessage]
+
+
+class _BanNotifee(INotifee):
+    """Reports every new connection so banned peers can be dropped again."""
+
+    def __init__(self, on_connected: Callable[[ID], None]) -> None:
+        self._on_connected = on_connected
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_connected(conn.muxed_conn.peer_id)
+        await trio.lowlevel.checkpoint()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class Mesh:
+    """One libp2p host with GossipSub and request/response protocols.  Use ``Mesh.open``."""
+
+    def __init__(self, config: MeshConfig, key_pair: KeyPair) -> None:
+        check_library_shape()
+        self.config = config
+        self.stats = MeshStats()
+        self._host = new_host(
+            key_pair=key_pair,
+            # Only Noise: new_host's default also offers secio and *plaintext*.
+            sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=x25519_key_pair().private_key)},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        )
+        self._scorer = MeshScorer(_score_params(config))
+        self._router = _make_router(config, self.stats)
+        self._router.scorer = self._scorer
+        self._pubsub = MeshPubsub(
+            self._host,
+            self._router,
+            hooks=PubsubHooks(validate=self._validate, deliver=self._deliver),
+            outbound_queue_size=config.outbound_queue_size,
+            seen_ttl=config.seen_ttl_s,
+        )
+        self._subs: dict[str, _Subscription] = {}
+        self._publish_buckets: dict[str, TokenBucket] = {}
+        self._invalid_counts: dict[ID, int] = {}
+        self._banned_until: dict[ID, float] = {}
+        self._ban_send, self._ban_recv = trio.open_memory_channel[ID](math.inf)
+        self._notifee = _BanNotifee(self._on_connected)
+        self.peer_id = self._host.get_id().to_base58()
+        self.listen_addrs: list[str] = []
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: MeshConfig, key_seed: bytes) -> AsyncIterator[Mesh]:
+        mesh = cls(config, derive_key_pair(key_seed))
+        listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.listen_port}")
+        network = mesh._host.get_network()
+        async with mesh._host.run(listen_addrs=[listen]):
+            network.register_notifee(mesh._notifee)
+            try:
+                async with background_trio_service(mesh._pubsub), background_trio_service(mesh._router):
+                    await mesh._pubsub.wait_until_ready()
+                    mesh.listen_addrs = [str(a) for a in mesh._host.get_addrs()]
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(mesh._enforce_bans)
+                        nursery.start_soon(mesh._expire_bans)
+                        await mesh._start_bootstrap(nursery)
+                        try:
+                            yield mesh
+                        finally:
+                            nursery.cancel_scope.cancel()
+                            mesh._close_subscriptions()
+            finally:
+                network.remove_notifee(mesh._notifee)
+
+    def _close_subscriptions(self) -> None:
+        # Consumers iterating their channel see a clean end of stream.
+        for sub in self._subs.values():
+            sub.send.close()
+
+    # ---- peers -----------------------------------------------------------
+
+    async def connect(self, multiaddr_str: str) -> None:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(multiaddr_str))
+        if self._is_banned(info.peer_id):
+            raise MeshRequestError(f"peer {info.peer_id} is blacklisted")
+        with trio.fail_after(self.config.dial_timeout_s):
+            await self._host.connect(info)
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    def topic_peers(self, channel: str) -> list[str]:
+        """Peers known to be subscribed to ``channel`` (what a publish can reach)."""
+        peers = self._pubsub.peer_topics.get(topic_for(self.config.mesh_id, channel), set())
+        return [p.to_base58() for p in peers]
+
+    async def wait_for_topic_peers(self, channel: str, count: int, timeout_s: float = 10.0) -> None:
+        """Block until at least ``count`` peers are subscribed to ``channel``; TimeoutError otherwise."""
+        with trio.move_on_after(timeout_s):
+            while len(self.topic_peers(channel)) < count:
+                await trio.sleep(0.02)
+            return
+        raise TimeoutError(f"{channel}: {len(self.topic_peers(channel))}/{count} peers after {timeout_s}s")
+
+    async def _start_bootstrap(self, nursery: trio.Nursery) -> None:
+        """Dial bootstrap peers in the background; return once one is up or all gave up."""
+        if not self.config.bootstrap:
+            return
+        first = trio.Event()
+        remaining = [len(self.config.bootstrap)]
+
+        def initial_phase_done(connected: bool) -> None:
+            remaining[0] -= 1
+            if connected or remaining[0] == 0:
+                first.set()
+
+        for addr in self.config.bootstrap:
+            nursery.start_soon(self._keep_bootstrap_peer, addr, initial_phase_done)
+        await first.wait()
+
+    async def _keep_bootstrap_peer(self, addr: str, initial_phase_done: Callable[[bool], None]) -> None:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        if info.peer_id == self._host.get_id():
+            initial_phase_done(False)
+            return
+        connected = await self._dial_with_backoff(info, self.config.bootstrap_timeout_s)
+        if not connected:
+            logger.warning("bootstrap peer %s unreachable after %.0fs", addr, self.config.bootstrap_timeout_s)
+        initial_phase_done(connected)
+        # Keep the mesh attached to its bootstrap peers if a connection drops.
+        while True:
+            await trio.sleep(self.config.bootstrap_recheck_s)
+            if not self._host.get_network().get_connections(info.peer_id) and not self._is_banned(info.peer_id):
+                await self._dial_with_backoff(info, self.config.bootstrap_recheck_s)
+
+    async def _dial_with_backoff(self, info, budget_s: float) -> bool:  # type: ignore[no-untyped-def]
+        deadline = trio.current_time() + budget_s
+        delay = 0.2
+        while True:
+            try:
+                with trio.fail_after(min(self.config.dial_timeout_s, max(0.1, deadline - trio.current_time()))):
+                    await self._host.connect(info)
+                return True
+            except Exception as exc:  # any dial failure is retried the same way
+                logger.debug("dial %s failed: %r", info.peer_id, exc)
+            if trio.current_time() + delay > deadline:
+                return False
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # ---- bans ------------------------------------------------------------
+
+    def _is_banned(self, peer: ID) -> bool:
+        until = self._banned_until.get(peer)
+        return until is not None and until > trio.current_time()
+
+    def _count_invalid(self, forwarder: ID) -> None:
+        if forwarder == self._host.get_id():
+            return
+        count = self._invalid_counts.get(forwarder, 0) + 1
+        self._invalid_counts[forwarder] = count
+        if count > self.config.invalid_message_limit and not self._is_banned(forwarder):
+            logger.warning("peer %s sent %d invalid messages: disconnecting", forwarder, count)
+            self._banned_until[forwarder] = trio.current_time() + self.config.blacklist_cooloff_s
+            self._pubsub.add_to_blacklist(forwarder)  # pubsub drops its messages and stream
+            self._ban_send.send_nowait(forwarder)
+
+    def _on_connected(self, peer: ID) -> None:
+        if self._is_banned(peer):
+            self.stats.rejected_connections += 1
+            self._ban_send.send_nowait(peer)
+
+    async def _enforce_bans(self) -> None:
+        async for peer in self._ban_recv:
+            self.stats.disconnects += 1
+            try:
+                await self._host.disconnect(peer)
+            except Exception as exc:  # already gone is fine
+                logger.debug("disconnect %s: %r", peer, exc)
+
+    async def _expire_bans(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for peer in [p for p, until in self._banned_until.items() if until <= now]:
+                del self._banned_until[peer]
+                self._invalid_counts.pop(peer, None)
+                self._pubsub.remove_from_blacklist(peer)
+
+    # ---- gossip ----------------------------------------------------------
+
+    async def subscribe(self, channel: str, validator: Validator) -> trio.MemoryReceiveChannel[GossipMessage]:
+        """Join ``channel``; ``validator(from_peer, data)`` gates delivery AND forwarding."""
+        topic = topic_for(self.config.mesh_id, channel)
+        if topic in self._subs:
+            raise ValueError(f"already subscribed to {channel}")
+        send, recv = trio.open_memory_channel[GossipMessage](self.config.delivery_buffer)
+        self._subs[topic] = _Subscription(channel, validator, send)
+        await self._pubsub.subscribe(topic)
+        return recv
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        if len(data) > self.config.max_gossip_bytes:
+            raise ValueError(
+                f"{len(data)} bytes > max_gossip_bytes={self.config.max_gossip_bytes}; use a stream protocol"
+            )
+        topic = topic_for(self.config.mesh_id, channel)
+        await self._pace(topic)
+        await self._pubsub.publish(topic, data)
+        self.stats.published += 1
+        # libp2p's publish path may never yield; let the per-peer senders drain.
+        await trio.lowlevel.checkpoint()
+
+    async def _pace(self, topic: str) -> None:
+        bucket = self._publish_buckets.get(topic)
+        if bucket is None:
+            bucket = TokenBucket(self.config.publish_rate_per_s, self.config.publish_burst, trio.current_time())
+            self._publish_buckets[topic] = bucket
+        while not bucket.try_take(trio.current_time()):
+            await trio.sleep(bucket.wait_time(trio.current_time()))
+        await self._wait_for_outbound_room()
+
+    async def _wait_for_outbound_room(self) -> None:
+        """Back-pressure instead of libp2p's drop-on-full; bounded so one stuck peer cannot stall us."""
+        high_water = self.config.outbound_queue_size // 2
+        if max(map(len, self._pubsub.peer_queues.values()), default=0) <= high_water:
+            return
+        self.stats.publish_backpressure_waits += 1
+        with trio.move_on_after(self.config.publish_backpressure_timeout_s):
+            while max(map(len, self._pubsub.peer_queues.values()), default=0) > high_water:
+                await trio.sleep(0.002)
+
+    async def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
+        """MeshPubsub.validate_msg: count the verdict and raise to drop (not deliver, not forward)."""
+        result, reason = await self._verdict(forwarder, msg)
+        if result is ValidationResult.ACCEPT:
+            self.stats.accepted += 1
+            return
+        if result is ValidationResult.IGNORE:
+            self.stats.count_ignore(reason)
+            self._scorer.ignore_next(forwarder)
+        else:
+            self.stats.count_reject(reason)
+            self._count_invalid(forwarder)
+        raise ValidationError(reason)
+
+    async def _verdict(self, forwarder: ID, msg: rpc_pb2.Message) -> tuple[ValidationResult, str]:
+        local = forwarder == self._host.get_id()
+        if len(msg.topicIDs) != 1:
+            return ValidationResult.REJECT, "bad_topic"
+        sub = self._subs.get(msg.topicIDs[0])
+        if sub is None:
+            # Publishing to a channel we do not read is allowed (fanout); receiving one is not.
+            return (ValidationResult.ACCEPT, "") if local else (ValidationResult.REJECT, "bad_topic")
+        if len(msg.data) > self.config.max_gossip_bytes:
+            return ValidationResult.REJECT, "oversized"
+        if not local and not signature_validator(msg):
+            return ValidationResult.REJECT, "bad_signature"
+        return await self._run_validator(sub, ID(msg.from_id).to_base58(), msg.data)
+
+    @staticmethod
+    async def _run_validator(sub: _Subscription, from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
+        try:
+            verdict = sub.validator(from_peer, data)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            result, reason = verdict
+        except Exception:
+            # A crashing validator is our bug, not the sender's: drop without penalty.
+            logger.exception("validator for %s raised", sub.channel)
+            return ValidationResult.IGNORE, "validator_error"
+        if not isinstance(result, ValidationResult):
+            logger.error("validator for %s returned %r", sub.channel, result)
+            return ValidationResult.IGNORE, "validator_error"
+        return result, reason or result.value
+
+    def _deliver(self, msg: rpc_pb2.Message) -> None:
+        """MeshPubsub.notify_subscriptions: hand a validated message to the subscriber."""
+        sub = self._subs.get(msg.topicIDs[0]) if msg.topicIDs else None
+        if sub is None:
+            return
+        message = GossipMessage(
+            channel=sub.channel,
+            topic=msg.topicIDs[0],
+            from_peer=ID(msg.from_id).to_base58(),
+            data=msg.data,
+            received_ms=int(time.time() * 1000),
+            seqno=msg.seqno,
+        )
+        try:
+            sub.send.send_nowait(message)
+            self.stats.delivered += 1
+        except trio.WouldBlock:
+            self.stats.dropped_delivery_buffer_full += 1
+            logger.warning("subscriber for %s is %d messages behind: dropping", sub.channel, self.config.delivery_buffer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stats.dropped_subscriber_closed += 1
+
+    # ---- request/response streams ---------------------------------------
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler, max_request_bytes: int) -> None:
+        """Serve ``protocol_id``: one length-prefixed request, one length-prefixed response per stream."""
+
+        async def serve(stream: INetStream) -> None:
+            await self._serve(stream, protocol_id, handler, max_request_bytes)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), serve)
+
+    async def _serve(self, stream: INetStream, protocol_id: str, handler: StreamHandler, max_request: int) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            with trio.fail_after(self.config.stream_timeout_s):
+                await self._serve_one(stream, peer, protocol_id, handler, max_request)
+        except Exception as exc:  # one bad stream must never take the host down
+            logger.debug("%s from %s failed: %r", protocol_id, peer, exc)
+            await _reset_quietly(stream)
+        else:
+            await _close_quietly(stream)
+
+    async def _serve_one(
+        self, stream: INetStream, peer: ID, protocol_id: str, handler: StreamHandler, max_request: int
+    ) -> None:
+        length = int.from_bytes(await _read_exact(stream, 4), "big")
+        refusal = self._refusal(peer, length, max_request)
+        if refusal is not None:
+            self.stats.stream_requests_refused += 1
+            await _write_frame(stream, refusal.encode(), error=True)
+            return
+        request = await _read_exact(stream, length)
+        try:
+            response = await handler(peer.to_base58(), request)
+        except Exception as exc:
+            logger.exception("handler for %s raised", protocol_id)
+            await _write_frame(stream, f"handler error: {type(exc).__name__}".encode(), error=True)
+            return
+        if len(response) > _MAX_FRAME:
+            await _write_frame(stream, b"response too large for framing", error=True)
+            return
+        self.stats.stream_requests_served += 1
+        await _write_frame(stream, response)
+
+    def _refusal(self, peer: ID, length: int, max_request: int) -> str | None:
+        if self._is_banned(peer):
+            return "peer is blacklisted"
+        if length > max_request:
+            return f"request too large: {length} bytes > limit {max_request}"
+        return None
+
+    async def request(
+        self, peer_id: str, protocol_id: str, payload: bytes, max_response_bytes: int, timeout_s: float = 30
+    ) -> bytes:
+        """One request/response exchange.  MeshRequestError if refused/broken, TimeoutError if slow."""
+        if len(payload) > _MAX_FRAME:
+            raise ValueError("payload too large for framing")
+        try:
+            with trio.fail_after(timeout_s):
+                return await self._exchange(ID.from_base58(peer_id), protocol_id, payload, max_response_bytes)
+        except trio.TooSlowError:
+            raise TimeoutError(f"{protocol_id} to {peer_id}: no response within {timeout_s}s") from None
+
+    async def _exchange(self, peer: ID, protocol_id: str, payload: bytes, max_response: int) -> bytes:
+        try:
+            stream = await self._host.new_stream(peer, [TProtocol(protocol_id)])
+        except Exception as exc:
+            raise MeshRequestError(f"cannot open {protocol_id} to {peer}: {exc}") from exc
+        outcome: bytes | MeshRequestError = MeshRequestError("no response")
+        try:
+            # Write and read concurrently: a server refusing an oversized request
+            # answers without reading it, so a sequential writer would block on
+            # flow control.  The writer is stopped by a stream reset, never by
+            # cancellation: cancelling a yamux write mid-frame corrupts the
+            # whole connection in py-libp2p 0.8.1.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write_quietly, stream, len(payload).to_bytes(4, "big") + payload)
+                try:
+                    outcome = await _read_response(stream, max_response)
+                except MeshRequestError as exc:
+                    outcome = exc  # raised below: from inside the nursery it would arrive wrapped in an ExceptionGroup
+                    await _reset_quietly(stream)
+        finally:
+            await (_close_quietly(stream) if isinstance(outcome, bytes) else _reset_quietly(stream))
+        if isinstance(outcome, MeshRequestError):
+            raise outcome
+        return outcome
+
+
+# ---- helpers --------------------------------------------------------------
+
+
+def _make_router(config: MeshConfig, stats: MeshStats) -> MeshGossipSub:
+    return MeshGossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],  # 1.1+ for scoring, 1.2 for IDONTWANT
+        degree=config.degree,
+        degree_low=config.degree_low,
+        degree_high=config.degree_high,
+        gossip_window=config.gossip_window,
+        gossip_history=config.gossip_history,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=config.heartbeat_interval_s,  # type: ignore[arg-type]  # int in the signature, float works
+        # Adaptive gossip can stretch the heartbeat to 30-60 s on "poor health";
+        # eclipse protection wants 3 distinct IPs (meaningless on one host / behind NAT).
+        adaptive_gossip_enabled=False,
+        eclipse_protection_enabled=False,
+        spam_protection_enabled=True,  # replaced by MeshGossipSub's token bucket
+        max_pending_messages_per_peer=config.pending_per_peer,
+        pending_messages_ttl=config.pending_ttl_s,
+        stats=stats,
+        forward_rate=config.forward_rate_per_s,
+        forward_burst=config.forward_burst,
+    )
+
+
+def _score_params(config: MeshConfig) -> ScoreParams:
+    limit = float(config.invalid_message_limit)
+    return ScoreParams(
+        p4_invalid_messages=TopicScoreParams(
+            weight=config.score_invalid_weight, cap=4 * limit, decay=config.score_invalid_decay
+        ),
+        # Stop sending to a peer halfway to the hard limit; graylist at the limit.
+        gossip_threshold=-0.5 * limit * config.score_invalid_weight,
+        graylist_threshold=-limit * config.score_invalid_weight,
+        # Never let the score gate *incoming* messages: they would be dropped
+        # before validation, uncounted, and the peer would never reach the limit.
+        publish_threshold=-math.inf,
+        accept_px_threshold=-math.inf,
+    )
+
+
+async def _read_exact(stream: INetStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError(f"stream ended after {len(buf)}/{n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _write_frame(stream: INetStream, payload: bytes, *, error: bool = False) -> None:
+    header = len(payload) | (_ERROR_FLAG if error else 0)
+    await stream.write(header.to_bytes(4, "big") + payload)
+
+
+async def _read_response(stream: INetStream, max_response: int) -> bytes:
+    try:
+        header = int.from_bytes(await _read_exact(stream, 4), "big")
+        length = header & _MAX_FRAME
+        if header & _ERROR_FLAG:
+            detail = await _read_exact(stream, min(length, 4096))
+            raise MeshRequestError(f"refused by remote: {detail.decode(errors='replace')}")
+        if length > max_response:
+            raise MeshRequestError(f"response too large: {length} bytes > limit {max_response}")
+        return await _read_exact(stream, length)
+    except MeshRequestError:
+        raise
+    except Exception as exc:
+        raise MeshRequestError(f"stream broken: {exc!r}") from exc
+
+
+async def _write_quietly(stream: INetStream, data: bytes) -> None:
+    # Failures surface through the reader (error frame or EOF), which knows why.
+    try:
+        await stream.write(data)
+    except Exception as exc:
+        logger.debug("request write stopped: %r", exc)
+
+
+async def _close_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
