@@ -53,6 +53,9 @@ class MeshStats:
     # (TTL expiry or overflow).  Mostly messages for peers that never subscribe.
     dropped_pending_evicted: int = 0
     dropped_equivocation: int = 0
+    # RPCs still queued for a peer whose stream died (pubsub closes the queue);
+    # e.g. a yamux write that waited >5 s for a window update under CPU load.
+    dropped_peer_gone_queued: int = 0
     publish_backpressure_waits: int = 0
     disconnects: int = 0
     rejected_connections: int = 0
@@ -228,9 +231,10 @@ class MeshPubsub(Pubsub):
     * ``publish`` keeps signing every message although ``strict_signing`` is off.
     """
 
-    def __init__(self, host, router, *, hooks: PubsubHooks, outbound_queue_size: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, host, router, *, hooks: PubsubHooks, stats: MeshStats, outbound_queue_size: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(host, router, strict_signing=True, **kwargs)
         self._hooks = hooks
+        self._stats = stats
         self.peer_queues = ResizingQueueMap(outbound_queue_size)
         self.strict_signing = False  # verification moves into validate_msg (see class doc)
 
@@ -239,6 +243,14 @@ class MeshPubsub(Pubsub):
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         self._hooks.deliver(publish_message)
+
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        # The library closes the peer's outbound queue; whatever is still in it is lost.
+        queue = self.peer_queues.get(peer_id)
+        if queue is not None and len(queue):
+            self._stats.dropped_peer_gone_queued += len(queue)
+            logger.warning("peer %s gone with %d RPC(s) still queued", peer_id, len(queue))
+        super()._handle_dead_peer(peer_id)
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
         topic_ids = [topic_id] if isinstance(topic_id, str) else list(topic_id)
@@ -256,6 +268,11 @@ def check_library_shape() -> None:
     probe = RpcQueue()
     if not hasattr(probe, "_queue") or not hasattr(probe._queue, "max_size"):
         raise RuntimeError("py-libp2p RpcQueue internals changed; node/_libp2p_tuning.py needs updating")
-    for name in ("_check_spam_protection", "_check_equivocation", "_handle_dropped_rpc", "_prune_pending_messages"):
-        if not hasattr(GossipSub, name):
-            raise RuntimeError(f"py-libp2p GossipSub.{name} is gone; node/_libp2p_tuning.py needs updating")
+    overridden = {
+        GossipSub: ("_check_spam_protection", "_check_equivocation", "_handle_dropped_rpc", "_prune_pending_messages"),
+        Pubsub: ("validate_msg", "notify_subscriptions", "publish", "_handle_dead_peer"),
+    }
+    for cls, names in overridden.items():
+        for name in names:
+            if not hasattr(cls, name):
+                raise RuntimeError(f"py-libp2p {cls.__name__}.{name} is gone; node/_libp2p_tuning.py needs updating")

@@ -111,7 +111,8 @@ class MeshConfig:
     outbound_queue_size: int = 4096
     publish_backpressure_timeout_s: float = 10.0
     # Subscription channel handed to the caller (py-libp2p: 32, drop on full).
-    delivery_buffer: int = 65536
+    # Counted in messages; worst case delivery_buffer * max_gossip_bytes if the consumer stalls.
+    delivery_buffer: int = 16384
     # Messages kept for peers whose subscriptions are not known yet (py-libp2p: 100, 30 s).
     pending_per_peer: int = 1024
     pending_ttl_s: float = 30.0
@@ -222,6 +223,7 @@ class Mesh:
             self._host,
             self._router,
             hooks=PubsubHooks(validate=self._validate, deliver=self._deliver),
+            stats=self.stats,
             outbound_queue_size=config.outbound_queue_size,
             seen_ttl=config.seen_ttl_s,
         )
@@ -430,6 +432,8 @@ class Mesh:
         else:
             self.stats.count_reject(reason)
             self._count_invalid(forwarder)
+            if forwarder == self._host.get_id():
+                logger.warning("own message on %s rejected by local validator: %s", msg.topicIDs, reason)
         raise ValidationError(reason)
 
     async def _verdict(self, forwarder: ID, msg: rpc_pb2.Message) -> tuple[ValidationResult, str]:
@@ -556,8 +560,8 @@ class Mesh:
             # Write and read concurrently: a server refusing an oversized request
             # answers without reading it, so a sequential writer would block on
             # flow control.  The writer is stopped by a stream reset, never by
-            # cancellation: cancelling a yamux write mid-frame corrupts the
-            # whole connection in py-libp2p 0.8.1.
+            # cancellation: in py-libp2p 0.8.1 cancelling a yamux write blocked
+            # on flow control makes the next stream open on that connection fail.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_write_quietly, stream, len(payload).to_bytes(4, "big") + payload)
                 try:

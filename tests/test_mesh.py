@@ -84,7 +84,8 @@ def test_burst_of_200_reaches_every_host_with_zero_loss() -> None:
 
     trio.run(main)
     for host in range(1, 4):
-        assert [m.data for m in received[host]] == [b"msg-%03d" % k for k in range(BURST)]
+        # GossipSub does not promise order (pubsub validates each message in its own task)
+        assert sorted(m.data for m in received[host]) == [b"msg-%03d" % k for k in range(BURST)]
         assert {m.from_peer for m in received[host]} == {received[1][0].from_peer}
         assert all(m.channel == "train" and m.topic == topic_for(MESH_ID, "train") for m in received[host])
         assert len({m.seqno for m in received[host]}) == BURST
