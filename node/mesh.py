@@ -273,8 +273,17 @@ class Mesh:
         info = info_from_p2p_addr(multiaddr.Multiaddr(multiaddr_str))
         if self._is_banned(info.peer_id):
             raise MeshRequestError(f"peer {info.peer_id} is blacklisted")
+        self._unblock(info.peer_id)
         with trio.fail_after(self.config.dial_timeout_s):
             await self._host.connect(info)
+
+    def _unblock(self, peer: ID) -> None:
+        # The swarm refuses to dial a peer for 60 s after all its addresses
+        # failed once (network/swarm.py _NegativePeerCache); explicit dials and
+        # our own backoff should not be blocked by that.
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer)
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
@@ -327,6 +336,7 @@ class Mesh:
         deadline = trio.current_time() + budget_s
         delay = 0.2
         while True:
+            self._unblock(info.peer_id)
             try:
                 with trio.fail_after(min(self.config.dial_timeout_s, max(0.1, deadline - trio.current_time()))):
                     await self._host.connect(info)

@@ -165,6 +165,41 @@ def test_stream_request_response_1mb_and_limits() -> None:
     trio.run(main)
 
 
+def test_bootstrap_retries_until_the_peer_comes_up_and_shutdown_is_clean() -> None:
+    import socket
+
+    from libp2p.peer.id import ID
+
+    from node.mesh import derive_key_pair
+
+    with socket.socket() as s:  # a free port for the late peer
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late_seed = bytes([9]) * 32
+    late_id = ID.from_pubkey(derive_key_pair(late_seed).public_key).to_base58()
+    late_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{late_id}"
+    opened_at: list[float] = []
+
+    async def early(started: float) -> None:
+        async with Mesh.open(MeshConfig(MESH_ID, bootstrap=(late_addr,)), bytes([8]) * 32) as mesh:
+            opened_at.append(time.monotonic() - started)
+            assert late_id in mesh.connected_peers()
+
+    async def main() -> None:
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(early, started)
+            await trio.sleep(1.0)  # the early node is dialling a closed port meanwhile
+            async with Mesh.open(MeshConfig(MESH_ID, listen_port=port), late_seed) as late:
+                assert late.peer_id == late_id
+                with trio.fail_after(15):
+                    while not opened_at:
+                        await trio.sleep(0.05)
+
+    trio.run(main)  # returns only once every task of both meshes has finished
+    assert 1.0 <= opened_at[0] < 15
+
+
 @pytest.mark.slow
 def test_library_defaults_lose_a_burst() -> None:
     """The reason for the tuning: bare py-libp2p 0.8.1 GossipSub drops most of a burst."""
