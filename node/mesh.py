@@ -293,6 +293,12 @@ class Mesh:
         peers = self._pubsub.peer_topics.get(topic_for(self.config.mesh_id, channel), set())
         return [p.to_base58() for p in peers]
 
+    def peer_scores(self, channel: str) -> dict[str, float]:
+        """GossipSub score of each peer subscribed to ``channel`` (negative = sent invalid messages)."""
+        topic = topic_for(self.config.mesh_id, channel)
+        peers = self._pubsub.peer_topics.get(topic, set())
+        return {p.to_base58(): self._scorer.score(p, [topic]) for p in peers}
+
     async def wait_for_topic_peers(self, channel: str, count: int, timeout_s: float = 10.0) -> None:
         """Block until at least ``count`` peers are subscribed to ``channel``; TimeoutError otherwise."""
         with trio.move_on_after(timeout_s):

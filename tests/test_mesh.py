@@ -117,6 +117,9 @@ def test_validator_reject_stops_delivery_and_forwarding_then_disconnects() -> No
             assert all(m.from_peer == a.peer_id for m in at_c)
             assert b.stats.rejected_by_reason == {"bad_prefix": 3}
             assert b.stats.ignored_by_reason == {"not_interesting": 2}
+            # gossipsub's P4 saw the 3 REJECTs (decayed a little per heartbeat), not the IGNOREs
+            assert -3.0 <= b.peer_scores("membership")[a.peer_id] < -2.5
+            assert b.peer_scores("membership")[c.peer_id] == 0
             assert a.peer_id in b.connected_peers()
 
             # Past the limit: b drops a and keeps refusing it during the cool-off.
