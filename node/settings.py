@@ -39,7 +39,7 @@ class NodeSettings:
     invalid_message_limit: int = 20
     announce_interval_s: float = 1.0
     pings: int = 0  # scenario: pings each node sends once it has heard every member
-    ping_interval_s: float = 0.02
+    ping_interval_s: float = 0.1
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

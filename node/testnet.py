@@ -44,6 +44,7 @@ class TestnetPlan:
     directory: Path = Path("testnet")
     timeout_s: float = 120.0
     mesh_id: str = "testnet"
+    ping_interval_s: float = 0.1
 
     @property
     def roles(self) -> list[Role]:
@@ -126,7 +127,7 @@ def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) ->
         f'wallet_name = "testnet"\nhotkey = "{name}"\nwallet_path = "{root / "wallets"}"\n'
         f'genesis = "{root / "genesis.json"}"\n'
         f"listen_port = {mesh_port}\napi_port = {api_port}\n"
-        f"pings = {plan.pings * plan.rounds}\n")
+        f"pings = {plan.pings * plan.rounds}\nping_interval_s = {plan.ping_interval_s}\n")
 
 
 def peer_id_from_seed(seed: bytes) -> str:
