@@ -3,8 +3,9 @@
 py-libp2p drops gossip messages in several places without telling the caller
 (docs/mesh.md lists them with file:line).  Each override below either replaces a
 hard-coded limit with a configurable one or counts what the library drops, so
-that node/mesh.py can export the numbers.  Nothing here patches library modules:
-all changes live on instances created by one Mesh.
+that node/mesh.py can export the numbers.  All limits live on instances created
+by one Mesh; the one module-level change is ``install_signed_record_memo``, a pure
+cache in front of the library's own signed-record check (same answer, less CPU).
 
 These overrides touch private attributes of py-libp2p 0.8.1 (``RpcQueue._queue``,
 ``GossipSub._pending_messages``); ``check_library_shape`` fails loudly at start-up
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 logger = logging.getLogger(__name__)
 
 _SIGNING_PREFIX = PUBSUB_SIGNING_PREFIX.encode()
+IDONTWANT_MIN_BYTES = 1024
 
 
 @dataclass
@@ -164,6 +167,7 @@ class MeshGossipSub(GossipSub):
         self._forward_rate = forward_rate
         self._forward_burst = forward_burst
         self._buckets: dict[tuple[ID, str], TokenBucket] = {}
+        self._skip_idontwant: set[bytes] = set()
 
     def _check_spam_protection(self, peer_id: ID, msg: rpc_pb2.Message) -> bool:
         # libp2p applies this to our own publishes too (forwarder == self);
@@ -202,6 +206,24 @@ class MeshGossipSub(GossipSub):
         super()._prune_pending_messages(peer_id)
         after = len(self._pending_messages.get(peer_id, ()))
         self._stats.dropped_pending_evicted += before - after
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        # IDONTWANT only pays for itself on large messages: for a small one it is an
+        # extra RPC to every mesh peer, as costly as the duplicate it prevents. go-libp2p
+        # sends it only at or above 1 KiB (IDontWantMessageThreshold); so do we.
+        if len(pubsub_msg.data) >= IDONTWANT_MIN_BYTES or self.pubsub is None:
+            await super().publish(msg_forwarder, pubsub_msg)
+            return
+        msg_id = self.pubsub.get_message_id(pubsub_msg)
+        self._skip_idontwant.add(msg_id)
+        try:
+            await super().publish(msg_forwarder, pubsub_msg)
+        finally:
+            self._skip_idontwant.discard(msg_id)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids) -> None:  # type: ignore[no-untyped-def]
+        if msg_id not in self._skip_idontwant:
+            await super()._emit_idontwant_for_message(msg_id, topic_ids)
 
     def remove_peer(self, peer_id: ID) -> None:
         super().remove_peer(peer_id)
@@ -263,13 +285,64 @@ class MeshPubsub(Pubsub):
         await self.push_msg(self.my_id, msg)
 
 
+class SignedRecordMemo:
+    """Remembers which signed peer records were already verified, per (host, sender).
+
+    py-libp2p 0.8.1 attaches the sender's signed peer record to every pubsub RPC and
+    verifies it (envelope parse + ed25519) on every receipt, twice for RPCs with control
+    messages: about 15 % of a node's CPU under gossip load. The record is the same bytes
+    until the sender's addresses change, so a verified (host, sender, bytes) triple is
+    accepted from memory; it is re-verified after `refresh_s` so the peerstore's 2 h TTL
+    keeps being renewed. Same inputs, same answer: only the repeated work is gone.
+    """
+
+    marker = "sealmesh_signed_record_memo"
+
+    def __init__(self, verify, capacity: int = 4096, refresh_s: float = 600.0) -> None:  # type: ignore[no-untyped-def]
+        self._verify = verify
+        self._capacity, self._refresh_s = capacity, refresh_s
+        self._verified: dict[tuple[ID, ID, bytes], float] = {}
+        self.hits = 0
+
+    def __call__(self, msg: rpc_pb2.RPC, host, peer_id: ID) -> bool:  # type: ignore[no-untyped-def]
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (host.get_id(), peer_id, msg.senderRecord)
+        now = time.monotonic()
+        verified_at = self._verified.get(key)
+        if verified_at is not None and now - verified_at < self._refresh_s:
+            self.hits += 1
+            return True
+        ok = self._verify(msg, host, peer_id)
+        if ok:
+            if len(self._verified) >= self._capacity:
+                self._verified.pop(next(iter(self._verified)))  # oldest first
+            self._verified[key] = now
+        return ok
+
+
+def install_signed_record_memo() -> None:
+    """Route the pubsub modules' record check through one SignedRecordMemo (idempotent)."""
+    import libp2p.pubsub.gossipsub as gossipsub_module
+    import libp2p.pubsub.pubsub as pubsub_module
+
+    current = pubsub_module.maybe_consume_signed_record
+    if getattr(current, SignedRecordMemo.marker, False):
+        return
+    memo = SignedRecordMemo(current)
+    setattr(memo, SignedRecordMemo.marker, True)
+    pubsub_module.maybe_consume_signed_record = memo
+    gossipsub_module.maybe_consume_signed_record = memo
+
+
 def check_library_shape() -> None:
     """Fail at start-up if py-libp2p moved the internals the overrides rely on."""
     probe = RpcQueue()
     if not hasattr(probe, "_queue") or not hasattr(probe._queue, "max_size"):
         raise RuntimeError("py-libp2p RpcQueue internals changed; node/_libp2p_tuning.py needs updating")
     overridden = {
-        GossipSub: ("_check_spam_protection", "_check_equivocation", "_handle_dropped_rpc", "_prune_pending_messages"),
+        GossipSub: ("_check_spam_protection", "_check_equivocation", "_handle_dropped_rpc",
+                    "_prune_pending_messages", "_emit_idontwant_for_message"),
         Pubsub: ("validate_msg", "notify_subscriptions", "publish", "_handle_dead_peer"),
     }
     for cls, names in overridden.items():

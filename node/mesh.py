@@ -50,6 +50,7 @@ from node._libp2p_tuning import (
     PubsubHooks,
     TokenBucket,
     check_library_shape,
+    install_signed_record_memo,
 )
 
 __all__ = [
@@ -208,6 +209,7 @@ class Mesh:
 
     def __init__(self, config: MeshConfig, key_pair: KeyPair) -> None:
         check_library_shape()
+        install_signed_record_memo()
         self.config = config
         self.stats = MeshStats()
         self._host = new_host(
