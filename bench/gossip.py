@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.blobs import PROBE_PROTOCOL  # noqa: E402
 from node.mesh import Mesh, MeshConfig  # noqa: E402
+from node.presence import percentile  # noqa: E402
 from node.testnet import TestnetPlan, _spawn, _stop_all, _watch, build_report, prepare  # noqa: E402
 
 
@@ -76,6 +77,7 @@ async def probe_one_hop(addr: str, peer_id: str, count: int) -> list[float]:
     """One-way latency of a bare libp2p stream send to one node, in ms."""
     latencies = []
     async with Mesh.open(MeshConfig(mesh_id="bench", bootstrap=(addr,)), os.urandom(32)) as mesh:
+        await mesh.connect(addr)  # the bootstrap dial may still be backing off
         for _ in range(count):
             sent = time.time_ns()
             reply = await mesh.request(peer_id, PROBE_PROTOCOL, sent.to_bytes(8, "big"),
@@ -84,9 +86,6 @@ async def probe_one_hop(addr: str, peer_id: str, count: int) -> list[float]:
     return latencies
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 if __name__ == "__main__":

@@ -274,6 +274,20 @@ class MeshPubsub(Pubsub):
             logger.warning("peer %s gone with %d RPC(s) still queued", peer_id, len(queue))
         super()._handle_dead_peer(peer_id)
 
+    async def _teardown_if_connected(self, peer_id: ID) -> None:
+        # The library's version awaits a stream reset and then does `del self.peers[id]`;
+        # if the peer died meanwhile, the dead-peer handler already removed it and the
+        # KeyError kills the whole pubsub service (seen in a 20-node run). Same steps,
+        # tolerant of that race.
+        stream = self.peers.get(peer_id)
+        if stream is not None:
+            try:
+                await stream.reset()
+            except Exception:  # already reset or closed: nothing left to do
+                pass
+            self.peers.pop(peer_id, None)
+        self._forget_all_subscriptions(peer_id)
+
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
         topic_ids = [topic_id] if isinstance(topic_id, str) else list(topic_id)
         msg = rpc_pb2.Message(
@@ -343,7 +357,8 @@ def check_library_shape() -> None:
     overridden = {
         GossipSub: ("_check_spam_protection", "_check_equivocation", "_handle_dropped_rpc",
                     "_prune_pending_messages", "_emit_idontwant_for_message"),
-        Pubsub: ("validate_msg", "notify_subscriptions", "publish", "_handle_dead_peer"),
+        Pubsub: ("validate_msg", "notify_subscriptions", "publish", "_handle_dead_peer",
+                 "_teardown_if_connected", "_forget_all_subscriptions", "_mark_msg_seen"),
     }
     for cls, names in overridden.items():
         for name in names:

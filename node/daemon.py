@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import threading
@@ -107,6 +108,10 @@ class Node:
                     for channel in Channel:
                         receive = await mesh.subscribe(channel.value, self._gossip_validator(channel))
                         nursery.start_soon(self._consume, channel, receive)
+                    if self.settings.pings:
+                        # Before the API serves /status: the SIGUSR1 handler must be in place
+                        # before anyone can see that this node is up and signal it.
+                        await nursery.start(self._ping_scenario)
                     api = ApiServer(self.settings.api_host, self.settings.api_port,
                                     status=self.status, metrics=self.metrics,
                                     on_message=self._on_http_message)
@@ -117,15 +122,13 @@ class Node:
                              mesh.listen_addrs, self.api_port)
                     nursery.start_soon(self._announce_loop)
                     nursery.start_soon(self._status_loop)
-                    if self.settings.pings:
-                        nursery.start_soon(self._ping_scenario)
                     if self.settings.role.value == "validator":
                         nursery.start_soon(self._membership_view_loop)
                     await _until_signalled()
                     log.info("phase=stopping")
                     nursery.cancel_scope.cancel()
             finally:
-                self._refresh_status()
+                self._refresh_status(with_samples=True)
                 write_atomic(data_dir / "status.json", json.dumps(self.status()).encode())
                 log.info("phase=stopped")
 
@@ -146,7 +149,9 @@ class Node:
                 self.metrics.reject("gossip", exc.reason)
                 log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",
                             exc.reason, from_peer, channel.value, exc.hint)
-                return ValidationResult.REJECT, exc.reason
+                verdict = (ValidationResult.IGNORE if exc.reason in _NOT_THE_FORWARDERS_FAULT
+                           else ValidationResult.REJECT)
+                return verdict, exc.reason
             return ValidationResult.ACCEPT, "ok"
         return validate
 
@@ -200,12 +205,24 @@ class Node:
             fast = not self.presence.heard_everyone()
             await trio.sleep(self.settings.announce_interval_s * (1 if fast else 10))
 
-    async def _ping_scenario(self) -> None:
-        """Once every member is heard, send the configured number of pings."""
-        while not self.presence.heard_everyone():
-            await trio.sleep(0.1)
-        # Others may hear us a little later than we hear them; give their mesh a moment.
-        await trio.sleep(2 * self.settings.announce_interval_s)
+    async def _ping_scenario(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send the configured number of pings once every member is heard, or, with
+        ping_start = "signal", on SIGUSR1: `sealmesh testnet` starts all nodes' pings
+        together once the whole mesh is up, so no ping competes with a node's start-up."""
+        if self.settings.ping_start == "signal":
+            with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+                task_status.started()
+                log.info("phase=pings-armed waiting for SIGUSR1")
+                await signals.__anext__()
+        else:
+            task_status.started()
+            while not self.presence.heard_everyone():
+                await trio.sleep(0.1)
+            # Others may hear us a little later than we hear them; give their mesh a moment.
+            await trio.sleep(2 * self.settings.announce_interval_s)
+        # Start at a random point of the first interval: nodes signalled together would
+        # otherwise publish in lockstep, a burst no real mesh sees.
+        await trio.sleep(random.uniform(0, self.settings.ping_interval_s))
         log.info("phase=pings count=%d", self.settings.pings)
         for seq in range(self.settings.pings):
             await self.publish(Ping(seq=seq, sent_ms=now_ms()))
@@ -225,7 +242,7 @@ class Node:
             self._refresh_status()
             await trio.sleep(STATUS_INTERVAL_S)
 
-    def _refresh_status(self) -> None:
+    def _refresh_status(self, *, with_samples: bool = False) -> None:
         mesh = self.mesh
         peers = mesh.connected_peers() if mesh else []
         self.metrics.peers.set(len(peers))
@@ -238,7 +255,7 @@ class Node:
             "topics": [f"/sealmesh/{self.genesis.mesh_id}/1/{c.value}" for c in Channel],
             "api_port": self.api_port,
             "uptime_s": round((now_ms() - self.started_ms) / 1000, 3),
-            "presence": self.presence.snapshot(),
+            "presence": self.presence.snapshot(with_samples=with_samples),
             "membership_views": dict(self.membership_views),
             "rejected": _rejected_counts(self.metrics),
             "mesh_stats": dict(_flatten_stats(mesh.stats)) if mesh else {},
@@ -251,6 +268,11 @@ class Node:
         with self._status_lock:
             return dict(self._status)
 
+
+# A message that is late, early or a duplicate may be an honest peer's relay of an
+# honest message delayed by load; drop it without scoring the forwarder down (GossipSub's
+# IGNORE). Everything else is provably bad whenever it arrives, and counts against it.
+_NOT_THE_FORWARDERS_FAULT = {"stale_timestamp", "future_timestamp", "replay"}
 
 _AUTH_REASONS = {"unknown_signer", "signer_not_allowed", "wrong_recipient", "stale_timestamp",
                  "future_timestamp", "replay", "bad_signature", "malformed_envelope"}

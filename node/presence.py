@@ -6,6 +6,7 @@ status file show, and what `sealmesh testnet` checks.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -45,12 +46,26 @@ class Presence:
     def heard_everyone(self) -> bool:
         return self.others <= set(self.peer_of)
 
-    def snapshot(self) -> dict:
-        return {
+    def snapshot(self, *, with_samples: bool = False) -> dict:
+        """Counts for /status; the raw latency samples only when asked (the final status
+        file), since /status is polled and the list grows with every ping."""
+        doc = {
             "heard": sorted(self.peer_of),
             "missing": sorted(self.others - set(self.peer_of)),
             "pings_sent": self.pings_sent,
             "pings_received": {h: len(s) for h, s in sorted(self.pings_from.items())},
             "duplicate_pings": self.duplicate_pings,
-            "latencies_ms": list(self.latencies_ms),
+            "latency_ms": {"count": len(self.latencies_ms), "p50": percentile(self.latencies_ms, 50),
+                           "p99": percentile(self.latencies_ms, 99)},
         }
+        if with_samples:
+            doc["latencies_ms"] = list(self.latencies_ms)
+        return doc
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (no interpolation): always one of the samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]

@@ -40,6 +40,7 @@ class NodeSettings:
     announce_interval_s: float = 1.0
     pings: int = 0  # scenario: pings each node sends once it has heard every member
     ping_interval_s: float = 0.1
+    ping_start: str = "heard_all"  # or "signal": wait for SIGUSR1 (used by sealmesh testnet)
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

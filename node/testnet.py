@@ -10,7 +10,6 @@ other node's announcement and every ping.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 from libp2p.peer.id import ID
 
 from node.mesh import derive_key_pair
+from node.presence import percentile
 from node.registry.genesis import Genesis, write_genesis
 from node.wallet import create_hotkey
 from protocol.membership import Member, Role
@@ -68,12 +68,14 @@ def run_testnet(plan: TestnetPlan) -> int:
     nodes = prepare(plan)
     print(f"testnet: {len(nodes)} nodes ({plan.validators} validators, {plan.trainers} trainers, "
           f"{plan.miners} miners) in {plan.directory}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # run the cleanup below on SIGTERM
     try:
         for node in nodes:
             node.process = _spawn(node)
         complete = _watch(plan, nodes, deadline=time.monotonic() + plan.timeout_s)
     finally:
         _stop_all(nodes)
+        signal.signal(signal.SIGTERM, previous)
     report = build_report(plan, nodes, complete, time.monotonic() - started)
     (plan.directory / "report.json").write_text(json.dumps(report, indent=2))
     g = report["gossip"]
@@ -83,6 +85,10 @@ def run_testnet(plan: TestnetPlan) -> int:
     for problem in report["problems"]:
         print(f"testnet: missing: {problem}", flush=True)
     return 0 if report["ok"] else 1
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")
 
 
 def prepare(plan: TestnetPlan) -> list[NodeProcess]:
@@ -127,7 +133,8 @@ def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) ->
         f'wallet_name = "testnet"\nhotkey = "{name}"\nwallet_path = "{root / "wallets"}"\n'
         f'genesis = "{root / "genesis.json"}"\n'
         f"listen_port = {mesh_port}\napi_port = {api_port}\n"
-        f"pings = {plan.pings * plan.rounds}\nping_interval_s = {plan.ping_interval_s}\n")
+        f"pings = {plan.pings * plan.rounds}\nping_interval_s = {plan.ping_interval_s}\n"
+        f'ping_start = "signal"\n')
 
 
 def peer_id_from_seed(seed: bytes) -> str:
@@ -148,14 +155,24 @@ def _free_ports(count: int) -> list[int]:
 
 def _spawn(node: NodeProcess) -> subprocess.Popen:
     log = open(node.data_dir / "node.log", "wb")
+    # Own session: a Ctrl-C in the terminal reaches only this controller, which then
+    # stops the nodes in order. Death signal: if the controller is killed outright,
+    # the kernel sends each node SIGTERM, so no node outlives its test mesh.
     return subprocess.Popen(
         [sys.executable, "-m", "node.cli", "node", "--config", str(node.data_dir / "node.toml")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
     expected_pings = plan.pings * plan.rounds * (len(nodes) - 1)
-    last_line = ""
+    last_line, pings_started = "", False
     while time.monotonic() < deadline:
         for node in nodes:
             if node.process.poll() is not None:
@@ -172,9 +189,16 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
         if line != last_line:
             print(line, flush=True)
             last_line = line
-        if pings >= expected_pings * len(nodes) and heard >= len(nodes) * (len(nodes) - 1):
+        everyone_heard = heard >= len(nodes) * (len(nodes) - 1)
+        if everyone_heard and not pings_started and expected_pings:
+            # The whole mesh is up: start every node's pings together (see Node._ping_scenario).
+            print("testnet: mesh complete; starting pings", flush=True)
+            for node in nodes:
+                node.process.send_signal(signal.SIGUSR1)
+            pings_started = True
+        if pings >= expected_pings * len(nodes) and everyone_heard:
             return True
-        time.sleep(0.5)
+        time.sleep(0.5 if len(nodes) <= 8 else 1.0)  # polling 20 nodes costs CPU too
     print("testnet: timed out waiting for the scenarios", flush=True)
     return False
 
@@ -225,7 +249,7 @@ def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, du
             delivered += min(got, per_sender)
             if got < per_sender:
                 problems.append(f"{node.name} got {got}/{per_sender} pings from {other.name}")
-        latencies.extend(presence["latencies_ms"])
+        latencies.extend(presence.get("latencies_ms", []))  # in the final status file only
         for reason, count in status["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + count
         for key, value in status.get("mesh_stats", {}).items():
@@ -238,7 +262,7 @@ def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, du
         "rounds": plan.rounds,
         "duration_s": round(duration_s, 2),
         "gossip": {"expected": expected, "delivered": delivered,
-                   "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+                   "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
                    "max_ms": max(latencies, default=None)},
         "rejected": rejected,
         "mesh_drops": drops,
@@ -253,9 +277,3 @@ def _final_status(node: NodeProcess) -> dict | None:
     return node.last_status  # killed before writing its final status
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))  # nearest rank
-    return ordered[index]
