@@ -6,7 +6,7 @@ member; every other node must deliver each one. Baseline, measured in the same r
 a direct single-hop stream send (libp2p request on /sealmesh/probe/1) from this process
 to one node, one-way, the bare transport with no gossip and no signatures.
 
-    .venv/bin/python bench/gossip.py --nodes 20 --messages 1000
+    .venv/bin/python bench/gossip.py --nodes 20 --messages 200 --interval 10
 
 Last line: gossip nodes=N messages=M p50_ms=x p99_ms=y loss=z direct_p99_ms=w
 """
@@ -35,8 +35,9 @@ from node.testnet import TestnetPlan, _spawn, _stop_all, _watch, build_report, p
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=1000, help="total pings, spread over the nodes")
-    parser.add_argument("--interval", type=float, default=0.05, help="seconds between a node's pings")
+    parser.add_argument("--messages", type=int, default=200, help="total pings, spread over the nodes")
+    parser.add_argument("--interval", type=float, default=10.0,
+                        help="seconds between one node's pings (default: 20 nodes -> 2 msg/s in all)")
     parser.add_argument("--probes", type=int, default=200, help="direct stream sends for the baseline")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--dir", type=Path, default=None, help="keep the run here (default: a temp dir)")
@@ -64,8 +65,9 @@ def main() -> int:
     loss = 1 - gossip["delivered"] / gossip["expected"]
     direct_p50, direct_p99 = percentile(direct, 50), percentile(direct, 99)
     messages = plan.pings * len(nodes)
-    print(f"bench: deliveries {gossip['delivered']}/{gossip['expected']}, mesh drops {report['mesh_drops']}, "
-          f"rejected {report['rejected']}")
+    print(f"bench: {len(nodes)} nodes, {messages} pings at {len(nodes) / args.interval:.1f} msg/s in all; "
+          f"deliveries {gossip['delivered']}/{gossip['expected']}, mesh drops {report['mesh_drops']}, "
+          f"rejected {report['rejected']} (start-up: late announcements are dropped as stale)")
     print(f"bench: direct stream one-way p50={direct_p50:.2f} ms p99={direct_p99:.2f} ms "
           f"({len(direct)} probes); gossip p99 / direct p99 = {gossip['p99_ms'] / direct_p99:.1f}x")
     print(f"gossip nodes={len(nodes)} messages={messages} p50_ms={gossip['p50_ms']:.1f} "

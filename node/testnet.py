@@ -172,7 +172,7 @@ def _die_with_parent() -> None:
 
 def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
     expected_pings = plan.pings * plan.rounds * (len(nodes) - 1)
-    last_line, pings_started = "", False
+    last_line, pings_started, complete_at = "", False, None
     while time.monotonic() < deadline:
         for node in nodes:
             if node.process.poll() is not None:
@@ -190,9 +190,14 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
             print(line, flush=True)
             last_line = line
         everyone_heard = heard >= len(nodes) * (len(nodes) - 1)
-        if everyone_heard and not pings_started and expected_pings:
-            # The whole mesh is up: start every node's pings together (see Node._ping_scenario).
-            print("testnet: mesh complete; starting pings", flush=True)
+        if everyone_heard and complete_at is None:
+            complete_at = time.monotonic()
+            print(f"testnet: mesh complete; pings start in {_settle_s(nodes):.0f} s", flush=True)
+        if complete_at and not pings_started and expected_pings \
+                and time.monotonic() - complete_at >= _settle_s(nodes):
+            # Start every node's pings together (see Node._ping_scenario), once the
+            # start-up work (imports, announcements, mesh grafting) has drained.
+            print("testnet: starting pings", flush=True)
             for node in nodes:
                 node.process.send_signal(signal.SIGUSR1)
             pings_started = True
@@ -201,6 +206,12 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
         time.sleep(0.5 if len(nodes) <= 8 else 1.0)  # polling 20 nodes costs CPU too
     print("testnet: timed out waiting for the scenarios", flush=True)
     return False
+
+
+def _settle_s(nodes: list[NodeProcess]) -> float:
+    # Seen here: right after the last announcement is heard, the bootstrap nodes of a
+    # 20-process mesh on 2 cores are still seconds behind on start-up traffic.
+    return 2.0 + 0.4 * len(nodes)
 
 
 def _get_status(node: NodeProcess) -> dict | None:
