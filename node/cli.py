@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = commands.add_parser(
         "node", help="run a node daemon until SIGINT/SIGTERM",
-        description="Run one node. Settings come from --config (TOML) and these flags; "
-                    "flags win. State (node key, status) is kept under --data-dir.")
+        description="Run one node until SIGINT/SIGTERM, then shut down cleanly. Settings come "
+                    "from --config (TOML) and these flags; flags win. State is kept under "
+                    "--data-dir: node_key (libp2p identity), ready.json (peer id, addresses, "
+                    "API port), status.json (written at shutdown), blobs/.")
     node.add_argument("--role", choices=["trainer", "validator", "miner"])
     node.add_argument("--config", type=Path, help="node.toml")
     node.add_argument("--data-dir", type=Path, help="state directory (default ~/.sealmesh/node)")

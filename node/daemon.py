@@ -85,45 +85,17 @@ class Node:
     # --- running ---------------------------------------------------------------
 
     async def run(self) -> None:
+        """Run until SIGINT/SIGTERM; the final status file is written however it ends."""
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        config = MeshConfig(
-            mesh_id=self.genesis.mesh_id, listen_host=self.settings.listen_host,
-            listen_port=self.settings.listen_port,
-            bootstrap=tuple(self.genesis.bootstrap) + tuple(self.settings.bootstrap),
-            invalid_message_limit=self.settings.invalid_message_limit)
         log.info("phase=start role=%s hotkey=%s mesh=%s", self.settings.role.value,
                  self.hotkey.ss58_address, self.genesis.mesh_id)
-        async with Mesh.open(config, load_or_create_node_key(data_dir)) as mesh:
+        async with Mesh.open(self._mesh_config(), load_or_create_node_key(data_dir)) as mesh:
             self.mesh = mesh
-            # Read from the status snapshot: the mesh's own counters belong to the trio thread.
-            self.metrics.add_counters("sealmesh_mesh_events", "libp2p mesh counters (drops, disconnects)",
-                                      lambda: self.status().get("mesh_stats", {}).items())
-            blobs = BlobService(LocalBlobStore(data_dir / "blobs"), self.verifier,
-                                on_reject=lambda reason: self.metrics.reject("stream", reason))
-            mesh.set_stream_handler(BLOB_PROTOCOL, blobs.handle, MAX_BLOB_REQUEST_BYTES)
-            mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
+            self._serve_streams(mesh, data_dir)
             try:
                 async with trio.open_nursery() as nursery:
-                    for channel in Channel:
-                        receive = await mesh.subscribe(channel.value, self._gossip_validator(channel))
-                        nursery.start_soon(self._consume, channel, receive)
-                    if self.settings.pings:
-                        # Before the API serves /status: the SIGUSR1 handler must be in place
-                        # before anyone can see that this node is up and signal it.
-                        await nursery.start(self._ping_scenario)
-                    api = ApiServer(self.settings.api_host, self.settings.api_port,
-                                    status=self.status, metrics=self.metrics,
-                                    on_message=self._on_http_message)
-                    self.api_port = await nursery.start(api.serve)
-                    self._refresh_status()
-                    write_atomic(data_dir / "ready.json", json.dumps(self._ready_doc()).encode())
-                    log.info("phase=ready peer_id=%s addrs=%s api_port=%d", mesh.peer_id,
-                             mesh.listen_addrs, self.api_port)
-                    nursery.start_soon(self._announce_loop)
-                    nursery.start_soon(self._status_loop)
-                    if self.settings.role.value == "validator":
-                        nursery.start_soon(self._membership_view_loop)
+                    await self._start_services(nursery)
                     await _until_signalled()
                     log.info("phase=stopping")
                     nursery.cancel_scope.cancel()
@@ -131,6 +103,43 @@ class Node:
                 self._refresh_status(with_samples=True)
                 write_atomic(data_dir / "status.json", json.dumps(self.status()).encode())
                 log.info("phase=stopped")
+
+    def _mesh_config(self) -> MeshConfig:
+        return MeshConfig(
+            mesh_id=self.genesis.mesh_id, listen_host=self.settings.listen_host,
+            listen_port=self.settings.listen_port,
+            bootstrap=tuple(self.genesis.bootstrap) + tuple(self.settings.bootstrap),
+            invalid_message_limit=self.settings.invalid_message_limit)
+
+    def _serve_streams(self, mesh: Mesh, data_dir: Path) -> None:
+        # Read from the status snapshot: the mesh's own counters belong to the trio thread.
+        self.metrics.add_counters("sealmesh_mesh_events", "libp2p mesh counters (drops, disconnects)",
+                                  lambda: self.status().get("mesh_stats", {}).items())
+        blobs = BlobService(LocalBlobStore(data_dir / "blobs"), self.verifier,
+                            on_reject=lambda reason: self.metrics.reject("stream", reason))
+        mesh.set_stream_handler(BLOB_PROTOCOL, blobs.handle, MAX_BLOB_REQUEST_BYTES)
+        mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        assert self.mesh is not None
+        for channel in Channel:
+            receive = await self.mesh.subscribe(channel.value, self._gossip_validator(channel))
+            nursery.start_soon(self._consume, channel, receive)
+        if self.settings.pings:
+            # Before the API serves /status: the SIGUSR1 handler must be in place before
+            # anyone can see that this node is up and signal it.
+            await nursery.start(self._ping_scenario)
+        api = ApiServer(self.settings.api_host, self.settings.api_port, status=self.status,
+                        metrics=self.metrics, on_message=self._on_http_message)
+        self.api_port = await nursery.start(api.serve)
+        self._refresh_status()
+        write_atomic(self.settings.data_dir / "ready.json", json.dumps(self._ready_doc()).encode())
+        log.info("phase=ready peer_id=%s addrs=%s api_port=%d", self.mesh.peer_id,
+                 self.mesh.listen_addrs, self.api_port)
+        nursery.start_soon(self._announce_loop)
+        nursery.start_soon(self._status_loop)
+        if self.settings.role.value == "validator":
+            nursery.start_soon(self._membership_view_loop)
 
     def _ready_doc(self) -> dict[str, Any]:
         assert self.mesh is not None
