@@ -1,0 +1,404 @@
+"""Threshold Paillier (crypto/paillier.py).
+
+Keys are 512-bit and made once per module: the math is the same at 2048 bits, only slower.
+Tests that need crypto/proofs.py (another module) skip with a reason when it is absent;
+the combine logic is also checked without it through a stand-in verifier.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import math
+import warnings
+
+import gmpy2
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crypto import paillier as P
+
+BITS = 512
+T, N_PARTIES = 3, 5
+CTX = b"round-1"
+
+fast = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@functools.cache
+def threshold_key():
+    return P.deal(BITS, T, N_PARTIES, allow_weak=True)
+
+
+@functools.cache
+def plain_key():
+    return P.keypair_for_interop(BITS)
+
+
+def proofs_or_skip():
+    return pytest.importorskip(
+        "crypto.proofs", reason="crypto/proofs.py (decryption-share proofs) not written yet"
+    )
+
+
+def raw_partials(c):
+    """Partial decryptions without proofs, for the combining math alone."""
+    _, shares, _ = threshold_key()
+    return [P.PartialDecryption(s.index, P._partial_value(s, c), None) for s in shares]
+
+
+def threshold_decrypt(c):
+    return P._combine_verified(threshold_key()[0], N_PARTIES, raw_partials(c)[:T])
+
+
+plaintexts = st.integers(min_value=0, max_value=(1 << (BITS - 1)))
+
+
+# --- dealing -----------------------------------------------------------------------------
+
+
+def test_deal_shapes_and_verification_keys():
+    public, shares, vks = threshold_key()
+    assert public.bits == BITS and public.g == public.n + 1
+    assert [s.index for s in shares] == list(range(1, N_PARTIES + 1))
+    assert all(s.threshold == T and s.n_parties == N_PARTIES for s in shares)
+    assert vks.n_parties == N_PARTIES
+    for s in shares:
+        assert s.public == public and s.v == vks.v and s.v_i == vks.key_of(s.index)
+        assert s.v_i == gmpy2.powmod(vks.v, math.factorial(N_PARTIES) * s.secret, public.n_squared)
+    assert "secret=" not in repr(shares[0])  # shares end up in logs otherwise
+
+
+@pytest.mark.parametrize(
+    "bits, t, n, weak",
+    [(1024, 2, 3, False), (513, 2, 3, True), (256, 2, 3, True), (BITS, 0, 3, True),
+     (BITS, 4, 3, True), (BITS, 1, 0, True)],
+)
+def test_deal_rejects_bad_parameters(bits, t, n, weak):
+    with pytest.raises(P.InvalidParameters):
+        P.deal(bits, t, n, allow_weak=weak)
+
+
+@pytest.mark.parametrize("bits", [64, 256, 512])
+def test_safe_prime(bits):
+    p = P.safe_prime(bits)
+    assert p.bit_length() == bits and p >> (bits - 2) == 0b11
+    assert gmpy2.is_prime(p, 50) and gmpy2.is_prime((p - 1) // 2, 50)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**40), min_size=1, max_size=5),
+       st.data())
+@settings(max_examples=50, deadline=None)
+def test_scaled_lagrange_recovers_delta_times_secret(coeffs, data):
+    # Integer identity behind combine: Σ λ_i f(i) = Δ·f(0) for any t of the n points.
+    n_parties = 6
+    t = len(coeffs)
+    subset = data.draw(st.lists(st.integers(1, n_parties), min_size=t, max_size=t, unique=True))
+    delta = math.factorial(n_parties)
+    f = lambda x: sum(a * x**k for k, a in enumerate(coeffs))  # noqa: E731
+    total = sum(P.lagrange_at_zero(i, subset, delta) * f(i) for i in subset)
+    assert total == delta * coeffs[0]
+
+
+# --- encryption and homomorphism ---------------------------------------------------------
+
+
+@given(plaintexts)
+@fast
+def test_round_trip_threshold_and_plain(m):
+    public, p, q = plain_key()
+    assert P.decrypt(p, q, public.encrypt(m)) == m
+    assert threshold_decrypt(threshold_key()[0].encrypt(m)) == m
+
+
+@given(plaintexts, plaintexts)
+@fast
+def test_homomorphic_add(a, b):
+    public, p, q = plain_key()
+    total = public.add(public.encrypt(a), public.encrypt(b))
+    assert P.decrypt(p, q, total) == (a + b) % public.n
+
+
+@given(st.lists(plaintexts, max_size=8))
+@fast
+def test_add_many(ms):
+    public, p, q = plain_key()
+    assert P.decrypt(p, q, public.add_many(public.encrypt(m) for m in ms)) == sum(ms) % public.n
+
+
+@given(plaintexts, st.integers(min_value=-(1 << 600), max_value=1 << 600))
+@fast
+def test_mul_const(m, k):
+    public, p, q = plain_key()
+    assert P.decrypt(p, q, public.mul_const(public.encrypt(m), k)) == (k * m) % public.n
+
+
+@given(plaintexts)
+@fast
+def test_encrypt_with_rn_equals_encrypt_with_r(m):
+    public = plain_key()[0]
+    r = public.random_r()
+    assert public.encrypt_with_rn(m, public.precompute_rn(r)) == public.encrypt(m, r)
+
+
+def test_encryption_is_randomized_and_valid():
+    public = plain_key()[0]
+    c1, c2 = public.encrypt(5), public.encrypt(5)
+    assert c1 != c2 and public.is_valid_ciphertext(c1) and public.is_valid_ciphertext(c2)
+
+
+def test_bad_inputs_raise_value_errors():
+    public, p, _ = plain_key()
+    for m in (-1, public.n):
+        with pytest.raises(P.PlaintextOutOfRange):
+            public.encrypt(m)
+    for c in (0, public.n_squared):
+        with pytest.raises(P.InvalidCiphertext):
+            public.add(c, 1)
+        with pytest.raises(P.InvalidCiphertext):
+            public.mul_const(c, 2)
+    with pytest.raises(P.PaillierError):
+        public.encrypt(1, r=p)  # r must be a unit
+    assert not public.is_valid_ciphertext(p) and not public.is_valid_ciphertext(0)
+    assert issubclass(P.PaillierError, ValueError)
+
+
+# --- threshold decryption ----------------------------------------------------------------
+
+
+def test_every_t_subset_combines_raw():
+    public = threshold_key()[0]
+    m = 314159265358979
+    partials = raw_partials(public.encrypt(m))
+    for subset in itertools.combinations(partials, T):
+        assert P._combine_verified(public, N_PARTIES, subset) == m
+
+
+def test_fewer_than_t_raw_partials_give_garbage():
+    # Why combine insists on t: t-1 shares interpolate a different exponent.
+    public = threshold_key()[0]
+    partials = raw_partials(public.encrypt(42))
+    assert P._combine_verified(public, N_PARTIES, partials[: T - 1]) != 42
+
+
+@pytest.fixture
+def recomputing_verifier(monkeypatch):
+    """Stand-in for the proof check: recompute c_i from the dealer's shares. Lets the
+    control flow of combine be tested before crypto/proofs.py exists."""
+    shares = {s.index: s for s in threshold_key()[1]}
+
+    def verify(public, vks, c, partial, context):
+        if context != CTX or partial.index not in shares:
+            return False
+        return partial.value == P._partial_value(shares[partial.index], c)
+
+    monkeypatch.setattr(P, "verify_partial", verify)
+
+
+def test_combine_logic_with_stand_in_verifier(recomputing_verifier):
+    public, _, vks = threshold_key()
+    c = public.encrypt(2718)
+    partials = raw_partials(c)
+    for subset in itertools.combinations(partials, T):
+        assert P.combine(public, vks, T, c, list(subset), CTX) == 2718
+    assert P.combine(public, vks, T, c, partials, CTX) == 2718
+    with pytest.raises(P.NotEnoughPartials):
+        P.combine(public, vks, T, c, partials[: T - 1], CTX)
+    bad = P.PartialDecryption(4, partials[3].value * 2 % public.n_squared, None)
+    with pytest.raises(P.InvalidPartial, match="party 4") as info:
+        P.combine(public, vks, T, c, partials[:3] + [bad], CTX)
+    assert info.value.index == 4
+    with pytest.raises(P.InvalidPartial, match="duplicate"):
+        P.combine(public, vks, T, c, [partials[0], partials[1], partials[0]], CTX)
+    with pytest.raises(P.InvalidParameters):
+        P.combine(public, vks, N_PARTIES + 1, c, partials, CTX)
+
+
+@functools.cache
+def proven_partials(m):
+    proofs_or_skip()
+    public, shares, _ = threshold_key()
+    c = public.encrypt(m)
+    return c, [P.partial_decrypt(s, c, CTX) for s in shares]
+
+
+def test_partials_with_proofs_verify_and_every_subset_combines():
+    public, _, vks = threshold_key()
+    c, partials = proven_partials(1234567)
+    assert all(P.verify_partial(public, vks, c, p, CTX) for p in partials)
+    for subset in itertools.combinations(partials, T):
+        assert P.combine(public, vks, T, c, list(subset), CTX) == 1234567
+
+
+def test_too_few_proven_partials():
+    public, _, vks = threshold_key()
+    c, partials = proven_partials(1234567)
+    with pytest.raises(P.NotEnoughPartials):
+        P.combine(public, vks, T, c, partials[: T - 1], CTX)
+
+
+def test_tampered_partial_is_named():
+    public, _, vks = threshold_key()
+    c, partials = proven_partials(1234567)
+    good = partials[2]
+    tampered = P.PartialDecryption(good.index, good.value * 4 % public.n_squared, good.proof)
+    assert not P.verify_partial(public, vks, c, tampered, CTX)
+    with pytest.raises(P.InvalidPartial) as info:
+        P.combine(public, vks, T, c, [partials[0], tampered, partials[4]], CTX)
+    assert info.value.index == good.index and f"party {good.index}" in str(info.value)
+
+
+def test_partial_for_other_ciphertext_or_context_or_party_fails():
+    public, _, vks = threshold_key()
+    c, partials = proven_partials(1234567)
+    other = public.encrypt(1234567)
+    assert not P.verify_partial(public, vks, other, partials[0], CTX)
+    assert not P.verify_partial(public, vks, c, partials[0], b"round-2")
+    moved = P.PartialDecryption(2, partials[0].value, partials[0].proof)
+    assert not P.verify_partial(public, vks, c, moved, CTX)
+    with pytest.raises(P.InvalidPartial):
+        P.combine(public, vks, T, other, partials[:T], CTX)
+
+
+# --- serialization -----------------------------------------------------------------------
+
+
+def repack(data, **changes):
+    obj = msgpack.unpackb(data, raw=False)
+    obj.update(changes)
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_public_key_round_trip_and_rejections():
+    public = threshold_key()[0]
+    data = P.encode_public_key(public)
+    assert P.decode_public_key(data) == public
+    for bad in (repack(data, v=2), repack(data, t="paillier/ciphertext"),
+                repack(data, n=(public.n + 1).to_bytes(64, "big")),
+                repack(data, n=(2**255 + 1).to_bytes(32, "big")), b"\xc1", b"", 5,
+                msgpack.packb([1, 2])):
+        with pytest.raises(P.DecodeError):
+            P.decode_public_key(bad)
+
+
+def test_ciphertext_round_trip_and_rejections():
+    public = threshold_key()[0]
+    c = public.encrypt(7)
+    raw = P.ciphertext_to_bytes(public, c)
+    assert len(raw) == public.ciphertext_bytes == 128
+    assert P.ciphertext_from_bytes(public, raw) == c
+    assert P.decode_ciphertext(public, P.encode_ciphertext(public, c)) == c
+    small = public.encrypt(0, r=1)  # == 1: still a full-length encoding
+    assert len(P.ciphertext_to_bytes(public, small)) == 128
+    size = public.ciphertext_bytes
+    for value in (0, public.n, public.n_squared, public.n_squared + 1):
+        with pytest.raises(P.DecodeError):
+            P.ciphertext_from_bytes(public, value.to_bytes(size, "big"))
+        data = P._pack("paillier/ciphertext", {"c": value.to_bytes(size, "big")})
+        with pytest.raises(P.DecodeError):
+            P.decode_ciphertext(public, data)
+    for bad in (raw[1:], b"\x00" + raw):
+        with pytest.raises(P.DecodeError):
+            P.ciphertext_from_bytes(public, bad)
+    data = P.encode_ciphertext(public, c)
+    for bad in (repack(data, v=0), repack(data, c=raw[1:]), repack(data, c=7)):
+        with pytest.raises(P.DecodeError):
+            P.decode_ciphertext(public, bad)
+
+
+def test_key_share_round_trip_and_rejections():
+    for share in threshold_key()[1]:
+        assert P.decode_key_share(P.encode_key_share(share)) == share
+    data = P.encode_key_share(threshold_key()[1][0])
+    for change in ({"index": 0}, {"index": N_PARTIES + 1}, {"threshold": N_PARTIES + 1},
+                   {"parties": 0}, {"index": "1"}, {"v": 9}, {"secret": b"\x01"},
+                   {"base": b"\x00" * 128}):
+        with pytest.raises(P.DecodeError):
+            P.decode_key_share(repack(data, **change))
+    obj = msgpack.unpackb(data)
+    del obj["secret"]
+    with pytest.raises(P.DecodeError, match="missing secret"):
+        P.decode_key_share(msgpack.packb(obj))
+
+
+def test_verification_keys_round_trip_and_rejections():
+    public, _, vks = threshold_key()
+    data = P.encode_verification_keys(public, vks)
+    assert P.decode_verification_keys(public, data) == vks
+    zero = b"\x00" * public.ciphertext_bytes
+    for change in ({"keys": []}, {"keys": [zero]}, {"base": zero}, {"keys": "x"}):
+        with pytest.raises(P.DecodeError):
+            P.decode_verification_keys(public, repack(data, **change))
+
+
+def test_partial_round_trip_and_rejections():
+    proofs = proofs_or_skip()
+    if not hasattr(proofs.DecryptionShareProof, "from_dict"):
+        pytest.skip("DecryptionShareProof has no to_dict/from_dict yet")
+    public, _, vks = threshold_key()
+    c, partials = proven_partials(1234567)
+    data = P.encode_partial(public, partials[1])
+    back = P.decode_partial(public, N_PARTIES, data)
+    assert back.index == partials[1].index and back.value == partials[1].value
+    assert P.verify_partial(public, vks, c, back, CTX)
+    for change in ({"index": 0}, {"index": N_PARTIES + 1}, {"value": b"\x00" * 128},
+                   {"v": 2}):
+        with pytest.raises(P.DecodeError):
+            P.decode_partial(public, N_PARTIES, repack(data, **change))
+
+
+def test_big_ints_in_proof_dicts_survive_msgpack():
+    obj = {"e": 2**300 + 5, "z": -(2**200), "small": 3, "l": [2**70, 1], "b": b"x"}
+    packed = msgpack.packb(P._bigints_to_ext(obj), use_bin_type=True)
+    assert msgpack.unpackb(packed, raw=False, ext_hook=P._ext_hook) == obj
+
+
+# --- interop with tno.mpc.encryption_schemes.paillier ------------------------------------
+
+needs_tno = pytest.mark.skipif(
+    importlib.util.find_spec("tno.mpc.encryption_schemes.paillier") is None,
+    reason="tno.mpc.encryption_schemes.paillier not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def tno_scheme():
+    """TNO's scheme object built from our p, q (g = n + 1, λ = φ(n), μ = λ^-1 mod n)."""
+    from tno.mpc.encryption_schemes.paillier import (
+        Paillier, PaillierPublicKey, PaillierSecretKey)
+
+    public, p, q = plain_key()
+    n, lam = public.n, (p - 1) * (q - 1)
+    secret = PaillierSecretKey(lam, int(gmpy2.invert(lam, n)), n)
+    scheme = Paillier(PaillierPublicKey(n, n + 1), secret, precision=0)
+    yield scheme
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheme.shut_down()
+
+
+@needs_tno
+@given(st.integers(min_value=0, max_value=(1 << (BITS - 2))))
+@settings(max_examples=10, deadline=None)
+def test_ours_decrypts_with_tno(tno_scheme, m):
+    from tno.mpc.encryption_schemes.paillier import PaillierCiphertext
+
+    scheme = tno_scheme
+    c = plain_key()[0].encrypt(m)
+    assert int(scheme.decrypt(PaillierCiphertext(c, scheme))) == m
+
+
+@needs_tno
+@given(st.integers(min_value=0, max_value=(1 << (BITS - 2))))
+@settings(max_examples=10, deadline=None)
+def test_tno_decrypts_here(tno_scheme, m):
+    public, p, q = plain_key()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TNO warns when it makes randomness on the fly
+        ciphertext = tno_scheme.encrypt(m)
+        c = int(ciphertext.get_value())  # get_value applies TNO's lazy randomization
+    assert public.is_valid_ciphertext(c)
+    assert P.decrypt(p, q, c) == m
