@@ -18,6 +18,7 @@ A sum of `c` contributions therefore carries the known offset c * 2^(b-1), which
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +73,8 @@ def _log2_ceil(x: int) -> int:
 
 
 def _check_parameters(clip_bound, quant_bits, max_contributors, key_bits, slack_bits):
-    finite = isinstance(clip_bound, (int, float)) and math.isfinite(clip_bound)
+    real = isinstance(clip_bound, numbers.Real) and not isinstance(clip_bound, bool)
+    finite = real and math.isfinite(clip_bound)
     if not (finite and clip_bound > 0):
         raise LayoutError(f"clip_bound must be a finite number > 0, got {clip_bound!r}")
     for name, value, low in (("quant_bits", quant_bits, 2), ("max_contributors", max_contributors, 1),
@@ -120,8 +122,8 @@ def derive_layout(clip_bound: float, quant_bits: int, max_contributors: int, key
 def quantize(values: np.ndarray, layout: PackingLayout) -> np.ndarray:
     """Clip to [-B, B] and map to uint64 codes in [1, 2^b - 1]; 0.0 maps to 2^(b-1)."""
     x = np.asarray(values, dtype=np.float64).ravel()
-    if not np.isfinite(x).all():
-        raise PackingError("values contain NaN or infinity; clip or drop them before packing")
+    if np.isnan(x).any():  # infinities clip like any out-of-range value; NaN has no place
+        raise PackingError("values contain NaN; drop or replace them before packing")
     # float64 so that B * M (up to 2^31 levels) rounds the same on every machine
     scaled = np.clip(x, -layout.clip_bound, layout.clip_bound) * (layout.levels / layout.clip_bound)
     signed = np.clip(np.rint(scaled), -layout.levels, layout.levels).astype(np.int64)

@@ -82,6 +82,8 @@ class RandomizerPool:
             value = fresh_randomizer(self._n)
             with self._cond:
                 self._reserved -= 1
+                if self._closed:  # close() already dropped the rest; drop this one too
+                    return
                 self._precomputed += 1
                 self._ready.append(value)
                 self._cond.notify_all()
