@@ -77,8 +77,9 @@ def _check_parameters(clip_bound, quant_bits, max_contributors, key_bits, slack_
     finite = real and math.isfinite(clip_bound)
     if not (finite and clip_bound > 0):
         raise LayoutError(f"clip_bound must be a finite number > 0, got {clip_bound!r}")
-    for name, value, low in (("quant_bits", quant_bits, 2), ("max_contributors", max_contributors, 1),
-                             ("key_bits", key_bits, 1), ("slack_bits", slack_bits, 0)):
+    minimums = (("quant_bits", quant_bits, 2), ("max_contributors", max_contributors, 1),
+                ("key_bits", key_bits, 1), ("slack_bits", slack_bits, 0))
+    for name, value, low in minimums:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LayoutError(f"{name} must be an integer >= {low}, got {value!r}")
     if quant_bits > MAX_QUANT_BITS:
