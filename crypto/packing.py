@@ -87,7 +87,7 @@ def _check_parameters(clip_bound, quant_bits, max_contributors, key_bits, slack_
 
 
 def derive_layout(clip_bound: float, quant_bits: int, max_contributors: int, key_bits: int,
-                  slack_bits: int = 0) -> PackingLayout:
+                  slack_bits: int = 0, *, plaintext_slack_bits: int = 0) -> PackingLayout:
     """The packing layout for these parameters, or LayoutError if none is safe.
 
     Slot width w = b + ceil(log2 N_max) + slack_bits + 1. An honest slot holds
@@ -102,15 +102,21 @@ def derive_layout(clip_bound: float, quant_bits: int, max_contributors: int, key
     The -2 keeps the packed integer below 2^(key_bits-2) < n / 2. The rest covers a
     proof over a whole plaintext, whose slack can inflate the top slot past k * w bits:
     a wrap modulo n would corrupt every slot, not just one, so it gets its own margin.
+
+    `plaintext_slack_bits` is for a range proof over the whole packed plaintext (what
+    crypto/proofs.py proves): it bounds the packed integer, not each slot, so it needs
+    no headroom inside the slots, only the top margin that keeps the sum below n.
     """
     _check_parameters(clip_bound, quant_bits, max_contributors, key_bits, slack_bits)
+    if plaintext_slack_bits < 0:
+        raise LayoutError("plaintext_slack_bits must be >= 0")
     contributor_bits = _log2_ceil(max_contributors)
     if quant_bits + contributor_bits > 62:
         raise LayoutError(
             f"{max_contributors} contributors of {quant_bits} bits can sum past the 62 bits "
             "that decoding handles; lower quant_bits or max_contributors")
     slot_bits = quant_bits + contributor_bits + slack_bits + 1
-    usable_bits = key_bits - 2 - slack_bits - contributor_bits
+    usable_bits = key_bits - 2 - max(slack_bits, plaintext_slack_bits) - contributor_bits
     slots = usable_bits // slot_bits if usable_bits > 0 else 0
     if slots < 1:
         raise LayoutError(

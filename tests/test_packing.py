@@ -305,3 +305,13 @@ def test_pool_refuses_bad_arguments(key):
         RandomizerPool(key.n, size=0)
     with RandomizerPool(key.n, size=1) as pool, pytest.raises(ValueError):
         pool.take_many(-1)
+
+
+def test_whole_plaintext_slack_only_narrows_the_top_margin():
+    from crypto.packing import derive_layout
+    per_slot = derive_layout(1.0, 16, 10, 2048, slack_bits=257)
+    whole = derive_layout(1.0, 16, 10, 2048, plaintext_slack_bits=257)
+    assert per_slot.slots_per_plaintext == 6
+    assert whole.slot_bits == 21 and whole.slots_per_plaintext == (2048 - 2 - 257 - 4) // 21
+    # the packed integer plus the proof's slack and N_max-fold sum stays below 2^(key-2)
+    assert whole.plaintext_bits + 257 + 4 <= 2048 - 2
