@@ -29,7 +29,9 @@ SUPPORTED_BITS = (2048, 3072)
 MIN_BITS = 512
 # Refuse absurd moduli when decoding, so a peer cannot make us exponentiate forever.
 MAX_BITS = 8192
-MAX_PARTIES = 1024
+# Δ = n_parties! rides on every share exponent; crypto/proofs.py leaves 1024 bits of
+# headroom for it (MAX_EXPONENT_EXCESS_BITS), and 170! < 2^1024 < 171!.
+MAX_PARTIES = 170
 WIRE_VERSION = 1
 # Small primes for the safe-prime sieve; 2^16 balances sieve time against tests saved.
 _SIEVE_LIMIT = 1 << 16
@@ -599,6 +601,10 @@ def decode_key_share(data: bytes) -> KeyShare:
     if secret >= public.n_squared:
         raise DecodeError("secret: out of range")
     v, v_i = _unit_field(public, obj, "base"), _unit_field(public, obj, "key")
+    # A share that disagrees with its own verification key would only fail later, in
+    # every proof it makes; catch corruption here instead.
+    if gmpy2.powmod(v, math.factorial(parties) * secret, public._n2) != v_i:
+        raise DecodeError("key: does not match v^(Δ·secret)")
     return KeyShare(public, index, threshold, parties, secret, v, v_i)
 
 

@@ -315,7 +315,7 @@ def test_key_share_round_trip_and_rejections():
     data = P.encode_key_share(threshold_key()[1][0])
     for change in ({"index": 0}, {"index": N_PARTIES + 1}, {"threshold": N_PARTIES + 1},
                    {"parties": 0}, {"index": "1"}, {"v": 9}, {"secret": b"\x01"},
-                   {"base": b"\x00" * 128}):
+                   {"base": b"\x00" * 128}, {"secret": (5).to_bytes(128, "big")}):
         with pytest.raises(P.DecodeError):
             P.decode_key_share(repack(data, **change))
     obj = msgpack.unpackb(data)
@@ -402,3 +402,13 @@ def test_tno_decrypts_here(tno_scheme, m):
         c = int(ciphertext.get_value())  # get_value applies TNO's lazy randomization
     assert public.is_valid_ciphertext(c)
     assert P.decrypt(p, q, c) == m
+
+
+@pytest.mark.slow
+def test_full_size_2048_end_to_end():
+    proofs_or_skip()
+    public, shares, vks = P.deal(2048, 2, 3)
+    assert public.bits == 2048
+    c = public.add(public.encrypt(40), public.encrypt(2))
+    partials = [P.partial_decrypt(s, c, CTX) for s in shares[1:]]
+    assert P.combine(public, vks, 2, c, partials, CTX) == 42
