@@ -112,6 +112,9 @@ class PublicKey:
         return isinstance(c, (int, mpz)) and 0 < c < self.n_squared and math.gcd(c, self.n) == 1
 
     def _check_plaintext(self, m: int) -> None:
+        # mpz(1.5) would truncate silently; floats are an encoding the caller must choose.
+        if not isinstance(m, (int, mpz)) or isinstance(m, bool):
+            raise PlaintextOutOfRange(f"plaintext must be an integer, got {type(m).__name__}")
         if not 0 <= m < self.n:
             raise PlaintextOutOfRange(f"plaintext must be in [0, n), got {m}")
 
@@ -162,6 +165,8 @@ class PublicKey:
     def mul_const(self, c: int, k: int) -> int:
         """Encryption of k·m mod n. Negative k uses the inverse (c is a unit)."""
         self._check_range(c)
+        if not isinstance(k, (int, mpz)) or isinstance(k, bool):
+            raise PaillierError(f"constant must be an integer, got {type(k).__name__}")
         return _signed_powmod(c, k, self._n2)
 
 

@@ -152,7 +152,7 @@ def test_encryption_is_randomized_and_valid():
 
 def test_bad_inputs_raise_value_errors():
     public, p, _ = plain_key()
-    for m in (-1, public.n):
+    for m in (-1, public.n, 1.5, "1", True):
         with pytest.raises(P.PlaintextOutOfRange):
             public.encrypt(m)
     for c in (0, public.n_squared):
@@ -162,6 +162,8 @@ def test_bad_inputs_raise_value_errors():
             public.mul_const(c, 2)
     with pytest.raises(P.PaillierError):
         public.encrypt(1, r=p)  # r must be a unit
+    with pytest.raises(P.PaillierError):
+        public.mul_const(public.encrypt(1), 2.0)
     assert not public.is_valid_ciphertext(p) and not public.is_valid_ciphertext(0)
     assert issubclass(P.PaillierError, ValueError)
 
