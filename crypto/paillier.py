@@ -259,8 +259,9 @@ def safe_prime(bits: int) -> int:
     Sieves a window of p' candidates for small factors of p' and 2p'+1 at once, so the
     expensive tests only run on the ~1% of candidates that could be a pair.
     """
-    if bits < 16:
-        raise InvalidParameters("safe primes below 16 bits are not supported")
+    # Below this, p' could itself be one of the sieving primes and be sieved away.
+    if bits < 40:
+        raise InvalidParameters("safe primes below 40 bits are not supported")
     while True:
         # Top two bits of p' set => p has `bits` bits and p·q has exactly 2·bits bits.
         base = secrets.randbits(bits - 1) | (3 << (bits - 3)) | 1

@@ -89,6 +89,11 @@ def test_safe_prime(bits):
     assert gmpy2.is_prime(p, 50) and gmpy2.is_prime((p - 1) // 2, 50)
 
 
+def test_safe_prime_refuses_sizes_the_sieve_cannot_handle():
+    with pytest.raises(P.InvalidParameters):
+        P.safe_prime(16)
+
+
 @given(st.lists(st.integers(min_value=0, max_value=10**40), min_size=1, max_size=5),
        st.data())
 @settings(max_examples=50, deadline=None)
