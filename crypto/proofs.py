@@ -364,7 +364,7 @@ def prove_decryption_share(
     """Proof that log_{c^4}(c_i^2) = log_v(v_i) (= exponent = Δ·s_i, kept secret)."""
     n = _check_modulus(n)
     if exponent < 0 or exponent.bit_length() > (n * n).bit_length() + MAX_EXPONENT_EXCESS_BITS:
-        raise ValueError("exponent must be non-negative and below 2^(bits(n^2) + MAX_EXPONENT_EXCESS_BITS)")
+        raise ValueError("exponent must be in [0, 2^(bits(n^2) + MAX_EXPONENT_EXCESS_BITS))")
     n2 = n * n
     w = mpz(secrets.randbits(_share_mask_bits(n)))
     a = powmod(powmod(c, 4, n2), w, n2)

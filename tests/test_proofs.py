@@ -119,7 +119,8 @@ def test_plaintext_knowledge_rejects_tampering(n):
     for f in dataclasses.fields(proof):
         assert not verify_plaintext_knowledge(n, c, _bump(proof, f.name), ctx.encode()), f.name
     # A proof made with the wrong witness does not verify.
-    assert not verify_plaintext_knowledge(n, c, prove_plaintext_knowledge(n, c, m + 1, r, ctx.encode()), ctx.encode())
+    wrong = prove_plaintext_knowledge(n, c, m + 1, r, ctx.encode())
+    assert not verify_plaintext_knowledge(n, c, wrong, ctx.encode())
 
 
 def test_plaintext_knowledge_roundtrip(n):
@@ -233,7 +234,8 @@ def test_range_rejects_half_attack(n):
     e = proofs._range_challenge(mpz(n), c, BOUND, proof.commitment, proof.a, proof.a_aux, ctx)
     n2 = n * n
     assert 0 <= proof.z1 < 1 << proofs._z1_bits(BOUND)  # passes the integer bound ...
-    assert proofs._paillier_lhs(mpz(n), mpz(n2), proof.z1, proof.z2) == proof.a * pow(c, e, n2) % n2  # ... and Paillier
+    # ... and the Paillier equation:
+    assert proofs._paillier_lhs(mpz(n), mpz(n2), proof.z1, proof.z2) == proof.a * pow(c, e, n2) % n2
     assert not verify_range(n, c, proof, BOUND, ctx)
     assert not verify_range_batch(n, [c], [proof], BOUND, [ctx])
 
@@ -351,15 +353,17 @@ def test_decryption_share_rejects_wrong_share(n, share):
     enc = ctx.encode()
     # Wrong exponent: a share computed with another s_i, proved with either exponent.
     bad_c_i = pow(c, 2 * (exponent + 1), n2)
-    assert not verify_decryption_share(n, v, v_i, c, bad_c_i, prove_decryption_share(n, v, v_i, c, bad_c_i, exponent, enc), enc)
-    assert not verify_decryption_share(n, v, v_i, c, bad_c_i, prove_decryption_share(n, v, v_i, c, bad_c_i, exponent + 1, enc), enc)
+    for claimed in (exponent, exponent + 1):
+        bad = prove_decryption_share(n, v, v_i, c, bad_c_i, claimed, enc)
+        assert not verify_decryption_share(n, v, v_i, c, bad_c_i, bad, enc)
     proof = prove_decryption_share(n, v, v_i, c, c_i, exponent, enc)
     assert not verify_decryption_share(n, v, v_i, c, c_i * 3 % n2, proof, enc)
     assert not verify_decryption_share(n, v, v_i * 3 % n2, c, c_i, proof, enc)
     assert not verify_decryption_share(n, v, v_i, c * (1 + n) % n2, c_i, proof, enc)
     assert not verify_decryption_share(n, v * 4 % n2, v_i, c, c_i, proof, enc)
     for change in CONTEXT_CHANGES:
-        assert not verify_decryption_share(n, v, v_i, c, c_i, proof, dataclasses.replace(ctx, **change).encode())
+        other = dataclasses.replace(ctx, **change).encode()
+        assert not verify_decryption_share(n, v, v_i, c, c_i, proof, other)
     for f in dataclasses.fields(proof):
         assert not verify_decryption_share(n, v, v_i, c, c_i, _bump(proof, f.name), enc), f.name
     too_big = 1 << (proofs._share_mask_bits(mpz(n)) + 1)
@@ -370,7 +374,8 @@ def test_decryption_share_rejects_wrong_share(n, share):
 def test_decryption_share_refuses_oversized_exponent(n, share):
     v, v_i, c, c_i, _ = share
     with pytest.raises(ValueError):
-        prove_decryption_share(n, v, v_i, c, c_i, 1 << ((n * n).bit_length() + proofs.MAX_EXPONENT_EXCESS_BITS), b"x")
+        too_big = 1 << ((n * n).bit_length() + proofs.MAX_EXPONENT_EXCESS_BITS)
+        prove_decryption_share(n, v, v_i, c, c_i, too_big, b"x")
     with pytest.raises(ValueError):
         prove_decryption_share(n, v, v_i, c, c_i, -1, b"x")
     assert DecryptionShareProof.from_dict(prove_decryption_share(n, v, v_i, c, c_i, 3, b"x").to_dict())
