@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import gmpy2
 
@@ -35,11 +36,16 @@ class PoolStats:
 
 def fresh_randomizer(n) -> gmpy2.mpz:
     """r^n mod n^2 for a uniformly random unit r of Z_n."""
+    return fresh_randomizer_pair(n)[1]
+
+
+def fresh_randomizer_pair(n) -> tuple[gmpy2.mpz, gmpy2.mpz]:
+    """(r, r^n mod n^2): proofs about the ciphertext need r itself, not only r^n."""
     n = gmpy2.mpz(n)
     while True:
         r = gmpy2.mpz(secrets.randbelow(n - 1) + 1)
         if gmpy2.gcd(r, n) == 1:  # fails only if r reveals a factor of n
-            return gmpy2.powmod(r, n, n * n)
+            return r, gmpy2.powmod(r, n, n * n)
 
 
 def encrypt_with(n, plaintext, randomizer) -> gmpy2.mpz:
@@ -53,11 +59,16 @@ class RandomizerPool:
     """Keeps up to `size` randomizers ready; each is handed out once, then forgotten.
 
     Use as a context manager, or call close(), so that the worker threads stop.
+    `make(n)` builds one item; by default r^n mod n^2, but a contributor that also
+    proves its ciphertexts pools everything the proof can compute ahead of time
+    (see bench/secagg.py): the pool does not care what an item is.
     """
 
-    def __init__(self, n: int, size: int, workers: int = 1):
+    def __init__(self, n: int, size: int, workers: int = 1,
+                 make: Callable[[gmpy2.mpz], Any] = None):  # type: ignore[assignment]
         if n < 3 or size < 1 or workers < 1:
             raise ValueError(f"need n >= 3, size >= 1, workers >= 1; got {n}, {size}, {workers}")
+        self._make = make or fresh_randomizer
         self._n, self._size = gmpy2.mpz(n), size
         self._ready: deque = deque()
         self._reserved = 0  # being computed now; counted so workers never overfill
@@ -79,7 +90,7 @@ class RandomizerPool:
     def _fill(self) -> None:
         gmpy2.get_context().allow_release_gil = True  # this worker thread's context only
         while self._reserve():
-            value = fresh_randomizer(self._n)
+            value = self._make(self._n)
             with self._cond:
                 self._reserved -= 1
                 if self._closed:  # close() already dropped the rest; drop this one too
@@ -102,7 +113,7 @@ class RandomizerPool:
             self._hits += len(ready)
             self._misses += count - len(ready)
             self._cond.notify_all()  # room for the workers to refill
-        return ready + [fresh_randomizer(self._n) for _ in range(count - len(ready))]
+        return ready + [self._make(self._n) for _ in range(count - len(ready))]
 
     @property
     def stats(self) -> PoolStats:

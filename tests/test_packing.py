@@ -315,3 +315,13 @@ def test_whole_plaintext_slack_only_narrows_the_top_margin():
     assert whole.slot_bits == 21 and whole.slots_per_plaintext == (2048 - 2 - 257 - 4) // 21
     # the packed integer plus the proof's slack and N_max-fold sum stays below 2^(key-2)
     assert whole.plaintext_bits + 257 + 4 <= 2048 - 2
+
+
+def test_pool_hands_out_items_of_any_maker_once():
+    from crypto.randomness import RandomizerPool, fresh_randomizer_pair
+    n = (2**127 - 1) * (2**89 - 1)
+    with RandomizerPool(n, size=4, workers=2, make=fresh_randomizer_pair) as pool:
+        pool.wait_until_full()
+        pairs = pool.take_many(6)  # 4 precomputed, 2 made on the spot
+    assert len({r for r, _ in pairs}) == 6
+    assert all(rn == pow(int(r), n, n * n) for r, rn in pairs)
