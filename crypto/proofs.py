@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -255,31 +255,119 @@ def _range_challenge(n: mpz, c: int, bound_bits: int, commitment: int, a: int, a
     return _challenge(b"plaintext-range", context, n, c, bound_bits, commitment, a, a_aux)
 
 
-def prove_range(n: int, c: int, m: int, r: int, bound_bits: int, context: bytes) -> RangeProof:
+# Fixed-base exponentiation for h1: one row per byte of the exponent, row i holding
+# h1^(d·256^i) for d in 0..255, so h1^m costs one multiplication mod n per non-zero byte of m
+# (~224 for a 1785-bit m) instead of ~2000 squarings. Window 8 is the largest whose table stays
+# under ~20 MB at 2048 bits (224 rows × 255 entries × ~300 B ≈ 17 MB); window 8 also lets the
+# digits come straight from int.to_bytes, with no shifting and masking in the Python loop.
+_FIXED_BASE_WINDOW = 8
+
+
+def _fixed_base_bits(n: mpz) -> int:
+    # Every m prove_range accepts is below 2^bound_bits <= 2^(bits(n) - 3 - slack_bits()).
+    return max(n.bit_length() - 3 - slack_bits(), 8)
+
+
+@lru_cache(maxsize=2)  # ~17 MB each at 2048 bits; a process normally serves one modulus
+def _h1_table(n: mpz) -> tuple[tuple[mpz, ...], ...]:
+    h1 = _generators(n)[0]
+    rows = []
+    base = h1
+    for _ in range((_fixed_base_bits(n) + _FIXED_BASE_WINDOW - 1) // _FIXED_BASE_WINDOW):
+        row = [mpz(1)]
+        acc = mpz(1)
+        for _ in range(1, 1 << _FIXED_BASE_WINDOW):
+            acc = acc * base % n
+            row.append(acc)
+        rows.append(tuple(row))
+        base = acc * base % n  # base^256: the next byte's weight
+    return tuple(rows)
+
+
+def _h1_pow(n: mpz, exponent: int) -> mpz:
+    """h1^exponent mod n, through the fixed-base table when the exponent fits in it."""
+    rows = _h1_table(n)
+    if exponent < 0 or exponent.bit_length() > len(rows) * _FIXED_BASE_WINDOW:
+        return powmod(_generators(n)[0], exponent, n)
+    acc = mpz(1)
+    for row, digit in zip(rows, int(exponent).to_bytes(len(rows), "little")):
+        if digit:
+            acc = acc * row[digit] % n
+    return acc
+
+
+@dataclass(frozen=True)
+class RangePrecomputation:
+    """Everything in a range proof that depends on neither m, r nor the challenge.
+
+    USE EACH ONCE. Two proofs from one precomputation share x, s and y, so their responses
+    give (e − e')·m = z1 − z1' and r^(e − e') = z2/z2': the plaintext leaks outright. It holds
+    secrets: keep it in memory, never serialise or log it (repr is suppressed for that reason).
+    """
+
+    n: int
+    bound_bits: int
+    x: int = field(repr=False)  # mask of m, in [0, 2^(bound_bits + T + KAPPA))
+    y: int = field(repr=False)  # mask of mu, in [0, 2^(bits(n) + KAPPA + T + KAPPA))
+    mu: int = field(repr=False)  # commitment randomness, in [0, 2^(bits(n) + KAPPA))
+    s: int = field(repr=False)  # unit of Z*_n
+    a: int = field(repr=False)  # (1 + x·n)·s^n mod n^2
+    a_aux: int = field(repr=False)  # h1^x·h2^y mod n
+    h2_mu: int = field(repr=False)  # h2^mu mod n
+
+
+def precompute_range(n: int, bound_bits: int) -> RangePrecomputation:
+    """The offline part of prove_range (s^n mod n^2 and three long exponentiations mod n)."""
+    n = _check_modulus(n)
+    _check_range_params(n, bound_bits)
+    h2 = _generators(n)[1]
+    x = mpz(secrets.randbits(_z1_bits(bound_bits)))
+    y = mpz(secrets.randbits(_mu_bits(n) + T + KAPPA))
+    mu = mpz(secrets.randbits(_mu_bits(n)))
+    s = _random_unit(n)
+    n2 = n * n
+    a = (1 + x * n) * powmod(s, n, n2) % n2
+    a_aux = _h1_pow(n, x) * powmod(h2, y, n) % n
+    return RangePrecomputation(
+        int(n), bound_bits, int(x), int(y), int(mu), int(s), int(a), int(a_aux), int(powmod(h2, mu, n))
+    )
+
+
+def prove_range(
+    n: int,
+    c: int,
+    m: int,
+    r: int,
+    bound_bits: int,
+    context: bytes,
+    *,
+    precomputed: RangePrecomputation | None = None,
+) -> RangeProof:
     """Proof that c = (1 + m·n)·r^n with the caller knowing m, r and 0 <= m < 2^bound_bits.
 
     The verifier learns only |m'| < 2^(bound_bits + slack_bits() - 1) for some m' ≡ m mod n.
+    With `precomputed` (from precompute_range(n, bound_bits), used for this proof only) the
+    work left is h1^m from the fixed-base table, one hash, r^e mod n with a 128-bit e, and
+    integer arithmetic.
     """
     n = _check_modulus(n)
     _check_range_params(n, bound_bits)
     if not 0 <= m < 1 << bound_bits:
         raise ValueError("m is outside [0, 2^bound_bits): refusing to prove")
-    n2, (h1, h2) = n * n, _generators(n)
-    mu = mpz(secrets.randbits(_mu_bits(n)))
-    commitment = powmod(h1, m, n) * powmod(h2, mu, n) % n
-    while True:
-        x = mpz(secrets.randbits(_z1_bits(bound_bits)))
-        y = mpz(secrets.randbits(_mu_bits(n) + T + KAPPA))
-        s = _random_unit(n)
-        a = (1 + x * n) * powmod(s, n, n2) % n2
-        a_aux = powmod(h1, x, n) * powmod(h2, y, n) % n
-        e = _range_challenge(n, c, bound_bits, commitment, a, a_aux, context)
-        z1 = x + e * mpz(m)
-        # Overflows w.p. < 2^-KAPPA; retrying keeps honest proofs inside the verifier's bound.
-        if z1 < 1 << _z1_bits(bound_bits):
-            break
-    z2 = s * powmod(r, e, n) % n
-    return RangeProof(int(commitment), int(a), int(a_aux), int(z1), int(z2), int(y + e * mu))
+    if precomputed is None:
+        precomputed = precompute_range(n, bound_bits)
+    elif precomputed.n != n or precomputed.bound_bits != bound_bits:
+        raise ValueError("precomputation was made for another n or bound_bits")
+    pre = precomputed
+    commitment = _h1_pow(n, m) * pre.h2_mu % n
+    e = _range_challenge(n, c, bound_bits, commitment, pre.a, pre.a_aux, context)
+    z1 = pre.x + e * mpz(m)
+    if z1 >= 1 << _z1_bits(bound_bits):
+        # Happens w.p. < 2^-KAPPA. Retrying with fresh masks keeps honest proofs inside the
+        # verifier's bound; the failed masks were never published, so nothing leaks.
+        return prove_range(n, c, m, r, bound_bits, context)
+    z2 = pre.s * powmod(r, e, n) % n
+    return RangeProof(int(commitment), pre.a, pre.a_aux, int(z1), int(z2), int(pre.y + e * mpz(pre.mu)))
 
 
 def _range_precheck(n: mpz, c: int, proof: RangeProof, bound_bits: int, context: bytes) -> int | None:
