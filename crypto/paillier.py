@@ -666,3 +666,209 @@ def decode_partial(public: PublicKey, n_parties: int, data: bytes) -> PartialDec
     index = _int_field(obj, "index", 1, n_parties)
     value = _unit_field(public, obj, "value")
     return PartialDecryption(index, value, _proof_from_wire(obj["proof"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Batch threshold decryption: one proof for a whole vector of ciphertexts
+#
+# A committee member decrypting an aggregate vector (thousands of ciphertexts) pays one
+# 2·Δ·s_i-bit exponentiation mod n^2 per ciphertext; that is the whole cost apart from the
+# single batch proof, so it is spread over worker threads. gmpy2 (2.3) releases the GIL in
+# powmod only when the calling thread's own context has allow_release_gil, and contexts
+# are per thread, so every worker sets it on itself (as crypto/randomness.py does); the
+# caller's thread context is never touched. Threads, not processes: no pickling of 4096-bit
+# numbers and no process start-up, and the arithmetic runs truly in parallel.
+
+
+@dataclass(frozen=True)
+class BatchPartialDecryption:
+    """values[j] = cs[j]^(2·Δ·s_i) mod n^2 for every position j, and ONE proof
+    (crypto/proofs.prove_decryption_shares) that all of them used the exponent of v_i."""
+
+    index: int
+    values: tuple[int, ...]
+    proof: Any
+
+
+def _chunks(count: int, workers: int) -> list[range]:
+    # A few chunks per worker so one slow chunk (a descheduled core) does not leave the
+    # other worker idle at the end; still few enough that task overhead is negligible.
+    size = max(1, -(-count // (workers * 4)))
+    return [range(lo, min(lo + size, count)) for lo in range(0, count, size)]
+
+
+def _release_gil_here() -> None:
+    gmpy2.get_context().allow_release_gil = True  # this (worker) thread's context only
+
+
+def _threaded_map(fn: Any, count: int, workers: int) -> list[Any]:
+    """[fn(j) for j in range(count)], over `workers` threads whose powmods drop the GIL."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise InvalidParameters(f"workers must be a positive integer, got {workers!r}")
+    if workers == 1 or count <= 1:
+        return [fn(j) for j in range(count)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(chunk: range) -> list[Any]:
+        _release_gil_here()
+        return [fn(j) for j in chunk]
+
+    out: list[Any] = []
+    with ThreadPoolExecutor(min(workers, count), thread_name_prefix="paillier") as pool:
+        for part in pool.map(run, _chunks(count, workers)):
+            out.extend(part)
+    return out
+
+
+def _check_ciphertexts(public: PublicKey, cs: Sequence[int]) -> list[Any]:
+    """The full Z*_{n^2} check on every position (naming the first bad one), as mpz."""
+    if len(cs) == 0:
+        raise PaillierError("need at least one ciphertext")
+    for j, c in enumerate(cs):
+        if not public.is_valid_ciphertext(c):
+            raise InvalidCiphertext(f"ciphertext {j} is not in Z*_{{n^2}}")
+    return [mpz(c) for c in cs]
+
+
+def partial_decrypt_many(
+    share: KeyShare, cs: Sequence[int], context: bytes, workers: int = 2
+) -> BatchPartialDecryption:
+    """This party's c_i = c^(2·Δ·s_i) for every c in cs (computed on `workers` threads)
+    and one proof for the whole vector, bound to `context`."""
+    from crypto.proofs import prove_decryption_shares
+
+    public = share.public
+    mcs = _check_ciphertexts(public, cs)
+    exponent = share.delta * share.secret
+    e2, n2 = mpz(2 * exponent), public._n2
+    values = tuple(_threaded_map(lambda j: int(gmpy2.powmod(mcs[j], e2, n2)), len(mcs), workers))
+    proof = prove_decryption_shares(
+        public.n, share.v, share.v_i, [int(c) for c in mcs], values, exponent, context
+    )
+    return BatchPartialDecryption(share.index, values, proof)
+
+
+def verify_partial_many(
+    public: PublicKey,
+    vks: VerificationKeys,
+    cs: Sequence[int],
+    batch: BatchPartialDecryption,
+    context: bytes,
+) -> bool:
+    """True iff `batch` is party batch.index's correct shares for every c in cs."""
+    from crypto.proofs import verify_decryption_shares
+
+    if not isinstance(batch.index, int) or not 1 <= batch.index <= vks.n_parties:
+        return False
+    if len(cs) == 0 or len(batch.values) != len(cs):
+        return False
+    if not all(public.is_valid_ciphertext(c) for c in cs):
+        return False
+    if not all(public.is_valid_ciphertext(x) for x in batch.values):
+        return False
+    return bool(
+        verify_decryption_shares(
+            public.n, vks.v, vks.key_of(batch.index), list(cs), list(batch.values),
+            batch.proof, context,
+        )
+    )
+
+
+def combine_many(
+    public: PublicKey,
+    vks: VerificationKeys,
+    t: int,
+    cs: Sequence[int],
+    batches: Sequence[BatchPartialDecryption],
+    context: bytes,
+    workers: int = 2,
+) -> list[int]:
+    """Plaintexts of every c in cs from at least t batch partial decryptions.
+
+    Every batch is verified first (batches on `workers` threads); raises InvalidPartial
+    naming the first bad member in `batches` order (a duplicate index counts as bad),
+    NotEnoughPartials if fewer than t batches are given. Then position by position with
+    the same Lagrange coefficients as `combine`, also on `workers` threads.
+    """
+    if not 1 <= t <= vks.n_parties:
+        raise InvalidParameters(f"threshold must be in 1..{vks.n_parties}, got {t}")
+    _check_ciphertexts(public, cs)
+    seen: set[int] = set()
+    for batch in batches:
+        if batch.index in seen:
+            raise InvalidPartial(batch.index, "duplicate party index")
+        seen.add(batch.index)
+    # Verification is a handful of big exponentiations per batch (inside crypto/proofs);
+    # one batch per task lets two batches verify at once when the GIL is released.
+    ok = _threaded_map(
+        lambda k: verify_partial_many(public, vks, cs, batches[k], context),
+        len(batches), workers,
+    )
+    for batch, good in zip(batches, ok):
+        if not good:
+            raise InvalidPartial(batch.index, "batch proof of correct decryption does not verify")
+    if len(batches) < t:
+        raise NotEnoughPartials(f"need {t} valid batch partial decryptions, got {len(batches)}")
+    return _combine_many_verified(public, vks.n_parties, batches[:t], len(cs), workers)
+
+
+def _combine_many_verified(
+    public: PublicKey,
+    n_parties: int,
+    batches: Sequence[BatchPartialDecryption],
+    count: int,
+    workers: int,
+) -> list[int]:
+    """_combine_verified at every position, with the λ_i computed once and the negative
+    ones folded into a single inversion per position (instead of one per negative λ_i)."""
+    delta = math.factorial(n_parties)
+    indices = [b.index for b in batches]
+    lams = [2 * lagrange_at_zero(i, indices, delta) for i in indices]
+    pos = [(k, mpz(lam)) for k, lam in enumerate(lams) if lam > 0]
+    neg = [(k, mpz(-lam)) for k, lam in enumerate(lams) if lam < 0]
+    n, n2 = public._n, public._n2
+    scale = gmpy2.invert(4 * delta * delta, n)
+    values = [b.values for b in batches]
+
+    def one(j: int) -> int:
+        num = mpz(1)
+        for k, lam in pos:
+            num = num * gmpy2.powmod(values[k][j], lam, n2) % n2
+        if neg:
+            den = mpz(1)
+            for k, lam in neg:
+                den = den * gmpy2.powmod(values[k][j], lam, n2) % n2
+            num = num * gmpy2.invert(den, n2) % n2
+        # Π c_i^(2λ_i) = c^(4Δ^2·d) = 1 + 4Δ^2·M·n mod n^2.
+        return int((num - 1) // n * scale % n)
+
+    return _threaded_map(one, count, workers)
+
+
+# Batches are long (12,000 values at 2048 bits is ~6 MB); a decoder bounds the count so a
+# peer cannot make us allocate and range-check an arbitrary list.
+MAX_BATCH = 1 << 20
+
+
+def encode_batch_partial(public: PublicKey, batch: BatchPartialDecryption) -> bytes:
+    size = public.ciphertext_bytes
+    return _pack(
+        "paillier/batch_partial",
+        {"index": batch.index, "values": [_int_to_bytes(x, size) for x in batch.values],
+         "proof": _proof_to_wire(batch.proof)},
+    )
+
+
+def decode_batch_partial(
+    public: PublicKey, n_parties: int, data: bytes, count: int | None = None
+) -> BatchPartialDecryption:
+    """`count`, when given, is the number of ciphertexts the batch must cover."""
+    obj = _unpack(data, "paillier/batch_partial", ["index", "values", "proof"])
+    index = _int_field(obj, "index", 1, n_parties)
+    raw = obj["values"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
+        raise DecodeError(f"values: expected a list of 1..{MAX_BATCH} values")
+    if count is not None and len(raw) != count:
+        raise DecodeError(f"values: expected {count} values, got {len(raw)}")
+    values = tuple(_unit_field(public, {"value": x}, "value") for x in raw)
+    return BatchPartialDecryption(index, values, _proof_from_wire(obj["proof"]))
