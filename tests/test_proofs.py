@@ -387,3 +387,143 @@ def test_safe_prime_modulus():
     m = 77
     c, r = _encrypt(n, m)
     assert verify_range(n, c, prove_range(n, c, m, r, BOUND, b"x"), BOUND, b"x")
+
+
+# --- offline/online range proof ---------------------------------------------------------------
+
+
+def test_fixed_base_table_matches_powmod(n):
+    nm = mpz(n)
+    h1 = proofs._generators(nm)[0]
+    top = proofs._fixed_base_bits(nm)
+    for exponent in (0, 1, 255, 256, (1 << top) - 1, 1 << top, secrets.randbits(top), secrets.randbits(600)):
+        assert proofs._h1_pow(nm, exponent) == powmod(h1, exponent, nm), exponent
+
+
+@FEW
+@given(st.data())
+def test_precomputed_range_proof_verifies(n, data):
+    bound = data.draw(st.sampled_from([1, BOUND, n.bit_length() - 3 - slack_bits()]))
+    m = data.draw(st.integers(0, (1 << bound) - 1))
+    c, r = _encrypt(n, m)
+    pre = proofs.precompute_range(n, bound)
+    proof = prove_range(n, c, m, r, bound, b"ctx", precomputed=pre)
+    assert (proof.a, proof.a_aux) == (pre.a, pre.a_aux)
+    assert verify_range(n, c, proof, bound, b"ctx")
+    assert verify_range(n, c, _roundtrip(proof), bound, b"ctx")
+    assert not verify_range(n, c, proof, bound, b"other")
+
+
+def test_precomputed_proofs_pass_batch_verification(n):
+    items = []
+    for k in range(6):
+        m = secrets.randbits(BOUND)
+        c, r = _encrypt(n, m)
+        ctx = _ctx(n, index=k).encode()
+        items.append((c, prove_range(n, c, m, r, BOUND, ctx, precomputed=proofs.precompute_range(n, BOUND)), ctx))
+    cs, ps, ctxs = map(list, zip(*items))
+    assert verify_range_batch(n, cs, ps, BOUND, ctxs)
+    ps[2] = _bump(ps[2], "z1")
+    assert not verify_range_batch(n, cs, ps, BOUND, ctxs)
+
+
+def test_precomputation_is_bound_to_parameters_and_hides_secrets(n):
+    pre = proofs.precompute_range(n, BOUND)
+    c, r = _encrypt(n, 5)
+    with pytest.raises(ValueError):
+        prove_range(n, c, 5, r, BOUND + 1, b"x", precomputed=pre)
+    other_n = _prime(256) * _prime(256)
+    with pytest.raises(ValueError):
+        prove_range(other_n, c, 5, r, BOUND, b"x", precomputed=pre)
+    assert str(pre.x) not in repr(pre) and str(pre.mu) not in repr(pre)
+
+
+def test_precomputation_reuse_leaks_plaintext(n):
+    """Why the once-only rule: two proofs from one precomputation reveal m."""
+    m = secrets.randbits(BOUND)
+    c, r = _encrypt(n, m)
+    pre = proofs.precompute_range(n, BOUND)
+    p1 = prove_range(n, c, m, r, BOUND, b"one", precomputed=pre)
+    p2 = prove_range(n, c, m, r, BOUND, b"two", precomputed=pre)
+    e1 = proofs._range_challenge(mpz(n), c, BOUND, p1.commitment, p1.a, p1.a_aux, b"one")
+    e2 = proofs._range_challenge(mpz(n), c, BOUND, p2.commitment, p2.a, p2.a_aux, b"two")
+    assert (p1.z1 - p2.z1) // (e1 - e2) == m
+
+
+def test_precomputed_overflow_falls_back_to_fresh_masks(n):
+    m = (1 << BOUND) - 1
+    c, r = _encrypt(n, m)
+    top = (1 << proofs._z1_bits(BOUND)) - 1
+    pre = dataclasses.replace(proofs.precompute_range(n, BOUND), x=top)  # z1 = top + e·m overflows
+    proof = prove_range(n, c, m, r, BOUND, b"x", precomputed=pre)
+    assert proof.a != pre.a
+    assert verify_range(n, c, proof, BOUND, b"x")
+
+
+# --- batch of decryption shares -----------------------------------------------------------------
+
+
+def _shares(n, share, count):
+    v, v_i, _, _, exponent = share
+    n2 = n * n
+    cs = [_encrypt(n, secrets.randbelow(n))[0] for _ in range(count)]
+    return v, v_i, cs, [pow(c, 2 * exponent, n2) for c in cs], exponent
+
+
+@pytest.mark.parametrize("count", [1, 5, proofs._MULTI_POW_MIN + 6])
+def test_decryption_shares_accepts_honest(n, share, count):
+    v, v_i, cs, c_is, exponent = _shares(n, share, count)
+    ctx = _ctx(n, proofs.PURPOSE_DECRYPTION_SHARE).encode()
+    proof = proofs.prove_decryption_shares(n, v, v_i, cs, c_is, exponent, ctx)
+    assert proofs.verify_decryption_shares(n, v, v_i, cs, c_is, proof, ctx)
+    assert proofs.verify_decryption_shares(n, v, v_i, cs, c_is, _roundtrip(proof), ctx)
+
+
+def test_decryption_shares_rejects_any_wrong_share(n, share):
+    v, v_i, cs, c_is, exponent = _shares(n, share, 6)
+    n2 = n * n
+    ctx = b"batch-ctx"
+    for j in range(len(cs)):
+        for bad in (pow(cs[j], 2 * (exponent + 1), n2), c_is[j] * 3 % n2, c_is[j] * (1 + n) % n2):
+            forged = c_is[:j] + [bad] + c_is[j + 1 :]
+            proof = proofs.prove_decryption_shares(n, v, v_i, cs, forged, exponent, ctx)
+            assert not proofs.verify_decryption_shares(n, v, v_i, cs, forged, proof, ctx), j
+        # An honest proof does not carry over to a batch with one share changed either.
+    honest = proofs.prove_decryption_shares(n, v, v_i, cs, c_is, exponent, ctx)
+    for j in range(len(cs)):
+        forged = c_is[:j] + [c_is[j] * 4 % n2] + c_is[j + 1 :]
+        assert not proofs.verify_decryption_shares(n, v, v_i, cs, forged, honest, ctx), j
+    non_unit = c_is[:2] + [n] + c_is[3:]
+    assert not proofs.verify_decryption_shares(n, v, v_i, cs, non_unit, honest, ctx)
+
+
+def test_decryption_shares_rejects_wrong_statement(n, share):
+    v, v_i, cs, c_is, exponent = _shares(n, share, 4)
+    n2 = n * n
+    ctx = _ctx(n, proofs.PURPOSE_DECRYPTION_SHARE)
+    enc = ctx.encode()
+    proof = proofs.prove_decryption_shares(n, v, v_i, cs, c_is, exponent, enc)
+    verify = proofs.verify_decryption_shares
+    # Swapped order: the pairs still match, but the proof is for the other sequence.
+    assert not verify(n, v, v_i, cs[::-1], c_is[::-1], proof, enc)
+    # Swapping only the shares breaks the pairing itself; a fresh proof cannot fix it.
+    swapped = [c_is[1], c_is[0]] + c_is[2:]
+    assert not verify(n, v, v_i, cs, swapped, proofs.prove_decryption_shares(n, v, v_i, cs, swapped, exponent, enc), enc)
+    # Wrong exponent (claimed against the true shares).
+    wrong = proofs.prove_decryption_shares(n, v, v_i, cs, c_is, exponent + 1, enc)
+    assert not verify(n, v, v_i, cs, c_is, wrong, enc)
+    assert not verify(n, v, v_i * 3 % n2, cs, c_is, proof, enc)
+    for change in CONTEXT_CHANGES:
+        assert not verify(n, v, v_i, cs, c_is, proof, dataclasses.replace(ctx, **change).encode())
+    # A batch proof is not a single-share proof, nor the other way round.
+    assert not verify_decryption_share(n, v, v_i, cs[0], c_is[0], proof, enc)
+    single = prove_decryption_share(n, v, v_i, cs[0], c_is[0], exponent, enc)
+    assert not verify(n, v, v_i, cs[:1], c_is[:1], single, enc)
+    # Length mismatch, dropped pairs and empty batches.
+    assert not verify(n, v, v_i, cs, c_is[:-1], proof, enc)
+    assert not verify(n, v, v_i, cs[:-1], c_is[:-1], proof, enc)
+    assert not verify(n, v, v_i, [], [], proof, enc)
+    with pytest.raises(ValueError):
+        proofs.prove_decryption_shares(n, v, v_i, cs, c_is[:-1], exponent, enc)
+    with pytest.raises(ValueError):
+        proofs.prove_decryption_shares(n, v, v_i, [], [], exponent, enc)
