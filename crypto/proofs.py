@@ -580,8 +580,14 @@ def verify_decryption_shares(
     if len(cs) != len(c_is) or not cs:
         return False
     n2 = n * n
-    # Units each: the combination could otherwise hide a non-unit (a factor of n) share.
-    if not all(_is_unit(x, n2, n) for x in cs) or not all(_is_unit(x, n2, n) for x in c_is):
+    # Every element must be a unit: the combination could otherwise hide a non-unit share.
+    # One gcd for all: a product mod n is a unit iff every factor is (a shared prime divides it).
+    product = mpz(1)
+    for x in (*cs, *c_is):
+        if not 0 < x < n2:
+            return False
+        product = product * x % n
+    if gmpy2.gcd(product, n) != 1:
         return False
     big_c, big_c_i, inner = _batch_share_combine(n, v, v_i, cs, c_is, context)
     return verify_decryption_share(n, v, v_i, big_c, big_c_i, proof, inner)

@@ -495,6 +495,8 @@ def test_decryption_shares_rejects_any_wrong_share(n, share):
         assert not proofs.verify_decryption_shares(n, v, v_i, cs, forged, honest, ctx), j
     non_unit = c_is[:2] + [n] + c_is[3:]
     assert not proofs.verify_decryption_shares(n, v, v_i, cs, non_unit, honest, ctx)
+    assert not proofs.verify_decryption_shares(n, v, v_i, [2 * n] + cs[1:], c_is, honest, ctx)
+    assert not proofs.verify_decryption_shares(n, v, v_i, cs, c_is[:-1] + [n * n + 1], honest, ctx)
 
 
 def test_decryption_shares_rejects_wrong_statement(n, share):
