@@ -11,7 +11,12 @@ chosen context):
   ciphertext has known order n, so a prover could pass with m = 1/2 mod n (a value near n/2)
   by grinding for an even challenge;
 - decryption share: Shoup's equality of discrete logs ("Practical threshold signatures",
-  Eurocrypt 2000) over Z*_{n^2}, with the exponent not reduced modulo the unknown order.
+  Eurocrypt 2000) over Z*_{n^2}, with the exponent not reduced modulo the unknown order;
+- many decryption shares at once: the same proof on a random linear combination of the
+  ciphertexts and shares, with coefficients hashed from the whole statement.
+
+Range proofs split into an offline part (precompute_range: everything independent of m, r
+and the challenge) and a cheap online part, so a contributor can prepare masks ahead of time.
 
 Pure library: plain ints in, frozen dataclasses out, no I/O, no clocks. Statements,
 parameters and costs: docs/crypto-proofs.md.
