@@ -510,7 +510,8 @@ def test_decryption_shares_rejects_wrong_statement(n, share):
     assert not verify(n, v, v_i, cs[::-1], c_is[::-1], proof, enc)
     # Swapping only the shares breaks the pairing itself; a fresh proof cannot fix it.
     swapped = [c_is[1], c_is[0]] + c_is[2:]
-    assert not verify(n, v, v_i, cs, swapped, proofs.prove_decryption_shares(n, v, v_i, cs, swapped, exponent, enc), enc)
+    swapped_proof = proofs.prove_decryption_shares(n, v, v_i, cs, swapped, exponent, enc)
+    assert not verify(n, v, v_i, cs, swapped, swapped_proof, enc)
     # Wrong exponent (claimed against the true shares).
     wrong = proofs.prove_decryption_shares(n, v, v_i, cs, c_is, exponent + 1, enc)
     assert not verify(n, v, v_i, cs, c_is, wrong, enc)
