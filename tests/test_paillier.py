@@ -519,7 +519,8 @@ def test_tampered_value_in_one_batch_names_that_member(batch_proofs):
     assert not P.verify_partial_many(public, vks, cs, bad, b"round-2")
     moved = P.BatchPartialDecryption(1 + bad.index % N_PARTIES, bad.values, bad.proof)
     assert not P.verify_partial_many(public, vks, cs, moved, CTX)
-    assert not P.verify_partial_many(public, vks, cs, P.BatchPartialDecryption(0, bad.values, bad.proof), CTX)
+    nobody = P.BatchPartialDecryption(0, bad.values, bad.proof)
+    assert not P.verify_partial_many(public, vks, cs, nobody, CTX)
 
 
 def test_too_few_or_duplicate_batches(batch_proofs):
