@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Protocol
 import msgpack
 
 from crypto.identity import is_valid_address, verify_signature
+from protocol._wire import unpack_strict
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, MemberDirectory, SenderPolicy
 
@@ -144,7 +145,7 @@ class Envelope:
     def from_gossip_bytes(cls, raw: bytes) -> "Envelope":
         """From a gossip payload: exactly the seven envelope fields. Raises MalformedEnvelope."""
         try:
-            fields = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
+            fields = unpack_strict(raw)
         except Exception as exc:  # msgpack raises several unrelated types
             raise MalformedEnvelope(f"not a msgpack envelope: {exc}") from exc
         if not isinstance(fields, dict) or set(fields) != set(_GOSSIP_KEYS):
@@ -161,9 +162,6 @@ class Envelope:
             body=fields["body"],
         )
 
-
-def _no_ext(code: int, data: bytes) -> None:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
 def _checked(*, version, timestamp, uuid, signed_by, signed_for, signature, body) -> Envelope:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from protocol._wire import unpack_strict
 from protocol.errors import RemoteProtocolError
 from protocol.membership import ALL_ROLES, Role, SenderPolicy
 
@@ -165,7 +166,7 @@ def decode(raw: bytes, *, channel: Channel | None = None) -> Message:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise OversizedMessage(f"{len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        top = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        top = unpack_strict(raw)
     except Exception as exc:  # msgpack raises several unrelated types
         raise MessageError(f"not a msgpack message: {exc}") from exc
     if not isinstance(top, dict) or set(top) != {"v", "type", "fields"}:
@@ -182,9 +183,6 @@ def decode(raw: bytes, *, channel: Channel | None = None) -> Message:
         raise WrongChannel(f"{cls.TYPE} belongs on {where}, not {channel.value}")
     return _build(cls, top["fields"])
 
-
-def _no_ext(code: int, data: bytes) -> None:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
 def _build(cls: type[Message], fields: Any) -> Message:
