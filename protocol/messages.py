@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import importlib
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -73,7 +74,23 @@ def message_type(cls: type[Message]) -> type[Message]:
     return cls
 
 
+# Each protocol keeps its messages beside its machine; they register on import. Loading
+# them here, once, lets any decoder know every type whatever the caller imported.
+PROTOCOL_MESSAGE_MODULES = (
+    "protocol.aggregation_messages",
+    "protocol.challenge_messages",
+    "protocol.head_messages",
+)
+
+
+@functools.cache
+def _load_protocol_messages() -> None:
+    for name in PROTOCOL_MESSAGE_MODULES:
+        importlib.import_module(name)
+
+
 def message_class(type_name: str) -> type[Message]:
+    _load_protocol_messages()
     try:
         return _REGISTRY[type_name]
     except KeyError:
@@ -81,6 +98,7 @@ def message_class(type_name: str) -> type[Message]:
 
 
 def registered_types() -> dict[str, type[Message]]:
+    _load_protocol_messages()
     return dict(_REGISTRY)
 
 
