@@ -1,0 +1,262 @@
+"""The FHE challenge machine driven event by event, h11-style: no network, time as input."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.challenge import (
+    TIMEOUT_REASON, UNKNOWN_KEY, ChallengeConfig, ChallengeMachine, ChallengePhase, EpochPhase,
+    ExactlyOneOutcome, GossipScore, IterationsBounded, KeyIdTaken, KeyModelMismatch, KeyNotOwned,
+    KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, StaleEpoch, TooManyChallenges, TypeOK,
+    UnknownKey, UploadKey, assign_miners, challenge_id, epoch_order, judge,
+)
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.scoring import Outcome, WindowEntry
+
+MESH = "testmesh"
+V1, V2 = "validator-a", "validator-b"
+MINERS = [f"miner-{i}" for i in range(7)]
+
+
+def machine_with_one_miner(**config) -> tuple[ChallengeMachine, str]:
+    """V1 alone, so it is assigned every miner; returns the machine and one miner."""
+    m = ChallengeMachine(ChallengeConfig(MESH, **config), V1)
+    m.start_epoch(1, offers={"miner-0": "cnn"}, key_ids={"cnn": "k-cnn"}, validators=[V1], now=0.0)
+    return m, "miner-0"
+
+
+def only(effects, kind):
+    assert len(effects) == 1 and isinstance(effects[0], kind), effects
+    return effects[0]
+
+
+# --- epoch plan -------------------------------------------------------------------------
+
+
+def test_assignment_partitions_miners_round_robin_by_rank():
+    plan = assign_miners(5, MESH, MINERS, [V2, V1])
+    order = epoch_order(5, MESH, MINERS)
+    assert sorted(order) == sorted(MINERS)
+    assert plan[V1] == tuple(order[0::2]) and plan[V2] == tuple(order[1::2])  # V1 ranks first by hotkey
+    assert sorted(plan[V1] + plan[V2]) == sorted(MINERS)  # every miner exactly once
+    assert plan == assign_miners(5, MESH, reversed(MINERS), [V1, V2, V1])  # same from any input order
+
+
+def test_order_changes_with_epoch_and_mesh():
+    orders = {tuple(epoch_order(e, MESH, MINERS)) for e in range(10)}
+    assert len(orders) > 5  # 7! orders: ten epochs all but never collide
+    assert epoch_order(1, MESH, MINERS) != epoch_order(1, "othermesh", MINERS)
+
+
+def test_assignment_needs_a_validator():
+    with pytest.raises(LocalProtocolError):
+        assign_miners(1, MESH, MINERS, [])
+
+
+def test_challenge_ids_are_distinct_per_index():
+    ids = {challenge_id(MESH, 1, V1, m, i) for m in MINERS for i in (1, 2)}
+    assert len(ids) == 2 * len(MINERS)
+
+
+def test_judge():
+    assert judge(True, 0.999, 0.99) is Outcome.OK
+    assert judge(True, 0.98, 0.99) is Outcome.WRONG
+    assert judge(False, 1.0, 0.99) is Outcome.WRONG
+    for bad in (1.5, float("nan")):
+        with pytest.raises(LocalProtocolError):
+            judge(True, bad, 0.99)
+    with pytest.raises(LocalProtocolError):
+        judge(1, 1.0, 0.99)  # type: ignore[arg-type]
+
+
+# --- one challenge's life ---------------------------------------------------------------
+
+
+def test_ok_path_uploads_key_once_then_records_latency():
+    m, miner = machine_with_one_miner(response_timeout_s=100.0)
+    upload = only(m.issue(miner, input_seed=7, now=10.0), UploadKey)
+    assert (upload.miner, upload.model, upload.key_id) == (miner, "cnn", "k-cnn")
+    send = only(m.key_uploaded(upload.challenge_id, now=11.0), SendChallenge)
+    assert (send.input_seed, send.epoch, send.timeout_s) == (7, 1, 100.0)
+    assert m.sent(send.challenge_id, at=12.0) == []
+    record = only(m.response_received(send.challenge_id, at=32.0, argmax_agrees=True, cosine=0.999),
+                  RecordOutcome).record
+    assert (record.outcome, record.latency_s, record.issued_at) == (Outcome.OK, 20.0, 10.0)
+    assert (record.validator, record.miner, record.model, record.epoch) == (V1, miner, "cnn", 1)
+
+    # second challenge: the miner holds our key, so no upload
+    send2 = only(m.issue(miner, input_seed=8, now=40.0), SendChallenge)
+    assert send2.challenge_id != send.challenge_id
+    m.sent(send2.challenge_id, at=41.0)
+    wrong = only(m.response_received(send2.challenge_id, at=51.0, argmax_agrees=False, cosine=0.2),
+                 RecordOutcome).record
+    assert (wrong.outcome, wrong.agreement, wrong.cosine) == (Outcome.WRONG, False, 0.2)
+    assert ExactlyOneOutcome(m) and TypeOK(m) and IterationsBounded([m])
+
+    gossip = only(m.close_epoch(now=60.0), GossipScore)
+    (score,) = gossip.scores
+    # window: ok at 20 s (score 8) and one wrong: rate 0.5 -> 8 / (1 + 2.5^30)
+    assert score.miner == miner and score.challenges == 2 and score.ok == 1
+    assert score.score == pytest.approx(8 / (1 + 2.5 ** 30))
+    assert m.phase is EpochPhase.CLOSED and ExactlyOneOutcome(m)
+
+
+def test_bounded_challenges_per_miner_and_one_in_flight():
+    m, miner = machine_with_one_miner(challenges_per_miner=2)
+    upload = only(m.issue(miner, input_seed=1, now=0.0), UploadKey)
+    with pytest.raises(LocalProtocolError, match="in flight"):
+        m.issue(miner, input_seed=2, now=0.0)
+    m.error(upload.challenge_id, reason="stream_reset", now=1.0)
+    m.issue(miner, input_seed=2, now=2.0)
+    cid = next(c for c in m.challenges.values() if c.phase is not ChallengePhase.DECIDED).challenge_id
+    m.error(cid, reason="stream_reset", now=3.0)
+    assert not m.can_issue(miner)
+    with pytest.raises(LocalProtocolError, match="already had"):
+        m.issue(miner, input_seed=3, now=4.0)
+    assert IterationsBounded([m])
+
+
+def test_timeout_only_after_deadline_and_late_answer_is_a_timeout():
+    m, miner = machine_with_one_miner(response_timeout_s=30.0)
+    cid = only(m.issue(miner, input_seed=1, now=0.0), UploadKey).challenge_id
+    m.key_uploaded(cid, now=0.0)
+    m.sent(cid, at=5.0)
+    with pytest.raises(LocalProtocolError, match="has until"):
+        m.timeout(cid, now=34.9)
+    assert m.expire(now=34.9) == []
+    late = only(m.response_received(cid, at=35.5, argmax_agrees=True, cosine=1.0), RecordOutcome).record
+    assert (late.outcome, late.error_reason, late.latency_s) == (Outcome.TIMEOUT, TIMEOUT_REASON, None)
+
+    cid2 = only(m.issue(miner, input_seed=2, now=40.0), SendChallenge).challenge_id
+    m.sent(cid2, at=40.0)
+    expired = only(m.expire(now=70.0), RecordOutcome).record
+    assert expired.challenge_id == cid2 and expired.outcome is Outcome.TIMEOUT
+
+
+def test_never_two_outcomes():
+    m, miner = machine_with_one_miner()
+    cid = only(m.issue(miner, input_seed=1, now=0.0), UploadKey).challenge_id
+    m.key_uploaded(cid, now=0.0)
+    m.sent(cid, at=1.0)
+    m.response_received(cid, at=2.0, argmax_agrees=True, cosine=1.0)
+    for event in (lambda: m.response_received(cid, at=3.0, argmax_agrees=True, cosine=1.0),
+                  lambda: m.timeout(cid, now=1e9), lambda: m.error(cid, reason="x", now=4.0),
+                  lambda: m.sent(cid, at=5.0), lambda: m.key_uploaded(cid, now=5.0)):
+        with pytest.raises(LocalProtocolError):
+            event()
+    assert len(m.records) == 1 and ExactlyOneOutcome(m)
+
+
+def test_misuse_is_a_local_error():
+    m, miner = machine_with_one_miner()
+    with pytest.raises(LocalProtocolError, match="not assigned"):
+        m.issue("stranger", input_seed=1, now=0.0)
+    with pytest.raises(LocalProtocolError, match="no challenge"):
+        m.sent("nope", at=0.0)
+    cid = only(m.issue(miner, input_seed=1, now=0.0), UploadKey).challenge_id
+    with pytest.raises(LocalProtocolError, match="Sent on challenge"):
+        m.sent(cid, at=0.0)  # the key is not uploaded yet
+    m.key_uploaded(cid, now=0.0)
+    m.sent(cid, at=10.0)
+    with pytest.raises(LocalProtocolError, match="precedes"):
+        m.response_received(cid, at=9.0, argmax_agrees=True, cosine=1.0)
+    with pytest.raises(LocalProtocolError, match="needs a reason"):
+        m.error(cid, reason="", now=11.0)
+    with pytest.raises(LocalProtocolError, match="without an outcome"):
+        m.close_epoch(now=12.0)
+    with pytest.raises(LocalProtocolError, match="still open"):
+        m.start_epoch(2, offers={}, key_ids={}, validators=[V1], now=12.0)
+
+
+def test_start_epoch_checks_its_inputs():
+    m = ChallengeMachine(ChallengeConfig(MESH), V1)
+    with pytest.raises(LocalProtocolError, match="not among"):
+        m.start_epoch(1, offers={}, key_ids={}, validators=[V2], now=0.0)
+    with pytest.raises(LocalProtocolError, match="no evaluation key"):
+        m.start_epoch(1, offers={"miner-0": "cnn"}, key_ids={}, validators=[V1], now=0.0)
+    m.start_epoch(3, offers={}, key_ids={}, validators=[V1], now=0.0)
+    assert m.close_epoch(now=1.0) == []  # nobody challenged: nothing to gossip
+    with pytest.raises(LocalProtocolError, match="not after"):
+        m.start_epoch(3, offers={}, key_ids={}, validators=[V1], now=2.0)
+    with pytest.raises(LocalProtocolError, match="no epoch is open"):
+        m.issue("miner-0", input_seed=0, now=3.0)
+    for bad in (dict(challenges_per_miner=0), dict(response_timeout_s=0.0), dict(min_cosine=2.0)):
+        with pytest.raises(LocalProtocolError):
+            ChallengeConfig(MESH, **bad)
+
+
+def test_unknown_key_error_makes_the_next_challenge_upload_again():
+    m, miner = machine_with_one_miner()
+    cid = only(m.issue(miner, input_seed=1, now=0.0), UploadKey).challenge_id
+    m.key_uploaded(cid, now=0.0)
+    m.sent(cid, at=1.0)
+    m.error(cid, reason=UNKNOWN_KEY, now=2.0)  # the miner restarted and lost our key
+    only(m.issue(miner, input_seed=2, now=3.0), UploadKey)
+
+
+def test_window_is_seeded_from_history_and_spans_epochs():
+    history = {"miner-0": [WindowEntry(Outcome.OK, 40.0)] * 3}
+    m = ChallengeMachine(ChallengeConfig(MESH, challenges_per_miner=1), V1, windows=history)
+    m.start_epoch(1, offers={"miner-0": "cnn"}, key_ids={"cnn": "k"}, validators=[V1], now=0.0)
+    cid = m.issue("miner-0", input_seed=1, now=0.0)[0].challenge_id
+    m.error(cid, reason="refused", now=0.0)
+    (score,) = only(m.close_epoch(now=1.0), GossipScore).scores
+    # 3 ok at 40 s (score 1) + 1 error: rate 0.25 -> 1 / (1 + 2.5^5) = 1 / 98.65625
+    assert (score.challenges, score.ok) == (4, 3)
+    assert score.score == pytest.approx(1 / 98.65625)
+
+
+def test_two_validators_split_the_miners_of_an_epoch():
+    offers = {m: "cnn" for m in MINERS}
+    machines = [ChallengeMachine(ChallengeConfig(MESH), v) for v in (V1, V2)]
+    for machine in machines:
+        machine.start_epoch(9, offers=offers, key_ids={"cnn": f"k-{machine.validator}"}, validators=[V1, V2], now=0)
+    a, b = (set(machine.assigned) for machine in machines)
+    assert a | b == set(MINERS) and not a & b
+    with pytest.raises(LocalProtocolError):
+        machines[0].issue(next(iter(b)), input_seed=0, now=0.0)
+
+
+# --- the miner's keyring ----------------------------------------------------------------
+
+
+def test_keyring_runs_a_key_only_for_its_owner():
+    ring = MinerKeyring(max_challenges_per_epoch=2)
+    ring.add_key(V1, "k1", model="cnn")
+    ring.add_key(V1, "k1", model="cnn")  # idempotent
+    assert ring.evaluate(V1, "k1", model="cnn", epoch=1).owner == V1
+    with pytest.raises(KeyNotOwned) as info:
+        ring.evaluate(V2, "k1", model="cnn", epoch=1)
+    assert info.value.reason == "key_not_owned" and isinstance(info.value, RemoteProtocolError)
+    with pytest.raises(KeyIdTaken):
+        ring.add_key(V2, "k1", model="cnn")
+    with pytest.raises(UnknownKey) as unknown:
+        ring.evaluate(V2, "k2", model="cnn", epoch=1)
+    assert unknown.value.reason == UNKNOWN_KEY
+    with pytest.raises(KeyModelMismatch):
+        ring.evaluate(V1, "k1", model="mlp", epoch=1)
+    assert ring.used_by["k1"] == {V1} and KeysUsedOnlyByOwner([ring])
+
+
+def test_keyring_bounds_evaluations_per_validator_and_epoch():
+    ring = MinerKeyring(max_challenges_per_epoch=2)
+    ring.add_key(V1, "k1", model="cnn")
+    ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    with pytest.raises(TooManyChallenges):
+        ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    ring.evaluate(V1, "k1", model="cnn", epoch=5)  # a new epoch starts a new count
+    with pytest.raises(StaleEpoch):
+        ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    assert IterationsBounded([], [ring])
+
+
+def test_keyring_holds_at_most_max_keys():
+    ring = MinerKeyring(max_challenges_per_epoch=1, max_keys=2)
+    for i in range(3):
+        ring.add_key(V1, f"k{i}", model="cnn")
+    assert list(ring.bindings) == ["k1", "k2"]
+    with pytest.raises(UnknownKey):
+        ring.evaluate(V1, "k0", model="cnn", epoch=1)
+    ring.forget_all()
+    assert not ring.bindings
