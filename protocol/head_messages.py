@@ -1,3 +1,187 @@
-"""Mesh messages of the settlement head (protocol/head.py); registered with protocol.messages on import."""
+"""Mesh messages of the settlement head (protocol/head.py); registered with protocol.messages on import.
+
+One message per TLA+ action that another party must see (specs/Head.tla). Every one
+travels on the settle channel and only validators, the head's parties, may send it;
+the head machine further checks that the sender is a party of *this* head.
+
+Transactions and snapshots travel as canonical msgpack bytes (see protocol.head) so
+that their ids and signatures are computed over exactly the bytes that were sent.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from protocol.membership import Role, SenderPolicy
+from protocol.messages import Channel, Message, message_type
+
+_VALIDATORS = SenderPolicy(roles=frozenset({Role.VALIDATOR}))
+
+
+@dataclass(frozen=True)
+class HeadMessage(Message):
+    CHANNEL: ClassVar[Channel] = Channel.SETTLE
+    POLICY: ClassVar[SenderPolicy] = _VALIDATORS
+    MAX_BYTES: ClassVar[int] = 4096
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadInit(HeadMessage):
+    """Init: the initiator names the parties and the head's parameters."""
+
+    TYPE: ClassVar[str] = "head_init"
+
+    head_id: str
+    parties: list[str]
+    contestation_period_ms: int
+    deposit_period_ms: int
+    sign_timeout_ms: int
+    agreed_rounds: int
+    escrow: int
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadCommit(HeadMessage):
+    """Commit: a party locks its escrow, its opening balance and its share of the reward pool."""
+
+    TYPE: ClassVar[str] = "head_commit"
+
+    head_id: str
+    escrow: int
+    balance: int
+    pool: int
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadAbort(HeadMessage):
+    TYPE: ClassVar[str] = "head_abort"
+
+    head_id: str
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadNewTx(HeadMessage):
+    """NewTx: one signed off-chain transaction (RoundResult, ScoreReport, Transfer, SlashVote)."""
+
+    TYPE: ClassVar[str] = "head_new_tx"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    head_id: str
+    tx: bytes
+    signature: bytes
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadReqSn(HeadMessage):
+    """ReqSn: the snapshot leader proposes the next snapshot."""
+
+    TYPE: ClassVar[str] = "head_req_sn"
+    MAX_BYTES: ClassVar[int] = 256 * 1024
+
+    head_id: str
+    number: int
+    tx_ids: list[str]
+    deposit_id: str  # "" when the snapshot absorbs no deposit
+    ledger_hash: str
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadAckSn(HeadMessage):
+    """AckSn: a party's signature on the proposed snapshot."""
+
+    TYPE: ClassVar[str] = "head_ack_sn"
+
+    head_id: str
+    number: int
+    signature: bytes
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadDeposit(HeadMessage):
+    """Deposit: an incremental commit into an open head, claimable back after deadline_ms."""
+
+    TYPE: ClassVar[str] = "head_deposit"
+
+    head_id: str
+    deposit_id: str
+    amount: int
+    nonce: int
+    deadline_ms: int
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadRecover(HeadMessage):
+    """Recover: the depositor takes back a deposit that no snapshot absorbed before its deadline."""
+
+    TYPE: ClassVar[str] = "head_recover"
+
+    head_id: str
+    deposit_id: str
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadClose(HeadMessage):
+    """Close: a party closes the head with a fully signed snapshot.
+
+    `excuse` holds signed SlashVotes against a withholding party; a majority of them
+    excuses a close before the agreed round count.
+    """
+
+    TYPE: ClassVar[str] = "head_close"
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    head_id: str
+    snapshot: bytes
+    closed_at_ms: int
+    excuse: list[bytes]
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadContest(HeadMessage):
+    """Contest: a newer fully signed snapshot than the one the head was closed with."""
+
+    TYPE: ClassVar[str] = "head_contest"
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    head_id: str
+    snapshot: bytes
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadSyncRequest(HeadMessage):
+    """A party that restarted (or fell behind) asks for any newer confirmed snapshot."""
+
+    TYPE: ClassVar[str] = "head_sync_request"
+
+    head_id: str
+    confirmed_number: int
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadSync(HeadMessage):
+    """Sync: a fully signed snapshot newer than the requester's."""
+
+    TYPE: ClassVar[str] = "head_sync"
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    head_id: str
+    snapshot: bytes
+
+
+__all__ = [
+    "HeadAbort", "HeadAckSn", "HeadClose", "HeadCommit", "HeadContest", "HeadDeposit", "HeadInit",
+    "HeadMessage", "HeadNewTx", "HeadRecover", "HeadReqSn", "HeadSync", "HeadSyncRequest",
+]
