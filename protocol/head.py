@@ -1,0 +1,1432 @@
+"""Settlement head: a multi-signed state channel among the validators (sans-IO).
+
+The lifecycle and the snapshot protocol follow the Hydra Head (Chakravarty et al.,
+"Hydra: Fast Isomorphic State Channels", FC 2021) as hydra-node exposes it:
+HeadStatus Idle -> Initializing -> Open -> Closed -> FanoutPossible -> Final, Commit and
+incremental Deposit/Recover, NewTx, ReqSn/AckSn snapshots signed by every party, Close
+with the latest confirmed snapshot, Contest with a newer one, Fanout after the deadline.
+The model is specs/Head.tla: the event classes and handlers here carry its action
+names and the functions at the end its invariant names.
+
+Each party runs one HeadMachine. Events go in (local commands, received messages, time);
+effects come out (messages to broadcast on the settle channel, records to persist,
+timers). Nothing here touches a socket, a disk or a clock.
+
+Where this head differs from Hydra, because the mesh has no L1 to order things:
+- the value in the ledger is an account balance map, not UTxO; rewards are paid out of
+  a reward pool account funded at commit, so every transaction conserves value;
+- escrow is locked at commit outside the ledger and redistributed at fanout: a party
+  that a strict majority voted against (SlashVote) loses it to the others;
+- a party that restarts asks for newer fully signed snapshots (Sync), since a snapshot
+  that all parties signed is authoritative for everyone.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, ClassVar, Union
+
+import msgpack
+
+from crypto.identity import verify_signature
+from protocol._wire import unpack_strict
+from protocol.epistula import Signer
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.head_messages import (HeadAbort, HeadAckSn, HeadClose, HeadCommit, HeadContest,
+                                    HeadDeposit, HeadInit, HeadMessage, HeadNewTx, HeadRecover,
+                                    HeadReqSn, HeadSync, HeadSyncRequest)
+
+POOL = "reward_pool"  # the ledger account rewards are paid from; not an SS58 address
+CLOCK_SKEW_MS = 8_000  # a Close stamped further from our clock is refused (Epistula's window)
+MAX_SNAPSHOT_TXS = 1000
+SLASH_GROUNDS = ("early_close", "withheld_signature")
+
+Verify = Callable[[str, bytes, bytes], bool]
+
+
+class HeadMisuse(LocalProtocolError):
+    """We asked our own machine for something the head's rules forbid."""
+
+    def __init__(self, hint: str, *, reason: str) -> None:
+        super().__init__(f"{reason}: {hint}")
+        self.reason = reason
+
+
+def _reject(reason: str, hint: str) -> RemoteProtocolError:
+    return RemoteProtocolError(hint, reason=reason)
+
+
+# --- canonical encoding -------------------------------------------------------------
+
+
+def canonical(value: Any) -> bytes:
+    """msgpack with map keys sorted at every level: equal values give equal bytes."""
+    return msgpack.packb(_sorted_maps(value), use_bin_type=True)
+
+
+def _sorted_maps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_maps(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_maps(v) for v in value]
+    return value
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item)
+                                               for k, v in value.items())
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+    if hint is float:
+        return isinstance(value, float) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+# --- off-chain transactions ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A training round's outcome: the new adapter, who contributed, what each earns."""
+
+    KIND: ClassVar[str] = "round_result"
+    author: str
+    round: int
+    adapter_id: str
+    contributors: list[str]
+    rewards: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """An epoch's miner scores and the rewards they earn."""
+
+    KIND: ClassVar[str] = "score_report"
+    author: str
+    epoch: int
+    scores: dict[str, float]
+    rewards: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    KIND: ClassVar[str] = "transfer"
+    author: str
+    recipient: str
+    amount: int
+    nonce: int  # lets the same payment be made twice with two ids
+
+
+@dataclass(frozen=True)
+class SlashVote:
+    """A vote to take `target`'s escrow; acts on escrow, never on the ledger."""
+
+    KIND: ClassVar[str] = "slash_vote"
+    author: str
+    target: str
+    grounds: str  # one of SLASH_GROUNDS
+    evidence: int  # the snapshot number the grounds refer to
+
+
+Tx = Union[RoundResult, ScoreReport, Transfer, SlashVote]
+TX_KINDS: dict[str, type] = {c.KIND: c for c in (RoundResult, ScoreReport, Transfer, SlashVote)}
+
+
+def encode_tx(tx: Tx) -> bytes:
+    return canonical({"kind": tx.KIND, **{f.name: getattr(tx, f.name) for f in fields(tx)}})
+
+
+def tx_id(raw: bytes) -> str:
+    """A transaction's id: sha256 of its canonical msgpack encoding."""
+    return _sha256(raw)
+
+
+def tx_signing_payload(head_id: str, txid: str) -> bytes:
+    return canonical(["sealmesh/head/tx", head_id, txid])
+
+
+def decode_tx(raw: bytes) -> Tx:
+    """Strictly decode a transaction; only its canonical encoding is accepted."""
+    try:
+        wire = unpack_strict(raw)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise _reject("malformed_tx", f"not a msgpack transaction: {exc}") from exc
+    cls = TX_KINDS.get(wire.get("kind")) if isinstance(wire, dict) else None
+    if cls is None:
+        raise _reject("malformed_tx", "a transaction is a map whose kind is one of "
+                      f"{sorted(TX_KINDS)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    if set(wire) != names | {"kind"}:
+        raise _reject("malformed_tx", f"{cls.KIND} needs exactly the fields {sorted(names)}")
+    for name in names:
+        if not _conforms(wire[name], hints[name]):
+            raise _reject("malformed_tx", f"{cls.KIND}.{name}: expected {hints[name]}")
+    tx = cls(**{name: wire[name] for name in names})
+    if encode_tx(tx) != raw:
+        raise _reject("non_canonical_tx", "transaction bytes are not in canonical form")
+    _check_tx_shape(tx)
+    return tx
+
+
+def _check_tx_shape(tx: Tx) -> None:
+    if isinstance(tx, (RoundResult, ScoreReport)):
+        if any(amount <= 0 or not who or who == POOL for who, amount in tx.rewards.items()):
+            raise _reject("malformed_tx", "each reward goes to a named account and is positive")
+    elif isinstance(tx, Transfer):
+        if tx.amount <= 0 or not tx.recipient or tx.recipient == POOL:
+            raise _reject("malformed_tx", "a transfer moves a positive amount to a named account")
+    elif tx.grounds not in SLASH_GROUNDS or tx.target == tx.author:
+        raise _reject("malformed_tx", f"a slash vote names another party and one of {SLASH_GROUNDS}")
+
+
+# --- ledger rules -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The head's off-chain state: balances plus what was recorded, for duplicate checks."""
+
+    balances: dict[str, int]
+    applied: tuple[str, ...] = ()  # tx ids, in the order applied
+    rounds: tuple[int, ...] = ()
+    epochs: tuple[int, ...] = ()
+    deposits: tuple[str, ...] = ()  # absorbed deposit ids
+    deposited: int = 0  # value that entered after the head opened
+
+    @property
+    def total(self) -> int:
+        return sum(self.balances.values())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"balances": dict(self.balances), "applied": list(self.applied),
+                "rounds": list(self.rounds), "epochs": list(self.epochs),
+                "deposits": list(self.deposits), "deposited": self.deposited}
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "Ledger":
+        shape = {"balances": dict[str, int], "applied": list[str], "rounds": list[int],
+                 "epochs": list[int], "deposits": list[str], "deposited": int}
+        if not isinstance(wire, dict) or set(wire) != set(shape) or not all(
+                _conforms(wire[k], hint) for k, hint in shape.items()):
+            raise _reject("malformed_snapshot", f"a ledger has exactly the fields {sorted(shape)}")
+        return cls(dict(wire["balances"]), tuple(wire["applied"]), tuple(wire["rounds"]),
+                   tuple(wire["epochs"]), tuple(wire["deposits"]), wire["deposited"])
+
+    def hash(self) -> str:
+        return _sha256(canonical(self.to_wire()))
+
+
+def apply_tx(ledger: Ledger, tx: Tx, txid: str) -> Ledger:
+    """The ledger after `tx`, or RemoteProtocolError with the reason it cannot apply."""
+    if txid in ledger.applied:
+        raise _reject("duplicate_tx", f"transaction {txid[:12]} was already applied")
+    balances = dict(ledger.balances)
+    if isinstance(tx, (RoundResult, ScoreReport)):
+        _pay_from_pool(balances, tx.rewards)
+        if isinstance(tx, RoundResult):
+            if tx.round in ledger.rounds:
+                raise _reject("round_already_recorded", f"round {tx.round} is already settled")
+            return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
+                           rounds=tuple(sorted(ledger.rounds + (tx.round,))))
+        if tx.epoch in ledger.epochs:
+            raise _reject("epoch_already_recorded", f"epoch {tx.epoch} is already settled")
+        return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
+                       epochs=tuple(sorted(ledger.epochs + (tx.epoch,))))
+    if isinstance(tx, Transfer):
+        if balances.get(tx.author, 0) < tx.amount:
+            raise _reject("insufficient_funds", f"{tx.author} holds {balances.get(tx.author, 0)}, "
+                          f"cannot send {tx.amount}")
+        balances[tx.author] -= tx.amount
+        balances[tx.recipient] = balances.get(tx.recipient, 0) + tx.amount
+        return replace(ledger, balances=balances, applied=ledger.applied + (txid,))
+    raise _reject("not_a_ledger_tx", "slash votes act on escrow, not on the ledger")
+
+
+def _pay_from_pool(balances: dict[str, int], rewards: dict[str, int]) -> None:
+    total = sum(rewards.values())
+    if balances.get(POOL, 0) < total:
+        raise _reject("insufficient_pool", f"rewards of {total} exceed the reward pool's "
+                      f"{balances.get(POOL, 0)}")
+    balances[POOL] -= total
+    for who, amount in rewards.items():
+        balances[who] = balances.get(who, 0) + amount
+
+
+def apply_deposit(ledger: Ledger, deposit_id: str, party: str, amount: int) -> Ledger:
+    if deposit_id in ledger.deposits:
+        raise _reject("duplicate_deposit", f"deposit {deposit_id[:12]} was already absorbed")
+    balances = dict(ledger.balances)
+    balances[party] = balances.get(party, 0) + amount
+    return replace(ledger, balances=balances, deposits=ledger.deposits + (deposit_id,),
+                   deposited=ledger.deposited + amount)
+
+
+# --- snapshots ----------------------------------------------------------------------
+
+
+def snapshot_signing_payload(head_id: str, number: int, tx_ids: tuple[str, ...] | list[str],
+                             deposit_id: str, ledger_hash: str) -> bytes:
+    return canonical(["sealmesh/head/snapshot", head_id, number, list(tx_ids), deposit_id,
+                      ledger_hash])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    number: int
+    tx_ids: tuple[str, ...]
+    deposit_id: str  # "" when it absorbs no deposit
+    ledger: Ledger
+    signatures: dict[str, bytes]  # party -> signature on the signing payload; {} for number 0
+
+    def signing_payload(self, head_id: str) -> bytes:
+        return snapshot_signing_payload(head_id, self.number, self.tx_ids, self.deposit_id,
+                                        self.ledger.hash())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"number": self.number, "tx_ids": list(self.tx_ids), "deposit_id": self.deposit_id,
+                "ledger": self.ledger.to_wire(), "signatures": dict(self.signatures)}
+
+    def encode(self) -> bytes:
+        return canonical(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "Snapshot":
+        shape = {"number": int, "tx_ids": list[str], "deposit_id": str, "ledger": dict,
+                 "signatures": dict[str, bytes]}
+        if not isinstance(wire, dict) or set(wire) != set(shape) or not all(
+                _conforms(wire[k], hint) for k, hint in shape.items()):
+            raise _reject("malformed_snapshot", f"a snapshot has exactly the fields {sorted(shape)}")
+        return cls(wire["number"], tuple(wire["tx_ids"]), wire["deposit_id"],
+                   Ledger.from_wire(wire["ledger"]), dict(wire["signatures"]))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Snapshot":
+        try:
+            wire = unpack_strict(raw)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise _reject("malformed_snapshot", f"not a msgpack snapshot: {exc}") from exc
+        return cls.from_wire(wire)
+
+
+# --- parameters, phases, events, effects --------------------------------------------
+
+
+class Phase(str, enum.Enum):
+    """hydra-node's HeadStatus."""
+
+    IDLE = "Idle"
+    INITIALIZING = "Initializing"
+    OPEN = "Open"
+    CLOSED = "Closed"
+    FANOUT_POSSIBLE = "FanoutPossible"
+    FINAL = "Final"
+
+
+@dataclass(frozen=True)
+class HeadParameters:
+    head_id: str
+    parties: tuple[str, ...]  # validators' hotkeys, sorted: the snapshot leader rotation
+    contestation_period_ms: int
+    deposit_period_ms: int
+    sign_timeout_ms: int
+    agreed_rounds: int  # closing before this many RoundResults are settled is slashable
+    escrow: int  # each party locks this much at commit
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.head_id:
+            found.append("head_id is empty")
+        if not self.parties or list(self.parties) != sorted(set(self.parties)):
+            found.append("parties must be a non-empty sorted list without repeats")
+        if min(self.contestation_period_ms, self.deposit_period_ms, self.sign_timeout_ms) <= 0:
+            found.append("periods and timeouts must be positive")
+        if self.agreed_rounds < 0 or self.escrow < 0:
+            found.append("agreed_rounds and escrow must not be negative")
+        return found
+
+    def leader(self, number: int) -> str:
+        """Round-robin by snapshot number, as in Hydra's coordinated head protocol."""
+        return self.parties[(number - 1) % len(self.parties)]
+
+    @property
+    def majority(self) -> int:
+        """Strictly more than half of the parties."""
+        return len(self.parties) // 2 + 1
+
+    def to_message(self) -> HeadInit:
+        return HeadInit(self.head_id, list(self.parties), self.contestation_period_ms,
+                        self.deposit_period_ms, self.sign_timeout_ms, self.agreed_rounds,
+                        self.escrow)
+
+    @classmethod
+    def from_message(cls, message: HeadInit) -> "HeadParameters":
+        return cls(message.head_id, tuple(message.parties), message.contestation_period_ms,
+                   message.deposit_period_ms, message.sign_timeout_ms, message.agreed_rounds,
+                   message.escrow)
+
+
+# Local commands and inputs; a received message becomes a Receive. Names are the
+# actions of specs/Head.tla.
+
+@dataclass(frozen=True)
+class Init:
+    parameters: HeadParameters
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    escrow: int
+    balance: int
+    pool: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class NewTx:
+    tx: Tx  # authored by this party; the machine signs it
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Deposit:
+    amount: int
+    nonce: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Recover:
+    deposit_id: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Close:
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Fanout:
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Fed once after the machine is reloaded from storage."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Receive:
+    sender: str  # the Epistula signer, already verified by the node
+    message: HeadMessage
+    now_ms: int
+
+
+Event = Union[Init, Commit, Abort, NewTx, Deposit, Recover, Close, Fanout, Tick, Restart, Receive]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Broadcast on the settle channel."""
+
+    message: HeadMessage
+
+
+@dataclass(frozen=True)
+class Record:
+    """Something to persist and report: a confirmed snapshot, a round result, a payout."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Feed a Tick at or after at_ms."""
+
+    at_ms: int
+    purpose: str
+
+
+Effect = Union[Send, Record, SetTimer]
+
+P = Phase
+# Phase changes (h11's table style): (action, from) -> the phases it may lead to. No
+# other code changes `phase`.
+TRANSITIONS: dict[tuple[str, Phase], frozenset[Phase]] = {
+    ("Init", P.IDLE): frozenset({P.INITIALIZING}),
+    ("Commit", P.INITIALIZING): frozenset({P.INITIALIZING, P.OPEN}),  # the last commit opens
+    ("Abort", P.INITIALIZING): frozenset({P.FINAL}),
+    ("Close", P.OPEN): frozenset({P.CLOSED}),
+    ("Close", P.CLOSED): frozenset({P.CLOSED}),  # a concurrent close merges into the first
+    ("Contest", P.CLOSED): frozenset({P.CLOSED}),
+    ("Tick", P.CLOSED): frozenset({P.CLOSED, P.FANOUT_POSSIBLE}),
+    ("Fanout", P.FANOUT_POSSIBLE): frozenset({P.FINAL}),
+}
+# Actions that never change phase, and where they are allowed.
+STAY_IN: dict[str, frozenset[Phase]] = {
+    "NewTx": frozenset({P.OPEN}),
+    "ReqSn": frozenset({P.OPEN}),
+    "AckSn": frozenset({P.OPEN}),
+    "Deposit": frozenset({P.OPEN}),
+    "Recover": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE, P.FINAL}),
+    "SlashVote": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE}),
+    "Sync": frozenset({P.OPEN}),
+    "Tick": frozenset(Phase),
+    "Restart": frozenset(Phase),
+}
+
+
+def allowed(action: str, phase: Phase) -> bool:
+    return (action, phase) in TRANSITIONS or phase in STAY_IN.get(action, frozenset())
+
+
+@dataclass
+class Proposal:
+    """The snapshot in flight: requested by its leader, collecting AckSn signatures."""
+
+    number: int
+    tx_ids: tuple[str, ...]
+    deposit_id: str
+    ledger: Ledger
+    requested_at_ms: int
+    acks: dict[str, bytes] = field(default_factory=dict)
+
+    def payload(self, head_id: str) -> bytes:
+        return snapshot_signing_payload(head_id, self.number, self.tx_ids, self.deposit_id,
+                                        self.ledger.hash())
+
+
+@dataclass
+class DepositRecord:
+    party: str
+    amount: int
+    deadline_ms: int
+    status: str = "pending"  # pending | absorbed | recovered
+
+
+@dataclass
+class Closing:
+    snapshot: Snapshot  # the newest fully signed snapshot seen in Close/Contest
+    closed_at_ms: int
+    closer: str
+
+    def deadline(self, parameters: HeadParameters) -> int:
+        return self.closed_at_ms + parameters.contestation_period_ms
+
+
+# --- the machine --------------------------------------------------------------------
+
+
+class HeadMachine:
+    """One party's view of the head. `handle` is the only entry point."""
+
+    def __init__(self, signer: Signer, *, verify: Verify = verify_signature) -> None:
+        self.signer = signer
+        self.me = signer.ss58_address
+        self.verify = verify
+        self.phase = Phase.IDLE
+        self.params: HeadParameters | None = None
+        self.commits: dict[str, tuple[int, int, int]] = {}  # party -> (escrow, balance, pool)
+        self.confirmed: Snapshot | None = None
+        self.pending: dict[str, tuple[bytes, bytes]] = {}  # tx id -> (tx, signature), arrival order
+        self.proposal: Proposal | None = None
+        self.waiting: tuple[str, HeadReqSn] | None = None  # a ReqSn whose txs we lack
+        self.early_acks: dict[str, bytes] = {}  # AckSn for confirmed+1 before its ReqSn
+        self.deposits: dict[str, DepositRecord] = {}
+        self.signed_deposits: set[str] = set()
+        self.closing: Closing | None = None
+        self.votes: dict[str, dict[str, tuple[bytes, bytes]]] = {}  # target -> voter -> (tx, sig)
+        self.payouts: dict[str, int] | None = None
+        self._pending_ledger: Ledger | None = None  # derived: confirmed ledger + pending txs
+
+    # -- entry point ------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Effect]:
+        if isinstance(event, Receive):
+            return self._receive(event.sender, event.message, event.now_ms)
+        return _COMMANDS[type(event)](self, event)
+
+    # -- views -------------------------------------------------------------------------
+
+    @property
+    def parameters(self) -> HeadParameters:
+        if self.params is None:
+            raise HeadMisuse("no head was initialized", reason="no_head")
+        return self.params
+
+    @property
+    def pending_ledger(self) -> Ledger:
+        if self._pending_ledger is None:
+            self._rebuild_pending()
+        assert self._pending_ledger is not None
+        return self._pending_ledger
+
+    @property
+    def committed_total(self) -> int:
+        return sum(balance + pool for _, balance, pool in self.commits.values())
+
+    @property
+    def escrow_total(self) -> int:
+        return sum(escrow for escrow, _, _ in self.commits.values())
+
+    def slashed(self) -> list[str]:
+        """Parties that a strict majority of the other parties voted against."""
+        majority = self.params.majority if self.params else 1
+        return sorted(t for t, voters in self.votes.items() if len(voters) >= majority)
+
+    def deadline_ms(self) -> int | None:
+        return self.closing.deadline(self.parameters) if self.closing else None
+
+    # -- guards ------------------------------------------------------------------------
+
+    def _require(self, action: str, *, local: bool) -> None:
+        if not allowed(action, self.phase):
+            hint = f"{action} is not allowed while the head is {self.phase.value}"
+            if local:
+                raise HeadMisuse(hint, reason="wrong_phase")
+            raise _reject("wrong_phase", hint)
+
+    def _move(self, action: str, to: Phase) -> None:
+        if to not in TRANSITIONS.get((action, self.phase), frozenset()):
+            raise LocalProtocolError(f"no transition {self.phase.value} -{action}-> {to.value}")
+        self.phase = to
+
+    # -- lifecycle: Init, Commit, Abort ------------------------------------------------
+
+    def _init(self, event: Init) -> list[Effect]:
+        self._require("Init", local=True)
+        params = event.parameters
+        if params.problems() or self.me not in params.parties:
+            raise HeadMisuse("; ".join(params.problems() or ["this node is not a party"]),
+                             reason="bad_parameters")
+        self.params = params
+        self._move("Init", Phase.INITIALIZING)
+        return [Send(params.to_message()), Record("head_init", {"head_id": params.head_id})]
+
+    def _on_init(self, sender: str, message: HeadInit, now_ms: int) -> list[Effect]:
+        params = HeadParameters.from_message(message)
+        if self.params == params:
+            return []  # the same Init again
+        self._require("Init", local=False)
+        if params.problems():
+            raise _reject("bad_parameters", "; ".join(params.problems()))
+        if sender not in params.parties or self.me not in params.parties:
+            raise _reject("not_a_party", "an Init names its sender and this node as parties")
+        self.params = params
+        self._move("Init", Phase.INITIALIZING)
+        return [Record("head_init", {"head_id": params.head_id})]
+
+    def _commit(self, event: Commit) -> list[Effect]:
+        self._require("Commit", local=True)
+        self._check_commit(self.me, event.escrow, event.balance, event.pool, local=True)
+        message = HeadCommit(self.parameters.head_id, event.escrow, event.balance, event.pool)
+        return [Send(message)] + self._apply_commit(self.me, message)
+
+    def _on_commit(self, sender: str, message: HeadCommit, now_ms: int) -> list[Effect]:
+        self._require("Commit", local=False)
+        self._check_commit(sender, message.escrow, message.balance, message.pool, local=False)
+        return self._apply_commit(sender, message)
+
+    def _check_commit(self, party: str, escrow: int, balance: int, pool: int, *,
+                      local: bool) -> None:
+        problem = None
+        if party in self.commits:
+            problem = ("duplicate_commit", f"{party} already committed")
+        elif escrow != self.parameters.escrow:
+            problem = ("wrong_escrow", f"the head's escrow is {self.parameters.escrow}, not {escrow}")
+        elif balance < 0 or pool < 0:
+            problem = ("negative_commit", "balance and pool must not be negative")
+        if problem and local:
+            raise HeadMisuse(problem[1], reason=problem[0])
+        if problem:
+            raise _reject(*problem)
+
+    def _apply_commit(self, party: str, message: HeadCommit) -> list[Effect]:
+        self.commits[party] = (message.escrow, message.balance, message.pool)
+        effects: list[Effect] = [Record("commit", {"party": party, "escrow": message.escrow,
+                                                   "balance": message.balance, "pool": message.pool})]
+        if set(self.commits) != set(self.parameters.parties):
+            self._move("Commit", Phase.INITIALIZING)
+            return effects
+        balances = {p: b for p, (_, b, _) in self.commits.items()}
+        balances[POOL] = sum(pool for _, _, pool in self.commits.values())
+        self.confirmed = Snapshot(0, (), "", Ledger(balances), {})
+        self._pending_ledger = self.confirmed.ledger
+        self._move("Commit", Phase.OPEN)
+        return effects + [Record("head_open", {"balances": dict(balances)})]
+
+    def _abort(self, event: Abort) -> list[Effect]:
+        self._require("Abort", local=True)
+        return [Send(HeadAbort(self.parameters.head_id))] + self._apply_abort(self.me)
+
+    def _on_abort(self, sender: str, message: HeadAbort, now_ms: int) -> list[Effect]:
+        self._require("Abort", local=False)
+        return self._apply_abort(sender)
+
+    def _apply_abort(self, party: str) -> list[Effect]:
+        # Every commit goes back whole: nothing happened in the head yet.
+        self.payouts = {p: sum(c) for p, c in sorted(self.commits.items())}
+        self._move("Abort", Phase.FINAL)
+        return [Record("aborted", {"by": party, "payouts": dict(self.payouts)})]
+
+    # -- NewTx and SlashVote -----------------------------------------------------------
+
+    def _newtx(self, event: NewTx) -> list[Effect]:
+        if event.tx.author != self.me:
+            raise HeadMisuse("a party submits only transactions it authored", reason="not_author")
+        raw = encode_tx(event.tx)
+        signature = self.signer.sign(tx_signing_payload(self.parameters.head_id, tx_id(raw)))
+        try:
+            effects = self._accept_tx(raw, signature, event.now_ms)
+        except RemoteProtocolError as exc:
+            raise HeadMisuse(exc.hint, reason=exc.reason) from None
+        return [Send(HeadNewTx(self.parameters.head_id, raw, signature))] + effects
+
+    def _on_new_tx(self, sender: str, message: HeadNewTx, now_ms: int) -> list[Effect]:
+        return self._accept_tx(message.tx, message.signature, now_ms)
+
+    def _accept_tx(self, raw: bytes, signature: bytes, now_ms: int) -> list[Effect]:
+        tx = decode_tx(raw)
+        txid = tx_id(raw)
+        if tx.author not in self.parameters.parties:
+            raise _reject("unknown_author", f"{tx.author} is not a party of this head")
+        if not self.verify(tx.author, tx_signing_payload(self.parameters.head_id, txid), signature):
+            raise _reject("bad_tx_signature", f"transaction {txid[:12]} is not signed by its author")
+        if isinstance(tx, SlashVote):
+            return self._count_vote(tx, raw, signature)
+        self._require("NewTx", local=False)
+        if txid in self.pending:
+            raise _reject("duplicate_tx", f"transaction {txid[:12]} is already pending")
+        self._pending_ledger = apply_tx(self.pending_ledger, tx, txid)
+        self.pending[txid] = (raw, signature)
+        return self._retry_waiting_quietly(now_ms) + self._maybe_request(now_ms)
+
+    def _count_vote(self, vote: SlashVote, raw: bytes, signature: bytes) -> list[Effect]:
+        self._require("SlashVote", local=False)
+        if vote.target not in self.parameters.parties:
+            raise _reject("unknown_target", f"{vote.target} is not a party of this head")
+        voters = self.votes.setdefault(vote.target, {})
+        if vote.author in voters:
+            return []  # one vote per voter and target; repeats change nothing
+        was_slashed = vote.target in self.slashed()
+        voters[vote.author] = (raw, signature)
+        effects: list[Effect] = [Record("slash_vote", {"voter": vote.author, "target": vote.target,
+                                                       "grounds": vote.grounds})]
+        if not was_slashed and vote.target in self.slashed():
+            effects.append(Record("slashed", {"party": vote.target, "voters": sorted(voters)}))
+        return effects
+
+    def _cast_vote(self, target: str, grounds: str, evidence: int) -> list[Effect]:
+        if self.me in self.votes.get(target, {}):
+            return []
+        raw = encode_tx(SlashVote(self.me, target, grounds, evidence))
+        signature = self.signer.sign(tx_signing_payload(self.parameters.head_id, tx_id(raw)))
+        return ([Send(HeadNewTx(self.parameters.head_id, raw, signature))]
+                + self._count_vote(SlashVote(self.me, target, grounds, evidence), raw, signature))
+
+    # -- snapshots: ReqSn, AckSn -------------------------------------------------------
+
+    def _maybe_request(self, now_ms: int) -> list[Effect]:
+        """ReqSn: the next snapshot's leader proposes it once there is something to settle."""
+        if self.phase != Phase.OPEN or self.proposal is not None or self.confirmed is None:
+            return []
+        number = self.confirmed.number + 1
+        if self.parameters.leader(number) != self.me:
+            return []
+        tx_ids = tuple(list(self.pending)[:MAX_SNAPSHOT_TXS])
+        deposit_id = next((d for d, r in self.deposits.items()
+                           if r.status == "pending" and now_ms < r.deadline_ms), "")
+        if not tx_ids and not deposit_id:
+            return []
+        ledger = self._ledger_after(tx_ids, deposit_id)
+        request = HeadReqSn(self.parameters.head_id, number, list(tx_ids), deposit_id, ledger.hash())
+        return [Send(request)] + self._sign(number, tx_ids, deposit_id, ledger, now_ms)
+
+    def _on_req_sn(self, sender: str, message: HeadReqSn, now_ms: int) -> list[Effect]:
+        self._require("ReqSn", local=False)
+        assert self.confirmed is not None
+        number = message.number
+        if number <= self.confirmed.number:
+            raise _reject("stale_snapshot", f"snapshot {number} is not newer than the confirmed "
+                          f"{self.confirmed.number}")
+        if sender != self.parameters.leader(number):
+            raise _reject("not_leader", f"{sender} does not lead snapshot {number}")
+        if self.proposal is not None and self.proposal.number == number:
+            if (tuple(message.tx_ids), message.deposit_id, message.ledger_hash) == (
+                    self.proposal.tx_ids, self.proposal.deposit_id, self.proposal.ledger.hash()):
+                return []  # the same request again
+            raise _reject("conflicting_snapshot", f"{sender} proposed two different snapshots {number}")
+        self.waiting = (sender, message)
+        if number > self.confirmed.number + 1:
+            return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
+        return self._retry_waiting(now_ms)
+
+    def _retry_waiting(self, now_ms: int) -> list[Effect]:
+        """Sign the buffered ReqSn once we know all its txs and it is the next number."""
+        if self.waiting is None or self.confirmed is None:
+            return []
+        _, message = self.waiting
+        if message.number <= self.confirmed.number:
+            self.waiting = None
+            return []
+        if message.number != self.confirmed.number + 1 or any(
+                t not in self.pending for t in message.tx_ids):
+            return []
+        self.waiting = None
+        self._check_deposit_includable(message.deposit_id, now_ms)
+        try:
+            ledger = self._ledger_after(tuple(message.tx_ids), message.deposit_id)
+        except RemoteProtocolError as exc:
+            raise _reject("invalid_snapshot_tx", f"snapshot {message.number}: {exc.hint}") from None
+        if ledger.hash() != message.ledger_hash:
+            raise _reject("ledger_hash_mismatch", f"snapshot {message.number}'s ledger hash is not "
+                          "the result of its transactions")
+        return self._sign(message.number, tuple(message.tx_ids), message.deposit_id, ledger, now_ms)
+
+    def _retry_waiting_quietly(self, now_ms: int) -> list[Effect]:
+        """As _retry_waiting, when the event at hand is not the ReqSn: a bad buffered
+        request must not make that event fail, so its rejection becomes a record."""
+        try:
+            return self._retry_waiting(now_ms)
+        except RemoteProtocolError as exc:
+            return [Record("rejected", {"reason": exc.reason, "hint": exc.hint})]
+
+    def _check_deposit_includable(self, deposit_id: str, now_ms: int) -> None:
+        if not deposit_id:
+            return
+        record = self.deposits.get(deposit_id)
+        if record is None or record.status != "pending" or now_ms >= record.deadline_ms:
+            raise _reject("deposit_not_includable", f"deposit {deposit_id[:12]} is unknown, "
+                          "recovered, absorbed or past its deadline")
+
+    def _ledger_after(self, tx_ids: tuple[str, ...], deposit_id: str) -> Ledger:
+        assert self.confirmed is not None
+        ledger = self.confirmed.ledger
+        for txid in tx_ids:
+            ledger = apply_tx(ledger, decode_tx(self.pending[txid][0]), txid)
+        if deposit_id:
+            record = self.deposits[deposit_id]
+            ledger = apply_deposit(ledger, deposit_id, record.party, record.amount)
+        return ledger
+
+    def _sign(self, number: int, tx_ids: tuple[str, ...], deposit_id: str, ledger: Ledger,
+              now_ms: int) -> list[Effect]:
+        """AckSn: sign a snapshot we checked, then count the acks that came early."""
+        proposal = Proposal(number, tx_ids, deposit_id, ledger, now_ms)
+        payload = proposal.payload(self.parameters.head_id)
+        signature = self.signer.sign(payload)
+        proposal.acks[self.me] = signature
+        for party, early in sorted(self.early_acks.items()):
+            if party != self.me and self.verify(party, payload, early):
+                proposal.acks[party] = early  # a bad early ack is dropped; its party counts as missing
+        self.early_acks = {}
+        self.proposal = proposal
+        if deposit_id:
+            self.signed_deposits.add(deposit_id)
+        effects: list[Effect] = [
+            Send(HeadAckSn(self.parameters.head_id, number, signature)),
+            SetTimer(now_ms + self.parameters.sign_timeout_ms, "snapshot_signatures")]
+        return effects + self._maybe_confirm(now_ms)
+
+    def _on_ack_sn(self, sender: str, message: HeadAckSn, now_ms: int) -> list[Effect]:
+        self._require("AckSn", local=False)
+        assert self.confirmed is not None
+        if message.number <= self.confirmed.number:
+            return []  # a late ack of a snapshot we already confirmed
+        proposal = self.proposal
+        if proposal is None or proposal.number != message.number:
+            if message.number == self.confirmed.number + 1:
+                self.early_acks.setdefault(sender, message.signature)
+                return []
+            return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
+        if sender in proposal.acks:
+            return []
+        if not self.verify(sender, proposal.payload(self.parameters.head_id), message.signature):
+            raise _reject("bad_snapshot_signature", f"{sender}'s signature is not on snapshot "
+                          f"{message.number} as we computed it")
+        proposal.acks[sender] = message.signature
+        return self._maybe_confirm(now_ms)
+
+    def _maybe_confirm(self, now_ms: int) -> list[Effect]:
+        proposal = self.proposal
+        if proposal is None or set(proposal.acks) != set(self.parameters.parties):
+            return []
+        snapshot = Snapshot(proposal.number, proposal.tx_ids, proposal.deposit_id, proposal.ledger,
+                            dict(sorted(proposal.acks.items())))
+        return self._adopt(snapshot) + self._maybe_request(now_ms)
+
+    def _adopt(self, snapshot: Snapshot) -> list[Effect]:
+        """Make a fully signed snapshot the confirmed one (after AckSn or Sync)."""
+        effects: list[Effect] = [Record("snapshot_confirmed", {
+            "number": snapshot.number, "tx_ids": list(snapshot.tx_ids),
+            "deposit_id": snapshot.deposit_id, "ledger_hash": snapshot.ledger.hash()})]
+        for txid in snapshot.tx_ids:
+            if txid in self.pending:
+                effects.extend(_settled_records(decode_tx(self.pending[txid][0]), txid, snapshot.number))
+        for deposit_id in snapshot.ledger.deposits:
+            record = self.deposits.get(deposit_id)
+            if record is not None and record.status == "pending":
+                record.status = "absorbed"
+                effects.append(Record("deposit_absorbed", {"deposit_id": deposit_id,
+                                                           "party": record.party,
+                                                           "amount": record.amount}))
+        self.confirmed = snapshot
+        for txid in snapshot.ledger.applied:
+            self.pending.pop(txid, None)
+        self._rebuild_pending()
+        if self.proposal is not None and self.proposal.number <= snapshot.number:
+            self.proposal = None
+        self.early_acks = {}
+        return effects
+
+    def _rebuild_pending(self) -> None:
+        """Re-apply pending txs on the confirmed ledger; drop those that no longer apply."""
+        assert self.confirmed is not None
+        ledger = self.confirmed.ledger
+        for txid, (raw, _) in list(self.pending.items()):
+            try:
+                ledger = apply_tx(ledger, decode_tx(raw), txid)
+            except RemoteProtocolError:
+                del self.pending[txid]
+        self._pending_ledger = ledger
+
+    # -- catching up: Restart, Sync ----------------------------------------------------
+
+    def _restart(self, event: Restart) -> list[Effect]:
+        if self.phase != Phase.OPEN or self.confirmed is None:
+            return []
+        if self.proposal is not None:
+            # Acks that came while we were down are lost: restart the signature clock so
+            # nobody is blamed for our outage, and ask for what the others confirmed.
+            self.proposal.requested_at_ms = event.now_ms
+        return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
+
+    def _on_sync_request(self, sender: str, message: HeadSyncRequest, now_ms: int) -> list[Effect]:
+        self._require("Sync", local=False)
+        assert self.confirmed is not None
+        if self.confirmed.number <= message.confirmed_number:
+            return []
+        return [Send(HeadSync(self.parameters.head_id, self.confirmed.encode()))]
+
+    def _on_sync(self, sender: str, message: HeadSync, now_ms: int) -> list[Effect]:
+        self._require("Sync", local=False)
+        assert self.confirmed is not None
+        snapshot = Snapshot.decode(message.snapshot)
+        if snapshot.number <= self.confirmed.number:
+            return []
+        self._check_fully_signed(snapshot)
+        return self._adopt(snapshot) + self._retry_waiting_quietly(now_ms) + self._maybe_request(now_ms)
+
+    def _check_fully_signed(self, snapshot: Snapshot) -> None:
+        problem = snapshot_problem(snapshot, self.parameters, self._initial_ledger(), self.verify)
+        if problem:
+            raise _reject(*problem)
+
+    def _initial_ledger(self) -> Ledger:
+        balances = {p: b for p, (_, b, _) in self.commits.items()}
+        balances[POOL] = sum(pool for _, _, pool in self.commits.values())
+        return Ledger(balances)
+
+    # -- deposits: Deposit, Recover ----------------------------------------------------
+
+    def _deposit(self, event: Deposit) -> list[Effect]:
+        self._require("Deposit", local=True)
+        if event.amount <= 0:
+            raise HeadMisuse("a deposit is a positive amount", reason="bad_deposit")
+        deposit_id = self.deposit_id(self.me, event.amount, event.nonce)
+        if deposit_id in self.deposits:
+            raise HeadMisuse("this deposit was already made; use another nonce",
+                             reason="duplicate_deposit")
+        deadline = event.now_ms + self.parameters.deposit_period_ms
+        self.deposits[deposit_id] = DepositRecord(self.me, event.amount, deadline)
+        return [Send(HeadDeposit(self.parameters.head_id, deposit_id, event.amount, event.nonce,
+                                 deadline)),
+                Record("deposit", {"deposit_id": deposit_id, "party": self.me,
+                                   "amount": event.amount, "deadline_ms": deadline}),
+                SetTimer(deadline, "deposit_deadline")] + self._maybe_request(event.now_ms)
+
+    def deposit_id(self, party: str, amount: int, nonce: int) -> str:
+        return _sha256(canonical(["sealmesh/head/deposit", self.parameters.head_id, party, amount,
+                                  nonce]))
+
+    def _on_deposit(self, sender: str, message: HeadDeposit, now_ms: int) -> list[Effect]:
+        self._require("Deposit", local=False)
+        if message.amount <= 0 or message.deposit_id != self.deposit_id(sender, message.amount,
+                                                                          message.nonce):
+            raise _reject("bad_deposit", "a deposit's id is the hash of its party, amount and nonce")
+        if not now_ms - CLOCK_SKEW_MS <= message.deadline_ms <= (
+                now_ms + self.parameters.deposit_period_ms + CLOCK_SKEW_MS):
+            raise _reject("bad_deposit_deadline", "a deposit's deadline is one deposit period away")
+        if message.deposit_id in self.deposits:
+            return []
+        self.deposits[message.deposit_id] = DepositRecord(sender, message.amount,
+                                                          message.deadline_ms)
+        return [Record("deposit", {"deposit_id": message.deposit_id, "party": sender,
+                                   "amount": message.amount, "deadline_ms": message.deadline_ms})
+                ] + self._maybe_request(now_ms)
+
+    def _recover(self, event: Recover) -> list[Effect]:
+        self._require("Recover", local=True)
+        problem = self._recover_problem(self.me, event.deposit_id, event.now_ms)
+        if problem:
+            raise HeadMisuse(problem[1], reason=problem[0])
+        return ([Send(HeadRecover(self.parameters.head_id, event.deposit_id))]
+                + self._apply_recover(event.deposit_id))
+
+    def _on_recover(self, sender: str, message: HeadRecover, now_ms: int) -> list[Effect]:
+        self._require("Recover", local=False)
+        problem = self._recover_problem(sender, message.deposit_id, now_ms)
+        if problem:
+            raise _reject(*problem)
+        return self._apply_recover(message.deposit_id)
+
+    def _recover_problem(self, party: str, deposit_id: str, now_ms: int) -> tuple[str, str] | None:
+        record = self.deposits.get(deposit_id)
+        if record is None:
+            return ("unknown_deposit", f"no deposit {deposit_id[:12]}")
+        if record.party != party:
+            return ("not_depositor", "only the depositor recovers a deposit")
+        if record.status != "pending":
+            return ("deposit_" + record.status, f"deposit {deposit_id[:12]} is {record.status}")
+        if now_ms < record.deadline_ms:
+            return ("deposit_not_expired", "a deposit is recoverable only after its deadline")
+        # A snapshot we signed may still be confirmed by the others' acks: the deposit
+        # stays locked until the head is closed without it.
+        settled = self.phase in (Phase.FANOUT_POSSIBLE, Phase.FINAL)
+        if deposit_id in self.signed_deposits and not settled:
+            return ("deposit_in_signed_snapshot", "a snapshot we signed absorbs this deposit")
+        if self.closing and deposit_id in self.closing.snapshot.ledger.deposits:
+            return ("deposit_absorbed", "the closed snapshot absorbed this deposit")
+        return None
+
+    def _apply_recover(self, deposit_id: str) -> list[Effect]:
+        record = self.deposits[deposit_id]
+        record.status = "recovered"
+        return [Record("deposit_recovered", {"deposit_id": deposit_id, "party": record.party,
+                                             "amount": record.amount})]
+
+    # -- Close, Contest, Tick, Fanout --------------------------------------------------
+
+    def _close(self, event: Close) -> list[Effect]:
+        self._require("Close", local=True)
+        if self.phase == Phase.CLOSED:
+            raise HeadMisuse("the head is already closed", reason="wrong_phase")
+        assert self.confirmed is not None
+        excuse = self._excuse()
+        done = len(self.confirmed.ledger.rounds)
+        if done < self.parameters.agreed_rounds and not excuse:
+            raise HeadMisuse(
+                f"{done} of the agreed {self.parameters.agreed_rounds} rounds are settled; closing "
+                "now gets this validator slashed. Wait for the rounds, or for a majority vote "
+                "against a party that withholds its signature", reason="early_close")
+        closing = Closing(self.confirmed, event.now_ms, self.me)
+        message = HeadClose(self.parameters.head_id, self.confirmed.encode(), event.now_ms, excuse)
+        return [Send(message)] + self._apply_close(closing)
+
+    def _excuse(self) -> list[bytes]:
+        """Signed withholding votes against a slashed party: they justify an early close."""
+        for target in self.slashed():
+            votes = [canonical([raw, sig]) for raw, sig in self.votes[target].values()
+                     if decode_tx(raw).grounds == "withheld_signature"]
+            if len(votes) >= self.parameters.majority:
+                return votes
+        return []
+
+    def _excused(self, excuse: list[bytes], closer: str) -> bool:
+        voters_by_target: dict[str, set[str]] = {}
+        for item in excuse:
+            try:
+                raw, signature = unpack_strict(item)
+                vote = decode_tx(raw)
+            except (RemoteProtocolError, ValueError, TypeError, msgpack.UnpackException):
+                continue
+            if (isinstance(vote, SlashVote) and vote.grounds == "withheld_signature"
+                    and vote.author in self.parameters.parties and vote.target != closer
+                    and self.verify(vote.author, tx_signing_payload(self.parameters.head_id,
+                                                                    tx_id(raw)), signature)):
+                voters_by_target.setdefault(vote.target, set()).add(vote.author)
+        return any(len(v) >= self.parameters.majority for v in voters_by_target.values())
+
+    def _on_close(self, sender: str, message: HeadClose, now_ms: int) -> list[Effect]:
+        self._require("Close", local=False)
+        if abs(message.closed_at_ms - now_ms) > CLOCK_SKEW_MS:
+            raise _reject("stale_close", f"closed_at is {message.closed_at_ms - now_ms} ms from "
+                          f"our clock; the bound is {CLOCK_SKEW_MS}")
+        snapshot = Snapshot.decode(message.snapshot)
+        self._check_fully_signed(snapshot)
+        assert self.confirmed is not None
+        newest = max(self.confirmed, snapshot, key=lambda s: s.number)
+        effects: list[Effect] = []
+        if (len(newest.ledger.rounds) < self.parameters.agreed_rounds
+                and not self._excused(message.excuse, sender)):
+            effects += self._cast_vote(sender, "early_close", snapshot.number)
+        closing = Closing(snapshot, message.closed_at_ms, sender)
+        if self.closing is not None:
+            # Concurrent closes: the earliest sets the deadline, the newest snapshot wins.
+            first = min(self.closing, closing, key=lambda c: (c.closed_at_ms, c.closer))
+            closing = Closing(max(self.closing.snapshot, snapshot, key=lambda s: s.number),
+                              first.closed_at_ms, first.closer)
+        return effects + self._apply_close(closing)
+
+    def _apply_close(self, closing: Closing) -> list[Effect]:
+        self.closing = closing
+        self.proposal, self.waiting, self.early_acks = None, None, {}
+        self._move("Close", Phase.CLOSED)
+        deadline = closing.deadline(self.parameters)
+        return [Record("closed", {"by": closing.closer, "number": closing.snapshot.number,
+                                  "deadline_ms": deadline}),
+                SetTimer(deadline, "contestation_deadline")] + self._maybe_contest()
+
+    def _maybe_contest(self) -> list[Effect]:
+        """Contest: answer a close on an older snapshot with our newer confirmed one."""
+        closing, confirmed = self.closing, self.confirmed
+        assert closing is not None and confirmed is not None
+        if confirmed.number <= closing.snapshot.number:
+            return []
+        closing.snapshot = confirmed  # our own contest counts here as it does everywhere else
+        return [Send(HeadContest(self.parameters.head_id, confirmed.encode())),
+                Record("contested", {"by": self.me, "number": confirmed.number})]
+
+    def _on_contest(self, sender: str, message: HeadContest, now_ms: int) -> list[Effect]:
+        self._require("Contest", local=False)
+        assert self.closing is not None
+        if now_ms >= self.closing.deadline(self.parameters):
+            raise _reject("contest_after_deadline", "the contestation period is over")
+        snapshot = Snapshot.decode(message.snapshot)
+        if snapshot.number <= self.closing.snapshot.number:
+            raise _reject("contest_not_newer", f"snapshot {snapshot.number} is not newer than the "
+                          f"closed {self.closing.snapshot.number}")
+        self._check_fully_signed(snapshot)
+        self.closing.snapshot = snapshot
+        self._move("Contest", Phase.CLOSED)
+        return [Record("contested", {"by": sender, "number": snapshot.number})] + self._maybe_contest()
+
+    def _tick(self, event: Tick) -> list[Effect]:
+        effects: list[Effect] = []
+        if self.phase == Phase.OPEN and self.proposal is not None and event.now_ms >= (
+                self.proposal.requested_at_ms + self.parameters.sign_timeout_ms):
+            for party in self.parameters.parties:
+                if party not in self.proposal.acks:
+                    effects += self._cast_vote(party, "withheld_signature", self.proposal.number)
+        if self.phase == Phase.OPEN:
+            effects += self._maybe_request(event.now_ms)
+        if self.phase == Phase.CLOSED and event.now_ms >= self.deadline_ms():  # type: ignore[operator]
+            self._move("Tick", Phase.FANOUT_POSSIBLE)
+            effects.append(Record("fanout_possible", {"number": self.closing.snapshot.number}))  # type: ignore[union-attr]
+        return effects
+
+    def _fanout(self, event: Fanout) -> list[Effect]:
+        effects = self._tick(Tick(event.now_ms)) if self.phase == Phase.CLOSED else []
+        self._require("Fanout", local=True)
+        if self.phase != Phase.FANOUT_POSSIBLE:
+            raise HeadMisuse("fanout waits for the contestation deadline", reason="wrong_phase")
+        assert self.closing is not None
+        escrows = {p: e for p, (e, _, _) in self.commits.items()}
+        self.payouts = final_payouts(self.closing.snapshot.ledger, escrows, self.slashed())
+        self._move("Fanout", Phase.FINAL)
+        return effects + [Record("fanout", {"number": self.closing.snapshot.number,
+                                            "payouts": dict(self.payouts),
+                                            "slashed": self.slashed()})]
+
+    # -- received messages -------------------------------------------------------------
+
+    def _receive(self, sender: str, message: HeadMessage, now_ms: int) -> list[Effect]:
+        handler = _RECEIVERS.get(type(message))
+        if handler is None:
+            raise _reject("unknown_type", f"{type(message).__name__} is not a head message")
+        if not isinstance(message, HeadInit):
+            if self.params is None:
+                raise _reject("wrong_phase", "no head was initialized here")
+            if message.head_id != self.params.head_id:
+                raise _reject("wrong_head", f"message for head {message.head_id!r}, not ours")
+            if sender not in self.params.parties:
+                raise _reject("not_a_party", f"{sender} is not a party of this head")
+        return handler(self, sender, message, now_ms)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def to_wire(self) -> dict[str, Any]:
+        """All state, as plain msgpack-able data: what storage keeps and what tests hash."""
+        p = self.proposal
+        c = self.closing
+        return {
+            "phase": self.phase.value,
+            "params": None if self.params is None else _params_wire(self.params),
+            "commits": {k: list(v) for k, v in self.commits.items()},
+            "confirmed": None if self.confirmed is None else self.confirmed.to_wire(),
+            "pending": [[k, raw, sig] for k, (raw, sig) in self.pending.items()],
+            "proposal": None if p is None else [p.number, list(p.tx_ids), p.deposit_id,
+                                                p.ledger.to_wire(), p.requested_at_ms, dict(p.acks)],
+            "waiting": None if self.waiting is None else [
+                self.waiting[0], self.waiting[1].number, list(self.waiting[1].tx_ids),
+                self.waiting[1].deposit_id, self.waiting[1].ledger_hash],
+            "early_acks": dict(self.early_acks),
+            "deposits": [[k, r.party, r.amount, r.deadline_ms, r.status]
+                         for k, r in self.deposits.items()],
+            "signed_deposits": sorted(self.signed_deposits),
+            "closing": None if c is None else [c.snapshot.to_wire(), c.closed_at_ms, c.closer],
+            "votes": {t: {v: list(x) for v, x in sorted(vs.items())}
+                      for t, vs in sorted(self.votes.items())},
+            "payouts": self.payouts,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any], signer: Signer, *,
+                  verify: Verify = verify_signature) -> "HeadMachine":
+        machine = cls(signer, verify=verify)
+        machine.phase = Phase(wire["phase"])
+        if wire["params"] is not None:
+            w = dict(wire["params"])
+            w["parties"] = tuple(w["parties"])
+            machine.params = HeadParameters(**w)
+        machine.commits = {k: tuple(v) for k, v in wire["commits"].items()}  # type: ignore[misc]
+        if wire["confirmed"] is not None:
+            machine.confirmed = Snapshot.from_wire(wire["confirmed"])
+        machine.pending = {k: (raw, sig) for k, raw, sig in wire["pending"]}
+        if wire["proposal"] is not None:
+            n, tx_ids, dep, ledger, at, acks = wire["proposal"]
+            machine.proposal = Proposal(n, tuple(tx_ids), dep, Ledger.from_wire(ledger), at, dict(acks))
+        if wire["waiting"] is not None:
+            sender, n, tx_ids, dep, lh = wire["waiting"]
+            machine.waiting = (sender, HeadReqSn(machine.parameters.head_id, n, list(tx_ids), dep, lh))
+        machine.early_acks = dict(wire["early_acks"])
+        machine.deposits = {k: DepositRecord(p, a, d, s) for k, p, a, d, s in wire["deposits"]}
+        machine.signed_deposits = set(wire["signed_deposits"])
+        if wire["closing"] is not None:
+            snap, at, closer = wire["closing"]
+            machine.closing = Closing(Snapshot.from_wire(snap), at, closer)
+        machine.votes = {t: {v: (x[0], x[1]) for v, x in vs.items()} for t, vs in wire["votes"].items()}
+        machine.payouts = wire["payouts"]
+        if machine.confirmed is not None:
+            machine._rebuild_pending()
+        return machine
+
+    def state_hash(self) -> str:
+        return _sha256(canonical(self.to_wire()))
+
+
+def _params_wire(params: HeadParameters) -> dict[str, Any]:
+    return {f.name: (list(getattr(params, f.name)) if f.name == "parties" else getattr(params, f.name))
+            for f in fields(params)}
+
+
+_COMMANDS: dict[type, Callable[..., list[Effect]]] = {
+    Init: HeadMachine._init,
+    Commit: HeadMachine._commit,
+    Abort: HeadMachine._abort,
+    NewTx: HeadMachine._newtx,
+    Deposit: HeadMachine._deposit,
+    Recover: HeadMachine._recover,
+    Close: HeadMachine._close,
+    Fanout: HeadMachine._fanout,
+    Tick: HeadMachine._tick,
+    Restart: HeadMachine._restart,
+}
+
+_RECEIVERS: dict[type, Callable[..., list[Effect]]] = {
+    HeadInit: HeadMachine._on_init,
+    HeadCommit: HeadMachine._on_commit,
+    HeadAbort: HeadMachine._on_abort,
+    HeadNewTx: HeadMachine._on_new_tx,
+    HeadReqSn: HeadMachine._on_req_sn,
+    HeadAckSn: HeadMachine._on_ack_sn,
+    HeadDeposit: HeadMachine._on_deposit,
+    HeadRecover: HeadMachine._on_recover,
+    HeadClose: HeadMachine._on_close,
+    HeadContest: HeadMachine._on_contest,
+    HeadSyncRequest: HeadMachine._on_sync_request,
+    HeadSync: HeadMachine._on_sync,
+}
+
+
+def _settled_records(tx: Tx, txid: str, number: int) -> list[Effect]:
+    if isinstance(tx, RoundResult):
+        return [Record("round_result", {"round": tx.round, "adapter_id": tx.adapter_id,
+                                        "contributors": list(tx.contributors),
+                                        "rewards": dict(tx.rewards), "author": tx.author,
+                                        "tx_id": txid, "snapshot": number})]
+    if isinstance(tx, ScoreReport):
+        return [Record("score_report", {"epoch": tx.epoch, "scores": dict(tx.scores),
+                                        "rewards": dict(tx.rewards), "author": tx.author,
+                                        "tx_id": txid, "snapshot": number})]
+    return []
+
+
+def snapshot_problem(snapshot: Snapshot, params: HeadParameters, initial: Ledger,
+                     verify: Verify) -> tuple[str, str] | None:
+    """Why a snapshot may not close, contest or sync a head; None when it is fully signed.
+
+    Snapshot 0 is the head's opening state, which needs no signatures (as in Hydra) but
+    must equal what the parties committed.
+    """
+    if snapshot.number == 0:
+        if snapshot.ledger != initial or snapshot.tx_ids or snapshot.deposit_id:
+            return ("bad_initial_snapshot", "snapshot 0 must be exactly the committed state")
+        return None
+    if set(snapshot.signatures) != set(params.parties):
+        return ("not_fully_signed", f"snapshot {snapshot.number} is signed by "
+                f"{len(snapshot.signatures)} of {len(params.parties)} parties")
+    payload = snapshot.signing_payload(params.head_id)
+    for party in params.parties:
+        if not verify(party, payload, snapshot.signatures[party]):
+            return ("bad_snapshot_signature", f"{party}'s signature on snapshot {snapshot.number} "
+                    "does not verify")
+    return None
+
+
+def final_payouts(ledger: Ledger, escrows: dict[str, int], slashed: list[str]) -> dict[str, int]:
+    """Fanout: the closed ledger's balances, plus escrow back to every unslashed party.
+
+    A slashed party's escrow is split evenly among the unslashed parties; the integer
+    remainder goes one unit each to the first of them in hotkey order.
+    """
+    payouts = {who: amount for who, amount in ledger.balances.items() if amount}
+    keepers = sorted(p for p in escrows if p not in slashed) or sorted(escrows)
+    forfeited = sum(escrows[p] for p in escrows if p not in keepers)
+    share, remainder = divmod(forfeited, len(keepers))
+    for i, party in enumerate(keepers):
+        bonus = share + (1 if i < remainder else 0)
+        payouts[party] = payouts.get(party, 0) + escrows[party] + bonus
+    return {k: v for k, v in sorted(payouts.items()) if v}
+
+
+# --- invariants (specs/Head.tla) ----------------------------------------------------
+
+
+def TypeOK(m: HeadMachine) -> bool:
+    if not isinstance(m.phase, Phase):
+        return False
+    if m.phase == Phase.IDLE:
+        return m.params is None and not m.commits
+    opened = m.phase not in (Phase.IDLE, Phase.INITIALIZING)
+    if m.params is None or set(m.commits) - set(m.params.parties):
+        return False
+    if opened and m.payouts is None and (m.confirmed is None or set(m.commits) != set(m.params.parties)):
+        return False
+    if m.phase in (Phase.CLOSED, Phase.FANOUT_POSSIBLE) and m.closing is None:
+        return False
+    if m.phase in (Phase.INITIALIZING, Phase.OPEN) and m.closing is not None:
+        return False
+    return all(r.status in ("pending", "absorbed", "recovered") for r in m.deposits.values())
+
+
+def ValueConserved(m: HeadMachine) -> bool:
+    """Every ledger holds exactly what was committed plus what it absorbed; fanout pays
+    out the closed ledger plus all escrow."""
+    ledgers = [s.ledger for s in (m.confirmed, m.closing and m.closing.snapshot) if s]
+    if m.proposal is not None:
+        ledgers.append(m.proposal.ledger)
+    if m.confirmed is not None:
+        ledgers.append(m.pending_ledger)
+    if any(ledger.total != m.committed_total + ledger.deposited for ledger in ledgers):
+        return False
+    if any(ledger.deposited != sum(m.deposits[d].amount for d in ledger.deposits)
+           for ledger in ledgers if all(d in m.deposits for d in ledger.deposits)):
+        return False
+    if m.phase == Phase.FINAL and m.payouts is not None:
+        expected = (m.closing.snapshot.ledger.total + m.escrow_total if m.closing
+                    else m.committed_total + m.escrow_total)
+        return sum(m.payouts.values()) == expected
+    return True
+
+
+def OnlyFullySignedSnapshotCloses(m: HeadMachine) -> bool:
+    if m.closing is None:
+        return True
+    return snapshot_problem(m.closing.snapshot, m.parameters, m._initial_ledger(), m.verify) is None
+
+
+def ContestEndsOnNewestConfirmed(m: HeadMachine, newest_confirmed: int | None = None) -> bool:
+    """Once the contestation period is over, the head settles on a snapshot at least as
+    new as any confirmed one (this party's, or `newest_confirmed` across honest parties)."""
+    if m.phase not in (Phase.FANOUT_POSSIBLE, Phase.FINAL) or m.closing is None:
+        return True
+    assert m.confirmed is not None
+    bound = max(m.confirmed.number, newest_confirmed or 0)
+    return m.closing.snapshot.number >= bound
+
+
+def NoDoubleSpend(m: HeadMachine) -> bool:
+    ledgers = [s.ledger for s in (m.confirmed, m.closing and m.closing.snapshot) if s]
+    if m.confirmed is not None:
+        ledgers.append(m.pending_ledger)
+    for ledger in ledgers:
+        if any(v < 0 for v in ledger.balances.values()):
+            return False
+        for seq in (ledger.applied, ledger.rounds, ledger.epochs, ledger.deposits):
+            if len(set(seq)) != len(seq):
+                return False
+        if any(m.deposits.get(d) and m.deposits[d].status == "recovered" for d in ledger.deposits):
+            return False
+    return True
+
+
+def SlashNeedsMajority(m: HeadMachine) -> bool:
+    if m.params is None:
+        return not m.votes
+    for target in m.slashed():
+        valid = set()
+        for voter, (raw, sig) in m.votes[target].items():
+            vote = decode_tx(raw)
+            if (isinstance(vote, SlashVote) and vote.author == voter != target
+                    and vote.target == target and voter in m.params.parties
+                    and m.verify(voter, tx_signing_payload(m.params.head_id, tx_id(raw)), sig)):
+                valid.add(voter)
+        if len(valid) * 2 <= len(m.params.parties):
+            return False
+    return True
+
+
+INVARIANTS: dict[str, Callable[[HeadMachine], bool]] = {
+    "TypeOK": TypeOK,
+    "ValueConserved": ValueConserved,
+    "OnlyFullySignedSnapshotCloses": OnlyFullySignedSnapshotCloses,
+    "ContestEndsOnNewestConfirmed": ContestEndsOnNewestConfirmed,
+    "NoDoubleSpend": NoDoubleSpend,
+    "SlashNeedsMajority": SlashNeedsMajority,
+}
+
+
+def violated_invariants(m: HeadMachine) -> list[str]:
+    return [name for name, check in INVARIANTS.items() if not check(m)]
+
+
+__all__ = [
+    "Abort", "CLOCK_SKEW_MS", "Close", "Commit", "Deposit", "Effect", "Event", "Fanout",
+    "HeadMachine", "HeadMisuse", "HeadParameters", "INVARIANTS", "Init", "Ledger", "NewTx",
+    "POOL", "Phase", "Receive", "Record", "Recover", "Restart", "RoundResult", "ScoreReport",
+    "Send", "SetTimer", "SlashVote", "Snapshot", "TRANSITIONS", "Tick", "Transfer", "Tx",
+    "apply_deposit", "apply_tx", "canonical", "decode_tx", "encode_tx", "final_payouts",
+    "snapshot_problem", "tx_id", "tx_signing_payload", "violated_invariants",
+    "ContestEndsOnNewestConfirmed", "NoDoubleSpend", "OnlyFullySignedSnapshotCloses",
+    "SlashNeedsMajority", "TypeOK", "ValueConserved",
+]
