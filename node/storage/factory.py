@@ -34,14 +34,14 @@ def open_store(spec: str | None, data_dir: Path, *, env: Mapping[str, str] | Non
     if scheme == "local":
         return LocalBlobStore(Path(data_dir) / "blobs", max_blob_bytes=max_blob_bytes)
     if scheme == "file":
-        path = urlsplit(spec).path
-        if not path.startswith("/"):
+        parts = urlsplit(spec)
+        path = parts.path
+        if parts.netloc not in ("", "localhost") or not path.startswith("/"):
             raise StoreConfigError(f"file store needs an absolute path: file:///abs/path, not {spec!r}",
                                    reason="bad_spec")
         return LocalBlobStore(Path(path), max_blob_bytes=max_blob_bytes)
     if scheme == "s3":
-        store = S3Store(s3_location(spec, env), max_blob_bytes=max_blob_bytes)
-        return store
+        return S3Store(s3_location(spec, env), max_blob_bytes=max_blob_bytes)
     if scheme == "storj":
         return open_storj(spec, env, max_blob_bytes=max_blob_bytes)
     raise StoreConfigError(f"unknown blob store {spec!r}: use local, file:///path, "

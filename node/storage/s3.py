@@ -16,7 +16,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
-                                 PartialCredentialsError)
+                                 PartialCredentialsError, ResponseStreamingError)
 
 from node.storage.local import (DEFAULT_MAX_BLOB_BYTES, BlobNotFound, StorageError, StoreConfigError,
                                 StoreUnavailable, check_size, content_id, require_content_id, verified)
@@ -152,6 +152,8 @@ class _ErrorMap:
         mapped = self._map(exc)
         if mapped is None:
             return False
+        if self.cid is not None and self.cid not in mapped.hint:
+            mapped.args = (f"blob {self.cid}: {mapped.hint}",)
         raise mapped from exc
 
     def _map(self, exc: BaseException) -> StorageError | None:
@@ -175,6 +177,10 @@ class _ErrorMap:
                                         "key, secret key and bucket permissions", cid=cid,
                                         reason="access_denied")
             return StoreUnavailable(f"{where} answered {code}: {exc}", cid=cid, reason="s3_error")
+        if isinstance(exc, ResponseStreamingError):
+            # The body stopped short of its Content-Length: a dropped connection, or an
+            # object changed under the server. Either way nothing partial is returned.
+            return StoreUnavailable(f"{where} sent an incomplete body: {exc}", cid=cid, reason="incomplete_read")
         if isinstance(exc, BotoCoreError):
             return StoreUnavailable(f"S3 request to {where} failed: {exc}", cid=cid, reason="s3_error")
         return None
