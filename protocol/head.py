@@ -236,15 +236,15 @@ def apply_tx(ledger: Ledger, tx: Tx, txid: str) -> Ledger:
     if txid in ledger.applied:
         raise _reject("duplicate_tx", f"transaction {txid[:12]} was already applied")
     balances = dict(ledger.balances)
+    if isinstance(tx, RoundResult) and tx.round in ledger.rounds:
+        raise _reject("round_already_recorded", f"round {tx.round} is already settled")
+    if isinstance(tx, ScoreReport) and tx.epoch in ledger.epochs:
+        raise _reject("epoch_already_recorded", f"epoch {tx.epoch} is already settled")
     if isinstance(tx, (RoundResult, ScoreReport)):
         _pay_from_pool(balances, tx.rewards)
         if isinstance(tx, RoundResult):
-            if tx.round in ledger.rounds:
-                raise _reject("round_already_recorded", f"round {tx.round} is already settled")
             return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
                            rounds=tuple(sorted(ledger.rounds + (tx.round,))))
-        if tx.epoch in ledger.epochs:
-            raise _reject("epoch_already_recorded", f"epoch {tx.epoch} is already settled")
         return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
                        epochs=tuple(sorted(ledger.epochs + (tx.epoch,))))
     if isinstance(tx, Transfer):
@@ -1122,6 +1122,8 @@ class HeadMachine:
         if now_ms >= self.closing.deadline(self.parameters):
             raise _reject("contest_after_deadline", "the contestation period is over")
         snapshot = Snapshot.decode(message.snapshot)
+        if snapshot == self.closing.snapshot:
+            return []  # another party contested with the same snapshot as we did
         if snapshot.number <= self.closing.snapshot.number:
             raise _reject("contest_not_newer", f"snapshot {snapshot.number} is not newer than the "
                           f"closed {self.closing.snapshot.number}")
@@ -1146,9 +1148,10 @@ class HeadMachine:
 
     def _fanout(self, event: Fanout) -> list[Effect]:
         effects = self._tick(Tick(event.now_ms)) if self.phase == Phase.CLOSED else []
+        if self.phase == Phase.CLOSED:
+            raise HeadMisuse(f"fanout waits for the contestation deadline at {self.deadline_ms()} ms",
+                             reason="wrong_phase")
         self._require("Fanout", local=True)
-        if self.phase != Phase.FANOUT_POSSIBLE:
-            raise HeadMisuse("fanout waits for the contestation deadline", reason="wrong_phase")
         assert self.closing is not None
         escrows = {p: e for p, (e, _, _) in self.commits.items()}
         self.payouts = final_payouts(self.closing.snapshot.ledger, escrows, self.slashed())
