@@ -17,10 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from typing import TYPE_CHECKING
+
 from node.storage.local import DEFAULT_MAX_BLOB_BYTES, BlobStore, LocalBlobStore, StoreConfigError
-from node.storage.s3 import S3Location, S3Store
-from node.storage.storj import (STORJ_AUTH_SERVICE, STORJ_GATEWAY, StorjS3Credentials, UplinkStore,
-                                register_access_grant, storj_gateway_store)
+
+if TYPE_CHECKING:
+    from node.storage.s3 import S3Location
 
 DEFAULT_STORJ_PREFIX = "sealmesh/blobs"
 _S3_QUERY = {"endpoint", "region"}
@@ -41,6 +43,8 @@ def open_store(spec: str | None, data_dir: Path, *, env: Mapping[str, str] | Non
                                    reason="bad_spec")
         return LocalBlobStore(Path(path), max_blob_bytes=max_blob_bytes)
     if scheme == "s3":
+        from node.storage.s3 import S3Store  # boto3 loads only for nodes that use S3
+
         return S3Store(s3_location(spec, env), max_blob_bytes=max_blob_bytes)
     if scheme == "storj":
         return open_storj(spec, env, max_blob_bytes=max_blob_bytes)
@@ -48,7 +52,9 @@ def open_store(spec: str | None, data_dir: Path, *, env: Mapping[str, str] | Non
                            "s3://bucket/prefix?endpoint=URL or storj", reason="bad_spec")
 
 
-def s3_location(spec: str, env: Mapping[str, str]) -> S3Location:
+def s3_location(spec: str, env: Mapping[str, str]) -> "S3Location":
+    from node.storage.s3 import S3Location
+
     parts = urlsplit(spec)
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     unknown = set(query) - _S3_QUERY
@@ -82,6 +88,9 @@ def _s3_keys(env: Mapping[str, str]) -> tuple[str | None, str | None]:
 def open_storj(spec: str, env: Mapping[str, str], *,
                max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> BlobStore:
     """Gateway with S3 keys, else gateway via an access grant, else native uplink (MY_*)."""
+    from node.storage.storj import (STORJ_AUTH_SERVICE, STORJ_GATEWAY, StorjS3Credentials, UplinkStore,
+                                    register_access_grant, storj_gateway_store)
+
     parts = urlsplit(spec) if "://" in spec else None
     bucket = (parts.netloc if parts else "") or env.get("SEALMESH_STORJ_BUCKET") or env.get("MY_BUCKET") or ""
     prefix = (parts.path.strip("/") if parts else "") or env.get("SEALMESH_STORJ_PREFIX") or DEFAULT_STORJ_PREFIX

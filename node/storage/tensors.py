@@ -32,7 +32,8 @@ MAX_TENSORS = 16_384
 # numpy dtypes with a safetensors code; complex, object and string arrays are refused.
 _NUMPY_DTYPES = {np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32,
                                        np.int32, np.uint64, np.int64, np.float16, np.float32, np.float64)}
-_WIRE_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
+_NUMPY_WIRE_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
+_TORCH_WIRE_DTYPES = _NUMPY_WIRE_DTYPES | {"BF16"}
 
 
 class TensorEncodeError(LocalProtocolError):
@@ -70,7 +71,7 @@ def encode_tensors(tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | 
 
 def decode_tensors(data: bytes, *, max_tensors: int = MAX_TENSORS) -> DecodedTensors:
     """Untrusted bytes -> numpy arrays. bfloat16 needs decode_torch_tensors."""
-    metadata = _check_header(data, max_tensors)
+    metadata = _check_header(data, max_tensors, _NUMPY_WIRE_DTYPES)
     try:
         arrays = safetensors.numpy.load(data)
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
@@ -82,7 +83,7 @@ def decode_torch_tensors(data: bytes, *, max_tensors: int = MAX_TENSORS) -> Deco
     """Untrusted bytes -> CPU torch tensors (keeps bfloat16)."""
     import safetensors.torch  # torch is heavy: only callers that want tensors pay for it
 
-    metadata = _check_header(data, max_tensors)
+    metadata = _check_header(data, max_tensors, _TORCH_WIRE_DTYPES)
     try:
         tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, TypeError, RuntimeError) as exc:
@@ -154,7 +155,7 @@ def _encode_torch(tensors: Mapping[str, Any], header: dict[str, str]) -> bytes:
         raise TensorEncodeError(f"safetensors cannot encode these tensors: {exc}", reason="bad_tensor") from exc
 
 
-def _check_header(data: bytes, max_tensors: int) -> dict[str, str]:
+def _check_header(data: bytes, max_tensors: int, dtypes: set[str]) -> dict[str, str]:
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
         raise TensorDecodeError("safetensors bytes start with an 8-byte header length", reason="truncated")
     header_len = int.from_bytes(data[:8], "little")
@@ -171,8 +172,10 @@ def _check_header(data: bytes, max_tensors: int) -> dict[str, str]:
     if len(entries) > max_tensors:
         raise TensorDecodeError(f"{len(entries)} tensors, over the limit of {max_tensors}", reason="too_many")
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in _WIRE_DTYPES:
-            raise TensorDecodeError(f"tensor {name!r} has no supported dtype", reason="bad_dtype")
+        if not isinstance(entry, dict) or entry.get("dtype") not in dtypes:
+            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+            hint = " (bfloat16: use decode_torch_tensors)" if dtype == "BF16" else ""
+            raise TensorDecodeError(f"tensor {name!r} has unsupported dtype {dtype!r}{hint}", reason="bad_dtype")
     return _read_format_entry(header.get("__metadata__"))
 
 
