@@ -138,6 +138,8 @@ class HydraPeer:
         self.jam_deposits = False  # deposits are recorded but never approved (hydra #2102, #2446)
         self.drop_on_next_newtx: str | None = None  # "before" or "after" applying it
         self.conflict_on_drop: Transaction | None = None  # another party's tx, applied during the drop
+        self.refuse_parse_next = False  # answer the next input with InvalidInput (version skew)
+        self.http_override: dict[str, tuple[int, Any]] = {}  # path -> raw (status, body), unvalidated
         self.violations: list[str] = []  # the client broke the schema
         self.errors: list[str] = []  # the peer itself failed (a bug in this file)
         self.received: list[dict[str, Any]] = []
@@ -179,7 +181,7 @@ class HydraPeer:
     async def _start_servers(self) -> None:
         self._ws_server = await serve(self._serve_ws, "127.0.0.1", 0)
         self.ws_port = next(iter(self._ws_server.sockets)).getsockname()[1]
-        app = web.Application()
+        app = web.Application(middlewares=[self._overridden])
         app.add_routes([
             web.get("/head", self._http_head), web.post("/commit", self._http_commit),
             web.get("/commits", self._http_pending_deposits),
@@ -221,6 +223,10 @@ class HydraPeer:
     def close_by_other_party(self, snapshot_number: int) -> None:
         """Another participant posts a Close with an older confirmed snapshot."""
         self._call(self._close, self.snapshots[snapshot_number])
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq - 1
 
     @property
     def head_utxo(self) -> dict[str, Any]:
@@ -304,6 +310,11 @@ class HydraPeer:
                                            "input": frame if isinstance(frame, str) else frame.hex()})
             return
         self.received.append(message)
+        if self.refuse_parse_next:
+            self.refuse_parse_next = False
+            await self._reply(connection, {"tag": "InvalidInput", "reason": "Error in $: unknown field",
+                                           "input": frame if isinstance(frame, str) else frame.hex()})
+            return
         tag = message["tag"]
         if tag not in ACCEPTS[self.phase]:
             await self._command_failed(connection, message)
@@ -493,6 +504,13 @@ class HydraPeer:
         return after
 
     # -- HTTP ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _overridden(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        if request.path in self.http_override:
+            status, body = self.http_override[request.path]
+            return web.json_response(body, status=status)
+        return await handler(request)
 
     async def _json_body(self, request: web.Request, pointer: str) -> Any:
         try:

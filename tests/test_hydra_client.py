@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -26,6 +27,8 @@ from node.settlement.hydra import (
     HydraPostTxFailed,
     HydraRefused,
     HydraSettings,
+    HydraUnreachable,
+    InputRejectedByNode,
     TxDropped,
     TxRejected,
 )
@@ -98,8 +101,9 @@ def peer(party_key: PaymentSigningKey):
 def run_client(peer: Any, scenario: Callable[[HydraClient], Awaitable[None]], *, limit_s: float = 10,
                **overrides: Any) -> HydraClient:
     on_peer_error = overrides.pop("on_peer_error", None)
-    settings = HydraSettings(ws_url=peer.ws_url, http_url=peer.http_url, reconnect_initial_s=0.02,
-                             reconnect_max_s=0.1, **overrides)
+    options = {"ws_url": peer.ws_url, "http_url": peer.http_url, "reconnect_initial_s": 0.02,
+               "reconnect_max_s": 0.1, **overrides}
+    settings = HydraSettings(**options)
     client = HydraClient(settings, _schema(), on_peer_error=on_peer_error)
 
     async def main() -> None:
@@ -195,6 +199,10 @@ def test_refusals_surface_as_typed_errors(peer, party_key):
         with pytest.raises(HydraPostTxFailed) as failed:
             await client.contest()  # the head was closed with our latest snapshot
         assert "FailedToConstructContestTx" in failed.value.hint
+        peer.refuse_parse_next = True  # a node whose parser disagrees with the schema
+        with pytest.raises(InputRejectedByNode, match="unknown field"):
+            await client.fanout()
+        assert isinstance(InputRejectedByNode("x"), LocalProtocolError)
 
     run_client(peer, scenario)
 
@@ -241,7 +249,8 @@ def test_lost_newtx_is_resubmitted_after_reconnect(peer, party_key):
     assert len(sent) == 2 and sent[0] == sent[1]
 
 
-def test_confirmation_missed_while_disconnected_is_learnt_from_greetings(peer, party_key):
+@pytest.mark.parametrize("history", [False, True], ids=["greetings", "history-replay"])
+def test_confirmation_missed_while_disconnected_is_learnt_on_reconnect(peer, party_key, history):
     async def scenario(client: HydraClient) -> None:
         await open_and_fund(client, peer, party_key)
         tx = record_tx(client, party_key, SCORES)
@@ -250,9 +259,13 @@ def test_confirmation_missed_while_disconnected_is_learnt_from_greetings(peer, p
         assert confirmed.snapshot_number == peer.snapshots[-1].number
         assert client.head.confirmed_utxo == peer.head_utxo  # resynced from Greetings
 
-    client = run_client(peer, scenario)
+    client = run_client(peer, scenario, history=history)
     assert client.connections == 2
     assert [m["tag"] for m in peer.received].count("NewTx") == 1  # not resubmitted
+    if history:  # the replay filled the gap; outputs seen before were skipped by seq
+        assert client.head.last_seq == peer.last_seq
+    else:  # the gap stays a gap; Greetings and GET /snapshot carried the state across it
+        assert client.head.last_seq < peer.last_seq
 
 
 def test_newtx_whose_inputs_were_spent_meanwhile_is_reported_dropped(peer, party_key):
@@ -330,13 +343,25 @@ def test_schema_invalid_server_messages_are_peer_errors_not_fatal(peer, party_ke
         peer.inject({"tag": "HeadIsExploded", "seq": 100})
         await client.init()  # the same connection still works
         assert client.head.status == "Open"
-        with pytest.raises(IncomingMessageInvalid):
-            await client._http_json("GET", "/head", "components/schemas/UTxO")  # a wrong-shaped answer
+        peer.http_override["/snapshot/utxo"] = (200, {"not-a-txin": {"address": 1}})
+        with pytest.raises(IncomingMessageInvalid, match="UTxO"):
+            await client.get_snapshot_utxo()
 
     client = run_client(peer, scenario, on_peer_error=reported.append)
     assert client.peer_errors == {"schema_violation": 2, "not_json": 1, "unknown_tag": 1}
     assert sorted(reported) == sorted(client.peer_errors.elements())
     assert client.connections == 1
+
+
+def test_unreachable_http_api_says_what_to_check(peer):
+    async def scenario(client: HydraClient) -> None:
+        with pytest.raises(HydraUnreachable, match="--hydra-url"):
+            await client.get_head()
+
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    run_client(peer, scenario, http_url=f"http://127.0.0.1:{dead}")
 
 
 def test_outgoing_messages_are_checked_before_sending():

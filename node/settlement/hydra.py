@@ -137,6 +137,10 @@ class HydraHttpError(RemoteProtocolError):
         self.status = status
 
 
+class HydraUnreachable(ConnectionError):
+    """The HTTP API did not answer at all (refused, reset, timed out)."""
+
+
 class InputRejectedByNode(LocalProtocolError):
     """hydra-node could not parse our input (InvalidInput): our encoder and its disagree."""
 
@@ -370,22 +374,23 @@ class HydraClient:
         """After (re)connecting: snapshot number from GET /snapshot, then settle pending NewTx."""
         if greetings["headStatus"] == "Idle":
             return
-        confirmed_ids: set[str] = set()
         try:
             snapshot = await self.get_snapshot()
-            if snapshot.get("tag") != "InitialSnapshot":
-                self.head.snapshot_number = snapshot["snapshot"]["number"]
-                confirmed_ids = {i for i in map(_envelope_id, snapshot["snapshot"]["confirmed"]) if i}
-            else:
-                self.head.snapshot_number = 0
-        except (HydraHttpError, IncomingMessageInvalid, httpx.HTTPError) as exc:
-            log.warning("resync: GET /snapshot failed: %r", exc)
-        if not self._pending:
+            utxo = greetings.get("snapshotUtxo")
+            if utxo is None and self._pending:
+                utxo = await self.get_snapshot_utxo()
+        except (HydraHttpError, HydraUnreachable, IncomingMessageInvalid) as exc:
+            # Pending NewTx stay pending: their SnapshotConfirmed may still come, or the next resync.
+            log.warning("resync after reconnect incomplete: %s", exc)
             return
-        utxo = greetings.get("snapshotUtxo")
-        if utxo is None:
-            utxo = await self.get_snapshot_utxo()
+        confirmed_ids: set[str] = set()
+        if snapshot["tag"] == "InitialSnapshot":
+            self.head.snapshot_number = 0
+        else:
+            self.head.snapshot_number = snapshot["snapshot"]["number"]
+            confirmed_ids = {i for i in map(_envelope_id, snapshot["snapshot"]["confirmed"]) if i}
         for tx_id, tx in list(self._pending.items()):
+            assert utxo is not None
             if tx_id in confirmed_ids or any(ref in utxo for ref in produced_utxo(tx)):
                 self._notify({"tag": RESYNC_CONFIRMED, "txId": tx_id, "snapshotNumber": self.head.snapshot_number})
             elif all(ref in utxo for ref in spent_refs(tx)):
@@ -409,7 +414,7 @@ class HydraClient:
                 await ws.send_message(text)
                 return
             except trio_websocket.ConnectionClosed:
-                await trio.sleep(0)  # not delivered; retry once run() reconnects
+                await trio.sleep(0.01)  # not delivered; retry once run() has reconnected
 
     @contextmanager
     def _subscribe(self, wants: Callable[[Mapping[str, Any]], bool]) -> Iterator[trio.MemoryReceiveChannel]:
@@ -548,7 +553,11 @@ class HydraClient:
         by_status = {200: response_schema} if isinstance(response_schema, str) else dict(response_schema)
         if body_schema is not None:
             self.schema.check_outgoing(body_schema, body)
-        response = await self._http.request(method, path, json=body)
+        try:
+            response = await self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise HydraUnreachable(f"{method} {self._http.base_url}{path} failed: {exc!r}; is hydra-node "
+                                   "running there (check --hydra-url)?") from exc
         if response.status_code not in by_status:
             raise HydraHttpError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}",
                                  status=response.status_code)
