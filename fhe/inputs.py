@@ -1,0 +1,105 @@
+"""Challenge inputs, drawn deterministically from a seed the validator keeps secret.
+
+The same seed always gives the same input, so a validator can re-derive a challenge
+for an audit; a miner that never learns the seed cannot predict it. Real inputs (digits
+test images) are augmented so a miner cannot look them up in the public data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fhe.zoo import ZooError, digits_split, get_model
+
+Source = Literal["real", "synthetic"]
+
+MAX_SHIFT_PIXELS = 1
+NOISE_STD = 0.05
+
+
+@dataclass(frozen=True)
+class ChallengeInput:
+    model: str
+    image: np.ndarray  # float32, exactly the model's input shape (no batch axis)
+    label: int | None  # the true class of a real image; None for synthetic ones
+    source: str  # e.g. "digits-test[123]+shift(1,-1)+noise", for logs
+
+
+def rng_from_seed(seed: int | bytes | str) -> np.random.Generator:
+    """A generator keyed by any seed; bytes and text are hashed first."""
+    if isinstance(seed, int):
+        if seed < 0:
+            raise ZooError(f"seed must be >= 0, got {seed}", reason="bad_seed")
+        return np.random.default_rng(seed)
+    if isinstance(seed, str):
+        seed = seed.encode()
+    if not isinstance(seed, bytes):
+        raise ZooError(f"seed must be int, bytes or str, got {type(seed).__name__}",
+                       reason="bad_seed")
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest(), "big"))
+
+
+def augment_digit(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Shift by up to one pixel (zero fill) and add Gaussian noise; stays in [0, 1]."""
+    dy, dx = (int(v) for v in rng.integers(-MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS + 1, size=2))
+    shifted = np.zeros_like(image)
+    h, w = image.shape[-2:]
+    src_y, dst_y = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
+    shifted[..., dst_y, dst_x] = image[..., src_y, src_x]
+    noisy = shifted + rng.normal(0.0, NOISE_STD, size=image.shape)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32), f"shift({dy},{dx})+noise"
+
+
+def cifar_like_image(rng: np.random.Generator) -> np.ndarray:
+    """A 3x32x32 image in [-1, 1) with natural-image structure: a smooth colour
+    gradient, a few soft blobs and fine noise (CIFAR itself is not downloaded)."""
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    base = rng.uniform(-0.6, 0.6, size=(3, 1, 1))
+    slope = rng.uniform(-0.5, 0.5, size=(3, 2, 1, 1))
+    image = base + slope[:, 0] * yy + slope[:, 1] * xx
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0.1, 0.9, size=2)
+        radius = rng.uniform(0.08, 0.3)
+        colour = rng.uniform(-1.0, 1.0, size=(3, 1, 1))
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        image = image + colour * blob
+    image = image + rng.normal(0.0, 0.03, size=image.shape)
+    return np.clip(image, -1.0, 1.0 - 2.0**-7).astype(np.float32)
+
+
+def synthetic_image(shape: tuple[int, ...], low: float, high: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(low, high, size=shape).astype(np.float32)
+
+
+def draw_challenge_input(model: str, seed: int | bytes | str,
+                         source: Source = "real") -> ChallengeInput:
+    """The challenge input for `model` keyed by `seed`.
+
+    source "real": an augmented digits test image (digits-cnn) or a CIFAR-like image
+    (cnv-cifar10, which has no bundled data); "synthetic": uniform noise in the
+    model's input range.
+    """
+    spec = get_model(model)
+    rng = rng_from_seed(seed)
+    if source not in ("real", "synthetic"):
+        raise ZooError(f"source must be 'real' or 'synthetic', got {source!r}",
+                       reason="bad_source")
+    if model == "digits-cnn":
+        if source == "synthetic":
+            return ChallengeInput(model, synthetic_image(spec.input_shape, 0.0, 1.0, rng),
+                                  None, "uniform[0,1]")
+        split = digits_split()
+        index = int(rng.integers(len(split.test_images)))
+        image, how = augment_digit(split.test_images[index], rng)
+        return ChallengeInput(model, image, int(split.test_labels[index]),
+                              f"digits-test[{index}]+{how}")
+    if source == "synthetic":
+        return ChallengeInput(model, synthetic_image(spec.input_shape, -1.0, 1.0 - 2.0**-7, rng),
+                              None, "uniform[-1,1)")
+    return ChallengeInput(model, cifar_like_image(rng), None, "cifar-like")

@@ -1,0 +1,328 @@
+"""The model zoo: which networks miners may serve, how each is built, and its defaults.
+
+Two models:
+- `digits-cnn`: a tiny CNN on sklearn's bundled 8x8 digits; weights ship in
+  fhe/data/digits_cnn.safetensors (made by `train_digits_cnn(seed=0)`), so every node
+  compiles the same bytes. Post-training quantization via compile_torch_model.
+- `cnv-cifar10`: the CNV 2W2A network of Umuroglu et al. (FINN) as brevitas writes it,
+  with Concrete-ML's FHE-friendly change (average pooling followed by a requantizer
+  instead of max pooling). Quantization-aware: compiled with compile_brevitas_qat_model.
+
+Weights come from a safetensors state_dict (never pickle) or, for CNV, a seeded random
+initialisation when no checkpoint is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from protocol.errors import LocalProtocolError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DIGITS_WEIGHTS = DATA_DIR / "digits_cnn.safetensors"
+DIGITS_TEST_FRACTION = 0.22  # 397 of 1797 images held out; the challenge pool
+
+
+class ZooError(LocalProtocolError):
+    """A model name, checkpoint or setting this node cannot use."""
+
+    reason = "zoo"
+
+    def __init__(self, hint: str, *, reason: str | None = None) -> None:
+        super().__init__(hint)
+        if reason is not None:
+            self.reason = reason
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """Everything that changes the compiled circuit; recorded in the manifest.
+
+    n_bits None means: take the bit widths from the brevitas quantizers (QAT models),
+    except the input/output quantizers which use `io_bits`.
+    """
+
+    n_bits: int | None
+    rounding_threshold_bits: int | None
+    rounding_method: Literal["approximate", "exact"]
+    p_error: float
+    io_bits: int = 8
+
+    def rounding_argument(self) -> dict[str, int | str] | None:
+        if self.rounding_threshold_bits is None:
+            return None
+        return {"n_bits": self.rounding_threshold_bits, "method": self.rounding_method}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, ...]  # one sample, no batch axis
+    num_classes: int
+    quantization: Literal["post_training", "brevitas_qat"]
+    defaults: CompileSettings
+    build: Callable[[Path | None], nn.Module]  # checkpoint path or None -> eval-mode model
+    calibration_inputs: Callable[[], np.ndarray]  # float32, (n, *input_shape)
+    description: str
+
+
+# --------------------------------------------------------------------------- digits
+
+
+class DigitsCNN(nn.Module):
+    """Two strided 3x3 convolutions and one linear layer: 96 ReLUs, 128 PBS in FHE.
+
+    Chosen over a wider 2-conv net (8/16 channels, 352 ReLUs) because evaluation keys
+    shrink from 104 MB to 39 MB and one FHE run from ~8 s to ~1.5 s on 2 cores, at
+    ~90 % simulated agreement with the float model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, kernel_size=3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.conv2 = nn.Conv2d(4, 8, kernel_size=3, stride=2, padding=1)  # 4x4 -> 2x2
+        self.fc = nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    train_images: np.ndarray  # float32 (n, 1, 8, 8) in [0, 1]
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+@lru_cache(maxsize=1)
+def digits_split() -> DigitsSplit:
+    """sklearn's bundled digits, scaled to [0, 1], split by a fixed permutation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    order = np.random.default_rng(0).permutation(len(images))
+    n_test = int(round(len(images) * DIGITS_TEST_FRACTION))
+    test, train = order[:n_test], order[n_test:]
+    return DigitsSplit(images[train], digits.target[train], images[test], digits.target[test])
+
+
+def train_digits_cnn(seed: int = 0, epochs: int = 40) -> DigitsCNN:
+    """Train DigitsCNN from scratch (about a second on 2 cores). The shipped weights
+    were made with the defaults; torch float reductions can differ across machines, so
+    nodes load the shipped file rather than retrain."""
+    split = digits_split()
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    images = torch.from_numpy(split.train_images)
+    labels = torch.from_numpy(split.train_labels).long()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), 64):
+            batch = order[start : start + 64]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _build_digits(checkpoint: Path | None) -> nn.Module:
+    model = DigitsCNN()
+    load_checkpoint(model, checkpoint if checkpoint is not None else DIGITS_WEIGHTS)
+    return model.eval()
+
+
+def _digits_calibration() -> np.ndarray:
+    return digits_split().train_images[:500]
+
+
+# --------------------------------------------------------------------------- CNV
+
+
+CNV_OUT_CH_POOL = ((64, False), (64, True), (128, False), (128, True), (256, False), (256, False))
+CNV_FC_FEATURES = ((256, 512), (512, 512))
+CNV_INIT_SEED = 0
+
+
+class Cnv2W2A(nn.Module):
+    """CNV for 3x32x32 inputs in [-1, 1): 8-bit input quantizer, six 3x3 conv blocks
+    (64-64-128-128-256-256, no padding, 2-bit weights and activations), FC 512-512-10.
+    Quantizers are brevitas_examples' bnn_pynq ones (constant scaling, narrow range)."""
+
+    def __init__(self, weight_bits: int = 2, act_bits: int = 2, in_bits: int = 8) -> None:
+        super().__init__()
+        from brevitas.core.restrict_val import RestrictValueType
+        from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+        from brevitas_examples.bnn_pynq.models.common import CommonActQuant, CommonWeightQuant
+        from brevitas_examples.bnn_pynq.models.tensor_norm import TensorNorm
+
+        self.conv_features = nn.ModuleList()
+        self.linear_features = nn.ModuleList()
+        self.conv_features.append(
+            QuantIdentity(  # Q1.7 input
+                act_quant=CommonActQuant,
+                bit_width=in_bits,
+                min_val=-1.0,
+                max_val=1.0 - 2.0**-7,
+                narrow_range=False,
+                restrict_scaling_type=RestrictValueType.POWER_OF_TWO,
+            )
+        )
+        in_ch = 3
+        for out_ch, pool in CNV_OUT_CH_POOL:
+            self.conv_features.append(
+                QuantConv2d(
+                    in_channels=in_ch,
+                    out_channels=out_ch,
+                    kernel_size=3,
+                    bias=False,
+                    weight_quant=CommonWeightQuant,
+                    weight_bit_width=weight_bits,
+                )
+            )
+            in_ch = out_ch
+            self.conv_features.append(nn.BatchNorm2d(out_ch, eps=1e-4))
+            self.conv_features.append(QuantIdentity(act_quant=CommonActQuant, bit_width=act_bits))
+            if pool:
+                # Max pooling costs many PBS in FHE; an average plus a requantizer does not.
+                self.conv_features.append(nn.AvgPool2d(kernel_size=2))
+                self.conv_features.append(
+                    QuantIdentity(act_quant=CommonActQuant, bit_width=act_bits)
+                )
+        for in_features, out_features in CNV_FC_FEATURES:
+            self.linear_features.append(
+                QuantLinear(
+                    in_features,
+                    out_features,
+                    bias=False,
+                    weight_quant=CommonWeightQuant,
+                    weight_bit_width=weight_bits,
+                )
+            )
+            self.linear_features.append(nn.BatchNorm1d(out_features, eps=1e-4))
+            self.linear_features.append(
+                QuantIdentity(act_quant=CommonActQuant, bit_width=act_bits)
+            )
+        self.linear_features.append(
+            QuantLinear(
+                512, 10, bias=False, weight_quant=CommonWeightQuant, weight_bit_width=weight_bits
+            )
+        )
+        self.linear_features.append(TensorNorm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.conv_features:
+            x = module(x)
+        x = torch.flatten(x, 1)
+        for module in self.linear_features:
+            x = module(x)
+        return x
+
+
+def _build_cnv(checkpoint: Path | None) -> nn.Module:
+    if checkpoint is None:
+        torch.manual_seed(CNV_INIT_SEED)
+        model = Cnv2W2A()
+        for module in model.modules():
+            if hasattr(module, "weight_quant"):  # brevitas' own init for CNV
+                nn.init.uniform_(module.weight.data, -1.0, 1.0)
+    else:
+        model = Cnv2W2A()
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def _cnv_calibration() -> np.ndarray:
+    from fhe.inputs import cifar_like_image
+
+    return np.stack([cifar_like_image(np.random.default_rng(seed)) for seed in range(100)])
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a safetensors state_dict strictly: every tensor present, none extra."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"checkpoint {path} does not exist", reason="missing_checkpoint")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ZooError(
+            f"checkpoint {path} is not a safetensors file ({exc}); convert it with "
+            "safetensors.torch.save_file(model.state_dict(), path)",
+            reason="bad_checkpoint",
+        ) from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ZooError(
+            f"checkpoint {path} does not fit {type(model).__name__}: {exc}",
+            reason="checkpoint_mismatch",
+        ) from exc
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A digest of the weights (name, dtype, shape, bytes), recorded in the manifest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+ZOO: dict[str, ModelSpec] = {
+    "digits-cnn": ModelSpec(
+        name="digits-cnn",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        quantization="post_training",
+        defaults=CompileSettings(
+            n_bits=4, rounding_threshold_bits=5, rounding_method="approximate", p_error=0.01
+        ),
+        build=_build_digits,
+        calibration_inputs=_digits_calibration,
+        description="2-conv CNN on sklearn digits (8x8 grey, values in [0, 1])",
+    ),
+    "cnv-cifar10": ModelSpec(
+        name="cnv-cifar10",
+        input_shape=(3, 32, 32),
+        num_classes=10,
+        quantization="brevitas_qat",
+        defaults=CompileSettings(
+            n_bits=None, rounding_threshold_bits=6, rounding_method="exact", p_error=0.01
+        ),
+        build=_build_cnv,
+        calibration_inputs=_cnv_calibration,
+        description="CNV 2W2A (brevitas/FINN) for CIFAR-10 (3x32x32, values in [-1, 1))",
+    ),
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise ZooError(
+            f"unknown model {name!r}; the zoo has: {', '.join(sorted(ZOO))}",
+            reason="unknown_model",
+        ) from None
