@@ -128,7 +128,8 @@ _OURS = {FORMAT_KEY: json.dumps({"version": 1, "metadata": {}})}
     ((4).to_bytes(8, "little") + b"\xff\xfe{}", "bad_header"),
     (_with_header([]), "bad_header"),
     ((2).to_bytes(8, "little") + b"[]", "bad_header"),
-    (b"\x30\x00\x00\x00\x00\x00\x00\x00" + b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":1}', "bad_header"),
+    ((60).to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":1}',
+     "bad_header"),  # duplicate key
     (_with_header({"__metadata__": _OURS, "x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8)),
      "bad_dtype"),
     (_with_header({"__metadata__": _OURS, "x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(4)),
