@@ -257,7 +257,9 @@ def test_confirmation_missed_while_disconnected_is_learnt_on_reconnect(peer, par
         peer.drop_on_next_newtx = "after"  # applied and confirmed, but we miss the outputs
         confirmed = await client.submit_tx(tx)
         assert confirmed.snapshot_number == peer.snapshots[-1].number
-        assert client.head.confirmed_utxo == peer.head_utxo  # resynced from Greetings
+        # With history the replayed SnapshotConfirmed may settle it before Greetings.
+        await client.wait_until(lambda _: client.connections == 2)
+        assert client.head.confirmed_utxo == peer.head_utxo
 
     client = run_client(peer, scenario, history=history)
     assert client.connections == 2
