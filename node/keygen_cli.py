@@ -1,0 +1,117 @@
+"""`sealmesh committee keygen ...`: the dealer-free key ceremony from the command line.
+
+One member:   --index I --members host:port,... --threshold T --bits B --out DIR
+All, locally: --local N --threshold T --bits B --out DIR   (DIR/member-1 .. member-N)
+
+Exit status: 0 finished (or already finished), 1 the ceremony failed (the state file and
+the log say why), 2 bad usage, 130 stopped by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  sealmesh committee keygen --local 3 --threshold 2 --bits 2048 --out committee-key
+  sealmesh committee keygen --index 1 --members 10.0.0.1:8801,10.0.0.2:8801,10.0.0.3:8801 \\
+      --threshold 2 --bits 2048 --out ~/.sealmesh/committee-key
+"""
+
+
+def build_keygen_parser(prog: str = "sealmesh committee keygen") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Make the committee's threshold Paillier key without a dealer (TNO's "
+                    "distributed key generation, semi-honest members, n >= 2·threshold - 1). "
+                    "Every member runs this at the same time; nobody ever holds the whole key.")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--index", type=int, help="this member's 1-based position in --members")
+    who.add_argument("--local", type=int, metavar="N",
+                     help="run all N members as processes on 127.0.0.1 (tests, demos)")
+    parser.add_argument("--members", help="host:port of every member, comma-separated, in the "
+                                          "same order on every member (with --index)")
+    parser.add_argument("--threshold", type=int,
+                        help="members needed to decrypt (default: the most TNO allows, (n+1)/2)")
+    parser.add_argument("--bits", type=int, default=2048, help="modulus size (default %(default)s)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for state.json and the key files (0600)")
+    parser.add_argument("--allow-weak", action="store_true",
+                        help="admit key sizes below 2048 bits (tests and measurements only)")
+    parser.add_argument("--timeout", type=float, default=7200.0,
+                        help="seconds before the whole ceremony gives up (default %(default)s)")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="seconds to wait on a member whose port refuses connections "
+                             "before failing (default %(default)s)")
+    parser.add_argument("--join-timeout", type=float, default=300.0,
+                        help="the same while members are still starting (default %(default)s)")
+    parser.add_argument("--heartbeat", type=float, default=5.0,
+                        help="seconds between progress lines and state updates")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="TNO p, q candidates per round (default %(default)s)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start a new ceremony after a crashed or failed one (a finished "
+                             "one is never redone)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    parser = build_keygen_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported after parsing so `--help` stays fast (the ceremony pulls in TNO and sympy).
+    from crypto.dkg import DkgError
+    from node import keygen
+
+    try:
+        if args.local is not None:
+            return _run_local(args, keygen)
+        if not args.members:
+            parser.error("--index needs --members host:port,...")
+        members = keygen.parse_members(args.members)
+        settings = keygen.KeygenSettings(
+            index=args.index, members=members,
+            threshold=args.threshold or (len(members) + 1) // 2, bits=args.bits,
+            out_dir=args.out.expanduser(), allow_weak=args.allow_weak, timeout_s=args.timeout,
+            stall_timeout_s=args.stall_timeout, join_timeout_s=args.join_timeout,
+            heartbeat_s=args.heartbeat, batch_size=args.batch_size, restart=args.restart)
+        summary = keygen.run_member(settings)
+    except keygen.CeremonyInterrupted as exc:
+        print(f"keygen: {exc}", file=sys.stderr)
+        return 130
+    except (keygen.KeygenError, DkgError) as exc:
+        print(f"keygen: {exc} [{exc.reason}]", file=sys.stderr)
+        return 2 if exc.reason in ("usage", "parameters") else 1
+    print(json.dumps(keygen.describe(summary), sort_keys=True))
+    return 0
+
+
+def _run_local(args: argparse.Namespace, keygen: object) -> int:
+    from node import keygen as kg
+
+    if args.members:
+        print("keygen: --local picks its own loopback ports; drop --members", file=sys.stderr)
+        return 2
+    n = args.local
+    local = kg.LocalCeremony(
+        n_parties=n, threshold=args.threshold or (n + 1) // 2, bits=args.bits,
+        out_dir=args.out.expanduser(), allow_weak=args.allow_weak, timeout_s=args.timeout,
+        stall_timeout_s=args.stall_timeout, heartbeat_s=args.heartbeat,
+        batch_size=args.batch_size, restart=args.restart)
+    result = kg.run_local(local)
+    report = {"ok": result["ok"], "failed": result["failed"], "members": {
+        i: {k: s.get(k) for k in ("status", "phase", "elapsed_s", "error", "modulus_bits")}
+        for i, s in result["members"].items()}}
+    print(json.dumps(report, sort_keys=True))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(keygen_main(sys.argv[1:]))
