@@ -350,8 +350,8 @@ class HydraPeer:
         try:
             tx = Transaction.from_cbor(message["transaction"]["cborHex"])
         except Exception as exc:
-            await self._reply(connection, {"tag": "InvalidInput", "reason": f"cannot decode transaction: {exc}"[:400],
-                                           "input": json.dumps(message)})
+            await self._reply(connection, {"tag": "InvalidInput", "input": json.dumps(message),
+                                           "reason": f"cannot decode transaction: {exc}"[:400]})
             return
         envelope = _envelope(tx)
         try:
@@ -373,11 +373,14 @@ class HydraPeer:
         try:
             remaining = self._apply(self.head_utxo, tx)
         except LedgerRejection as exc:
-            await self._emit("DecommitInvalid", headId=self.head_id, decommitTx=envelope, decommitInvalidReason={
-                "tag": "DecommitTxInvalid", "localUTxO": self.head_utxo, "validationError": {"reason": str(exc)}})
+            reason = {"tag": "DecommitTxInvalid", "localUTxO": self.head_utxo,
+                      "validationError": {"reason": str(exc)}}
+            await self._emit("DecommitInvalid", headId=self.head_id, decommitTx=envelope,
+                             decommitInvalidReason=reason)
             return
         leaving = {ref: remaining.pop(ref) for ref in _produced(tx)}
-        await self._emit("DecommitRequested", headId=self.head_id, decommitTx=envelope, utxoToDecommit=leaving)
+        await self._emit("DecommitRequested", headId=self.head_id, decommitTx=envelope,
+                         utxoToDecommit=leaving)
         await self._emit("DecommitApproved", headId=self.head_id, decommitTxId=envelope["txId"],
                          utxoToDecommit=leaving)
         last = self.snapshots[-1]
@@ -491,7 +494,8 @@ class HydraPeer:
         consumed = sum((value_from_json(utxo[ref]["value"]) for ref in refs), Value(0))
         produced = sum((_value(o.amount) for o in body.outputs), Value(0)) + Value(body.fee)
         if consumed != produced:
-            raise LedgerRejection(f"ValueNotConservedUTxO: consumed {consumed.coin}, produced {produced.coin}")
+            raise LedgerRejection(
+                f"ValueNotConservedUTxO: consumed {consumed.coin}, produced {produced.coin}")
         min_fee = (int(self.protocol_parameters["txFeeFixed"])
                    + int(self.protocol_parameters["txFeePerByte"]) * len(tx.to_cbor()))
         if body.fee < min_fee:
@@ -555,8 +559,8 @@ class HydraPeer:
             return self._respond(S.POST_TX_ERROR, error, status=400)
         total = sum((value_from_json(out["value"]) for out in utxo.values()), Value(0))
         inputs = [TransactionInput(TransactionId(bytes.fromhex(ref[:64])), int(ref[65:])) for ref in utxo]
-        draft = Transaction(TransactionBody(inputs=inputs, outputs=[TransactionOutput(DEPOSIT_ADDRESS, total)],
-                                            fee=0), TransactionWitnessSet())
+        body = TransactionBody(inputs=inputs, outputs=[TransactionOutput(DEPOSIT_ADDRESS, total)], fee=0)
+        draft = Transaction(body, TransactionWitnessSet())
         envelope = _envelope(draft)
         deadline = _now() + timedelta(seconds=self.deposit_period_s)
         self.deposits[envelope["txId"]] = Deposit(envelope["txId"], dict(utxo), deadline)
@@ -608,7 +612,8 @@ class HydraPeer:
         envelope = await self._json_body(request, S.TRANSACTION)
         tx = Transaction.from_cbor(envelope["cborHex"])
         if self.phase is not Phase.OPEN:
-            return self._respond(S.SUBMIT_L2_TX_RESPONSE, {"tag": "SubmitTxRejected", "reason": "head not open"}, 503)
+            rejected = {"tag": "SubmitTxRejected", "reason": "head not open"}
+            return self._respond(S.SUBMIT_L2_TX_RESPONSE, rejected, 503)
         try:
             new_utxo = self._apply(self.head_utxo, tx)
         except LedgerRejection as exc:
@@ -649,7 +654,8 @@ class HydraPeer:
                 "parameters": self._parameters(), "chainState": {}, "headId": self.head_id,
                 "headSeed": self.head_seed, "coordinatedHeadState": {
                     "localUTxO": latest.utxo, "localTxs": [], "allTxs": {},
-                    "confirmedSnapshot": self._confirmed_json(latest), "seenSnapshot": {"tag": "NoSeenSnapshot"},
+                    "confirmedSnapshot": self._confirmed_json(latest),
+                    "seenSnapshot": {"tag": "NoSeenSnapshot"},
                     "currentDepositTxId": None, "decommitTx": None, "version": latest.version}}}
         assert self.closed_snapshot is not None and self.contestation_deadline is not None
         return {"tag": "Closed", "contents": {

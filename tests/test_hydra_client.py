@@ -89,7 +89,8 @@ def party_key() -> PaymentSigningKey:
 def peer(party_key: PaymentSigningKey):
     from tests.hydra_peer import HydraPeer
 
-    funds = {f"{os.urandom(32).hex()}#{i}": {"address": str(_address(party_key)), "value": {"lovelace": 30 * ADA}}
+    owner = str(_address(party_key))
+    funds = {f"{os.urandom(32).hex()}#{i}": {"address": owner, "value": {"lovelace": 30 * ADA}}
              for i in range(3)}
     hydra = HydraPeer(_schema(), l1_utxo=funds).start()
     yield hydra
@@ -138,7 +139,8 @@ def record_tx(client: HydraClient, key: PaymentSigningKey, record: Any, pay: int
 
 ROUND = RoundResultRecord(
     round=7, adapter_id="sha256:" + hashlib.sha256(b"adapter r7").hexdigest(),
-    contributors=("5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY", "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"),
+    contributors=("5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY",
+                  "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"),
     rewards={"5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY": 600,
              "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty": 400},
     blobs=(BlobRef("blob/" + "ab" * 40, hashlib.sha256(b"update 1").digest()),))
@@ -447,7 +449,8 @@ def test_bad_records_are_refused_both_ways():
 def test_build_head_tx_pays_the_linear_fee_and_checks_funds(party_key):
     utxo = {f"{'cd' * 32}#0": {"address": str(_address(party_key)), "value": {"lovelace": 5 * ADA}}}
     fees = FeeParameters(fixed=155_381, per_byte=44)
-    tx = build_head_tx(owned_utxo(utxo, _address(party_key)), [], _address(party_key), [party_key], [ROUND], fees)
+    owner = _address(party_key)
+    tx = build_head_tx(owned_utxo(utxo, owner), [], owner, [party_key], [ROUND], fees)
     assert tx.transaction_body.fee == fees.fee_for(len(tx.to_cbor()))
     [change] = tx.transaction_body.outputs
     assert change.amount + tx.transaction_body.fee == 5 * ADA

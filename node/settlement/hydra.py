@@ -12,8 +12,8 @@ Contract with hydra-node (api.yaml, AsyncAPI 2.3; see node/settlement/hydra_sche
   message is dropped; the connection stays up.
 
 Reconnection: when the WebSocket drops, `run()` reconnects with capped exponential
-backoff and full jitter. The new Greetings (headStatus, hydraHeadId, snapshotUtxo) and
-GET /snapshot replace the head view. NewTx still pending (sent, neither confirmed nor
+backoff, each wait jittered to 50-100 %. The new Greetings (headStatus, hydraHeadId,
+snapshotUtxo) and GET /snapshot replace the head view. NewTx still pending (sent, neither confirmed nor
 rejected) are then settled against the confirmed UTxO: a transaction any of whose
 outputs is there, or which the latest snapshot lists, is reported confirmed; one whose
 inputs are all still unspent is resubmitted (same bytes, same id: a head cannot apply
@@ -392,7 +392,8 @@ class HydraClient:
         for tx_id, tx in list(self._pending.items()):
             assert utxo is not None
             if tx_id in confirmed_ids or any(ref in utxo for ref in produced_utxo(tx)):
-                self._notify({"tag": RESYNC_CONFIRMED, "txId": tx_id, "snapshotNumber": self.head.snapshot_number})
+                self._notify({"tag": RESYNC_CONFIRMED, "txId": tx_id,
+                              "snapshotNumber": self.head.snapshot_number})
             elif all(ref in utxo for ref in spent_refs(tx)):
                 log.info("resync: resubmitting NewTx %s sent before the connection dropped", tx_id)
                 await self._send({"tag": "NewTx", "transaction": tx_envelope(tx)})

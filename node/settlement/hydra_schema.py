@@ -214,7 +214,8 @@ class HydraApiSchema:
         allowed = self._pointer("channels/~1/bindings/ws/query")
         for name, value in query.items():
             if name not in allowed:
-                raise OutgoingMessageInvalid(f"query parameter {name!r} is not in the API; known: {sorted(allowed)}")
+                raise OutgoingMessageInvalid(
+                    f"query parameter {name!r} is not in the API; known: {sorted(allowed)}")
             problem = best_match(Draft7Validator(allowed[name]["schema"]).iter_errors(value))
             if problem is not None:
                 raise OutgoingMessageInvalid(f"query parameter {name}={value!r}: {problem.message}")

@@ -134,7 +134,8 @@ def encode_record(record: L2Record) -> dict[str, Any]:
     if isinstance(record, RoundResultRecord):
         for blob in record.blobs:
             if len(blob.sha256) != 32:
-                raise LocalProtocolError(f"blob {blob.blob_id}: sha256 must be 32 bytes, got {len(blob.sha256)}")
+                raise LocalProtocolError(
+                    f"blob {blob.blob_id}: sha256 must be 32 bytes, got {len(blob.sha256)}")
         return {"type": "round_result", "round": _amount(record.round, "round"),
                 "adapter": split_text(record.adapter_id),
                 "contributors": [split_text(c) for c in record.contributors],
