@@ -34,6 +34,7 @@ from node.settlement.hydra import (
 )
 from node.settlement.hydra_schema import (
     HydraApiSchema,
+    HydraSchemaUnavailable,
     IncomingMessageInvalid,
     OutgoingMessageInvalid,
     find_hydra_api_dir,
@@ -366,6 +367,25 @@ def test_unreachable_http_api_says_what_to_check(peer):
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     run_client(peer, scenario, http_url=f"http://127.0.0.1:{dead}")
+
+
+def test_client_refuses_to_send_what_the_schema_rejects(peer, party_key):
+    async def scenario(client: HydraClient) -> None:
+        await client.init()
+        with pytest.raises(OutgoingMessageInvalid, match="utxoToCommit"):
+            await client.deposit({"not-a-txin": {"address": "x", "value": {}}}, [party_key])
+
+    run_client(peer, scenario)
+    assert [m["tag"] for m in peer.received] == ["Init"]  # nothing else left the client
+
+
+def test_schema_directory_is_found_next_to_the_repository(tmp_path):
+    repo = tmp_path / "main"
+    repo.mkdir()
+    assert find_hydra_api_dir(repo) is None
+    with pytest.raises(HydraSchemaUnavailable, match="api.yaml"):
+        HydraApiSchema(tmp_path)
+    assert find_hydra_api_dir(ROOT) == API_DIR
 
 
 def test_outgoing_messages_are_checked_before_sending():
