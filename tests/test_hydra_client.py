@@ -43,7 +43,7 @@ from node.settlement.hydra_tx import (
     METADATA_LABEL,
     BadTransaction,
     BlobRef,
-    FeeParameters,
+    LedgerRules,
     MalformedRecord,
     RoundResultRecord,
     ScoreReportRecord,
@@ -132,10 +132,10 @@ async def open_and_fund(client: HydraClient, peer: Any, key: PaymentSigningKey) 
 
 
 def record_tx(client: HydraClient, key: PaymentSigningKey, record: Any, pay: int = 2 * ADA,
-              fees: FeeParameters = FeeParameters()) -> Transaction:
+              rules: LedgerRules = LedgerRules()) -> Transaction:
     other = _address(PaymentSigningKey.generate())
     spend = owned_utxo(client.head.confirmed_utxo, _address(key))
-    return build_head_tx(spend[:1], [TransactionOutput(other, pay)], _address(key), [key], [record], fees)
+    return build_head_tx(spend[:1], [TransactionOutput(other, pay)], _address(key), [key], [record], rules)
 
 
 ROUND = RoundResultRecord(
@@ -163,7 +163,7 @@ def test_full_lifecycle_with_contest_and_fanout(peer, party_key):
         assert funded.status == "committed" and set(funded.utxo) <= set(client.head.confirmed_utxo)
 
         params = await client.get_protocol_parameters()
-        round_tx = record_tx(client, party_key, ROUND, fees=FeeParameters.from_protocol_parameters(params))
+        round_tx = record_tx(client, party_key, ROUND, rules=LedgerRules.from_protocol_parameters(params))
         confirmed = await client.submit_tx(round_tx)
         assert confirmed.tx_id == tx_id_hex(round_tx) and confirmed.snapshot_number == 2
         snapshot = await client.get_snapshot()
@@ -468,15 +468,18 @@ def test_bad_records_are_refused_both_ways():
 
 def test_build_head_tx_pays_the_linear_fee_and_checks_funds(party_key):
     utxo = {f"{'cd' * 32}#0": {"address": str(_address(party_key)), "value": {"lovelace": 5 * ADA}}}
-    fees = FeeParameters(fixed=155_381, per_byte=44)
+    rules = LedgerRules(fee_fixed=155_381, fee_per_byte=44)
     owner = _address(party_key)
-    tx = build_head_tx(owned_utxo(utxo, owner), [], owner, [party_key], [ROUND], fees)
-    assert tx.transaction_body.fee == fees.fee_for(len(tx.to_cbor()))
+    tx = build_head_tx(owned_utxo(utxo, owner), [], owner, [party_key], [ROUND], rules)
+    assert tx.transaction_body.fee == rules.fee_for(len(tx.to_cbor())) == 155_381 + 44 * len(tx.to_cbor())
     [change] = tx.transaction_body.outputs
     assert change.amount + tx.transaction_body.fee == 5 * ADA
     with pytest.raises(LocalProtocolError, match="inputs hold"):
         build_head_tx(owned_utxo(utxo, _address(party_key)),
                       [TransactionOutput(_address(party_key), 6 * ADA)], _address(party_key), [party_key])
+    many = RoundResultRecord(1, "a", tuple(f"hotkey-{i:042d}" for i in range(400)), {})
+    with pytest.raises(LocalProtocolError, match="split the records"):
+        build_head_tx(owned_utxo(utxo, owner), [], owner, [party_key], [many], rules)
     with pytest.raises(LocalProtocolError, match="no signing key"):
         build_head_tx(owned_utxo(utxo, _address(party_key)), [], _address(party_key),
                       [PaymentSigningKey.generate()])

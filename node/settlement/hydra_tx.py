@@ -335,20 +335,27 @@ def unwitnessed_inputs(tx: Transaction, spent: Mapping[str, Mapping[str, Any]]) 
 
 
 @dataclass(frozen=True)
-class FeeParameters:
-    """Cardano's linear fee, fixed + per_byte * size (hydra heads often run at zero)."""
+class LedgerRules:
+    """The ledger limits a head transaction must meet, from hydra-node's protocol parameters.
 
-    fixed: int = 0
-    per_byte: int = 0
+    Fee: Cardano's linear fee, fee_fixed + fee_per_byte * size (heads often run at zero).
+    Size: a record transaction larger than max_tx_size is refused by the head, so records
+    that do not fit must be split over several transactions.
+    """
+
+    fee_fixed: int = 0
+    fee_per_byte: int = 0
+    max_tx_size: int = 16_384  # mainnet's value since Alonzo
 
     @classmethod
-    def from_protocol_parameters(cls, params: Mapping[str, Any]) -> "FeeParameters":
+    def from_protocol_parameters(cls, params: Mapping[str, Any]) -> "LedgerRules":
         def lovelace(value: Any) -> int:
             return int(value["lovelace"] if isinstance(value, Mapping) else value)
-        return cls(fixed=lovelace(params["txFeeFixed"]), per_byte=lovelace(params["txFeePerByte"]))
+        return cls(fee_fixed=lovelace(params["txFeeFixed"]), fee_per_byte=lovelace(params["txFeePerByte"]),
+                   max_tx_size=int(params["maxTxSize"]))
 
     def fee_for(self, size: int) -> int:
-        return self.fixed + self.per_byte * size
+        return self.fee_fixed + self.fee_per_byte * size
 
 
 def _witnessed(body: TransactionBody, keys: Sequence[PaymentSigningKey],
@@ -369,7 +376,7 @@ def sign_transaction(tx: Transaction, keys: Sequence[PaymentSigningKey]) -> Tran
 
 def build_head_tx(spend: Sequence[UTxO], pay_to: Sequence[TransactionOutput], change_address: Address,
                   signing_keys: Sequence[PaymentSigningKey], records: Sequence[L2Record] = (),
-                  fees: FeeParameters = FeeParameters()) -> Transaction:
+                  rules: LedgerRules = LedgerRules()) -> Transaction:
     """A signed transaction spending head UTxO: pays `pay_to`, returns change, carries records."""
     if not spend:
         raise LocalProtocolError("a transaction must spend at least one head UTxO")
@@ -394,7 +401,11 @@ def build_head_tx(spend: Sequence[UTxO], pay_to: Sequence[TransactionOutput], ch
         body = TransactionBody(inputs=[u.input for u in spend], outputs=outputs, fee=fee,
                                auxiliary_data_hash=aux.hash() if aux is not None else None)
         tx = _witnessed(body, signing_keys, aux)
-        needed = fees.fee_for(len(tx.to_cbor()))
+        size = len(tx.to_cbor())
+        if size > rules.max_tx_size:
+            raise LocalProtocolError(f"transaction is {size} bytes, above the ledger's {rules.max_tx_size}; "
+                                     "split the records over several transactions")
+        needed = rules.fee_for(size)
         if needed <= fee:
             return tx
         fee = needed
