@@ -1,0 +1,305 @@
+"""The miner's execution engine: one pinned circuit, a key cache, bounded FHE runs.
+
+No networking. node/roles/miner.py feeds it what validators send:
+    key_id = engine.add_key(validator_hotkey, evaluation_key_bytes)
+    result = await engine.run_async(validator_hotkey, key_id, ciphertext, iterations)
+
+Runs happen in worker threads (Concrete releases the GIL while it computes), so the
+trio event loop never blocks. At most `max_concurrency` circuits run at once, across
+sync and async callers. A challenge that passes `timeout_s` (queueing included) raises
+Timeout at once; its worker stops after the iteration it is in, still holding its slot,
+so a burst of timeouts cannot oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fhe.bundle import SERVER_ZIP, BundleError, BundleHashMismatch, sha256_bytes
+from protocol.errors import RemoteProtocolError
+
+_CIPHERTEXT_SLACK_BYTES = 4096  # capnp framing and seeds around the raw LWE payload
+_KEY_SLACK_BYTES = 1024  # the same around evaluation keys, plus per-key headers below
+_KEY_SLACK_PER_KEY_BYTES = 256
+
+
+class EngineError(Exception):
+    """Our side could not serve a request (not the peer's fault). Has a `.reason`."""
+
+    reason = "engine"
+
+    def __init__(self, hint: str, *, reason: str | None = None) -> None:
+        super().__init__(hint)
+        if reason is not None:
+            self.reason = reason
+
+
+class Timeout(EngineError):
+    reason = "timeout"
+
+
+class MalformedCiphertext(RemoteProtocolError):
+    reason = "malformed_ciphertext"
+
+
+class MalformedKey(RemoteProtocolError):
+    reason = "malformed_key"
+
+
+class UnknownKey(RemoteProtocolError):
+    """No such key here (never uploaded, or evicted): upload the evaluation keys again."""
+
+    reason = "unknown_key"
+
+
+class ForeignKey(RemoteProtocolError):
+    """The key id exists but was uploaded by another hotkey."""
+
+    reason = "foreign_key"
+
+
+class OversizedInput(RemoteProtocolError):
+    reason = "oversized_input"
+
+
+class BadIterations(RemoteProtocolError):
+    reason = "bad_iterations"
+
+
+class TooManyIterations(BadIterations):
+    reason = "too_many_iterations"
+
+
+@dataclass
+class _StoredKey:
+    evaluation_keys: Any  # concrete.fhe.EvaluationKeys, deserialized once
+    size: int
+    owners: set[str] = field(default_factory=set)
+
+
+def _circuit_info(server_zip: bytes) -> dict[str, Any]:
+    import zipfile
+    from io import BytesIO
+
+    with zipfile.ZipFile(BytesIO(server_zip)) as archive:
+        return json.loads(archive.read("client.specs.json"))
+
+
+def expected_ciphertext_bytes(specs: dict[str, Any]) -> int:
+    """Upper bound on one serialized input: raw LWE payload plus framing."""
+    total = 0
+    for circuit in specs["circuits"]:
+        for gate in circuit["inputs"]:
+            raw = gate["rawInfo"]
+            total += math.prod(raw["shape"]["dimensions"]) * raw["integerPrecision"] // 8
+    return total + _CIPHERTEXT_SLACK_BYTES
+
+
+def expected_evaluation_key_bytes(specs: dict[str, Any]) -> int:
+    """Serialized size of evaluation keys for this circuit's parameters. Seeded keys
+    store only the bodies. Keys for other parameters would make Concrete read past its
+    buffers, so add_key checks the size against this first."""
+    keyset = specs["keyset"]
+    total = 0
+    count = 0
+    for bsk in keyset.get("lweBootstrapKeys", []):
+        p = bsk["params"]
+        glwe = p["glweDimension"] + 1
+        masks = 1 if bsk.get("compression") == "seed" else glwe
+        total += p["inputLweDimension"] * p["levelCount"] * glwe * masks * p["polynomialSize"] * 8
+        count += 1
+    for ksk in keyset.get("lweKeyswitchKeys", []):
+        p = ksk["params"]
+        width = 1 if ksk.get("compression") == "seed" else p["outputLweDimension"] + 1
+        total += p["inputLweDimension"] * p["levelCount"] * width * 8
+        count += 1
+    for pksk in keyset.get("packingKeyswitchKeys", []):
+        p = pksk["params"]
+        glwe = p["glweDimension"] + 1
+        total += (p["inputLweDimension"] + 1) * p["levelCount"] * glwe * p["polynomialSize"] * 8
+        count += 1
+    return total + _KEY_SLACK_BYTES + count * _KEY_SLACK_PER_KEY_BYTES
+
+
+class FheEngine:
+    """Serve one compiled circuit (server.zip pinned by sha256) to many key owners."""
+
+    def __init__(self, server_bundle_dir: str | Path, expected_sha256: str, *,
+                 key_cache_bytes: int = 1 << 30, max_concurrency: int = 1,
+                 timeout_s: float = 120.0, max_iterations: int = 4,
+                 max_ciphertext_bytes: int | None = None) -> None:
+        from concrete.ml.deployment import FHEModelServer
+
+        if max_concurrency < 1 or max_iterations < 1 or timeout_s <= 0 or key_cache_bytes <= 0:
+            raise ValueError("max_concurrency, max_iterations, timeout_s and key_cache_bytes "
+                             "must be positive")
+        path = Path(server_bundle_dir) / SERVER_ZIP
+        try:
+            server_zip = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {path}: {exc}", reason="missing_bundle_file") from exc
+        actual = sha256_bytes(server_zip)
+        if actual != expected_sha256:
+            raise BundleHashMismatch(f"{path} has sha256 {actual}, expected {expected_sha256}: "
+                                     "fetch the announced bundle again")
+        self.server_sha256 = actual
+        specs = _circuit_info(server_zip)
+        # Load the bytes we hashed from a private copy: the file could change under us.
+        with tempfile.TemporaryDirectory() as private:
+            (Path(private) / SERVER_ZIP).write_bytes(server_zip)
+            try:
+                self._server = FHEModelServer(private)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise BundleError(f"cannot load {path}: {exc}", reason="bad_server_bundle") from exc
+        self.key_cache_bytes = key_cache_bytes
+        self.max_iterations = max_iterations
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self.max_ciphertext_bytes = max_ciphertext_bytes or expected_ciphertext_bytes(specs)
+        self.evaluation_key_bytes = expected_evaluation_key_bytes(specs)
+        self._keys: OrderedDict[str, _StoredKey] = OrderedDict()  # LRU: oldest first
+        self._keys_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+
+    # ------------------------------------------------------------------ keys
+
+    @property
+    def cache_bytes(self) -> int:
+        with self._keys_lock:
+            return sum(stored.size for stored in self._keys.values())
+
+    def key_ids(self) -> list[str]:
+        """Cached key ids, least recently used first."""
+        with self._keys_lock:
+            return list(self._keys)
+
+    def add_key(self, owner_hotkey: str, eval_key_bytes: bytes) -> str:
+        """Store `owner_hotkey`'s evaluation keys; returns their key id (sha256 hex).
+        Uploading the same bytes again (by anyone) binds that owner too. Evicts least
+        recently used keys until the cache fits `key_cache_bytes`. Deserializing takes
+        a fraction of a second for tens of MB: call it from a thread (add_key_async)."""
+        if not isinstance(eval_key_bytes, bytes) or not eval_key_bytes:
+            raise MalformedKey("evaluation keys must be non-empty bytes")
+        size = len(eval_key_bytes)
+        if size > self.key_cache_bytes:
+            raise OversizedInput(f"evaluation keys are {size} bytes, this miner caches at most "
+                                 f"{self.key_cache_bytes}")
+        if abs(size - self.evaluation_key_bytes) > _KEY_SLACK_BYTES * 4:
+            raise MalformedKey(f"evaluation keys are {size} bytes; keys for this circuit are "
+                               f"about {self.evaluation_key_bytes}: wrong circuit or parameters")
+        key_id = sha256_bytes(eval_key_bytes)
+        with self._keys_lock:
+            stored = self._keys.get(key_id)
+            if stored is not None:
+                stored.owners.add(owner_hotkey)
+                self._keys.move_to_end(key_id)
+                return key_id
+        from concrete import fhe
+
+        try:
+            evaluation_keys = fhe.EvaluationKeys.deserialize(eval_key_bytes)
+        except (RuntimeError, ValueError) as exc:
+            raise MalformedKey(f"evaluation keys do not deserialize: {exc}") from exc
+        with self._keys_lock:
+            stored = self._keys.setdefault(key_id, _StoredKey(evaluation_keys, size))
+            stored.owners.add(owner_hotkey)
+            self._keys.move_to_end(key_id)
+            total = sum(entry.size for entry in self._keys.values())
+            while total > self.key_cache_bytes:
+                _, evicted = self._keys.popitem(last=False)
+                total -= evicted.size
+        return key_id
+
+    async def add_key_async(self, owner_hotkey: str, eval_key_bytes: bytes) -> str:
+        import trio
+
+        return await trio.to_thread.run_sync(self.add_key, owner_hotkey, eval_key_bytes)
+
+    def _lookup(self, owner_hotkey: str, key_id: str) -> _StoredKey:
+        with self._keys_lock:
+            stored = self._keys.get(key_id)
+            if stored is None:
+                raise UnknownKey(f"no evaluation keys with id {key_id[:16]}: upload them again")
+            if owner_hotkey not in stored.owners:
+                raise ForeignKey(f"evaluation keys {key_id[:16]} belong to another hotkey")
+            self._keys.move_to_end(key_id)
+            return stored
+
+    # ------------------------------------------------------------------ runs
+
+    def _admit(self, owner_hotkey: str, key_id: str, ciphertext: bytes,
+               iterations: int) -> tuple[_StoredKey, Any]:
+        """Every check that needs no FHE work, cheapest first."""
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise BadIterations(f"iterations must be a positive integer, got {iterations!r}")
+        if iterations > self.max_iterations:
+            raise TooManyIterations(f"{iterations} iterations asked, at most "
+                                    f"{self.max_iterations} allowed")
+        if not isinstance(ciphertext, bytes) or not ciphertext:
+            raise MalformedCiphertext("ciphertext must be non-empty bytes")
+        if len(ciphertext) > self.max_ciphertext_bytes:
+            raise OversizedInput(f"ciphertext is {len(ciphertext)} bytes, at most "
+                                 f"{self.max_ciphertext_bytes} for this circuit")
+        stored = self._lookup(owner_hotkey, key_id)
+        from concrete import fhe
+
+        try:
+            value = fhe.Value.deserialize(ciphertext)
+        except (RuntimeError, ValueError) as exc:
+            raise MalformedCiphertext(f"ciphertext does not deserialize: {exc}") from exc
+        return stored, value
+
+    def _execute(self, stored: _StoredKey, value: Any, iterations: int, deadline: float,
+                 abandoned: threading.Event) -> bytes:
+        """Worker-thread body: take a slot, run the circuit `iterations` times."""
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Timeout(f"no free slot within {self.timeout_s} s "
+                          f"({self.max_concurrency} running)")
+        try:
+            result = None
+            for _ in range(iterations):
+                if abandoned.is_set() or time.monotonic() > deadline:
+                    raise Timeout(f"challenge passed its {self.timeout_s} s budget")
+                try:
+                    result = self._server.server.run(value, evaluation_keys=stored.evaluation_keys)
+                except RuntimeError as exc:
+                    raise MalformedCiphertext(f"ciphertext does not fit this circuit: {exc}") \
+                        from exc
+            if time.monotonic() > deadline:
+                raise Timeout(f"challenge passed its {self.timeout_s} s budget")
+            return result.serialize()
+        finally:
+            self._slots.release()
+
+    def run(self, owner_hotkey: str, key_id: str, ciphertext: bytes,
+            iterations: int = 1) -> bytes:
+        """Blocking run on the calling thread; returns the serialized encrypted result of
+        the last iteration (every iteration recomputes the same input: a load test)."""
+        deadline = time.monotonic() + self.timeout_s
+        stored, value = self._admit(owner_hotkey, key_id, ciphertext, iterations)
+        return self._execute(stored, value, iterations, deadline, threading.Event())
+
+    async def run_async(self, owner_hotkey: str, key_id: str, ciphertext: bytes,
+                        iterations: int = 1) -> bytes:
+        """run() in a worker thread under a trio cancel scope of `timeout_s`."""
+        import trio
+
+        deadline = time.monotonic() + self.timeout_s
+        stored, value = self._admit(owner_hotkey, key_id, ciphertext, iterations)
+        abandoned = threading.Event()
+        with trio.move_on_after(self.timeout_s):
+            try:
+                return await trio.to_thread.run_sync(
+                    self._execute, stored, value, iterations, deadline, abandoned,
+                    abandon_on_cancel=True)
+            finally:
+                abandoned.set()  # no-op when finished; stops the worker when abandoned
+        raise Timeout(f"challenge passed its {self.timeout_s} s budget")
