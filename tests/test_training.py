@@ -323,3 +323,30 @@ def test_eval_loss_falls_over_fedavg_rounds(qlora, demo_blocks):
         history.append(evaluate(model, heldout).loss)
     assert history[1] < history[0] and history[2] < history[1], history
     assert evaluate(model, heldout).perplexity < before.perplexity
+
+
+def test_cpu_4bit_failure_falls_back_explicitly(monkeypatch, caplog):
+    import training.model as model_module
+
+    def broken_nf4(device):
+        raise RuntimeError("no NF4 kernel for this CPU")
+
+    monkeypatch.setattr(model_module, "nf4_config", broken_nf4)
+    with caplog.at_level("WARNING", logger="training.model"):
+        base = load_base_model(None, quantize_4bit=True, device="cpu")
+    assert not base.quantized and count_linear4bit(base.model) == 0
+    assert base.fallback_reason == "RuntimeError: no NF4 kernel for this CPU"
+    assert "falling back to an unquantized" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_uses_the_same_nf4_path(demo_blocks):
+    base = load_base_model(None, quantize_4bit=True, device="cuda")
+    assert base.quantized and count_linear4bit(base.model) == 14
+    model = attach_lora(base)
+    shards, heldout = demo_blocks
+    start = adapter_vector(model)
+    update = local_train(model, start, shards[0], steps=5, lr=2e-2, batch_size=8, seed=0)
+    assert update.delta.shape == start.shape and np.any(update.delta != 0)
+    assert np.isfinite(evaluate(model, heldout).loss)
