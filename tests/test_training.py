@@ -15,7 +15,7 @@ from training.data import (DEMO_CORPUS, demo_split, read_local_texts, split_text
                            token_blocks, write_demo_shards)
 from training.delta import compute_delta, mean_delta
 from training.errors import AdapterRejected, TrainingUsageError
-from training.evaluate import evaluate
+from training.evaluation import evaluate
 from training.model import build_tiny_model, count_linear4bit, load_base_model, weights_id
 from training.outer import DiLoCoOuter, FedAvg, fedavg
 from training.qlora import LoRASettings, attach_lora, local_train
@@ -350,3 +350,16 @@ def test_cuda_uses_the_same_nf4_path(demo_blocks):
     update = local_train(model, start, shards[0], steps=5, lr=2e-2, batch_size=8, seed=0)
     assert update.delta.shape == start.shape and np.any(update.delta != 0)
     assert np.isfinite(evaluate(model, heldout).loss)
+
+
+def test_package_exports_are_the_functions_not_submodules():
+    # a submodule named like an export shadowed it once (training.evaluate)
+    import importlib
+
+    import training
+
+    for name in training.__all__:
+        value = getattr(training, name)
+        assert not isinstance(value, type(training)), name
+        importlib.import_module(training._EXPORTS[name])
+        assert getattr(training, name) is value

@@ -27,7 +27,7 @@ _EXPORTS = {
     "mean_delta": "training.delta",
     "OuterOptimizer": "training.outer", "FedAvg": "training.outer",
     "DiLoCoOuter": "training.outer", "fedavg": "training.outer",
-    "EvalResult": "training.evaluate", "evaluate": "training.evaluate",
+    "EvalResult": "training.evaluation", "evaluate": "training.evaluation",
     "read_local_texts": "training.data", "split_texts": "training.data",
     "demo_split": "training.data", "write_demo_shards": "training.data",
     "token_blocks": "training.data", "DEMO_CORPUS": "training.data",
