@@ -1,0 +1,1050 @@
+"""Secure-aggregation rounds, sans-IO: the validator's, committee member's and trainer's machines.
+
+Read beside specs/SecureAggregation.tla: each public method is one of its actions under
+the same name in snake_case (OpenRound = open_round, ...), and the check functions at
+the bottom are its invariants, under the same names.
+
+Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED.
+  COLLECT    contributions that arrive before the deadline are verified by the shell;
+  AGGREGATE  at the deadline, once every received contribution has a verdict, the
+             accepted ones (sorted by trainer hotkey) are aggregated and published as
+             an AcceptedSet; the round goes on with the set that a quorum (a strict
+             majority of the round's validators) published identically;
+  DECRYPT    t valid partial decryptions of that aggregate are combined;
+  FINAL      the shell reports the new adapter id; RoundFinal is sent.
+A committee member releases its partial decryption only for an aggregate that a quorum
+agreed on, that it recomputed itself, and that has at least min_contributors.
+
+The machines never do crypto, read a clock or touch the network: verification
+outcomes, aggregate ids and partial validity come in as events from the shell, time is
+an argument, and what to do comes back as effects.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Union
+
+from protocol.aggregation_messages import (
+    MAX_COMMITTEE, MAX_HYPERPARAMETERS, MAX_NAME_CHARS, MAX_ROUND_CONTRIBUTORS, MAX_STATS,
+    MAX_VALIDATORS, AcceptedSet, Contribution, ContributionVerdict, PartialDecryption,
+    RoundAborted, RoundFinal, RoundOpen,
+)
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.messages import Message, decode, encode
+
+STATE_VERSION = 1
+MAX_HOTKEY_CHARS = 48  # an SS58 address of a 32-byte key with a one-byte prefix
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_blob_id(text: object) -> bool:
+    return isinstance(text, str) and _SHA256_HEX.match(text) is not None
+
+
+# --- phases -------------------------------------------------------------------------
+
+
+class Phase(str, enum.Enum):
+    OPEN = "open"
+    COLLECT = "collect"
+    AGGREGATE = "aggregate"
+    DECRYPT = "decrypt"
+    FINAL = "final"
+    ABORTED = "aborted"
+
+
+class CommitteePhase(str, enum.Enum):
+    WAITING = "waiting"  # no RoundOpen yet
+    WATCH = "watch"  # waiting for a quorum of AcceptedSets
+    DECRYPT = "decrypt"  # agreed: recompute the aggregate, then partially decrypt it
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
+class TrainerPhase(str, enum.Enum):
+    WAITING = "waiting"
+    TRAINING = "training"
+    CONTRIBUTED = "contributed"
+    MISSED = "missed"  # training ended after the deadline: nothing sent
+    FINAL = "final"
+    ABORTED = "aborted"
+
+
+# --- effects: what the shell must do -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    message: Message
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Call the named event (final_deadline, close_collection) at `at_ms`."""
+
+    name: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class EnterPhase:
+    """For logs and metrics: the machine moved to `phase` (reason says why, if aborted)."""
+
+    phase: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Train:
+    round_open: RoundOpen
+
+
+@dataclass(frozen=True)
+class VerifyContributionBlob:
+    """Fetch the blob, verify every proof, then verify_contribution(...)."""
+
+    trainer: str
+    blob_id: str
+
+
+@dataclass(frozen=True)
+class ComputeAggregate:
+    """Multiply these contributions' ciphertexts slot-wise, store the aggregate blob,
+    then compute_aggregate(sha256 of its bytes)."""
+
+    round_id: int
+    blob_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DecryptPartial:
+    """Partially decrypt the aggregate (our key share), store the batch with its proof,
+    then release_partial(aggregate_id, that blob's id)."""
+
+    round_id: int
+    aggregate_id: str
+
+
+@dataclass(frozen=True)
+class VerifyPartialBlob:
+    """Fetch the batch, check member_index and its proof against the aggregate, then
+    verify_partial(...)."""
+
+    member: str
+    member_index: int  # 1-based key-share index: position in the committee
+    partial_blob_id: str
+    aggregate_id: str
+
+
+@dataclass(frozen=True)
+class CombinePartials:
+    """Combine these t partials, unpack and average the sum over `contributors`, apply it
+    to the base adapter, store the adapter, then finalize(adapter_id, mean_stats); or
+    combine_fails(reason)."""
+
+    round_id: int
+    aggregate_id: str
+    base_adapter_id: str
+    partials: tuple[tuple[int, str], ...]  # (member_index, partial_blob_id)
+    contributors: int
+
+
+Effect = Union[Send, SetTimer, EnterPhase, Train, VerifyContributionBlob, ComputeAggregate,
+               DecryptPartial, VerifyPartialBlob, CombinePartials]
+
+
+# --- round configuration: a RoundOpen message, checked --------------------------------
+
+
+def quorum(round_open: RoundOpen) -> int:
+    """AcceptedSets needed to agree: a strict majority, so two quorums share a validator
+    and, as an honest validator publishes one set per round, at most one set is agreed."""
+    return len(round_open.validators) // 2 + 1
+
+
+def _check_hotkeys(name: str, hotkeys: list[str], limit: int) -> str | None:
+    if not 1 <= len(hotkeys) <= limit:
+        return f"{name}: between 1 and {limit} hotkeys, got {len(hotkeys)}"
+    if len(set(hotkeys)) != len(hotkeys):
+        return f"{name}: a hotkey appears twice"
+    if not all(0 < len(h) <= MAX_HOTKEY_CHARS for h in hotkeys):
+        return f"{name}: each hotkey is 1..{MAX_HOTKEY_CHARS} characters"
+    return None
+
+
+def round_open_problem(ro: RoundOpen) -> str | None:
+    """Why this RoundOpen cannot be a round's configuration, or None if it can."""
+    checks = [
+        (ro.round_id >= 0, "round_id must be >= 0"),
+        (is_blob_id(ro.base_adapter_id), "base_adapter_id must be a sha256 hex id"),
+        (is_blob_id(ro.public_key_id), "public_key_id must be a sha256 hex id"),
+        (len(ro.hyperparameters) <= MAX_HYPERPARAMETERS, f"at most {MAX_HYPERPARAMETERS} hyper-parameters"),
+        (all(0 < len(k) <= MAX_NAME_CHARS and math.isfinite(v) for k, v in ro.hyperparameters.items()),
+         f"hyper-parameter names are 1..{MAX_NAME_CHARS} characters and values finite"),
+        (math.isfinite(ro.clip_bound) and ro.clip_bound > 0, "clip_bound must be finite and > 0"),
+        (2 <= ro.quant_bits <= 32, "quant_bits must be in 2..32"),
+        (1 <= ro.max_contributors <= MAX_ROUND_CONTRIBUTORS, f"max_contributors must be in 1..{MAX_ROUND_CONTRIBUTORS}"),
+        (ro.key_bits >= 256, "key_bits must be >= 256"),
+        (ro.ciphertexts_per_contribution >= 1, "ciphertexts_per_contribution must be >= 1"),
+        (ro.max_contribution_bytes >= 1, "max_contribution_bytes must be >= 1"),
+        (0 <= ro.deadline_ms < ro.final_deadline_ms, "need 0 <= deadline_ms < final_deadline_ms"),
+        (1 <= ro.min_contributors <= ro.max_contributors, "need 1 <= min_contributors <= max_contributors"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    problem = (_check_hotkeys("committee", ro.committee, MAX_COMMITTEE)
+               or _check_hotkeys("validators", ro.validators, MAX_VALIDATORS))
+    if problem:
+        return problem
+    if not 1 <= ro.threshold <= len(ro.committee):
+        return f"threshold must be in 1..{len(ro.committee)} (the committee's size)"
+    return None
+
+
+def _checked_remote_open(ro: RoundOpen) -> RoundOpen:
+    problem = round_open_problem(ro)
+    if problem:
+        raise RemoteProtocolError(f"RoundOpen {ro.round_id}: {problem}", reason="bad_round_open")
+    return ro
+
+
+# --- accepted sets --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetView:
+    """One AcceptedSet's content: what validators must publish identically to agree."""
+
+    contributors: tuple[str, ...]
+    blob_ids: tuple[str, ...]
+    aggregate_id: str  # "" when below the minimum
+
+    @classmethod
+    def from_message(cls, msg: AcceptedSet, ro: RoundOpen) -> "SetView":
+        def bad(why: str) -> RemoteProtocolError:
+            return RemoteProtocolError(f"AcceptedSet of round {msg.round_id}: {why}", reason="bad_accepted_set")
+
+        if len(msg.contributors) != len(msg.blob_ids):
+            raise bad("one blob id per contributor")
+        if len(msg.contributors) > ro.max_contributors:
+            raise bad(f"more than max_contributors ({ro.max_contributors})")
+        if any(a >= b for a, b in zip(msg.contributors, msg.contributors[1:])):
+            raise bad("contributors must be sorted by hotkey, each once")
+        if not all(is_blob_id(b) for b in msg.blob_ids) or len(set(msg.blob_ids)) != len(msg.blob_ids):
+            raise bad("blob ids must be distinct sha256 hex ids")
+        below = len(msg.contributors) < ro.min_contributors
+        if below and msg.aggregate_id != "":
+            raise bad("a set below min_contributors has no aggregate (aggregate_id must be empty)")
+        if not below and not is_blob_id(msg.aggregate_id):
+            raise bad("aggregate_id must be a sha256 hex id")
+        return cls(tuple(msg.contributors), tuple(msg.blob_ids), msg.aggregate_id)
+
+    def to_message(self, round_id: int) -> AcceptedSet:
+        return AcceptedSet(round_id, list(self.contributors), list(self.blob_ids), self.aggregate_id)
+
+    def to_state(self) -> list:
+        return [list(self.contributors), list(self.blob_ids), self.aggregate_id]
+
+    @classmethod
+    def from_state(cls, raw: list) -> "SetView":
+        return cls(tuple(raw[0]), tuple(raw[1]), raw[2])
+
+
+class _Agreement:
+    """The AcceptedSets heard from the round's validators, one each."""
+
+    def __init__(self, ro: RoundOpen, sets: Mapping[str, SetView] | None = None) -> None:
+        self.ro = ro
+        self.sets: dict[str, SetView] = dict(sets or {})
+
+    def record(self, validator: str, view: SetView) -> bool:
+        """True if new; a second, different set from one validator is equivocation."""
+        if validator not in self.ro.validators:
+            raise RemoteProtocolError(f"{validator} is not a validator of round {self.ro.round_id}",
+                                      reason="not_a_round_validator")
+        known = self.sets.get(validator)
+        if known is not None:
+            if known != view:
+                raise RemoteProtocolError(f"{validator} published two different AcceptedSets",
+                                          reason="equivocation")
+            return False
+        self.sets[validator] = view
+        return True
+
+    def agreed(self) -> SetView | None:
+        counts = Counter(self.sets.values())
+        for view, count in counts.items():
+            if count >= quorum(self.ro):
+                return view
+        return None
+
+    def impossible(self) -> bool:
+        """No set can reach the quorum any more, even if every silent validator joins it."""
+        silent = len(self.ro.validators) - len(self.sets)
+        best = max(Counter(self.sets.values()).values(), default=0)
+        return best + silent < quorum(self.ro)
+
+    def to_state(self) -> dict:
+        return {v: s.to_state() for v, s in sorted(self.sets.items())}
+
+
+def _round_open_state(machine: Any) -> bytes | None:
+    """Persist the announced RoundOpen in its wire form: compact, and decoded strictly.
+    Encoded once per machine: a node snapshots after every event."""
+    if machine.round_open is None:
+        return None
+    wire = machine.__dict__.get("_round_open_wire")
+    if wire is None:
+        wire = machine._round_open_wire = encode(machine.round_open)
+    return wire
+
+
+@functools.lru_cache(maxsize=256)
+def _round_open_from_state(raw: bytes) -> RoundOpen:
+    # Cached: a node reloads the same round's state after every event (and the explorer
+    # millions of times); RoundOpen is frozen and machines never change its lists.
+    try:
+        ro = decode(raw)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"saved RoundOpen does not decode: {exc}") from exc
+    if not isinstance(ro, RoundOpen) or round_open_problem(ro):
+        raise LocalProtocolError("saved state holds no valid RoundOpen")
+    return ro
+
+
+def _check_state(raw: Any, kind: str) -> dict:
+    if not isinstance(raw, dict) or raw.get("v") != STATE_VERSION or raw.get("kind") != kind:
+        raise LocalProtocolError(f"not a version-{STATE_VERSION} {kind} state: "
+                                 f"v={raw.get('v') if isinstance(raw, dict) else None!r}")
+    return raw
+
+
+def _same_round(ro: RoundOpen, round_id: int, what: str) -> None:
+    if round_id != ro.round_id:
+        raise RemoteProtocolError(f"{what} for round {round_id}, this is round {ro.round_id}",
+                                  reason="wrong_round")
+
+
+# --- the validator's round ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A contribution left out, with what settlement needs to justify it."""
+
+    trainer: str
+    blob_id: str
+    reason: str
+    evidence_id: str
+
+
+class ValidatorRound:
+    """One validator's view of one round."""
+
+    def __init__(self, round_open: RoundOpen, me: str) -> None:
+        problem = round_open_problem(round_open)
+        if problem:
+            raise LocalProtocolError(f"cannot run round {round_open.round_id}: {problem}")
+        self._start(round_open, me)
+
+    def _start(self, round_open: RoundOpen, me: str) -> None:
+        if me not in round_open.validators:
+            raise LocalProtocolError(f"{me} is not among round {round_open.round_id}'s validators")
+        self.round_open = round_open
+        self.me = me
+        self.phase = Phase.OPEN
+        self.abort_reason = ""
+        self.contributions: dict[str, str] = {}  # trainer -> blob id, received in time
+        self.pending: set[str] = set()  # trainers whose verification the shell still owes
+        self.accepted: set[str] = set()
+        self.rejected: dict[str, tuple[str, str]] = {}  # trainer -> (reason, evidence id)
+        self.computing_own = False  # ComputeAggregate for our own set is out
+        self.published: SetView | None = None
+        self.agreement = _Agreement(round_open)
+        self.agreed: SetView | None = None
+        self.aggregate_confirmed = False  # we hold (recomputed) the agreed aggregate
+        self.partials: dict[str, tuple[str, str]] = {}  # member -> (aggregate id, blob id)
+        self.partials_valid: set[str] = set()
+        self.bad_partials: dict[str, str] = {}  # member -> why it was excluded
+        self.combining: tuple[tuple[int, str], ...] = ()
+        self.adapter_id = ""
+        self.mean_stats: dict[str, float] = {}
+
+    @property
+    def round_id(self) -> int:
+        return self.round_open.round_id
+
+    def exclusions(self) -> list[Exclusion]:
+        return [Exclusion(t, self.contributions[t], why, evidence)
+                for t, (why, evidence) in sorted(self.rejected.items())]
+
+    # -- actions --
+
+    def open_round(self, *, now_ms: int) -> list[Effect]:
+        """OpenRound: announce the round and start collecting."""
+        self._require(Phase.OPEN, "OpenRound")
+        if now_ms >= self.round_open.deadline_ms:
+            raise LocalProtocolError(f"round {self.round_id} opened at {now_ms}, after its deadline")
+        self.phase = Phase.COLLECT
+        return [Send(self.round_open), EnterPhase(Phase.COLLECT.value),
+                SetTimer("close_collection", self.round_open.deadline_ms),
+                SetTimer("final_deadline", self.round_open.final_deadline_ms)]
+
+    def receive_contribution(self, trainer: str, msg: Contribution, *, now_ms: int) -> list[Effect]:
+        """ReceiveContribution: one per trainer, before the deadline, of the announced shape."""
+        _same_round(self.round_open, msg.round_id, "Contribution")
+        if self.phase is Phase.OPEN:
+            raise RemoteProtocolError(f"contribution from {trainer} before round {self.round_id} opened here",
+                                      reason="round_not_open")
+        if self.phase is not Phase.COLLECT or now_ms >= self.round_open.deadline_ms:
+            raise RemoteProtocolError(f"contribution from {trainer} after round {self.round_id}'s deadline",
+                                      reason="late_contribution")
+        if not is_blob_id(msg.blob_id):
+            raise RemoteProtocolError("blob_id must be a sha256 hex id", reason="bad_blob_id")
+        known = self.contributions.get(trainer)
+        if known == msg.blob_id:
+            return []
+        if known is not None:
+            raise RemoteProtocolError(f"{trainer} sent a second, different contribution",
+                                      reason="second_contribution")
+        if msg.ciphertext_count != self.round_open.ciphertexts_per_contribution:
+            raise RemoteProtocolError(
+                f"{msg.ciphertext_count} ciphertexts, the round needs "
+                f"{self.round_open.ciphertexts_per_contribution}", reason="wrong_ciphertext_count")
+        if not 0 < msg.size_bytes <= self.round_open.max_contribution_bytes:
+            raise RemoteProtocolError(f"{msg.size_bytes} bytes, the limit is "
+                                      f"{self.round_open.max_contribution_bytes}", reason="oversized_contribution")
+        if len(self.contributions) >= self.round_open.max_contributors:
+            raise RemoteProtocolError(f"round {self.round_id} already has max_contributors",
+                                      reason="round_full")
+        self.contributions[trainer] = msg.blob_id
+        self.pending.add(trainer)
+        return [VerifyContributionBlob(trainer, msg.blob_id)]
+
+    def verify_contribution(self, trainer: str, *, valid: bool, reason: str = "",
+                            evidence_id: str = "") -> list[Effect]:
+        """VerifyContribution: the shell's verdict on a received contribution."""
+        if trainer not in self.pending:
+            raise LocalProtocolError(f"no verification of {trainer}'s contribution is pending")
+        if not valid and not (reason and len(reason) <= MAX_NAME_CHARS and is_blob_id(evidence_id)):
+            raise LocalProtocolError("a rejection needs a reason (1..64 chars) and an evidence blob id")
+        self.pending.discard(trainer)
+        blob_id = self.contributions[trainer]
+        if valid:
+            self.accepted.add(trainer)
+            reason, evidence_id = "", ""
+        else:
+            self.rejected[trainer] = (reason, evidence_id)
+        effects: list[Effect] = [Send(ContributionVerdict(self.round_id, trainer, blob_id, valid,
+                                                          reason, evidence_id))]
+        if self.phase is Phase.AGGREGATE and not self.pending:
+            effects += self._seal_own_set()
+        return effects
+
+    def close_collection(self, *, now_ms: int) -> list[Effect]:
+        """CloseCollection: the deadline passed; the set is fixed once pending verdicts are in."""
+        self._require(Phase.COLLECT, "CloseCollection")
+        if now_ms < self.round_open.deadline_ms:
+            raise LocalProtocolError(f"CloseCollection at {now_ms}, before the deadline")
+        self.phase = Phase.AGGREGATE
+        effects: list[Effect] = [EnterPhase(Phase.AGGREGATE.value)]
+        if not self.pending:
+            effects += self._seal_own_set()
+        return effects
+
+    def compute_aggregate(self, aggregate_id: str) -> list[Effect]:
+        """ComputeAggregate: the shell multiplied the ciphertexts we asked for."""
+        if not is_blob_id(aggregate_id):
+            raise LocalProtocolError(f"aggregate id {aggregate_id!r} is not a sha256 hex id")
+        if self.phase is Phase.AGGREGATE and self.computing_own:
+            self.computing_own = False
+            ordered = sorted(self.accepted)
+            own = SetView(tuple(ordered), tuple(self.contributions[t] for t in ordered), aggregate_id)
+            return self._publish(own)
+        if self.phase is Phase.DECRYPT and not self.aggregate_confirmed and self.agreed is not None:
+            if aggregate_id != self.agreed.aggregate_id:
+                return self._abort("aggregate_mismatch")
+            self.aggregate_confirmed = True
+            return self._check_buffered_partials()
+        raise LocalProtocolError(f"no aggregate was asked for in phase {self.phase.value}")
+
+    def receive_accepted_set(self, validator: str, msg: AcceptedSet) -> list[Effect]:
+        """ReceiveAcceptedSet: another validator's set; agree once a quorum published one."""
+        _same_round(self.round_open, msg.round_id, "AcceptedSet")
+        view = SetView.from_message(msg, self.round_open)
+        if self._terminal():
+            return []
+        if not self.agreement.record(validator, view):
+            return []
+        return self._try_agree()
+
+    def receive_partial(self, member: str, msg: PartialDecryption) -> list[Effect]:
+        """ReceivePartial: kept until we hold the agreed aggregate, then verified."""
+        _same_round(self.round_open, msg.round_id, "PartialDecryption")
+        if member not in self.round_open.committee:
+            raise RemoteProtocolError(f"{member} is not in round {self.round_id}'s committee",
+                                      reason="not_a_committee_member")
+        if not (is_blob_id(msg.partial_blob_id) and is_blob_id(msg.aggregate_id)):
+            raise RemoteProtocolError("partial and aggregate ids must be sha256 hex ids", reason="bad_blob_id")
+        known = self.partials.get(member)
+        if known == (msg.aggregate_id, msg.partial_blob_id) or self._terminal():
+            return []
+        if known is not None:
+            raise RemoteProtocolError(f"{member} sent a second, different partial decryption",
+                                      reason="second_partial")
+        self.partials[member] = (msg.aggregate_id, msg.partial_blob_id)
+        if self.phase is Phase.DECRYPT and self.aggregate_confirmed:
+            return self._check_partial(member)
+        return []
+
+    def verify_partial(self, member: str, *, valid: bool, reason: str = "") -> list[Effect]:
+        """VerifyPartial: the shell checked the batch and its proof against our aggregate."""
+        if (member not in self.partials or member in self.partials_valid or member in self.bad_partials
+                or not self.aggregate_confirmed):
+            raise LocalProtocolError(f"no verification of {member}'s partial decryption is pending")
+        if not valid and not 0 < len(reason) <= MAX_NAME_CHARS:
+            raise LocalProtocolError("an invalid partial needs a reason (1..64 chars)")
+        if self._terminal():
+            return []
+        if not valid:
+            self.bad_partials[member] = reason
+            return []
+        self.partials_valid.add(member)
+        return self._maybe_combine()
+
+    def finalize(self, adapter_id: str, mean_stats: Mapping[str, float]) -> list[Effect]:
+        """Finalize: the shell combined, averaged and applied the sum; the round is done."""
+        if self.phase is not Phase.DECRYPT or not self.combining:
+            raise LocalProtocolError(f"Finalize in phase {self.phase.value} without a combine")
+        if not is_blob_id(adapter_id):
+            raise LocalProtocolError(f"adapter id {adapter_id!r} is not a sha256 hex id")
+        stats = {str(k): float(v) for k, v in mean_stats.items()}
+        if len(stats) > MAX_STATS or not all(0 < len(k) <= MAX_NAME_CHARS for k in stats):
+            raise LocalProtocolError(f"at most {MAX_STATS} mean stats with 1..{MAX_NAME_CHARS}-char names")
+        assert self.agreed is not None
+        self.phase, self.adapter_id, self.mean_stats = Phase.FINAL, adapter_id, stats
+        final = RoundFinal(self.round_id, self.round_open.base_adapter_id, adapter_id,
+                           self.agreed.aggregate_id, list(self.agreed.contributors), stats)
+        return [Send(final), EnterPhase(Phase.FINAL.value)]
+
+    def combine_fails(self, reason: str) -> list[Effect]:
+        """CombineFails: the decrypted sum did not unpack (a slot overflowed): no adapter."""
+        if self.phase is not Phase.DECRYPT or not self.combining:
+            raise LocalProtocolError(f"CombineFails in phase {self.phase.value} without a combine")
+        return self._abort(f"combine_failed:{reason}"[:MAX_NAME_CHARS])
+
+    def final_deadline(self, *, now_ms: int) -> list[Effect]:
+        """FinalDeadline: no adapter by the final deadline, the round is aborted."""
+        if now_ms < self.round_open.final_deadline_ms:
+            raise LocalProtocolError(f"FinalDeadline at {now_ms}, before {self.round_open.final_deadline_ms}")
+        if self._terminal():
+            return []
+        if self.phase is Phase.DECRYPT:
+            why = "combine_timeout" if self.combining else "not_enough_partials"
+        else:
+            why = "never_opened" if self.phase is Phase.OPEN else "no_agreement"
+        return self._abort(why)
+
+    # -- after a restart --
+
+    def resume_effects(self) -> list[Effect]:
+        """The shell work that was outstanding when the state was saved: redo it."""
+        effects: list[Effect] = [VerifyContributionBlob(t, self.contributions[t]) for t in sorted(self.pending)]
+        if self.computing_own:
+            effects.append(ComputeAggregate(self.round_id, tuple(self.contributions[t] for t in sorted(self.accepted))))
+        if self.phase is Phase.DECRYPT and not self.aggregate_confirmed and self.agreed is not None:
+            effects.append(ComputeAggregate(self.round_id, self.agreed.blob_ids))
+        if self.phase is Phase.DECRYPT and self.aggregate_confirmed:
+            effects += [self._verify_partial_effect(m) for m in sorted(self.partials)
+                        if m not in self.partials_valid and m not in self.bad_partials]
+            if self.combining:
+                effects.append(self._combine_effect())
+        return effects
+
+    # -- internals --
+
+    def _terminal(self) -> bool:
+        return self.phase in (Phase.FINAL, Phase.ABORTED)
+
+    def _require(self, phase: Phase, action: str) -> None:
+        if self.phase is not phase:
+            raise LocalProtocolError(f"{action} in phase {self.phase.value}, needs {phase.value}")
+
+    def _seal_own_set(self) -> list[Effect]:
+        ordered = sorted(self.accepted)
+        if len(ordered) < self.round_open.min_contributors:
+            own = SetView(tuple(ordered), tuple(self.contributions[t] for t in ordered), "")
+            return self._publish(own)
+        self.computing_own = True
+        return [ComputeAggregate(self.round_id, tuple(self.contributions[t] for t in ordered))]
+
+    def _publish(self, own: SetView) -> list[Effect]:
+        self.published = own
+        effects: list[Effect] = [Send(own.to_message(self.round_id))]
+        known = self.agreement.sets.get(self.me)
+        if known is not None and known != own:
+            raise LocalProtocolError("our own AcceptedSet changed")
+        self.agreement.sets[self.me] = own
+        return effects + self._try_agree()
+
+    def _try_agree(self) -> list[Effect]:
+        if self.phase is not Phase.AGGREGATE or self.published is None:
+            return []
+        agreed = self.agreement.agreed()
+        if agreed is None:
+            return self._abort("no_agreement") if self.agreement.impossible() else []
+        self.agreed = agreed
+        if len(agreed.contributors) < self.round_open.min_contributors:
+            return self._abort("below_min_contributors")
+        if any(t in self.rejected for t in agreed.contributors):
+            return self._abort("agreed_set_includes_rejected")
+        self.phase = Phase.DECRYPT
+        effects: list[Effect] = [EnterPhase(Phase.DECRYPT.value)]
+        if agreed == self.published:
+            self.aggregate_confirmed = True
+            return effects + self._check_buffered_partials()
+        return effects + [ComputeAggregate(self.round_id, agreed.blob_ids)]
+
+    def _check_buffered_partials(self) -> list[Effect]:
+        effects: list[Effect] = []
+        for member in sorted(self.partials):
+            effects += self._check_partial(member)
+        return effects
+
+    def _check_partial(self, member: str) -> list[Effect]:
+        assert self.agreed is not None
+        if self.partials[member][0] != self.agreed.aggregate_id:
+            self.bad_partials[member] = "wrong_aggregate"
+            return []
+        return [self._verify_partial_effect(member)]
+
+    def _verify_partial_effect(self, member: str) -> VerifyPartialBlob:
+        aggregate_id, blob_id = self.partials[member]
+        return VerifyPartialBlob(member, self.round_open.committee.index(member) + 1, blob_id, aggregate_id)
+
+    def _maybe_combine(self) -> list[Effect]:
+        if self.combining or len(self.partials_valid) < self.round_open.threshold:
+            return []
+        # The first t valid partials in committee order: every validator with the same
+        # valid partials picks the same ones (the sum does not depend on the choice).
+        chosen = [m for m in self.round_open.committee if m in self.partials_valid][: self.round_open.threshold]
+        self.combining = tuple((self.round_open.committee.index(m) + 1, self.partials[m][1]) for m in chosen)
+        return [self._combine_effect()]
+
+    def _combine_effect(self) -> CombinePartials:
+        assert self.agreed is not None
+        return CombinePartials(self.round_id, self.agreed.aggregate_id, self.round_open.base_adapter_id,
+                               self.combining, len(self.agreed.contributors))
+
+    def _abort(self, reason: str) -> list[Effect]:
+        self.phase, self.abort_reason = Phase.ABORTED, reason
+        self.computing_own = False
+        return [Send(RoundAborted(self.round_id, reason)), EnterPhase(Phase.ABORTED.value, reason)]
+
+    # -- persistence --
+
+    def to_state(self) -> dict:
+        """A msgpack-able snapshot; from_state(to_state()) continues where this left off."""
+        return {
+            "v": STATE_VERSION, "kind": "validator", "me": self.me,
+            "round_open": _round_open_state(self),
+            "phase": self.phase.value, "abort_reason": self.abort_reason,
+            "contributions": dict(sorted(self.contributions.items())),
+            "pending": sorted(self.pending), "accepted": sorted(self.accepted),
+            "rejected": {t: list(v) for t, v in sorted(self.rejected.items())},
+            "computing_own": self.computing_own,
+            "published": self.published.to_state() if self.published else None,
+            "sets": self.agreement.to_state(),
+            "agreed": self.agreed.to_state() if self.agreed else None,
+            "aggregate_confirmed": self.aggregate_confirmed,
+            "partials": {m: list(v) for m, v in sorted(self.partials.items())},
+            "partials_valid": sorted(self.partials_valid),
+            "bad_partials": dict(sorted(self.bad_partials.items())),
+            "combining": [list(p) for p in self.combining],
+            "adapter_id": self.adapter_id, "mean_stats": dict(sorted(self.mean_stats.items())),
+        }
+
+    @classmethod
+    def from_state(cls, raw: Any) -> "ValidatorRound":
+        s = _check_state(raw, "validator")
+        machine = cls.__new__(cls)
+        machine._start(_round_open_from_state(s["round_open"]), s["me"])
+        machine._round_open_wire = s["round_open"]
+        machine.phase = Phase(s["phase"])
+        machine.abort_reason = s["abort_reason"]
+        machine.contributions = dict(s["contributions"])
+        machine.pending, machine.accepted = set(s["pending"]), set(s["accepted"])
+        machine.rejected = {t: (v[0], v[1]) for t, v in s["rejected"].items()}
+        machine.computing_own = s["computing_own"]
+        machine.published = SetView.from_state(s["published"]) if s["published"] else None
+        machine.agreement = _Agreement(machine.round_open, {v: SetView.from_state(x) for v, x in s["sets"].items()})
+        machine.agreed = SetView.from_state(s["agreed"]) if s["agreed"] else None
+        machine.aggregate_confirmed = s["aggregate_confirmed"]
+        machine.partials = {m: (v[0], v[1]) for m, v in s["partials"].items()}
+        machine.partials_valid = set(s["partials_valid"])
+        machine.bad_partials = dict(s["bad_partials"])
+        machine.combining = tuple((p[0], p[1]) for p in s["combining"])
+        machine.adapter_id, machine.mean_stats = s["adapter_id"], dict(s["mean_stats"])
+        return machine
+
+
+# --- a committee member's round --------------------------------------------------------
+
+
+class CommitteeRound:
+    """A key-share holder: releases one partial decryption per round, of the agreed
+    aggregate only, and only if it has at least min_contributors."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.round_open: RoundOpen | None = None
+        self.phase = CommitteePhase.WAITING
+        self.abort_reason = ""
+        self.agreement: _Agreement | None = None
+        self.agreed: SetView | None = None
+        self.aggregate_confirmed = False
+        self.released_blob_id = ""
+
+    def join_round(self, validator: str, msg: RoundOpen) -> list[Effect]:
+        """JoinRound: a validator announced the round."""
+        ro = _checked_remote_open(msg)
+        if validator not in ro.validators:
+            raise RemoteProtocolError(f"{validator} announced a round it is not a validator of",
+                                      reason="not_a_round_validator")
+        if self.round_open is not None:
+            if self.round_open != ro:
+                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
+                                          reason="conflicting_round_open")
+            return []
+        if self.me not in ro.committee:
+            raise LocalProtocolError(f"{self.me} is not in round {ro.round_id}'s committee")
+        self.round_open, self.agreement = ro, _Agreement(ro)
+        self.phase = CommitteePhase.WATCH
+        return [EnterPhase(CommitteePhase.WATCH.value), SetTimer("final_deadline", ro.final_deadline_ms)]
+
+    def receive_accepted_set(self, validator: str, msg: AcceptedSet) -> list[Effect]:
+        """ReceiveAcceptedSet: decide once a quorum of validators published one set."""
+        ro, agreement = self._joined()
+        _same_round(ro, msg.round_id, "AcceptedSet")
+        view = SetView.from_message(msg, ro)
+        if self.phase is not CommitteePhase.WATCH or not agreement.record(validator, view):
+            return []
+        agreed = agreement.agreed()
+        if agreed is None:
+            return self._abort("no_agreement") if agreement.impossible() else []
+        self.agreed = agreed
+        if len(agreed.contributors) < ro.min_contributors:
+            return self._abort("below_min_contributors")
+        self.phase = CommitteePhase.DECRYPT
+        return [EnterPhase(CommitteePhase.DECRYPT.value), ComputeAggregate(ro.round_id, agreed.blob_ids)]
+
+    def compute_aggregate(self, aggregate_id: str) -> list[Effect]:
+        """ComputeAggregate: our own product of the agreed blobs must be the agreed id."""
+        ro, _ = self._joined()
+        if self.phase is not CommitteePhase.DECRYPT or self.aggregate_confirmed or self.agreed is None:
+            raise LocalProtocolError(f"no aggregate was asked for in phase {self.phase.value}")
+        if aggregate_id != self.agreed.aggregate_id:
+            return self._abort("aggregate_mismatch")
+        self.aggregate_confirmed = True
+        return [DecryptPartial(ro.round_id, aggregate_id)]
+
+    def release_partial(self, aggregate_id: str, partial_blob_id: str) -> list[Effect]:
+        """ReleasePartial: publish our partial decryption of the agreed aggregate."""
+        ro, _ = self._joined()
+        if self.phase is not CommitteePhase.DECRYPT or not self.aggregate_confirmed or self.agreed is None:
+            raise LocalProtocolError(f"ReleasePartial in phase {self.phase.value} before the aggregate is confirmed")
+        if aggregate_id != self.agreed.aggregate_id:
+            raise LocalProtocolError(f"refusing to release a partial of {aggregate_id}: "
+                                     f"the agreed aggregate is {self.agreed.aggregate_id}")
+        if not is_blob_id(partial_blob_id):
+            raise LocalProtocolError(f"partial blob id {partial_blob_id!r} is not a sha256 hex id")
+        self.phase, self.released_blob_id = CommitteePhase.RELEASED, partial_blob_id
+        return [Send(PartialDecryption(ro.round_id, aggregate_id, partial_blob_id)),
+                EnterPhase(CommitteePhase.RELEASED.value)]
+
+    def final_deadline(self, *, now_ms: int) -> list[Effect]:
+        """FinalDeadline: stop waiting; an unreleased share stays unreleased."""
+        ro, _ = self._joined()
+        if now_ms < ro.final_deadline_ms:
+            raise LocalProtocolError(f"FinalDeadline at {now_ms}, before {ro.final_deadline_ms}")
+        if self.phase in (CommitteePhase.RELEASED, CommitteePhase.ABORTED):
+            return []
+        return self._abort("no_agreement" if self.agreed is None else "deadline")
+
+    def resume_effects(self) -> list[Effect]:
+        if self.phase is not CommitteePhase.DECRYPT or self.agreed is None or self.round_open is None:
+            return []
+        if not self.aggregate_confirmed:
+            return [ComputeAggregate(self.round_open.round_id, self.agreed.blob_ids)]
+        return [DecryptPartial(self.round_open.round_id, self.agreed.aggregate_id)]
+
+    def _joined(self) -> tuple[RoundOpen, _Agreement]:
+        if self.round_open is None or self.agreement is None:
+            raise RemoteProtocolError("a round message before its RoundOpen", reason="unknown_round")
+        return self.round_open, self.agreement
+
+    def _abort(self, reason: str) -> list[Effect]:
+        self.phase, self.abort_reason = CommitteePhase.ABORTED, reason
+        return [EnterPhase(CommitteePhase.ABORTED.value, reason)]
+
+    def to_state(self) -> dict:
+        return {
+            "v": STATE_VERSION, "kind": "committee", "me": self.me,
+            "round_open": _round_open_state(self),
+            "phase": self.phase.value, "abort_reason": self.abort_reason,
+            "sets": self.agreement.to_state() if self.agreement else {},
+            "agreed": self.agreed.to_state() if self.agreed else None,
+            "aggregate_confirmed": self.aggregate_confirmed, "released_blob_id": self.released_blob_id,
+        }
+
+    @classmethod
+    def from_state(cls, raw: Any) -> "CommitteeRound":
+        s = _check_state(raw, "committee")
+        machine = cls(s["me"])
+        if s["round_open"] is not None:
+            machine.round_open = _round_open_from_state(s["round_open"])
+            machine._round_open_wire = s["round_open"]
+            machine.agreement = _Agreement(machine.round_open,
+                                           {v: SetView.from_state(x) for v, x in s["sets"].items()})
+        machine.phase, machine.abort_reason = CommitteePhase(s["phase"]), s["abort_reason"]
+        machine.agreed = SetView.from_state(s["agreed"]) if s["agreed"] else None
+        machine.aggregate_confirmed, machine.released_blob_id = s["aggregate_confirmed"], s["released_blob_id"]
+        return machine
+
+
+# --- a trainer's round -------------------------------------------------------------------
+
+
+class TrainerRound:
+    """Join an open round, train, contribute once before the deadline, learn the outcome."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.round_open: RoundOpen | None = None
+        self.phase = TrainerPhase.WAITING
+        self.blob_id = ""
+        self.adapter_id = ""
+        self.included = False  # our contribution is in the final aggregate
+        self.abort_reason = ""
+
+    def join_round(self, validator: str, msg: RoundOpen, *, now_ms: int) -> list[Effect]:
+        """JoinRound: train for this round if there is time left."""
+        ro = _checked_remote_open(msg)
+        if validator not in ro.validators:
+            raise RemoteProtocolError(f"{validator} announced a round it is not a validator of",
+                                      reason="not_a_round_validator")
+        if self.round_open is not None:
+            if self.round_open != ro:
+                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
+                                          reason="conflicting_round_open")
+            return []
+        self.round_open = ro
+        if now_ms >= ro.deadline_ms:
+            self.phase = TrainerPhase.MISSED
+            return [EnterPhase(TrainerPhase.MISSED.value, "joined after the deadline")]
+        self.phase = TrainerPhase.TRAINING
+        return [EnterPhase(TrainerPhase.TRAINING.value), Train(ro),
+                SetTimer("final_deadline", ro.final_deadline_ms)]
+
+    def contribute(self, blob_id: str, *, ciphertext_count: int, size_bytes: int, now_ms: int) -> list[Effect]:
+        """Contribute: send the sealed update's id, once, if the deadline has not passed."""
+        ro = self._joined()
+        if self.phase is not TrainerPhase.TRAINING:
+            raise LocalProtocolError(f"Contribute in phase {self.phase.value}: one contribution per round")
+        if not is_blob_id(blob_id):
+            raise LocalProtocolError(f"blob id {blob_id!r} is not a sha256 hex id")
+        if ciphertext_count != ro.ciphertexts_per_contribution or not 0 < size_bytes <= ro.max_contribution_bytes:
+            raise LocalProtocolError(f"contribution of {ciphertext_count} ciphertexts and {size_bytes} bytes "
+                                     f"does not fit round {ro.round_id}'s layout")
+        if now_ms >= ro.deadline_ms:  # training outran the deadline: a dropout, not an error
+            self.phase = TrainerPhase.MISSED
+            return [EnterPhase(TrainerPhase.MISSED.value, "training ended after the deadline")]
+        self.phase, self.blob_id = TrainerPhase.CONTRIBUTED, blob_id
+        return [Send(Contribution(ro.round_id, blob_id, ciphertext_count, size_bytes)),
+                EnterPhase(TrainerPhase.CONTRIBUTED.value)]
+
+    def receive_round_final(self, validator: str, msg: RoundFinal) -> list[Effect]:
+        """ReceiveRoundFinal: the new adapter (the next round starts from it)."""
+        ro = self._joined()
+        self._from_validator(ro, validator, msg.round_id, "RoundFinal")
+        if self.phase is TrainerPhase.FINAL:
+            if msg.adapter_id != self.adapter_id:
+                raise RemoteProtocolError(f"{validator} reports adapter {msg.adapter_id}, another "
+                                          f"validator {self.adapter_id}", reason="conflicting_final")
+            return []
+        if self.phase is TrainerPhase.ABORTED:
+            return []
+        if not is_blob_id(msg.adapter_id) or msg.base_adapter_id != ro.base_adapter_id:
+            raise RemoteProtocolError("RoundFinal names a bad adapter or another base", reason="bad_round_final")
+        self.phase, self.adapter_id = TrainerPhase.FINAL, msg.adapter_id
+        self.included = self.me in msg.contributors
+        return [EnterPhase(TrainerPhase.FINAL.value)]
+
+    def receive_round_aborted(self, validator: str, msg: RoundAborted) -> list[Effect]:
+        """ReceiveRoundAborted: no adapter this round."""
+        ro = self._joined()
+        self._from_validator(ro, validator, msg.round_id, "RoundAborted")
+        if self.phase in (TrainerPhase.FINAL, TrainerPhase.ABORTED):
+            return []
+        return self._abort(msg.reason[:MAX_NAME_CHARS])
+
+    def final_deadline(self, *, now_ms: int) -> list[Effect]:
+        ro = self._joined()
+        if now_ms < ro.final_deadline_ms:
+            raise LocalProtocolError(f"FinalDeadline at {now_ms}, before {ro.final_deadline_ms}")
+        if self.phase in (TrainerPhase.FINAL, TrainerPhase.ABORTED):
+            return []
+        return self._abort("no_final_by_deadline")
+
+    def resume_effects(self) -> list[Effect]:
+        if self.phase is TrainerPhase.TRAINING and self.round_open is not None:
+            return [Train(self.round_open)]
+        return []
+
+    def _joined(self) -> RoundOpen:
+        if self.round_open is None:
+            raise RemoteProtocolError("a round message before its RoundOpen", reason="unknown_round")
+        return self.round_open
+
+    @staticmethod
+    def _from_validator(ro: RoundOpen, validator: str, round_id: int, what: str) -> None:
+        _same_round(ro, round_id, what)
+        if validator not in ro.validators:
+            raise RemoteProtocolError(f"{what} from {validator}, not a validator of round {ro.round_id}",
+                                      reason="not_a_round_validator")
+
+    def _abort(self, reason: str) -> list[Effect]:
+        self.phase, self.abort_reason = TrainerPhase.ABORTED, reason
+        return [EnterPhase(TrainerPhase.ABORTED.value, reason)]
+
+    def to_state(self) -> dict:
+        return {
+            "v": STATE_VERSION, "kind": "trainer", "me": self.me,
+            "round_open": _round_open_state(self),
+            "phase": self.phase.value, "blob_id": self.blob_id, "adapter_id": self.adapter_id,
+            "included": self.included, "abort_reason": self.abort_reason,
+        }
+
+    @classmethod
+    def from_state(cls, raw: Any) -> "TrainerRound":
+        s = _check_state(raw, "trainer")
+        machine = cls(s["me"])
+        if s["round_open"] is not None:
+            machine.round_open = _round_open_from_state(s["round_open"])
+            machine._round_open_wire = s["round_open"]
+        machine.phase = TrainerPhase(s["phase"])
+        machine.blob_id, machine.adapter_id = s["blob_id"], s["adapter_id"]
+        machine.included, machine.abort_reason = s["included"], s["abort_reason"]
+        return machine
+
+
+# --- invariants (specs/SecureAggregation.tla, same names) -------------------------------
+
+
+def TypeOK(validators: Iterable[ValidatorRound], committee: Iterable[CommitteeRound],  # noqa: N802
+           trainers: Iterable[TrainerRound] = ()) -> bool:
+    for v in validators:
+        decided = v.accepted | set(v.rejected)
+        if not (isinstance(v.phase, Phase) and v.accepted.isdisjoint(v.rejected)
+                and v.pending.isdisjoint(decided) and v.pending | decided == set(v.contributions)):
+            return False
+        if v.phase in (Phase.DECRYPT, Phase.FINAL) and (v.agreed is None or v.published is None):
+            return False
+        if v.phase is Phase.FINAL and not (is_blob_id(v.adapter_id) and v.combining):
+            return False
+        if not v.partials_valid.isdisjoint(v.bad_partials) or not set(v.partials) >= v.partials_valid:
+            return False
+    for c in committee:
+        if not isinstance(c.phase, CommitteePhase):
+            return False
+        if c.phase in (CommitteePhase.DECRYPT, CommitteePhase.RELEASED) and c.agreed is None:
+            return False
+        if (c.phase is CommitteePhase.RELEASED) != bool(c.released_blob_id):
+            return False
+    for t in trainers:
+        if not isinstance(t.phase, TrainerPhase) or (t.phase is TrainerPhase.FINAL and not t.adapter_id):
+            return False
+    return True
+
+
+def NoDecryptionBelowMin(committee: Iterable[CommitteeRound]) -> bool:  # noqa: N802
+    """A committee member decrypts (asks for or releases a partial) only an aggregate of
+    at least min_contributors contributions."""
+    return all(c.agreed is not None and c.round_open is not None
+               and len(c.agreed.contributors) >= c.round_open.min_contributors
+               for c in committee if c.aggregate_confirmed or c.phase is CommitteePhase.RELEASED)
+
+
+def OnlyAgreedAggregateDecrypted(validators: Iterable[ValidatorRound],  # noqa: N802
+                                 committee: Iterable[CommitteeRound]) -> bool:
+    """Every released partial is of a set that a quorum of validators really published."""
+    validators = list(validators)
+    for c in committee:
+        if c.phase is not CommitteePhase.RELEASED or c.round_open is None or c.agreed is None:
+            continue
+        same_round = [v for v in validators if v.round_id == c.round_open.round_id]
+        if sum(v.published == c.agreed for v in same_round) < quorum(c.round_open):
+            return False
+    return True
+
+
+def HonestValidatorsAgreeOnAdapter(validators: Iterable[ValidatorRound]) -> bool:  # noqa: N802
+    """All validators that finish a round finish it with the same adapter and set."""
+    outcomes: dict[int, set] = {}
+    for v in validators:
+        if v.phase is Phase.FINAL:
+            outcomes.setdefault(v.round_id, set()).add((v.adapter_id, v.agreed))
+    return all(len(o) == 1 for o in outcomes.values())
+
+
+def FinalContainsOnlyValidContributions(validators: Iterable[ValidatorRound],  # noqa: N802
+                                        valid_blobs: Mapping[str, str]) -> bool:
+    """A final set holds only contributions that are valid (trainer -> its valid blob id,
+    the ground truth a test knows)."""
+    return all(valid_blobs.get(t) == b
+               for v in validators if v.phase is Phase.FINAL and v.agreed is not None
+               for t, b in zip(v.agreed.contributors, v.agreed.blob_ids))
+
+
+INVARIANTS = ("TypeOK", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted",
+              "HonestValidatorsAgreeOnAdapter", "FinalContainsOnlyValidContributions")
+
+# Each action of specs/SecureAggregation.tla and the methods that implement it; an
+# action shared by roles (JoinRound, ComputeAggregate, ...) is one method per role.
+ACTIONS: dict[str, tuple[tuple[type, str], ...]] = {
+    "OpenRound": ((ValidatorRound, "open_round"),),
+    "JoinRound": ((TrainerRound, "join_round"), (CommitteeRound, "join_round")),
+    "Contribute": ((TrainerRound, "contribute"),),
+    "ReceiveContribution": ((ValidatorRound, "receive_contribution"),),
+    "VerifyContribution": ((ValidatorRound, "verify_contribution"),),
+    "CloseCollection": ((ValidatorRound, "close_collection"),),
+    "ComputeAggregate": ((ValidatorRound, "compute_aggregate"), (CommitteeRound, "compute_aggregate")),
+    "ReceiveAcceptedSet": ((ValidatorRound, "receive_accepted_set"), (CommitteeRound, "receive_accepted_set")),
+    "ReleasePartial": ((CommitteeRound, "release_partial"),),
+    "ReceivePartial": ((ValidatorRound, "receive_partial"),),
+    "VerifyPartial": ((ValidatorRound, "verify_partial"),),
+    "Finalize": ((ValidatorRound, "finalize"),),
+    "CombineFails": ((ValidatorRound, "combine_fails"),),
+    "FinalDeadline": ((ValidatorRound, "final_deadline"), (CommitteeRound, "final_deadline"),
+                      (TrainerRound, "final_deadline")),
+    "ReceiveRoundFinal": ((TrainerRound, "receive_round_final"),),
+    "ReceiveRoundAborted": ((TrainerRound, "receive_round_aborted"),),
+}
+# Steps of the environment, not of a machine: the clock, and the next round's schedule.
+ENVIRONMENT_ACTIONS = ("Tick", "NextRound", "Done")
+
+__all__ = [
+    "ACTIONS", "CombinePartials", "ENVIRONMENT_ACTIONS", "CommitteePhase", "CommitteeRound", "ComputeAggregate",
+    "DecryptPartial", "Effect", "EnterPhase", "Exclusion", "FinalContainsOnlyValidContributions",
+    "HonestValidatorsAgreeOnAdapter", "INVARIANTS", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted",
+    "Phase", "STATE_VERSION", "Send", "SetTimer", "SetView", "Train", "TrainerPhase", "TrainerRound",
+    "TypeOK", "ValidatorRound", "VerifyContributionBlob", "VerifyPartialBlob", "is_blob_id", "quorum",
+    "round_open_problem",
+]

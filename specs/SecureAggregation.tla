@@ -1,0 +1,420 @@
+-------------------------- MODULE SecureAggregation --------------------------
+(***************************************************************************)
+(* Secure-aggregation rounds: protocol/aggregation.py.                     *)
+(*                                                                         *)
+(* Each action is a method of a Python machine under the same name in      *)
+(* snake_case (OpenRound = ValidatorRound.open_round, JoinRound =          *)
+(* TrainerRound.join_round and CommitteeRound.join_round, ...), except the *)
+(* environment's Tick, NextRound and Done. The invariants are Python check *)
+(* functions of the same names.                                            *)
+(*                                                                         *)
+(* Abstractions. A contribution is named by its trainer (one per trainer   *)
+(* and round); an aggregate id, the sha256 of the product of the accepted  *)
+(* ciphertexts in trainer order, is named by the set of its trainers; an   *)
+(* adapter by the sequence of sets applied since genesis. Verification is  *)
+(* deterministic: a cheater's proof never verifies, a bad member's partial *)
+(* never verifies. Messages are never forged (Epistula) but may be lost or *)
+(* late: a receive action may simply never happen. Validators are honest;  *)
+(* trainers and committee members may drop out at any point.               *)
+(* Python publishes a set below the minimum inside CloseCollection or      *)
+(* VerifyContribution, without an aggregate; here ComputeAggregate does it.*)
+(***************************************************************************)
+EXTENDS Naturals, FiniteSets, Sequences
+
+CONSTANTS
+    Trainers,        \* hotkeys of the trainers
+    Validators,      \* the round's validators (all honest)
+    Committee,       \* key-share holders
+    Cheaters,        \* trainers whose contribution does not verify
+    BadMembers,      \* committee members whose partial decryption does not verify
+    MinContributors, \* fewer accepted contributions than this: nothing is decrypted
+    Threshold,       \* t of the t-of-n threshold key
+    MaxRounds,       \* rounds explored
+    NoSet            \* model value: "no set yet"
+
+ASSUME /\ Cheaters \subseteq Trainers
+       /\ BadMembers \subseteq Committee
+       /\ MinContributors \in 1..Cardinality(Trainers)
+       /\ Threshold \in 1..Cardinality(Committee)
+       /\ MaxRounds \in 1..10
+
+Quorum == Cardinality(Validators) \div 2 + 1   \* a strict majority
+Valid == Trainers \ Cheaters
+MaybeSet == (SUBSET Trainers) \cup {NoSet}
+Adapters == UNION {[1..n -> SUBSET Trainers] : n \in 0..MaxRounds}
+
+VPhases == {"open", "collect", "aggregate", "decrypt", "final", "aborted"}
+CPhases == {"waiting", "watch", "decrypt", "released", "aborted"}
+TPhases == {"waiting", "training", "contributed", "final", "aborted"}
+Over == {"final", "aborted"}
+
+VARIABLES
+    round,       \* the round being run
+    base,        \* the adapter it starts from
+    clock,       \* "collect" (before the deadline), "closed", "expired" (after the final deadline)
+    tPhase,      \* trainer -> phase
+    sent,        \* trainers whose Contribution is on the wire
+    vPhase,      \* validator -> phase
+    status,      \* validator -> trainer -> "none" | "pending" | "accepted" | "rejected"
+    published,   \* validator -> the AcceptedSet it published, or NoSet
+    vSeen,       \* validator -> validator -> the AcceptedSet heard from it, or NoSet
+    vAgreed,     \* validator -> the set a quorum published, or NoSet
+    vConfirmed,  \* validators holding the agreed aggregate (own, or recomputed)
+    partial,     \* validator -> member -> "none" | "pending" | "valid" | "invalid"
+    combining,   \* validators that asked the shell to combine t valid partials
+    vAdapter,    \* validator -> its new adapter, or NoSet
+    cPhase,      \* member -> phase
+    cSeen,       \* member -> validator -> the AcceptedSet heard from it, or NoSet
+    cAgreed,     \* member -> the set a quorum published, or NoSet
+    cConfirmed   \* members that recomputed the agreed aggregate themselves
+
+roundVars == <<round, base, clock>>
+trainerVars == <<tPhase, sent>>
+validatorVars == <<vPhase, status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+committeeVars == <<cPhase, cSeen, cAgreed, cConfirmed>>
+vars == <<roundVars, trainerVars, validatorVars, committeeVars>>
+
+-----------------------------------------------------------------------------
+(* Agreement on a map "validator -> set heard from it".                    *)
+
+SetsIn(seen) == {seen[w] : w \in Validators} \ {NoSet}
+Votes(seen, S) == Cardinality({w \in Validators : seen[w] = S})
+AgreedIn(seen) == {S \in SetsIn(seen) : Votes(seen, S) >= Quorum}
+Silent(seen) == Cardinality({w \in Validators : seen[w] = NoSet})
+\* No set can reach a quorum any more, even if every silent validator joins it.
+Impossible(seen) == /\ Silent(seen) < Quorum
+                    /\ \A S \in SetsIn(seen) : Votes(seen, S) + Silent(seen) < Quorum
+
+Accepted(v) == {t \in Trainers : status[v][t] = "accepted"}
+NoPending(v) == \A t \in Trainers : status[v][t] # "pending"
+ValidPartials(v, p) == {c \in Committee : p[c] = "valid"}
+
+\* Validator v decides on `seen` (its own set `own` included): the next values of
+\* vPhase, vAgreed and vConfirmed.
+Decide(v, seen, own) ==
+    IF AgreedIn(seen) = {}
+    THEN /\ vPhase' = IF Impossible(seen) THEN [vPhase EXCEPT ![v] = "aborted"] ELSE vPhase
+         /\ UNCHANGED <<vAgreed, vConfirmed>>
+    ELSE LET S == CHOOSE S \in AgreedIn(seen) : TRUE
+         IN /\ vAgreed' = [vAgreed EXCEPT ![v] = S]
+            /\ IF Cardinality(S) < MinContributors \/ \E t \in S : status[v][t] = "rejected"
+               THEN /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
+                    /\ UNCHANGED vConfirmed
+               ELSE /\ vPhase' = [vPhase EXCEPT ![v] = "decrypt"]
+                    /\ vConfirmed' = IF S = own THEN vConfirmed \cup {v} ELSE vConfirmed
+
+\* Committee member c decides on `seen`: the next values of cPhase and cAgreed.
+CommitteeDecide(c, seen) ==
+    IF AgreedIn(seen) = {}
+    THEN /\ cPhase' = IF Impossible(seen) THEN [cPhase EXCEPT ![c] = "aborted"] ELSE cPhase
+         /\ UNCHANGED cAgreed
+    ELSE LET S == CHOOSE S \in AgreedIn(seen) : TRUE
+         IN /\ cAgreed' = [cAgreed EXCEPT ![c] = S]
+            /\ cPhase' = [cPhase EXCEPT ![c] = IF Cardinality(S) < MinContributors
+                                               THEN "aborted" ELSE "decrypt"]
+
+-----------------------------------------------------------------------------
+(* A round starts fresh; only the base adapter carries over.              *)
+
+FreshRound ==
+    /\ clock' = "collect"
+    /\ tPhase' = [t \in Trainers |-> "waiting"]
+    /\ sent' = {}
+    /\ vPhase' = [v \in Validators |-> "open"]
+    /\ status' = [v \in Validators |-> [t \in Trainers |-> "none"]]
+    /\ published' = [v \in Validators |-> NoSet]
+    /\ vSeen' = [v \in Validators |-> [w \in Validators |-> NoSet]]
+    /\ vAgreed' = [v \in Validators |-> NoSet]
+    /\ vConfirmed' = {}
+    /\ partial' = [v \in Validators |-> [c \in Committee |-> "none"]]
+    /\ combining' = {}
+    /\ vAdapter' = [v \in Validators |-> NoSet]
+    /\ cPhase' = [c \in Committee |-> "waiting"]
+    /\ cSeen' = [c \in Committee |-> [w \in Validators |-> NoSet]]
+    /\ cAgreed' = [c \in Committee |-> NoSet]
+    /\ cConfirmed' = {}
+
+Init ==
+    /\ round = 1
+    /\ base = << >>
+    /\ clock = "collect"
+    /\ tPhase = [t \in Trainers |-> "waiting"]
+    /\ sent = {}
+    /\ vPhase = [v \in Validators |-> "open"]
+    /\ status = [v \in Validators |-> [t \in Trainers |-> "none"]]
+    /\ published = [v \in Validators |-> NoSet]
+    /\ vSeen = [v \in Validators |-> [w \in Validators |-> NoSet]]
+    /\ vAgreed = [v \in Validators |-> NoSet]
+    /\ vConfirmed = {}
+    /\ partial = [v \in Validators |-> [c \in Committee |-> "none"]]
+    /\ combining = {}
+    /\ vAdapter = [v \in Validators |-> NoSet]
+    /\ cPhase = [c \in Committee |-> "waiting"]
+    /\ cSeen = [c \in Committee |-> [w \in Validators |-> NoSet]]
+    /\ cAgreed = [c \in Committee |-> NoSet]
+    /\ cConfirmed = {}
+
+-----------------------------------------------------------------------------
+(* Actions                                                                 *)
+
+OpenRound(v) ==
+    /\ vPhase[v] = "open"
+    /\ clock = "collect"
+    /\ vPhase' = [vPhase EXCEPT ![v] = "collect"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+\* A trainer or a committee member hears a RoundOpen.
+JoinRound(p) ==
+    /\ \E v \in Validators : vPhase[v] # "open"
+    /\ \/ /\ p \in Trainers
+          /\ tPhase[p] = "waiting"
+          /\ tPhase' = [tPhase EXCEPT ![p] = "training"]
+          /\ UNCHANGED <<sent, committeeVars>>
+       \/ /\ p \in Committee
+          /\ cPhase[p] = "waiting"
+          /\ cPhase' = [cPhase EXCEPT ![p] = "watch"]
+          /\ UNCHANGED <<trainerVars, cSeen, cAgreed, cConfirmed>>
+    /\ UNCHANGED <<roundVars, validatorVars>>
+
+\* A trainer that never takes this step dropped out.
+Contribute(t) ==
+    /\ tPhase[t] = "training"
+    /\ clock = "collect"
+    /\ tPhase' = [tPhase EXCEPT ![t] = "contributed"]
+    /\ sent' = sent \cup {t}
+    /\ UNCHANGED <<roundVars, validatorVars, committeeVars>>
+
+ReceiveContribution(v, t) ==
+    /\ t \in sent
+    /\ clock = "collect"
+    /\ vPhase[v] = "collect"
+    /\ status[v][t] = "none"
+    /\ status' = [status EXCEPT ![v][t] = "pending"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<vPhase, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+VerifyContribution(v, t) ==
+    /\ status[v][t] = "pending"
+    /\ status' = [status EXCEPT ![v][t] = IF t \in Cheaters THEN "rejected" ELSE "accepted"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<vPhase, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+CloseCollection(v) ==
+    /\ vPhase[v] = "collect"
+    /\ clock # "collect"
+    /\ vPhase' = [vPhase EXCEPT ![v] = "aggregate"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+\* A validator aggregates its accepted set and publishes it (then decides), or
+\* recomputes an adopted set's aggregate; a member recomputes the agreed aggregate.
+\* Aggregate ids are sets here, so a recomputation always matches.
+ComputeAggregate(p) ==
+    \/ /\ p \in Validators
+       /\ vPhase[p] = "aggregate"
+       /\ published[p] = NoSet
+       /\ NoPending(p)
+       /\ LET own == Accepted(p)
+              seen == [vSeen[p] EXCEPT ![p] = own]
+          IN /\ published' = [published EXCEPT ![p] = own]
+             /\ vSeen' = [vSeen EXCEPT ![p] = seen]
+             /\ Decide(p, seen, own)
+       /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+       /\ UNCHANGED <<status, partial, combining, vAdapter>>
+    \/ /\ p \in Validators
+       /\ vPhase[p] = "decrypt"
+       /\ p \notin vConfirmed
+       /\ vConfirmed' = vConfirmed \cup {p}
+       /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+       /\ UNCHANGED <<vPhase, status, published, vSeen, vAgreed, partial, combining, vAdapter>>
+    \/ /\ p \in Committee
+       /\ cPhase[p] = "decrypt"
+       /\ p \notin cConfirmed
+       /\ cConfirmed' = cConfirmed \cup {p}
+       /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed>>
+
+\* Receiver r (a validator or a member) hears validator w's AcceptedSet.
+ReceiveAcceptedSet(r, w) ==
+    /\ published[w] # NoSet
+    /\ \/ /\ r \in Validators
+          /\ vPhase[r] \notin Over
+          /\ vSeen[r][w] = NoSet
+          /\ LET seen == [vSeen[r] EXCEPT ![w] = published[w]]
+             IN /\ vSeen' = [vSeen EXCEPT ![r] = seen]
+                /\ IF vPhase[r] = "aggregate" /\ published[r] # NoSet
+                   THEN Decide(r, seen, published[r])
+                   ELSE UNCHANGED <<vPhase, vAgreed, vConfirmed>>
+          /\ UNCHANGED <<committeeVars, status, published, partial, combining, vAdapter>>
+       \/ /\ r \in Committee
+          /\ cPhase[r] = "watch"
+          /\ cSeen[r][w] = NoSet
+          /\ LET seen == [cSeen[r] EXCEPT ![w] = published[w]]
+             IN /\ cSeen' = [cSeen EXCEPT ![r] = seen]
+                /\ CommitteeDecide(r, seen)
+          /\ UNCHANGED <<validatorVars, cConfirmed>>
+    /\ UNCHANGED <<roundVars, trainerVars>>
+
+\* A member that never takes this step dropped out.
+ReleasePartial(c) ==
+    /\ cPhase[c] = "decrypt"
+    /\ c \in cConfirmed
+    /\ cPhase' = [cPhase EXCEPT ![c] = "released"]
+    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cSeen, cAgreed, cConfirmed>>
+
+\* A partial of another aggregate than the one v agreed on is excluded at once.
+ReceivePartial(v, c) ==
+    /\ cPhase[c] = "released"
+    /\ vPhase[v] = "decrypt"
+    /\ v \in vConfirmed
+    /\ partial[v][c] = "none"
+    /\ partial' = [partial EXCEPT ![v][c] = IF cAgreed[c] = vAgreed[v] THEN "pending" ELSE "invalid"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<vPhase, status, published, vSeen, vAgreed, vConfirmed, combining, vAdapter>>
+
+\* Once t partials are valid the validator asks for a combine (the first t in
+\* committee order).
+VerifyPartial(v, c) ==
+    /\ vPhase[v] = "decrypt"
+    /\ partial[v][c] = "pending"
+    /\ LET p == [partial[v] EXCEPT ![c] = IF c \in BadMembers THEN "invalid" ELSE "valid"]
+       IN /\ partial' = [partial EXCEPT ![v] = p]
+          /\ combining' = IF Cardinality(ValidPartials(v, p)) >= Threshold
+                          THEN combining \cup {v} ELSE combining
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<vPhase, status, published, vSeen, vAgreed, vConfirmed, vAdapter>>
+
+Finalize(v) ==
+    /\ vPhase[v] = "decrypt"
+    /\ v \in combining
+    /\ vPhase' = [vPhase EXCEPT ![v] = "final"]
+    /\ vAdapter' = [vAdapter EXCEPT ![v] = Append(base, vAgreed[v])]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining>>
+
+\* The sum did not unpack (a slot overflowed): no adapter.
+CombineFails(v) ==
+    /\ vPhase[v] = "decrypt"
+    /\ v \in combining
+    /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+FinalDeadline(p) ==
+    /\ clock = "expired"
+    /\ \/ /\ p \in Validators
+          /\ vPhase[p] \notin Over
+          /\ vPhase' = [vPhase EXCEPT ![p] = "aborted"]
+          /\ UNCHANGED <<trainerVars, committeeVars>>
+          /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+       \/ /\ p \in Committee
+          /\ cPhase[p] \in {"watch", "decrypt"}
+          /\ cPhase' = [cPhase EXCEPT ![p] = "aborted"]
+          /\ UNCHANGED <<trainerVars, validatorVars, cSeen, cAgreed, cConfirmed>>
+       \/ /\ p \in Trainers
+          /\ tPhase[p] \in {"training", "contributed"}
+          /\ tPhase' = [tPhase EXCEPT ![p] = "aborted"]
+          /\ UNCHANGED <<sent, validatorVars, committeeVars>>
+    /\ UNCHANGED roundVars
+
+ReceiveRoundFinal(t, v) ==
+    /\ vPhase[v] = "final"
+    /\ tPhase[t] \in {"training", "contributed"}
+    /\ tPhase' = [tPhase EXCEPT ![t] = "final"]
+    /\ UNCHANGED <<roundVars, sent, validatorVars, committeeVars>>
+
+ReceiveRoundAborted(t, v) ==
+    /\ vPhase[v] = "aborted"
+    /\ tPhase[t] \in {"training", "contributed"}
+    /\ tPhase' = [tPhase EXCEPT ![t] = "aborted"]
+    /\ UNCHANGED <<roundVars, sent, validatorVars, committeeVars>>
+
+(* The environment: the clock passes the deadline, then the final deadline; *)
+(* a new round starts from the adapter of the last (or the same base).     *)
+
+Tick ==
+    /\ clock # "expired"
+    /\ clock' = IF clock = "collect" THEN "closed" ELSE "expired"
+    /\ UNCHANGED <<round, base, trainerVars, validatorVars, committeeVars>>
+
+NextRound ==
+    /\ round < MaxRounds
+    /\ clock = "expired"
+    /\ \A v \in Validators : vPhase[v] \in Over
+    /\ round' = round + 1
+    /\ base' = IF \E v \in Validators : vPhase[v] = "final"
+               THEN vAdapter[CHOOSE v \in Validators : vPhase[v] = "final"]
+               ELSE base
+    /\ FreshRound
+
+\* The last round is over: stutter, so that TLC's deadlock check stays useful.
+Done ==
+    /\ round = MaxRounds
+    /\ clock = "expired"
+    /\ \A v \in Validators : vPhase[v] \in Over
+    /\ UNCHANGED vars
+
+Next ==
+    \/ \E v \in Validators : \/ OpenRound(v)
+                             \/ CloseCollection(v)
+                             \/ Finalize(v)
+                             \/ CombineFails(v)
+    \/ \E p \in Trainers \cup Committee : JoinRound(p)
+    \/ \E t \in Trainers : Contribute(t)
+    \/ \E v \in Validators, t \in Trainers : ReceiveContribution(v, t) \/ VerifyContribution(v, t)
+    \/ \E p \in Validators \cup Committee : ComputeAggregate(p)
+    \/ \E r \in Validators \cup Committee, w \in Validators : ReceiveAcceptedSet(r, w)
+    \/ \E c \in Committee : ReleasePartial(c)
+    \/ \E v \in Validators, c \in Committee : ReceivePartial(v, c) \/ VerifyPartial(v, c)
+    \/ \E p \in Trainers \cup Validators \cup Committee : FinalDeadline(p)
+    \/ \E t \in Trainers, v \in Validators : ReceiveRoundFinal(t, v) \/ ReceiveRoundAborted(t, v)
+    \/ Tick
+    \/ NextRound
+    \/ Done
+
+Spec == Init /\ [][Next]_vars
+
+-----------------------------------------------------------------------------
+(* Invariants (the Python check functions have the same names)             *)
+
+TypeOK ==
+    /\ round \in 1..MaxRounds
+    /\ base \in Adapters
+    /\ clock \in {"collect", "closed", "expired"}
+    /\ tPhase \in [Trainers -> TPhases]
+    /\ sent \subseteq Trainers
+    /\ vPhase \in [Validators -> VPhases]
+    /\ status \in [Validators -> [Trainers -> {"none", "pending", "accepted", "rejected"}]]
+    /\ published \in [Validators -> MaybeSet]
+    /\ vSeen \in [Validators -> [Validators -> MaybeSet]]
+    /\ vAgreed \in [Validators -> MaybeSet]
+    /\ vConfirmed \subseteq Validators
+    /\ partial \in [Validators -> [Committee -> {"none", "pending", "valid", "invalid"}]]
+    /\ combining \subseteq Validators
+    /\ vAdapter \in [Validators -> Adapters \cup {NoSet}]
+    /\ cPhase \in [Committee -> CPhases]
+    /\ cSeen \in [Committee -> [Validators -> MaybeSet]]
+    /\ cAgreed \in [Committee -> MaybeSet]
+    /\ cConfirmed \subseteq Committee
+
+\* A member decrypts (recomputes for, or releases, a partial) only an aggregate of
+\* at least MinContributors contributions.
+NoDecryptionBelowMin ==
+    \A c \in Committee :
+        (c \in cConfirmed \/ cPhase[c] = "released") => Cardinality(cAgreed[c]) >= MinContributors
+
+\* Every released partial is of a set that a quorum of validators really published.
+OnlyAgreedAggregateDecrypted ==
+    \A c \in Committee :
+        cPhase[c] = "released" =>
+            Cardinality({v \in Validators : published[v] = cAgreed[c]}) >= Quorum
+
+HonestValidatorsAgreeOnAdapter ==
+    \A v, w \in Validators :
+        (vPhase[v] = "final" /\ vPhase[w] = "final") => vAdapter[v] = vAdapter[w]
+
+FinalContainsOnlyValidContributions ==
+    \A v \in Validators :
+        vPhase[v] = "final" => vAgreed[v] \subseteq (Valid \cap sent)
+
+=============================================================================
