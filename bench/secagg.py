@@ -25,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crypto import packing, paillier, proofs  # noqa: E402
-from crypto.randomness import RandomizerPool, fresh_randomizer_pair  # noqa: E402
+from crypto import contribution, paillier, proofs  # noqa: E402
 
 MESH, ROUND = "bench", 1
 
@@ -40,84 +39,79 @@ def main() -> int:
 
     with _timed(timings, "key_setup"):
         public, shares, vks = paillier.deal(args.key_bits, args.threshold, args.parties)
-    n = public.n
-    layout = packing.derive_layout(args.clip, args.quant_bits, args.contributors, args.key_bits,
-                                   plaintext_slack_bits=proofs.slack_bits())
+    layout = contribution.derive_layout(args.clip, args.quant_bits, args.contributors, args.key_bits)
     count = layout.plaintexts_needed(args.params)
-    bound_bits = layout.plaintext_bits
     print(f"secagg: {args.params} params x {args.contributors} contributors, {args.key_bits}-bit key, "
           f"{args.threshold}-of-{args.parties}; {layout.slots_per_plaintext} slots of "
           f"{layout.slot_bits} bits -> {count} ciphertexts per contributor", flush=True)
 
-    total = count * args.contributors
-    with _timed(timings, "offline_all"):
-        with RandomizerPool(n, size=total, workers=args.workers,
-                            make=lambda n: _offline_item(n, bound_bits)) as pool:
-            pool.wait_until_full()
-            items = pool.take_many(total)
-    print(f"secagg: offline precompute {timings['offline_all']:.1f} s for {total} ciphertexts "
-          f"({args.workers} threads)", flush=True)
+    contexts = [contribution.context_for(public, MESH, ROUND, f"contributor-{i}")
+                for i in range(args.contributors)]
+    pres, offline = [], []
+    for _ in range(args.contributors):
+        start = time.process_time()  # one core's work; CPU time ignores the other core's load
+        pres.append(contribution.precompute(public, layout, args.params, workers=1))
+        offline.append(time.process_time() - start)
+    timings["offline_per_contributor"] = float(np.median(offline))
+    print(f"secagg: offline precompute {timings['offline_per_contributor']:.2f} s CPU per contributor "
+          "(DJN randomizers + subset-proof masks, done while training)", flush=True)
 
-    contributions, online = [], []
-    for i, update in enumerate(updates):
-        start = time.perf_counter()
-        contributions.append(_contribute(n, layout, update, items[i * count:(i + 1) * count], i, bound_bits))
-        online.append(time.perf_counter() - start)
+    sealed, online = [], []
+    for update, context, pre in zip(updates, contexts, pres):
+        start = time.process_time()
+        sealed.append(contribution.seal(public, layout, update, context, precomputed=pre))
+        online.append(time.process_time() - start)
     timings["online_per_contributor"] = float(np.median(online))
-    print(f"secagg: online pack+encrypt+prove {timings['online_per_contributor']:.2f} s per contributor "
+    print(f"secagg: online pack+encrypt+prove {timings['online_per_contributor']:.3f} s per contributor "
           "(one core, median)", flush=True)
 
-    with _timed(timings, "verify_all"):
-        for i, (cs, range_proofs) in enumerate(contributions):
-            contexts = [_context(n, i, j, proofs.PURPOSE_RANGE) for j in range(count)]
-            if not proofs.verify_range_batch(n, cs, range_proofs, bound_bits, contexts):
-                raise SystemExit(f"contribution {i} failed verification")
+    verify_times = []
+    for item, context in zip(sealed, contexts):
+        start = time.process_time()
+        contribution.verify(public, layout, item, context, value_count=args.params)
+        verify_times.append(time.process_time() - start)
+    timings["verify_per_contribution"] = float(np.median(verify_times))
+    print(f"secagg: verify {timings['verify_per_contribution']:.2f} s per contribution (one core)", flush=True)
     with _timed(timings, "aggregate"):
-        aggregate = [public.add_many([cs[j] for cs, _ in contributions]) for j in range(count)]
+        aggregate = contribution.aggregate(public, sealed)
 
-    context = _context(n, 0, 0, proofs.PURPOSE_DECRYPTION_SHARE)
-    batches, member_times = [], []
-    for share in shares[:args.threshold]:
-        start = time.perf_counter()
-        batches.append(paillier.partial_decrypt_many(share, aggregate, context, workers=args.workers))
+    blocks = contribution.decryption_blocks(count, [s.index for s in shares], args.threshold)
+    batches: dict[int, list] = {b: [] for b in range(len(blocks))}
+    member_times = []
+    for share in shares:
+        start = time.perf_counter()  # wall time: a member uses both cores
+        for b, block in enumerate(blocks):
+            if share.index in block.members:
+                batches[b].append(paillier.partial_decrypt_many(
+                    share, aggregate[block.start:block.stop], _block_context(public, b), workers=args.workers))
         member_times.append(time.perf_counter() - start)
     timings["decrypt_member"] = float(np.median(member_times))
+    print(f"secagg: partial decryption {timings['decrypt_member']:.2f} s per member ({args.workers} threads; "
+          f"each member decrypts {args.threshold} of {len(blocks)} blocks = {args.threshold}/{args.parties} "
+          f"of the positions; alone it would take {timings['decrypt_member'] * args.parties / args.threshold:.1f} s)",
+          flush=True)
     with _timed(timings, "combine"):
-        plain = paillier.combine_many(public, vks, args.threshold, aggregate, batches, context,
-                                      workers=args.workers)
+        plain = []
+        for b, block in enumerate(blocks):
+            plain.extend(paillier.combine_many(public, vks, args.threshold, aggregate[block.start:block.stop],
+                                               batches[b], _block_context(public, b), workers=args.workers))
     with _timed(timings, "decode"):
-        mean = packing.decode_mean(packing.unpack(plain, args.params, layout), args.contributors, layout)
+        mean = contribution.decode_sum(plain, args.params, args.contributors, layout)
 
     expected = np.mean([np.clip(u, -args.clip, args.clip) for u in updates], axis=0)
     max_err = float(np.max(np.abs(mean - expected)))
-    ours = (timings["offline_all"] + timings["online_per_contributor"] * args.contributors
-            + timings["verify_all"] + timings["aggregate"]
-            + timings["decrypt_member"] * args.threshold + timings["combine"] + timings["decode"])
+    c = args.contributors
+    ours = ((timings["offline_per_contributor"] + timings["online_per_contributor"]
+             + timings["verify_per_contribution"]) * c + timings["aggregate"]
+            + sum(member_times) + timings["combine"] + timings["decode"])
     per_value = _per_value_baseline(args, rng)
     _report(args, timings, ours, per_value, max_err, layout)
     return 0 if max_err <= args.clip / 2 ** (args.quant_bits - 1) else 1
 
 
-def _offline_item(n, bound_bits):
-    r, rn = fresh_randomizer_pair(n)
-    return r, rn, proofs.precompute_range(int(n), bound_bits)
-
-
-def _contribute(n, layout, update, items, index, bound_bits):
-    n2 = n * n
-    plaintexts = packing.pack(packing.quantize(update, layout), layout)
-    cs, range_proofs = [], []
-    for j, (m, (r, rn, pre)) in enumerate(zip(plaintexts, items)):
-        c = (1 + m * n) * rn % n2  # online encryption: one multiplication
-        cs.append(int(c))
-        range_proofs.append(proofs.prove_range(n, int(c), int(m), int(r), bound_bits,
-                                               _context(n, index, j, proofs.PURPOSE_RANGE),
-                                               precomputed=pre))
-    return cs, range_proofs
-
-
-def _context(n, contributor, index, purpose) -> bytes:
-    return proofs.ProofContext(int(n), MESH, ROUND, f"contributor-{contributor}", index, purpose).encode()
+def _block_context(public, block: int) -> bytes:
+    return proofs.ProofContext(public.n, MESH, ROUND, "committee", block,
+                               proofs.PURPOSE_DECRYPTION_SHARE).encode()
 
 
 def _per_value_baseline(args, rng) -> float:

@@ -1,0 +1,206 @@
+"""A trainer's update as it leaves the trainer: packed, encrypted, proven; and the sum.
+
+seal():   clip, quantize and pack the float update (crypto/packing.py), encrypt every
+          plaintext with DJN randomness (crypto/djn.py: one multiplication online when
+          the randomizers were precomputed), and prove all ciphertexts in range with one
+          subset-sum proof (crypto/subset_range.py) bound to the round's ProofContext.
+verify(): the validator's check of all of that; raises InvalidContribution with a reason.
+aggregate(): the position-wise product of accepted contributions: the encrypted sum.
+decryption_blocks(): which committee members partially decrypt which positions, so
+          each member does t/n of the work (with a fallback when a member is gone).
+
+Pure library: no I/O. Wire form: versioned msgpack, every value range-checked on decode.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+from gmpy2 import mpz
+
+from crypto import djn, packing, proofs, subset_range
+from crypto.packing import PackingLayout
+from crypto.paillier import PublicKey
+
+WIRE_VERSION = 1
+PURPOSE_CONTRIBUTION = "contribution"
+# A contribution of this many ciphertexts carries ~85M parameters at 2048 bits; the
+# layout's slack (subset_range.slack_bits) is sized for it.
+MAX_CIPHERTEXTS = subset_range.MAX_CIPHERTEXTS
+
+
+class InvalidContribution(ValueError):
+    """A contribution that must be rejected; `.reason` goes to logs, metrics and evidence."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}: {hint}")
+        self.reason, self.hint = reason, hint
+
+
+def derive_layout(clip_bound: float, quant_bits: int, max_contributors: int, key_bits: int) -> PackingLayout:
+    """The packing layout whose top margin covers what the subset range proof lets through."""
+    return packing.derive_layout(clip_bound, quant_bits, max_contributors, key_bits,
+                                 plaintext_slack_bits=subset_range.slack_bits(MAX_CIPHERTEXTS))
+
+
+def context_for(public: PublicKey, mesh_id: str, round_id: int, sender: str) -> bytes:
+    return proofs.ProofContext(public.n, mesh_id, round_id, sender, 0, PURPOSE_CONTRIBUTION).encode()
+
+
+@dataclass(frozen=True)
+class Contribution:
+    value_count: int  # float parameters carried (the last plaintext is zero-padded)
+    ciphertexts: tuple[int, ...]
+    proof: subset_range.SubsetRangeProof
+
+
+
+@dataclass
+class Precomputation:
+    """The offline half of seal() for one contribution: secrets, use once, keep in memory."""
+
+    public_n: int
+    layout: PackingLayout
+    value_count: int
+    randomizers: list[tuple[Any, Any]]  # (rho, h_n^rho)
+    subsets: list[subset_range.SubsetPrecomputation]
+
+
+def precompute(public: PublicKey, layout: PackingLayout, value_count: int, *, workers: int = 1) -> Precomputation:
+    """Everything of seal() that depends on neither the update nor the challenge.
+
+    Run it while the trainer trains. `workers` threads split the work; the fixed-base
+    loops hold the GIL between multiplications, so expect less than linear gains.
+    """
+    count = layout.plaintexts_needed(value_count)
+    n = public.n
+    djn.table(n)  # build the shared table once, before the threads race to
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        randomizers = list(pool.map(lambda _: djn.randomizer(n), range(count), chunksize=256))
+        subsets = list(pool.map(lambda _: subset_range.precompute_one(n, layout.plaintext_bits, count),
+                                range(subset_range.SUBSETS)))
+    return Precomputation(n, layout, value_count, randomizers, subsets)
+
+
+def seal(public: PublicKey, layout: PackingLayout, update: np.ndarray, context: bytes,
+         *, precomputed: Precomputation | None = None) -> Contribution:
+    """The encrypted, proven contribution of `update` (float32 values, clipped to ±B)."""
+    values = np.asarray(update, dtype=np.float32).ravel()
+    plaintexts = packing.pack(packing.quantize(values, layout), layout)
+    if precomputed is None:
+        precomputed = precompute(public, layout, len(values))
+    if (precomputed.public_n, precomputed.layout, precomputed.value_count) != (public.n, layout, len(values)):
+        raise ValueError("precomputation was made for another key, layout or size")
+    n, n2 = mpz(public.n), mpz(public.n_squared)
+    cs = [(1 + mpz(m) * n) * h % n2 for m, (_, h) in zip(plaintexts, precomputed.randomizers)]
+    proof = subset_range.prove(public.n, cs, plaintexts, [rho for rho, _ in precomputed.randomizers],
+                               layout.plaintext_bits, context, precomputed=precomputed.subsets)
+    return Contribution(len(values), tuple(int(c) for c in cs), proof)
+
+
+def verify(public: PublicKey, layout: PackingLayout, contribution: Contribution, context: bytes,
+           *, value_count: int) -> None:
+    """Raises InvalidContribution unless the contribution is well formed and proven."""
+    if contribution.value_count != value_count:
+        raise InvalidContribution("wrong_size", f"carries {contribution.value_count} values, "
+                                                f"the round expects {value_count}")
+    expected = layout.plaintexts_needed(value_count)
+    if len(contribution.ciphertexts) != expected:
+        raise InvalidContribution("wrong_size", f"{len(contribution.ciphertexts)} ciphertexts, "
+                                                f"the layout needs {expected}")
+    if not subset_range.verify(public.n, contribution.ciphertexts, contribution.proof,
+                               layout.plaintext_bits, context):
+        raise InvalidContribution("bad_proof", "the range proof does not verify for this round "
+                                               "and sender")
+
+
+def aggregate(public: PublicKey, contributions: Sequence[Contribution]) -> list[int]:
+    """The encrypted position-wise sum of verified contributions (same size each)."""
+    if not contributions:
+        raise ValueError("nothing to aggregate")
+    sizes = {len(c.ciphertexts) for c in contributions}
+    if len(sizes) != 1:
+        raise ValueError(f"contributions differ in size: {sorted(sizes)}")
+    n2 = mpz(public.n_squared)
+    acc = [mpz(c) for c in contributions[0].ciphertexts]
+    for contribution in contributions[1:]:
+        acc = [a * c % n2 for a, c in zip(acc, contribution.ciphertexts)]
+    return [int(a) for a in acc]
+
+
+def decode_sum(plaintexts: Sequence[int], value_count: int, contributors: int,
+               layout: PackingLayout) -> np.ndarray:
+    """The mean update from the decrypted aggregate plaintexts."""
+    sums = packing.unpack(list(plaintexts), value_count, layout)
+    return packing.decode_mean(sums, contributors, layout)
+
+
+# --- who decrypts what ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecryptionBlock:
+    start: int
+    stop: int
+    members: tuple[int, ...]  # committee indices asked first (t of them)
+
+
+def decryption_blocks(count: int, members: Sequence[int], threshold: int) -> list[DecryptionBlock]:
+    """Split `count` positions into len(members) blocks; block b goes to members b..b+t-1.
+
+    Every member then partially decrypts t/n of the positions instead of all of them, and
+    every block still has t members. If one of a block's members is gone, any other
+    member (not yet in that block) covers it: the node decides that at run time.
+    """
+    members = sorted(set(members))
+    if not 1 <= threshold <= len(members):
+        raise ValueError(f"threshold {threshold} needs at least that many members, got {len(members)}")
+    k = len(members)
+    bounds = [count * b // k for b in range(k + 1)]
+    return [DecryptionBlock(bounds[b], bounds[b + 1], tuple(members[(b + i) % k] for i in range(threshold)))
+            for b in range(k) if bounds[b] < bounds[b + 1]]
+
+
+# --- wire -----------------------------------------------------------------------------------
+
+
+def encode(public: PublicKey, contribution: Contribution) -> bytes:
+    width = public.ciphertext_bytes
+    return msgpack.packb({
+        "v": WIRE_VERSION, "kind": "contribution", "values": contribution.value_count,
+        "ciphertexts": b"".join(int(c).to_bytes(width, "big") for c in contribution.ciphertexts),
+        "proof": contribution.proof.to_wire(),
+    }, use_bin_type=True)
+
+
+def decode(public: PublicKey, data: bytes, *, max_ciphertexts: int = MAX_CIPHERTEXTS) -> Contribution:
+    """Strict decode; raises InvalidContribution("malformed_contribution", ...) on anything off."""
+    from protocol._wire import unpack_strict  # pure helper shared with the message layer
+
+    try:
+        obj = unpack_strict(data)
+    except Exception as exc:
+        raise InvalidContribution("malformed_contribution", f"not msgpack: {exc}") from exc
+    if not isinstance(obj, dict) or set(obj) != {"v", "kind", "values", "ciphertexts", "proof"}:
+        raise InvalidContribution("malformed_contribution", "wrong top-level fields")
+    if obj["v"] != WIRE_VERSION or obj["kind"] != "contribution":
+        raise InvalidContribution("malformed_contribution", f"unsupported version/kind {obj['v']!r}/{obj['kind']!r}")
+    values, blob = obj["values"], obj["ciphertexts"]
+    width = public.ciphertext_bytes
+    if not isinstance(values, int) or isinstance(values, bool) or values < 1:
+        raise InvalidContribution("malformed_contribution", "values must be a positive integer")
+    if not isinstance(blob, bytes) or len(blob) % width or not 0 < len(blob) // width <= max_ciphertexts:
+        raise InvalidContribution("malformed_contribution", f"ciphertexts must be 1..{max_ciphertexts} "
+                                                            f"values of {width} bytes")
+    cs = tuple(int.from_bytes(blob[i:i + width], "big") for i in range(0, len(blob), width))
+    if not all(public.is_valid_ciphertext(c) for c in cs):
+        raise InvalidContribution("malformed_contribution", "a ciphertext is not in Z*_{n^2}")
+    try:
+        proof = subset_range.SubsetRangeProof.from_wire(obj["proof"])
+    except ValueError as exc:
+        raise InvalidContribution("malformed_contribution", f"proof: {exc}") from exc
+    return Contribution(values, cs, proof)
