@@ -95,22 +95,22 @@ Decide(v, seen, own) ==
     IF AgreedIn(seen) = {}
     THEN /\ vPhase' = IF Impossible(seen) THEN [vPhase EXCEPT ![v] = "aborted"] ELSE vPhase
          /\ UNCHANGED <<vAgreed, vConfirmed>>
-    ELSE LET S == CHOOSE S \in AgreedIn(seen) : TRUE
-         IN /\ vAgreed' = [vAgreed EXCEPT ![v] = S]
-            /\ IF Cardinality(S) < MinContributors \/ \E t \in S : status[v][t] = "rejected"
+    ELSE LET agreed == CHOOSE X \in AgreedIn(seen) : TRUE
+         IN /\ vAgreed' = [vAgreed EXCEPT ![v] = agreed]
+            /\ IF Cardinality(agreed) < MinContributors \/ \E t \in agreed : status[v][t] = "rejected"
                THEN /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
                     /\ UNCHANGED vConfirmed
                ELSE /\ vPhase' = [vPhase EXCEPT ![v] = "decrypt"]
-                    /\ vConfirmed' = IF S = own THEN vConfirmed \cup {v} ELSE vConfirmed
+                    /\ vConfirmed' = IF agreed = own THEN vConfirmed \cup {v} ELSE vConfirmed
 
 \* Committee member c decides on `seen`: the next values of cPhase and cAgreed.
 CommitteeDecide(c, seen) ==
     IF AgreedIn(seen) = {}
     THEN /\ cPhase' = IF Impossible(seen) THEN [cPhase EXCEPT ![c] = "aborted"] ELSE cPhase
          /\ UNCHANGED cAgreed
-    ELSE LET S == CHOOSE S \in AgreedIn(seen) : TRUE
-         IN /\ cAgreed' = [cAgreed EXCEPT ![c] = S]
-            /\ cPhase' = [cPhase EXCEPT ![c] = IF Cardinality(S) < MinContributors
+    ELSE LET agreed == CHOOSE X \in AgreedIn(seen) : TRUE
+         IN /\ cAgreed' = [cAgreed EXCEPT ![c] = agreed]
+            /\ cPhase' = [cPhase EXCEPT ![c] = IF Cardinality(agreed) < MinContributors
                                                THEN "aborted" ELSE "decrypt"]
 
 -----------------------------------------------------------------------------
