@@ -189,7 +189,8 @@ def round_open_problem(ro: RoundOpen) -> str | None:
          f"hyper-parameter names are 1..{MAX_NAME_CHARS} characters and values finite"),
         (math.isfinite(ro.clip_bound) and ro.clip_bound > 0, "clip_bound must be finite and > 0"),
         (2 <= ro.quant_bits <= 32, "quant_bits must be in 2..32"),
-        (1 <= ro.max_contributors <= MAX_ROUND_CONTRIBUTORS, f"max_contributors must be in 1..{MAX_ROUND_CONTRIBUTORS}"),
+        (1 <= ro.max_contributors <= MAX_ROUND_CONTRIBUTORS,
+         f"max_contributors must be in 1..{MAX_ROUND_CONTRIBUTORS}"),
         (ro.key_bits >= 256, "key_bits must be >= 256"),
         (ro.ciphertexts_per_contribution >= 1, "ciphertexts_per_contribution must be >= 1"),
         (ro.max_contribution_bytes >= 1, "max_contribution_bytes must be >= 1"),
@@ -463,6 +464,8 @@ class ValidatorRound:
         """ComputeAggregate: the shell multiplied the ciphertexts we asked for."""
         if not is_blob_id(aggregate_id):
             raise LocalProtocolError(f"aggregate id {aggregate_id!r} is not a sha256 hex id")
+        if self._terminal():  # the round ended while the shell was computing
+            return []
         if self.phase is Phase.AGGREGATE and self.computing_own:
             self.computing_own = False
             ordered = sorted(self.accepted)
@@ -521,6 +524,8 @@ class ValidatorRound:
 
     def finalize(self, adapter_id: str, mean_stats: Mapping[str, float]) -> list[Effect]:
         """Finalize: the shell combined, averaged and applied the sum; the round is done."""
+        if self.phase is Phase.ABORTED:  # the final deadline came first: no adapter
+            return []
         if self.phase is not Phase.DECRYPT or not self.combining:
             raise LocalProtocolError(f"Finalize in phase {self.phase.value} without a combine")
         if not is_blob_id(adapter_id):
@@ -536,6 +541,8 @@ class ValidatorRound:
 
     def combine_fails(self, reason: str) -> list[Effect]:
         """CombineFails: the decrypted sum did not unpack (a slot overflowed): no adapter."""
+        if self.phase is Phase.ABORTED:
+            return []
         if self.phase is not Phase.DECRYPT or not self.combining:
             raise LocalProtocolError(f"CombineFails in phase {self.phase.value} without a combine")
         return self._abort(f"combine_failed:{reason}"[:MAX_NAME_CHARS])
@@ -748,6 +755,8 @@ class CommitteeRound:
     def compute_aggregate(self, aggregate_id: str) -> list[Effect]:
         """ComputeAggregate: our own product of the agreed blobs must be the agreed id."""
         ro, _ = self._joined()
+        if self.phase is CommitteePhase.ABORTED:  # the final deadline came first
+            return []
         if self.phase is not CommitteePhase.DECRYPT or self.aggregate_confirmed or self.agreed is None:
             raise LocalProtocolError(f"no aggregate was asked for in phase {self.phase.value}")
         if aggregate_id != self.agreed.aggregate_id:
@@ -758,6 +767,8 @@ class CommitteeRound:
     def release_partial(self, aggregate_id: str, partial_blob_id: str) -> list[Effect]:
         """ReleasePartial: publish our partial decryption of the agreed aggregate."""
         ro, _ = self._joined()
+        if self.phase is CommitteePhase.ABORTED:  # too late: the share stays unreleased
+            return []
         if self.phase is not CommitteePhase.DECRYPT or not self.aggregate_confirmed or self.agreed is None:
             raise LocalProtocolError(f"ReleasePartial in phase {self.phase.value} before the aggregate is confirmed")
         if aggregate_id != self.agreed.aggregate_id:
@@ -856,6 +867,8 @@ class TrainerRound:
     def contribute(self, blob_id: str, *, ciphertext_count: int, size_bytes: int, now_ms: int) -> list[Effect]:
         """Contribute: send the sealed update's id, once, if the deadline has not passed."""
         ro = self._joined()
+        if self.phase in (TrainerPhase.FINAL, TrainerPhase.ABORTED):  # training outlived the round
+            return []
         if self.phase is not TrainerPhase.TRAINING:
             raise LocalProtocolError(f"Contribute in phase {self.phase.value}: one contribution per round")
         if not is_blob_id(blob_id):

@@ -371,6 +371,28 @@ def test_the_final_deadline_aborts_what_is_unfinished():
     assert sent(late.final_deadline(now_ms=20_000), RoundAborted)[0].reason == "never_opened"
 
 
+def test_shell_work_that_ends_after_the_final_deadline_changes_nothing():
+    r = Round()
+    sets = r.publish_sets({V1: [T1, T2], V2: [T1, T2]})
+    r.exchange_sets(sets)
+    member = r.committee[C1]
+    member.compute_aggregate(sets[V1].aggregate_id)
+    member.final_deadline(now_ms=20_000)
+    assert member.release_partial(sets[V1].aggregate_id, h("late")) == []
+    assert member.phase is CommitteePhase.ABORTED and not member.released_blob_id
+    v1 = r.validators[V1]
+    for c in (C2, C3):
+        v1.receive_partial(c, r.release(c))
+        v1.verify_partial(c, valid=True)
+    v1.final_deadline(now_ms=20_000)
+    assert v1.abort_reason == "combine_timeout"
+    assert v1.finalize(h("late adapter"), {}) == [] and v1.adapter_id == ""
+    trainer = agg.TrainerRound(T1)
+    trainer.join_round(V1, r.ro, now_ms=0)
+    trainer.final_deadline(now_ms=20_000)
+    assert trainer.contribute(h("b"), ciphertext_count=12, size_bytes=1, now_ms=20_001) == []
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 
@@ -558,7 +580,8 @@ def validator_in_every_phase():
     return out
 
 
-@pytest.mark.parametrize("label, machine, expected", validator_in_every_phase(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("label, machine, expected", validator_in_every_phase(),
+                         ids=lambda x: x if isinstance(x, str) else "")
 def test_a_restarted_validator_resumes_in_every_phase(label, machine, expected):
     again = roundtrip(machine)
     assert again.phase.value == {"combining": "decrypt"}.get(label, label)
