@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from node.mesh import Mesh
-from node.storage.local import BlobCorrupt, BlobNotFound, BlobStore, is_content_id, verified
+from node.storage.local import BlobCorrupt, BlobNotFound, BlobStore, StorageError, is_content_id, verified
 from protocol.epistula import EnvelopeVerifier, Signer
 from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_direct, seal_message
@@ -59,6 +59,9 @@ class BlobService:
         except BlobCorrupt as exc:
             log.error("local blob is corrupt, refusing to serve it: %s", exc)
             return _ERROR + f"not_found: blob {cid} is damaged here".encode()
+        except StorageError as exc:  # a remote store that is down or refuses: say why
+            log.warning("cannot serve blob %s: %s", cid[:12], exc)
+            return _ERROR + f"{exc.reason}: blob {cid} is not readable here now".encode()
         log.info("serving blob %s (%d bytes) to %s", cid[:12], len(data), request.member.hotkey)
         return _OK + data
 

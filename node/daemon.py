@@ -7,6 +7,7 @@ order; the final status is written under the data dir so nothing observed is los
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from node.metrics import NodeMetrics
 from node.presence import Presence
 from node.registry.genesis import Genesis
 from node.settings import NodeSettings
-from node.storage import LocalBlobStore
+from node.roles import RoleContext, RoleService, services_for
+from node.storage import BlobStore, open_store
 from protocol.epistula import EnvelopeVerifier, Envelope, Signer
 from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_gossip, open_request, seal_message
@@ -79,6 +81,9 @@ class Node:
         self.api_port: int | None = None
         self.started_ms = now_ms()
         self.membership_views: dict[str, list[str]] = {}
+        self.services: list[RoleService] = services_for(settings)
+        self.store: BlobStore | None = None
+        self.role_context: RoleContext | None = None
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] = {}
 
@@ -115,10 +120,14 @@ class Node:
         # Read from the status snapshot: the mesh's own counters belong to the trio thread.
         self.metrics.add_counters("sealmesh_mesh_events", "libp2p mesh counters (drops, disconnects)",
                                   lambda: self.status().get("mesh_stats", {}).items())
-        blobs = BlobService(LocalBlobStore(data_dir / "blobs"), self.verifier,
+        self.store = open_store(self.settings.storage, data_dir, env=os.environ)
+        blobs = BlobService(self.store, self.verifier,
                             on_reject=lambda reason: self.metrics.reject("stream", reason))
         mesh.set_stream_handler(BLOB_PROTOCOL, blobs.handle, MAX_BLOB_REQUEST_BYTES)
         mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
+        for service in self.services:
+            for protocol_id, (handler, max_bytes) in service.stream_handlers().items():
+                mesh.set_stream_handler(protocol_id, handler, max_bytes)
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         assert self.mesh is not None
@@ -140,6 +149,19 @@ class Node:
         nursery.start_soon(self._status_loop)
         if self.settings.role.value == "validator":
             nursery.start_soon(self._membership_view_loop)
+        await self._start_roles(nursery)
+
+    async def _start_roles(self, nursery: trio.Nursery) -> None:
+        assert self.mesh is not None and self.store is not None
+        self.role_context = RoleContext(
+            settings=self.settings, hotkey=self.hotkey, genesis=self.genesis, mesh=self.mesh,
+            store=self.store, verifier=self.verifier, metrics=self.metrics,
+            data_dir=self.settings.data_dir / "roles", publish=self.publish,
+            peer_of=self.presence.peer_of.get)
+        self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
+        for service in self.services:
+            log.info("phase=role-start service=%s", service.name)
+            await nursery.start(functools.partial(service.run, self.role_context))
 
     def _ready_doc(self) -> dict[str, Any]:
         assert self.mesh is not None
@@ -185,6 +207,9 @@ class Node:
             self.metrics.delivery_latency.observe(max(0, received_ms - message.sent_ms) / 1000)
         elif isinstance(message, MembershipView):
             self.membership_views[sender] = list(message.members)
+        for service in self.services:
+            if message.CHANNEL in service.channels:
+                service.on_message(sender, message, received_ms)
 
     async def _on_http_message(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict]:
         try:
@@ -268,6 +293,7 @@ class Node:
             "membership_views": dict(self.membership_views),
             "rejected": _rejected_counts(self.metrics),
             "mesh_stats": dict(_flatten_stats(mesh.stats)) if mesh else {},
+            "sections": self.role_context.sections() if self.role_context else {},
         }
         with self._status_lock:
             self._status = doc

@@ -42,6 +42,18 @@ class NodeSettings:
     ping_interval_s: float = 0.1
     ping_start: str = "heard_all"  # or "signal": wait for SIGUSR1 (used by sealmesh testnet)
     log_level: str = "INFO"
+    # Where blobs live: "local" (DATA_DIR/blobs), "s3://bucket/prefix?endpoint=URL", "storj".
+    storage: str = "local"
+    # Settlement backend: "embedded" (the validators' own head, SQLite) or "hydra".
+    settlement: str = "embedded"
+    hydra_url: str | None = None  # ws://host:4001 of the hydra-node this validator drives
+    db: str | None = None  # validator history; default sqlite:///DATA_DIR/history.sqlite
+    model: Path | None = None  # base model directory (Hugging Face layout); None: built-in tiny model
+    rounds: int = 0  # training rounds a validator opens (0: none)
+    epochs: int = 0  # FHE challenge epochs a validator runs (0: none)
+    # Demo fault injection for `sealmesh testnet`: "honest", or a misbehaviour the mesh must
+    # survive ("garbage" or "slow" miner, "cheat" trainer). Never set on a real node.
+    behaviour: str = "honest"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def resolved(self) -> "NodeSettings":
@@ -50,7 +62,7 @@ class NodeSettings:
 
 
 _FIELDS = {f.name: f for f in fields(NodeSettings)}
-_PATHS = {"data_dir", "wallet_path", "genesis"}
+_PATHS = {"data_dir", "wallet_path", "genesis", "model"}
 
 
 def load_settings(config: Path | None, overrides: dict[str, Any]) -> NodeSettings:

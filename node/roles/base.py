@@ -1,0 +1,105 @@
+"""The seam between the daemon and a role loop (trainer, validator, miner, settlement).
+
+The daemon owns the mesh, the API, the blob store and the status file. A RoleService
+owns one protocol: it gets every gossip message of its channels (already verified:
+Epistula, strict decode, sender policy), may serve stream protocols, runs its loop in
+the daemon's nursery, and reports a section of the node's status. `sealmesh testnet`
+reads those sections: a section whose "done" is true tells it this node's scenario is
+finished, and node/testnet.py merges the sections of every node into report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, ClassVar
+
+import trio
+
+from node.blobs import BlobFetchError, fetch_blob
+from node.mesh import Mesh
+from node.metrics import NodeMetrics
+from node.registry.genesis import Genesis
+from node.settings import NodeSettings
+from node.storage import BlobStore, StorageError
+from protocol.epistula import EnvelopeVerifier, Signer
+from protocol.messages import Channel, Message
+
+log = logging.getLogger("sealmesh.roles")
+
+StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class RoleContext:
+    """What a role may use. Everything here belongs to the trio thread except `report`."""
+
+    settings: NodeSettings
+    hotkey: Signer
+    genesis: Genesis
+    mesh: Mesh
+    store: BlobStore
+    verifier: EnvelopeVerifier
+    metrics: NodeMetrics
+    data_dir: Path  # this role's own directory under the node's data dir
+    publish: Callable[[Message], Awaitable[None]]
+    peer_of: Callable[[str], str | None]  # hotkey -> libp2p peer id, once announced
+    _sections: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def report(self, section: str, doc: dict[str, Any]) -> None:
+        """Replace this role's status section (thread-safe; shown on /status and kept at exit)."""
+        with self._lock:
+            self._sections[section] = doc
+
+    def sections(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._sections)
+
+    async def fetch(self, cid: str, holders: list[str], *, max_bytes: int, timeout_s: float = 120) -> bytes:
+        """The blob `cid`: from our store, else from the first holder (hotkey) that has it.
+
+        A fetched blob is verified (sha256) and kept in our store, so it is served onward.
+        """
+        try:
+            return self.store.get(cid)
+        except StorageError:
+            pass
+        errors = []
+        for holder in holders:
+            peer = self.peer_of(holder)
+            if peer is None or holder == self.hotkey.ss58_address:
+                continue
+            try:
+                data = await fetch_blob(self.mesh, self.hotkey, peer_id=peer, peer_hotkey=holder, cid=cid,
+                                        max_bytes=max_bytes, timeout_s=timeout_s)
+            except Exception as exc:  # a peer can fail in many ways (refusal, stream reset, timeout)
+                errors.append(f"{holder[:8]}: {exc}")
+                continue
+            self.store.put(data)
+            return data
+        raise BlobFetchError("unavailable", f"blob {cid[:12]} not found at {len(holders)} holders: {errors}")
+
+
+class RoleService:
+    """Base class: override what the role needs."""
+
+    name: ClassVar[str]
+    channels: ClassVar[frozenset[Channel]] = frozenset()
+
+    def stream_handlers(self) -> dict[str, tuple[StreamHandler, int]]:
+        """protocol id -> (handler(peer_id, request) -> response, max request bytes)."""
+        return {}
+
+    def on_message(self, sender: str, message: Message, received_ms: int) -> None:
+        """A verified gossip message of one of `channels` (called on the trio thread)."""
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
