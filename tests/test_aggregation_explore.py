@@ -1,24 +1,33 @@
 """Exhaustive exploration of the secure-aggregation machines (protocol/aggregation.py).
 
-A breadth-first search over every interleaving of a small mesh: 3 trainers (t3 cheats:
-its proof does not verify), 2 validators, a committee of 3 with threshold 2 (c3 sends a
-wrong partial), min_contributors 2, and 2 rounds (round 2 starts from round 1's
-adapter). Every message is delivered to each recipient independently, in any order,
-or never (loss and dropouts: a trainer that never contributes, a member that never
-releases); the clock moves collect -> closed -> expired at any point; the shell's
-work (verifying, aggregating, decrypting, combining) completes at any point or never.
-Every reachable state is checked against the spec's invariants, the machines' own
-persistence (from_state(to_state()) is the identity) and their error discipline (a
-rejected message leaves the machine unchanged).
+A breadth-first search, with state hashing, over every interleaving of a small mesh:
+3 trainers (t3 cheats: its proof does not verify), 2 validators, a committee of 3 with
+threshold 2 (c3 sends a wrong partial), min_contributors 2, and 2 rounds (round 2
+starts from round 1's adapter, or from the same base after an abort). Contributions,
+AcceptedSets and partials reach each validator independently, in any order, or never
+(loss); a trainer may never finish training and a member may never release (dropouts).
+Every reachable state is checked against the spec's invariants (the Python functions
+of the same names), exact persistence (to_state -> bytes -> from_state -> to_state),
+that every piece of shell work a machine asks for is in its resume_effects(), and that
+a rejected message leaves its machine unchanged.
 
-Bounds and reductions, stated: RoundOpen reaches each trainer and member once (from the
-first validator that opened: the copies are identical and idempotent, tested in
-test_aggregation.py); ContributionVerdicts go to no machine (settlement reads them);
-round 2 states are hashed without round 1's history (the machines are fresh, only the
-base adapter carries over); a validator's aggregate, a member's partial and a combine
-complete in the step that asks for them (local work that no other node can observe
-before its result is sent); contribution and partial verification stay separate steps,
-so a verdict can still be pending when the deadline passes.
+Reductions, stated:
+- time: the deadline and the final deadline each fire for every node in one step (they
+  are absolute times); a message can arrive before either, not between two nodes'
+  timers. After the final deadline every machine is done, so those states are leaves.
+- RoundOpen reaches every trainer and member in the step the first validator opens
+  (copies from other validators are identical and idempotent: test_aggregation.py).
+- local shell work completes in the step that asks for it: verifying a contribution or
+  a partial, computing an aggregate, combining. A member's partial decryption is its
+  own step (so a member can drop out after agreeing). A verdict still pending at the
+  deadline is covered in test_aggregation.py instead.
+- messages that can no longer change their recipient (a contribution after the
+  deadline, anything to a finished machine) are dropped from the state's hash.
+- ContributionVerdicts go to no machine (settlement reads them); RoundFinal and
+  RoundAborted reach the trainers when the round is over, in both orders.
+- round 2 states are hashed without round 1's history (fresh machines, same base).
+- by default an AcceptedSet reaches the three members in one step (or never); the slow
+  test (SEALMESH_SLOW=1) lets each member hear each set on its own: 254,376 states.
 """
 
 from __future__ import annotations
