@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pings", type=int, default=10, help="pings each node sends per round")
     up.add_argument("--dir", type=Path, default=Path("testnet"), help="working directory")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
+    up.add_argument("--epochs", type=int, default=0, help="FHE challenge epochs (validators challenge miners)")
+    up.add_argument("--fault", action="append", default=[], metavar="NODE=BEHAVIOUR",
+                    help="make one node misbehave, e.g. miner-1=garbage, miner-2=slow, trainer-1=cheat")
+    up.add_argument("--key-bits", type=int, default=2048, choices=[1024, 2048, 3072],
+                    help="committee Paillier key size (1024 only for quick local runs)")
     return parser
 
 
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from node.testnet import TestnetPlan, run_testnet
             plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,
                                rounds=args.rounds, pings=args.pings, directory=args.dir,
-                               timeout_s=args.timeout)
+                               timeout_s=args.timeout, epochs=args.epochs,
+                               faults=tuple(_parse_fault(f) for f in args.fault), key_bits=args.key_bits)
             return run_testnet(plan)
     except KeyboardInterrupt:
         return 130
@@ -98,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 class UserError(Exception):
     pass
+
+
+def _parse_fault(text: str) -> tuple[str, str]:
+    name, sep, behaviour = text.partition("=")
+    if not sep or not name or behaviour not in {"garbage", "slow", "cheat", "honest"}:
+        raise UserError(f"--fault {text!r}: expected NODE=garbage|slow|cheat")
+    return name, behaviour
 
 
 def _wallet(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from libp2p.peer.id import ID
 from node.mesh import derive_key_pair
 from node.presence import percentile
 from node.registry.genesis import Genesis, write_genesis
+from node.roles import testnet_modules
 from node.wallet import create_hotkey
 from protocol.membership import Member, Role
 
@@ -45,6 +46,10 @@ class TestnetPlan:
     timeout_s: float = 120.0
     mesh_id: str = "testnet"
     ping_interval_s: float = 0.1
+    epochs: int = 0  # FHE challenge epochs (validators challenge the miners)
+    # Fault injection, node name -> behaviour ("garbage"/"slow" miner, "cheat" trainer).
+    faults: tuple[tuple[str, str], ...] = ()
+    key_bits: int = 2048  # the committee's threshold Paillier key
 
     @property
     def roles(self) -> list[Role]:
@@ -118,11 +123,21 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
     write_genesis(root / "genesis.json",
                   Genesis(plan.mesh_id, tuple(members), tuple(addrs[:BOOTSTRAP_PEERS]), tuple(names)))
     rng = random.Random(plan.mesh_id)
+    faults = dict(plan.faults)
+    unknown = set(faults) - {n.name for n in nodes}
+    if unknown:
+        raise ValueError(f"--fault names unknown node(s) {sorted(unknown)}")
     for i, node in enumerate(nodes):
         others = [a for j, a in enumerate(addrs) if j != i]
         extra = rng.sample(others, min(2, len(others)))
         with open(node.data_dir / "node.toml", "a") as f:
             f.write(f"bootstrap = {json.dumps(extra)}\n")
+            f.write(f'behaviour = "{faults.get(node.name, "honest")}"\n')
+            if node.role is Role.VALIDATOR:
+                f.write(f"rounds = {plan.rounds if plan.trainers else 0}\nepochs = {plan.epochs}\n")
+    for module in testnet_modules():
+        if hasattr(module, "prepare_testnet"):
+            module.prepare_testnet(plan, nodes, root)
     return nodes
 
 
@@ -172,7 +187,7 @@ def _die_with_parent() -> None:
 
 def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
     expected_pings = plan.pings * plan.rounds * (len(nodes) - 1)
-    last_line, pings_started, complete_at = "", False, None
+    last_line, pings_started, complete_at, last_pending = "", False, None, None
     while time.monotonic() < deadline:
         for node in nodes:
             if node.process.poll() is not None:
@@ -201,11 +216,25 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
             for node in nodes:
                 node.process.send_signal(signal.SIGUSR1)
             pings_started = True
-        if pings >= expected_pings * len(nodes) and everyone_heard:
+        pending = _pending_sections(nodes)
+        if pending != last_pending:
+            print(f"testnet: waiting for {', '.join(pending) or 'nothing more'}", flush=True)
+            last_pending = pending
+        if pings >= expected_pings * len(nodes) and everyone_heard and not pending:
             return True
         time.sleep(0.5 if len(nodes) <= 8 else 1.0)  # polling 20 nodes costs CPU too
     print("testnet: timed out waiting for the scenarios", flush=True)
     return False
+
+
+def _pending_sections(nodes: list[NodeProcess]) -> list[str]:
+    """'node/section' for every role section that has not said done yet."""
+    pending = []
+    for node in nodes:
+        sections = (node.last_status or {}).get("sections", {})
+        pending.extend(f"{node.name}/{name}" for name, doc in sorted(sections.items())
+                       if isinstance(doc, dict) and doc.get("done") is False)
+    return pending
 
 
 def _settle_s(nodes: list[NodeProcess]) -> float:
@@ -266,6 +295,12 @@ def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, du
         for key, value in status.get("mesh_stats", {}).items():
             if key.startswith("dropped") and value:
                 drops[key] = drops.get(key, 0) + value
+    sections = {}
+    for module in testnet_modules():
+        if hasattr(module, "summarize"):
+            section = module.summarize(plan, finals)
+            sections[module.REPORT_SECTION] = section
+            problems.extend(section.get("problems", []))
     return {
         "ok": complete and not problems and delivered == expected,
         "nodes": len(nodes),
@@ -278,6 +313,7 @@ def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, du
         "rejected": rejected,
         "mesh_drops": drops,
         "problems": problems,
+        **sections,
     }
 
 

@@ -15,6 +15,17 @@ from node.settings import NodeSettings
 # Order matters only for start-up: settlement first, so rounds and epochs can record.
 SERVICE_MODULES: tuple[str, ...] = ()
 
+# Modules that take part in `sealmesh testnet`. Each may define
+#   prepare_testnet(plan, nodes, root) -> None   (before any node starts: keys, data, config)
+#   summarize(plan, statuses) -> dict            (its report.json section from the nodes'
+#                                                 final status documents, name -> status)
+# and names its report section REPORT_SECTION.
+TESTNET_MODULES: tuple[str, ...] = ()
+
+
+def testnet_modules() -> list:
+    return [import_module(name) for name in TESTNET_MODULES]
+
 
 def services_for(settings: NodeSettings) -> list[RoleService]:
     services = []
@@ -25,4 +36,4 @@ def services_for(settings: NodeSettings) -> list[RoleService]:
     return services
 
 
-__all__ = ["RoleContext", "RoleService", "services_for"]
+__all__ = ["RoleContext", "RoleService", "services_for", "testnet_modules"]
