@@ -157,7 +157,7 @@ class Node:
             settings=self.settings, hotkey=self.hotkey, genesis=self.genesis, mesh=self.mesh,
             store=self.store, verifier=self.verifier, metrics=self.metrics,
             data_dir=self.settings.data_dir / "roles", publish=self.publish,
-            peer_of=self.presence.peer_of.get)
+            peer_of=self.presence.peer_of.get, services={s.name: s for s in self.services})
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services:
             log.info("phase=role-start service=%s", service.name)

@@ -51,6 +51,7 @@ class RoleContext:
     data_dir: Path  # this role's own directory under the node's data dir
     publish: Callable[[Message], Awaitable[None]]
     peer_of: Callable[[str], str | None]  # hotkey -> libp2p peer id, once announced
+    services: dict[str, "RoleService"] = field(default_factory=dict)  # by name, this node's
     _sections: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -58,6 +59,10 @@ class RoleContext:
         """Replace this role's status section (thread-safe; shown on /status and kept at exit)."""
         with self._lock:
             self._sections[section] = doc
+
+    def service(self, name: str) -> "RoleService | None":
+        """Another role service of this node (e.g. "settlement" to record a round), if running."""
+        return self.services.get(name)
 
     def sections(self) -> dict[str, Any]:
         with self._lock:
