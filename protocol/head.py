@@ -24,6 +24,7 @@ Where this head differs from Hydra, because the mesh has no L1 to order things:
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import math
 import typing
@@ -159,6 +160,7 @@ def tx_signing_payload(head_id: str, txid: str) -> bytes:
     return canonical(["sealmesh/head/tx", head_id, txid])
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and ledgers re-apply the same pending txs often
 def decode_tx(raw: bytes) -> Tx:
     """Strictly decode a transaction; only its canonical encoding is accepted."""
     try:
@@ -169,8 +171,8 @@ def decode_tx(raw: bytes) -> Tx:
     if cls is None:
         raise _reject("malformed_tx", "a transaction is a map whose kind is one of "
                       f"{sorted(TX_KINDS)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
+    hints = _tx_field_types(cls)
+    names = set(hints)
     if set(wire) != names | {"kind"}:
         raise _reject("malformed_tx", f"{cls.KIND} needs exactly the fields {sorted(names)}")
     for name in names:
@@ -181,6 +183,12 @@ def decode_tx(raw: bytes) -> Tx:
         raise _reject("non_canonical_tx", "transaction bytes are not in canonical form")
     _check_tx_shape(tx)
     return tx
+
+
+@functools.cache
+def _tx_field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def _check_tx_shape(tx: Tx) -> None:
@@ -228,6 +236,10 @@ class Ledger:
                    tuple(wire["epochs"]), tuple(wire["deposits"]), wire["deposited"])
 
     def hash(self) -> str:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> str:  # a frozen ledger hashes the same every time
         return _sha256(canonical(self.to_wire()))
 
 
@@ -500,6 +512,7 @@ STAY_IN: dict[str, frozenset[Phase]] = {
     "Recover": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE, P.FINAL}),
     "SlashVote": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE}),
     "Sync": frozenset({P.OPEN}),
+    "Contest": frozenset({P.OPEN}),  # it overtook its Close: confirm its snapshot
     "Tick": frozenset(Phase),
     "Restart": frozenset(Phase),
 }
@@ -514,15 +527,23 @@ class Proposal:
     """The snapshot in flight: requested by its leader, collecting AckSn signatures."""
 
     number: int
-    tx_ids: tuple[str, ...]
+    txs: tuple[tuple[bytes, bytes], ...]  # (canonical tx, author's signature), in order
     deposit_id: str
     ledger: Ledger
     requested_at_ms: int
     acks: dict[str, bytes] = field(default_factory=dict)
 
+    @property
+    def tx_ids(self) -> tuple[str, ...]:
+        return tuple(tx_id(raw) for raw, _ in self.txs)
+
     def payload(self, head_id: str) -> bytes:
         return snapshot_signing_payload(head_id, self.number, self.tx_ids, self.deposit_id,
                                         self.ledger.hash())
+
+    def request(self, head_id: str) -> HeadReqSn:
+        return HeadReqSn(head_id, self.number, [raw for raw, _ in self.txs],
+                         [sig for _, sig in self.txs], self.deposit_id, self.ledger.hash())
 
 
 @dataclass
@@ -559,7 +580,7 @@ class HeadMachine:
         self.confirmed: Snapshot | None = None
         self.pending: dict[str, tuple[bytes, bytes]] = {}  # tx id -> (tx, signature), arrival order
         self.proposal: Proposal | None = None
-        self.waiting: tuple[str, HeadReqSn] | None = None  # a ReqSn whose txs we lack
+        self.waiting: HeadReqSn | None = None  # a ReqSn that came while we were behind
         self.early_acks: dict[str, bytes] = {}  # AckSn for confirmed+1 before its ReqSn
         self.deposits: dict[str, DepositRecord] = {}
         self.signed_deposits: set[str] = set()
@@ -684,16 +705,23 @@ class HeadMachine:
         self._move("Commit", Phase.OPEN)
         return effects + [Record("head_open", {"balances": dict(balances)})]
 
+    # Without an L1 to order an abort against the last commit, only a party that has not
+    # committed may abort: the head then can never open anywhere, as it lacks that commit.
+
     def _abort(self, event: Abort) -> list[Effect]:
         self._require("Abort", local=True)
+        if self.me in self.commits:
+            raise HeadMisuse("a party that committed cannot abort", reason="committed")
         return [Send(HeadAbort(self.parameters.head_id))] + self._apply_abort(self.me)
 
     def _on_abort(self, sender: str, message: HeadAbort, now_ms: int) -> list[Effect]:
         self._require("Abort", local=False)
+        if sender in self.commits:
+            raise _reject("committed", f"{sender} committed, so it cannot abort")
         return self._apply_abort(sender)
 
     def _apply_abort(self, party: str) -> list[Effect]:
-        # Every commit goes back whole: nothing happened in the head yet.
+        # Every commit seen goes back whole to its party: nothing happened in the head yet.
         self.payouts = {p: sum(c) for p, c in sorted(self.commits.items())}
         self._move("Abort", Phase.FINAL)
         return [Record("aborted", {"by": party, "payouts": dict(self.payouts)})]
@@ -717,10 +745,7 @@ class HeadMachine:
     def _accept_tx(self, raw: bytes, signature: bytes, now_ms: int) -> list[Effect]:
         tx = decode_tx(raw)
         txid = tx_id(raw)
-        if tx.author not in self.parameters.parties:
-            raise _reject("unknown_author", f"{tx.author} is not a party of this head")
-        if not self.verify(tx.author, tx_signing_payload(self.parameters.head_id, txid), signature):
-            raise _reject("bad_tx_signature", f"transaction {txid[:12]} is not signed by its author")
+        self._check_tx_signature(tx, raw, signature)
         if isinstance(tx, SlashVote):
             return self._count_vote(tx, raw, signature)
         self._require("NewTx", local=False)
@@ -728,7 +753,14 @@ class HeadMachine:
             raise _reject("duplicate_tx", f"transaction {txid[:12]} is already pending")
         self._pending_ledger = apply_tx(self.pending_ledger, tx, txid)
         self.pending[txid] = (raw, signature)
-        return self._retry_waiting_quietly(now_ms) + self._maybe_request(now_ms)
+        return self._maybe_request(now_ms)
+
+    def _check_tx_signature(self, tx: Tx, raw: bytes, signature: bytes) -> None:
+        if tx.author not in self.parameters.parties:
+            raise _reject("unknown_author", f"{tx.author} is not a party of this head")
+        if not self.verify(tx.author, tx_signing_payload(self.parameters.head_id, tx_id(raw)),
+                           signature):
+            raise _reject("bad_tx_signature", f"transaction {tx_id(raw)[:12]} is not signed by its author")
 
     def _count_vote(self, vote: SlashVote, raw: bytes, signature: bytes) -> list[Effect]:
         self._require("SlashVote", local=False)
@@ -762,14 +794,14 @@ class HeadMachine:
         number = self.confirmed.number + 1
         if self.parameters.leader(number) != self.me:
             return []
-        tx_ids = tuple(list(self.pending)[:MAX_SNAPSHOT_TXS])
+        txs = tuple(list(self.pending.values())[:MAX_SNAPSHOT_TXS])
         deposit_id = next((d for d, r in self.deposits.items()
                            if r.status == "pending" and now_ms < r.deadline_ms), "")
-        if not tx_ids and not deposit_id:
+        if not txs and not deposit_id:
             return []
-        ledger = self._ledger_after(tx_ids, deposit_id)
-        request = HeadReqSn(self.parameters.head_id, number, list(tx_ids), deposit_id, ledger.hash())
-        return [Send(request)] + self._sign(number, tx_ids, deposit_id, ledger, now_ms)
+        ledger = self._ledger_after(txs, deposit_id)
+        proposal = Proposal(number, txs, deposit_id, ledger, now_ms)
+        return [Send(proposal.request(self.parameters.head_id))] + self._sign(proposal)
 
     def _on_req_sn(self, sender: str, message: HeadReqSn, now_ms: int) -> list[Effect]:
         self._require("ReqSn", local=False)
@@ -781,42 +813,43 @@ class HeadMachine:
         if sender != self.parameters.leader(number):
             raise _reject("not_leader", f"{sender} does not lead snapshot {number}")
         if self.proposal is not None and self.proposal.number == number:
-            if (tuple(message.tx_ids), message.deposit_id, message.ledger_hash) == (
-                    self.proposal.tx_ids, self.proposal.deposit_id, self.proposal.ledger.hash()):
+            if message == self.proposal.request(self.parameters.head_id):
                 return []  # the same request again
             raise _reject("conflicting_snapshot", f"{sender} proposed two different snapshots {number}")
-        self.waiting = (sender, message)
-        if number > self.confirmed.number + 1:
+        if number > self.confirmed.number + 1:  # we are behind: catch up, then sign it
+            self.waiting = message
             return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
-        return self._retry_waiting(now_ms)
+        return self._sign(self._checked_request(message, now_ms))
 
-    def _retry_waiting(self, now_ms: int) -> list[Effect]:
-        """Sign the buffered ReqSn once we know all its txs and it is the next number."""
-        if self.waiting is None or self.confirmed is None:
-            return []
-        _, message = self.waiting
-        if message.number <= self.confirmed.number:
-            self.waiting = None
-            return []
-        if message.number != self.confirmed.number + 1 or any(
-                t not in self.pending for t in message.tx_ids):
-            return []
-        self.waiting = None
+    def _checked_request(self, message: HeadReqSn, now_ms: int) -> Proposal:
+        """The proposal a ReqSn makes, if its txs are signed and valid in its order on our
+        confirmed ledger and give the ledger hash it claims."""
+        if len(message.txs) != len(message.signatures) or len(message.txs) > MAX_SNAPSHOT_TXS:
+            raise _reject("malformed_request", "a ReqSn has one signature per transaction")
+        txs = tuple(zip(message.txs, message.signatures))
+        for raw, signature in txs:
+            try:
+                self._check_tx_signature(decode_tx(raw), raw, signature)
+            except RemoteProtocolError as exc:
+                raise _reject("invalid_snapshot_tx", f"snapshot {message.number}: {exc.hint}") from None
         self._check_deposit_includable(message.deposit_id, now_ms)
         try:
-            ledger = self._ledger_after(tuple(message.tx_ids), message.deposit_id)
+            ledger = self._ledger_after(txs, message.deposit_id)
         except RemoteProtocolError as exc:
             raise _reject("invalid_snapshot_tx", f"snapshot {message.number}: {exc.hint}") from None
         if ledger.hash() != message.ledger_hash:
             raise _reject("ledger_hash_mismatch", f"snapshot {message.number}'s ledger hash is not "
                           "the result of its transactions")
-        return self._sign(message.number, tuple(message.tx_ids), message.deposit_id, ledger, now_ms)
+        return Proposal(message.number, txs, message.deposit_id, ledger, now_ms)
 
-    def _retry_waiting_quietly(self, now_ms: int) -> list[Effect]:
-        """As _retry_waiting, when the event at hand is not the ReqSn: a bad buffered
-        request must not make that event fail, so its rejection becomes a record."""
+    def _retry_waiting(self, now_ms: int) -> list[Effect]:
+        """After catching up, sign the ReqSn that came while we were behind. Its
+        rejection must not fail the event that caught us up, so it becomes a record."""
+        message, self.waiting = self.waiting, None
+        if message is None or self.confirmed is None or message.number != self.confirmed.number + 1:
+            return []
         try:
-            return self._retry_waiting(now_ms)
+            return self._sign(self._checked_request(message, now_ms))
         except RemoteProtocolError as exc:
             return [Record("rejected", {"reason": exc.reason, "hint": exc.hint})]
 
@@ -828,20 +861,19 @@ class HeadMachine:
             raise _reject("deposit_not_includable", f"deposit {deposit_id[:12]} is unknown, "
                           "recovered, absorbed or past its deadline")
 
-    def _ledger_after(self, tx_ids: tuple[str, ...], deposit_id: str) -> Ledger:
+    def _ledger_after(self, txs: tuple[tuple[bytes, bytes], ...], deposit_id: str) -> Ledger:
         assert self.confirmed is not None
         ledger = self.confirmed.ledger
-        for txid in tx_ids:
-            ledger = apply_tx(ledger, decode_tx(self.pending[txid][0]), txid)
+        for raw, _ in txs:
+            ledger = apply_tx(ledger, decode_tx(raw), tx_id(raw))
         if deposit_id:
             record = self.deposits[deposit_id]
             ledger = apply_deposit(ledger, deposit_id, record.party, record.amount)
         return ledger
 
-    def _sign(self, number: int, tx_ids: tuple[str, ...], deposit_id: str, ledger: Ledger,
-              now_ms: int) -> list[Effect]:
+    def _sign(self, proposal: Proposal) -> list[Effect]:
         """AckSn: sign a snapshot we checked, then count the acks that came early."""
-        proposal = Proposal(number, tx_ids, deposit_id, ledger, now_ms)
+        number, now_ms = proposal.number, proposal.requested_at_ms
         payload = proposal.payload(self.parameters.head_id)
         signature = self.signer.sign(payload)
         proposal.acks[self.me] = signature
@@ -850,8 +882,8 @@ class HeadMachine:
                 proposal.acks[party] = early  # a bad early ack is dropped; its party counts as missing
         self.early_acks = {}
         self.proposal = proposal
-        if deposit_id:
-            self.signed_deposits.add(deposit_id)
+        if proposal.deposit_id:
+            self.signed_deposits.add(proposal.deposit_id)
         effects: list[Effect] = [
             Send(HeadAckSn(self.parameters.head_id, number, signature)),
             SetTimer(now_ms + self.parameters.sign_timeout_ms, "snapshot_signatures")]
@@ -889,9 +921,12 @@ class HeadMachine:
         effects: list[Effect] = [Record("snapshot_confirmed", {
             "number": snapshot.number, "tx_ids": list(snapshot.tx_ids),
             "deposit_id": snapshot.deposit_id, "ledger_hash": snapshot.ledger.hash()})]
+        known = dict(self.pending)
+        if self.proposal is not None:
+            known.update((tx_id(raw), (raw, sig)) for raw, sig in self.proposal.txs)
         for txid in snapshot.tx_ids:
-            if txid in self.pending:
-                effects.extend(_settled_records(decode_tx(self.pending[txid][0]), txid, snapshot.number))
+            if txid in known:
+                effects.extend(_settled_records(decode_tx(known[txid][0]), txid, snapshot.number))
         for deposit_id in snapshot.ledger.deposits:
             record = self.deposits.get(deposit_id)
             if record is not None and record.status == "pending":
@@ -933,9 +968,18 @@ class HeadMachine:
     def _on_sync_request(self, sender: str, message: HeadSyncRequest, now_ms: int) -> list[Effect]:
         self._require("Sync", local=False)
         assert self.confirmed is not None
-        if self.confirmed.number <= message.confirmed_number:
+        if self.confirmed.number > message.confirmed_number:
+            return [Send(HeadSync(self.parameters.head_id, self.confirmed.encode()))]
+        proposal = self.proposal
+        if proposal is None or proposal.number != message.confirmed_number + 1:
             return []
-        return [Send(HeadSync(self.parameters.head_id, self.confirmed.encode()))]
+        # The requester may have lost the snapshot in flight: the leader sends its request
+        # again, and every party its own AckSn, so nobody is blamed for an outage.
+        head_id = self.parameters.head_id
+        effects: list[Effect] = []
+        if self.parameters.leader(proposal.number) == self.me:
+            effects.append(Send(proposal.request(head_id)))
+        return effects + [Send(HeadAckSn(head_id, proposal.number, proposal.acks[self.me]))]
 
     def _on_sync(self, sender: str, message: HeadSync, now_ms: int) -> list[Effect]:
         self._require("Sync", local=False)
@@ -944,7 +988,7 @@ class HeadMachine:
         if snapshot.number <= self.confirmed.number:
             return []
         self._check_fully_signed(snapshot)
-        return self._adopt(snapshot) + self._retry_waiting_quietly(now_ms) + self._maybe_request(now_ms)
+        return self._adopt(snapshot) + self._retry_waiting(now_ms) + self._maybe_request(now_ms)
 
     def _check_fully_signed(self, snapshot: Snapshot) -> None:
         problem = snapshot_problem(snapshot, self.parameters, self._initial_ledger(), self.verify)
@@ -1118,6 +1162,8 @@ class HeadMachine:
 
     def _on_contest(self, sender: str, message: HeadContest, now_ms: int) -> list[Effect]:
         self._require("Contest", local=False)
+        if self.phase == Phase.OPEN:
+            return self._contest_before_close(message)
         assert self.closing is not None
         if now_ms >= self.closing.deadline(self.parameters):
             raise _reject("contest_after_deadline", "the contestation period is over")
@@ -1131,6 +1177,16 @@ class HeadMachine:
         self.closing.snapshot = snapshot
         self._move("Contest", Phase.CLOSED)
         return [Record("contested", {"by": sender, "number": snapshot.number})] + self._maybe_contest()
+
+    def _contest_before_close(self, message: HeadContest) -> list[Effect]:
+        """A Contest overtook the Close it answers. Its snapshot is fully signed, so it is
+        authoritative: confirm it now, and the Close, when it comes, finds it ours."""
+        assert self.confirmed is not None
+        snapshot = Snapshot.decode(message.snapshot)
+        if snapshot.number <= self.confirmed.number:
+            return []
+        self._check_fully_signed(snapshot)
+        return self._adopt(snapshot)
 
     def _tick(self, event: Tick) -> list[Effect]:
         effects: list[Effect] = []
@@ -1187,11 +1243,11 @@ class HeadMachine:
             "commits": {k: list(v) for k, v in self.commits.items()},
             "confirmed": None if self.confirmed is None else self.confirmed.to_wire(),
             "pending": [[k, raw, sig] for k, (raw, sig) in self.pending.items()],
-            "proposal": None if p is None else [p.number, list(p.tx_ids), p.deposit_id,
+            "proposal": None if p is None else [p.number, [list(t) for t in p.txs], p.deposit_id,
                                                 p.ledger.to_wire(), p.requested_at_ms, dict(p.acks)],
             "waiting": None if self.waiting is None else [
-                self.waiting[0], self.waiting[1].number, list(self.waiting[1].tx_ids),
-                self.waiting[1].deposit_id, self.waiting[1].ledger_hash],
+                self.waiting.number, list(self.waiting.txs), list(self.waiting.signatures),
+                self.waiting.deposit_id, self.waiting.ledger_hash],
             "early_acks": dict(self.early_acks),
             "deposits": [[k, r.party, r.amount, r.deadline_ms, r.status]
                          for k, r in self.deposits.items()],
@@ -1216,11 +1272,12 @@ class HeadMachine:
             machine.confirmed = Snapshot.from_wire(wire["confirmed"])
         machine.pending = {k: (raw, sig) for k, raw, sig in wire["pending"]}
         if wire["proposal"] is not None:
-            n, tx_ids, dep, ledger, at, acks = wire["proposal"]
-            machine.proposal = Proposal(n, tuple(tx_ids), dep, Ledger.from_wire(ledger), at, dict(acks))
+            n, txs, dep, ledger, at, acks = wire["proposal"]
+            machine.proposal = Proposal(n, tuple((raw, sig) for raw, sig in txs), dep,
+                                        Ledger.from_wire(ledger), at, dict(acks))
         if wire["waiting"] is not None:
-            sender, n, tx_ids, dep, lh = wire["waiting"]
-            machine.waiting = (sender, HeadReqSn(machine.parameters.head_id, n, list(tx_ids), dep, lh))
+            n, txs, sigs, dep, lh = wire["waiting"]
+            machine.waiting = HeadReqSn(machine.parameters.head_id, n, list(txs), list(sigs), dep, lh)
         machine.early_acks = dict(wire["early_acks"])
         machine.deposits = {k: DepositRecord(p, a, d, s) for k, p, a, d, s in wire["deposits"]}
         machine.signed_deposits = set(wire["signed_deposits"])
@@ -1228,7 +1285,7 @@ class HeadMachine:
             snap, at, closer = wire["closing"]
             machine.closing = Closing(Snapshot.from_wire(snap), at, closer)
         machine.votes = {t: {v: (x[0], x[1]) for v, x in vs.items()} for t, vs in wire["votes"].items()}
-        machine.payouts = wire["payouts"]
+        machine.payouts = None if wire["payouts"] is None else dict(wire["payouts"])
         if machine.confirmed is not None:
             machine._rebuild_pending()
         return machine

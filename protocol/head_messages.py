@@ -79,14 +79,21 @@ class HeadNewTx(HeadMessage):
 @message_type
 @dataclass(frozen=True)
 class HeadReqSn(HeadMessage):
-    """ReqSn: the snapshot leader proposes the next snapshot."""
+    """ReqSn: the snapshot leader proposes the next snapshot.
+
+    It carries the signed transactions themselves, not only their ids: a party that
+    missed or refused one of them (it conflicted with another it saw first) can still
+    check the leader's order against the confirmed ledger, so conflicting transactions
+    never stall a snapshot.
+    """
 
     TYPE: ClassVar[str] = "head_req_sn"
-    MAX_BYTES: ClassVar[int] = 256 * 1024
+    MAX_BYTES: ClassVar[int] = 768 * 1024
 
     head_id: str
     number: int
-    tx_ids: list[str]
+    txs: list[bytes]  # canonical transactions, in the order they apply
+    signatures: list[bytes]  # each author's signature, position by position
     deposit_id: str  # "" when the snapshot absorbs no deposit
     ledger_hash: str
 

@@ -6,6 +6,8 @@ the other parties, and tests drop or hold messages to make faults happen.
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 
@@ -157,6 +159,8 @@ def test_abort_returns_every_commit():
     bus.flush()
     bus.do(B, h.Commit(ESCROW, 10, 5, bus.now))
     bus.flush()
+    with pytest.raises(h.HeadMisuse, match="committed"):
+        bus.do(B, h.Abort(bus.now))
     bus.do(C, h.Abort(bus.now))
     bus.flush()
     assert {m.phase for m in bus.machines.values()} == {h.Phase.FINAL}
@@ -291,15 +295,44 @@ def test_forged_snapshot_signature_is_rejected_and_blocks_confirmation():
 def test_a_request_that_is_not_the_leaders_or_lies_about_the_ledger_is_refused():
     bus = open_head()
     bus.do(A, h.NewTx(h.Transfer(A, C, 10, 0), bus.now))
-    bus.flush(keep=lambda s, r, m: isinstance(m, (HeadReqSn, HeadAckSn)))
-    txid = bus.machines[B].pending and next(iter(bus.machines[B].pending))
+    request = next(m for _, _, m in bus.in_flight if isinstance(m, HeadReqSn))
     bus.in_flight = []
-    bus.inject(C, HeadReqSn("head-1", 1, [txid], "", "ab" * 32), to=(B,))  # C does not lead 1
-    bus.inject(A, HeadReqSn("head-1", 1, [txid], "", "ab" * 32), to=(B,))  # wrong ledger hash
-    bus.inject(A, HeadReqSn("head-1", 0, [], "", "ab" * 32), to=(B,))
+    lying = dataclasses.replace(request, ledger_hash="ab" * 32)
+    unsigned = dataclasses.replace(request, signatures=[b"\x00" * 64])
+    overspent = h.Transfer(A, C, 5000, 1)
+    raw = h.encode_tx(overspent)
+    overspending = dataclasses.replace(request, txs=[raw], signatures=[
+        KEYS[0].sign(h.tx_signing_payload("head-1", h.tx_id(raw)))])
+    bus.inject(C, request, to=(B,))  # C does not lead snapshot 1
+    for bad in (lying, unsigned, overspending, dataclasses.replace(request, number=0)):
+        bus.inject(A, bad, to=(B,))
     bus.flush()
-    assert [reason for _, reason in bus.rejected] == ["not_leader", "ledger_hash_mismatch",
-                                                     "stale_snapshot"]
+    assert [reason for _, reason in bus.rejected] == [
+        "not_leader", "ledger_hash_mismatch", "invalid_snapshot_tx", "invalid_snapshot_tx",
+        "stale_snapshot"]
+    assert bus.machines[B].proposal is None
+    bus.inject(A, request, to=(B,))  # the genuine one is still signed
+    bus.flush()
+    assert bus.machines[B].proposal is not None
+
+
+def test_conflicting_txs_seen_in_different_orders_do_not_stall_the_snapshot():
+    bus = open_head()
+    spend_1, spend_2 = h.Transfer(C, A, 700, 0), h.Transfer(C, B, 700, 1)
+    signed = []
+    for tx in (spend_1, spend_2):
+        raw = h.encode_tx(tx)
+        signed.append(HeadNewTx("head-1", raw, KEYS[2].sign(h.tx_signing_payload("head-1", h.tx_id(raw)))))
+    bus.inject(C, signed[1], to=(B,))  # B sees the second spend first, the leader A the first
+    bus.inject(C, signed[0], to=(A, B))
+    bus.inject(C, signed[1], to=(A,))
+    bus.flush()
+    assert sorted(bus.rejected) == sorted([(A, "insufficient_funds"), (B, "insufficient_funds")])
+    assert confirmed_numbers(bus) == {1}
+    assert {m.confirmed.ledger.balances[C] for m in bus.machines.values()} == {300}
+    assert {m.confirmed.ledger.balances[A] for m in bus.machines.values()} == {1700}
+    assert all(not m.pending for m in bus.machines.values())
+    bus.check_invariants()
 
 
 def test_acks_and_requests_arriving_out_of_order_still_confirm():
@@ -491,7 +524,7 @@ def test_deposit_that_never_lands_is_recovered_after_its_deadline():
     assert [r for _, r in bus.rejected] == ["not_a_party"] or "bad_deposit" in [
         r for _, r in bus.rejected]
     # A late snapshot may no longer absorb it.
-    bus.inject(A, HeadReqSn("head-1", 1, [], deposit_id, "00" * 32), to=(B,))
+    bus.inject(A, HeadReqSn("head-1", 1, [], [], deposit_id, "00" * 32), to=(B,))
     bus.flush()
     assert bus.rejected[-1] == (B, "deposit_not_includable")
     bus.check_invariants()
