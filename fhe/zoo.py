@@ -78,11 +78,11 @@ class ModelSpec:
 
 
 class DigitsCNN(nn.Module):
-    """Two strided 3x3 convolutions and one linear layer: 96 ReLUs, 128 PBS in FHE.
+    """Two strided 3x3 convolutions and one linear layer: 96 ReLUs, 96 PBS in FHE.
 
-    Chosen over a wider 2-conv net (8/16 channels, 352 ReLUs) because evaluation keys
-    shrink from 104 MB to 39 MB and one FHE run from ~8 s to ~1.5 s on 2 cores, at
-    ~90 % simulated agreement with the float model.
+    Chosen over a wider 2-conv net (8/16 channels, 352 ReLUs, exact 6-bit rounding:
+    480 PBS, 104 MB of evaluation keys); with n_bits 5 and approximate 5-bit rounding
+    this one needs 39 MB of keys at ~95 % simulated agreement (docs/fhe.md).
     """
 
     def __init__(self) -> None:
@@ -297,7 +297,7 @@ ZOO: dict[str, ModelSpec] = {
         num_classes=10,
         quantization="post_training",
         defaults=CompileSettings(
-            n_bits=4, rounding_threshold_bits=5, rounding_method="approximate", p_error=0.01
+            n_bits=5, rounding_threshold_bits=5, rounding_method="approximate", p_error=0.01
         ),
         build=_build_digits,
         calibration_inputs=_digits_calibration,
