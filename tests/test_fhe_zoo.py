@@ -170,21 +170,6 @@ def test_tampered_or_missing_bundle_is_refused(digits_compiled, tmp_path):
     assert info.value.reason == "missing_manifest"
 
 
-def test_recompiling_gives_identical_bundles(digits_compiled, tmp_path):
-    _, _, bundle, _ = digits_compiled
-    d = DIGITS.defaults
-    again = compile_model("digits-cnn", tmp_path / "again", n_bits=d.n_bits, p_error=d.p_error,
-                          rounding_threshold_bits=d.rounding_threshold_bits,
-                          rounding_method=d.rounding_method)
-    first = load_manifest(bundle)
-    assert again.sha256[SERVER_ZIP] == first.sha256[SERVER_ZIP]
-    assert again.sha256[CLIENT_ZIP] == first.sha256[CLIENT_ZIP]
-    with pytest.raises(ZooError) as info:  # never overwrite a bundle
-        compile_model("digits-cnn", tmp_path / "again", n_bits=4, p_error=0.01,
-                      rounding_threshold_bits=5)
-    assert info.value.reason == "out_dir_not_empty"
-
-
 @pytest.mark.parametrize("settings", [
     CompileSettings(n_bits=1, rounding_threshold_bits=5, rounding_method="approximate",
                     p_error=0.01),
@@ -251,3 +236,27 @@ def test_bad_seeds_and_sources_are_refused():
     assert info.value.reason == "bad_source"
     with pytest.raises(ZooError):
         draw_challenge_input("no-such-model", 1)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_recompiles_identical_bundles_and_reports_errors(digits_compiled, tmp_path, capsys):
+    from fhe.cli_compile import fhe_compile_main
+
+    _, _, bundle, _ = digits_compiled
+    out = tmp_path / "cli"
+    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(out)]) == 0
+    manifest = load_manifest(out)
+    first = load_manifest(bundle)  # compiled earlier in this session, same defaults
+    assert manifest.server_sha256 == first.server_sha256  # reproducible: checkable by anyone
+    assert manifest.client_sha256 == first.client_sha256
+    assert manifest.server_sha256 in capsys.readouterr().out
+
+    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(out)]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(tmp_path / "x"),
+                             "--n-bits", "none"]) == 2
+    assert "n_bits is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fhe_compile_main(["--model", "nope", "--out", str(tmp_path / "y")])
