@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import trio
 
 from fhe.bundle import BundleHashMismatch, MalformedResult, ValidatorClient, load_manifest
@@ -26,6 +27,15 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from tests.test_fhe_zoo import shared_digits_bundle
 
 ALICE, BOB, CAROL = "5Alice", "5Bob", "5Carol"  # owner hotkeys; the engine only compares them
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Tiny convolutions run 100x slower through torch's thread pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,15 @@ from fhe.zoo import ZOO, CompileSettings, ZooError, digits_split, get_model, wei
 DIGITS = get_model("digits-cnn")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Tiny convolutions run 100x slower through torch's thread pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_digits_bundle(tmp_path_factory, module=None, model=None) -> Path:
     """One compiled digits bundle per pytest session, shared with test_fhe_engine."""
     bundle = tmp_path_factory.getbasetemp() / "fhe-digits-bundle"
