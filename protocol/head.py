@@ -37,6 +37,8 @@ from crypto.identity import verify_signature
 from protocol._wire import unpack_strict
 from protocol.epistula import Signer
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.messages import decode as decode_message
+from protocol.messages import encode as encode_message
 from protocol.head_messages import (HeadAbort, HeadAckSn, HeadClose, HeadCommit, HeadContest,
                                     HeadDeposit, HeadInit, HeadMessage, HeadNewTx, HeadRecover,
                                     HeadReqSn, HeadSync, HeadSyncRequest)
@@ -82,19 +84,27 @@ def _sha256(raw: bytes) -> str:
 
 
 def _conforms(value: Any, hint: Any) -> bool:
+    return _checker(hint)(value)
+
+
+@functools.cache
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """A type test for a field hint, built once per hint (state reloads check a lot)."""
     origin = typing.get_origin(hint)
     if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+        item = _checker(typing.get_args(hint)[0])
+        return lambda v: isinstance(v, list) and all(map(item, v))
     if origin is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item)
-                                               for k, v in value.items())
+        key_hint, item_hint = typing.get_args(hint)
+        key, item = _checker(key_hint), _checker(item_hint)
+        return lambda v: isinstance(v, dict) and all(key(k) and item(x) for k, x in v.items())
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+        return lambda v: type(v) is int and 0 <= v < 2**63
     if hint is float:
-        return isinstance(value, float) and math.isfinite(value)
-    return isinstance(value, hint)
+        return lambda v: type(v) is float and math.isfinite(v)
+    if hint is str or hint is bytes:
+        return lambda v: type(v) is hint
+    return lambda v: isinstance(v, hint)
 
 
 # --- off-chain transactions ---------------------------------------------------------
@@ -587,6 +597,7 @@ class HeadMachine:
         self.closing: Closing | None = None
         self.votes: dict[str, dict[str, tuple[bytes, bytes]]] = {}  # target -> voter -> (tx, sig)
         self.payouts: dict[str, int] | None = None
+        self.early: list[tuple[str, bytes]] = []  # (sender, message) that came before Init
         self._pending_ledger: Ledger | None = None  # derived: confirmed ledger + pending txs
 
     # -- entry point ------------------------------------------------------------------
@@ -651,7 +662,8 @@ class HeadMachine:
                              reason="bad_parameters")
         self.params = params
         self._move("Init", Phase.INITIALIZING)
-        return [Send(params.to_message()), Record("head_init", {"head_id": params.head_id})]
+        return [Send(params.to_message()), Record("head_init", {"head_id": params.head_id})
+                ] + self._replay_early(event.now_ms)
 
     def _on_init(self, sender: str, message: HeadInit, now_ms: int) -> list[Effect]:
         params = HeadParameters.from_message(message)
@@ -664,7 +676,24 @@ class HeadMachine:
             raise _reject("not_a_party", "an Init names its sender and this node as parties")
         self.params = params
         self._move("Init", Phase.INITIALIZING)
-        return [Record("head_init", {"head_id": params.head_id})]
+        return [Record("head_init", {"head_id": params.head_id})] + self._replay_early(now_ms)
+
+    def _keep_early(self, sender: str, message: HeadCommit | HeadAbort) -> list[Effect]:
+        """A Commit or Abort that overtook its Init: keep one per sender and kind until it comes."""
+        raw = encode_message(message)
+        if not any(s == sender and decode_message(r).TYPE == message.TYPE for s, r in self.early):
+            self.early.append((sender, raw))
+        return []
+
+    def _replay_early(self, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = []
+        early, self.early = self.early, []
+        for sender, raw in early:
+            try:
+                effects += self._receive(sender, decode_message(raw), now_ms)
+            except RemoteProtocolError as exc:
+                effects.append(Record("rejected", {"reason": exc.reason, "hint": exc.hint}))
+        return effects
 
     def _commit(self, event: Commit) -> list[Effect]:
         self._require("Commit", local=True)
@@ -1133,6 +1162,8 @@ class HeadMachine:
         if (len(newest.ledger.rounds) < self.parameters.agreed_rounds
                 and not self._excused(message.excuse, sender)):
             effects += self._cast_vote(sender, "early_close", snapshot.number)
+        if snapshot.number > self.confirmed.number:
+            effects += self._adopt(snapshot)  # fully signed, so ours too
         closing = Closing(snapshot, message.closed_at_ms, sender)
         if self.closing is not None:
             # Concurrent closes: the earliest sets the deadline, the newest snapshot wins.
@@ -1174,9 +1205,12 @@ class HeadMachine:
             raise _reject("contest_not_newer", f"snapshot {snapshot.number} is not newer than the "
                           f"closed {self.closing.snapshot.number}")
         self._check_fully_signed(snapshot)
+        assert self.confirmed is not None
+        effects = self._adopt(snapshot) if snapshot.number > self.confirmed.number else []
         self.closing.snapshot = snapshot
         self._move("Contest", Phase.CLOSED)
-        return [Record("contested", {"by": sender, "number": snapshot.number})] + self._maybe_contest()
+        return effects + [Record("contested", {"by": sender, "number": snapshot.number})] + \
+            self._maybe_contest()
 
     def _contest_before_close(self, message: HeadContest) -> list[Effect]:
         """A Contest overtook the Close it answers. Its snapshot is fully signed, so it is
@@ -1223,6 +1257,8 @@ class HeadMachine:
         if handler is None:
             raise _reject("unknown_type", f"{type(message).__name__} is not a head message")
         if not isinstance(message, HeadInit):
+            if self.params is None and isinstance(message, (HeadCommit, HeadAbort)):
+                return self._keep_early(sender, message)
             if self.params is None:
                 raise _reject("wrong_phase", "no head was initialized here")
             if message.head_id != self.params.head_id:
@@ -1256,6 +1292,7 @@ class HeadMachine:
             "votes": {t: {v: list(x) for v, x in sorted(vs.items())}
                       for t, vs in sorted(self.votes.items())},
             "payouts": self.payouts,
+            "early": [list(e) for e in self.early],
         }
 
     @classmethod
@@ -1286,6 +1323,7 @@ class HeadMachine:
             machine.closing = Closing(Snapshot.from_wire(snap), at, closer)
         machine.votes = {t: {v: (x[0], x[1]) for v, x in vs.items()} for t, vs in wire["votes"].items()}
         machine.payouts = None if wire["payouts"] is None else dict(wire["payouts"])
+        machine.early = [(sender, raw) for sender, raw in wire["early"]]
         if machine.confirmed is not None:
             machine._rebuild_pending()
         return machine
