@@ -1231,9 +1231,10 @@ class HeadMachine:
                     effects += self._cast_vote(party, "withheld_signature", self.proposal.number)
         if self.phase == Phase.OPEN:
             effects += self._maybe_request(event.now_ms)
-        if self.phase == Phase.CLOSED and event.now_ms >= self.deadline_ms():  # type: ignore[operator]
+        if self.phase == Phase.CLOSED and self.closing is not None and (
+                event.now_ms >= self.closing.deadline(self.parameters)):
             self._move("Tick", Phase.FANOUT_POSSIBLE)
-            effects.append(Record("fanout_possible", {"number": self.closing.snapshot.number}))  # type: ignore[union-attr]
+            effects.append(Record("fanout_possible", {"number": self.closing.snapshot.number}))
         return effects
 
     def _fanout(self, event: Fanout) -> list[Effect]:

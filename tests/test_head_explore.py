@@ -188,7 +188,9 @@ class Explorer:
         for item in heads.values():  # Deliver
             sender, receiver, raw = item
             message = _decode(raw)
-            yield f"deliver {type(message).__name__} {NAMES[sender]}->{NAMES[receiver]}", self._step(world, receiver, h.Receive(PARTIES[sender], message, world.now), drop=item)
+            label = f"deliver {type(message).__name__} {NAMES[sender]}->{NAMES[receiver]}"
+            yield label, self._step(world, receiver, h.Receive(PARTIES[sender], message, world.now),
+                                    drop=item)
             copies = sum(1 for m in world.in_flight if m[0] == sender and m[2] == raw)
             if sender == BYZANTINE and "byz_drop" in b.faults and copies == 2:
                 # C withholds it: it never publishes it at all. Once one honest peer has
@@ -199,12 +201,14 @@ class Explorer:
         txs_used = sum(1 for u in world.used if u.startswith("tx"))
         for i, (party, tx) in enumerate(b.txs):  # NewTx
             if f"tx{i}" not in world.used and txs_used < b.max_txs:
-                yield f"{NAMES[party]} NewTx {tx.KIND}", self._step(world, party, h.NewTx(tx, world.now), used=f"tx{i}")
+                yield (f"{NAMES[party]} NewTx {tx.KIND}",
+                       self._step(world, party, h.NewTx(tx, world.now), used=f"tx{i}"))
         phases = [_phase(raw) for raw in world.machines]
         if not b.start_open:
             for party in range(3):  # Commit
                 if phases[party] == "Initializing":
-                    yield f"{NAMES[party]} Commit", self._step(world, party, h.Commit(ESCROW, 1000, 500, world.now))
+                    yield (f"{NAMES[party]} Commit",
+                           self._step(world, party, h.Commit(ESCROW, 1000, 500, world.now)))
             if "abort" not in world.used and phases[B] == "Initializing":
                 yield "B Abort", self._step(world, B, h.Abort(world.now), used="abort")
         for party in b.closers:
@@ -240,8 +244,9 @@ class Explorer:
             yield "C double-spends", self._inject(world2, BYZANTINE, spends[1], "byz_double_spend")
         if "crash" in b.faults and "crash" not in world.used and _mid_snapshot(world, B):
             for party in (B,):  # what was in flight to it is lost; it restarts from disk
-                yield f"{NAMES[party]} crashes and restarts", self._step(world, party, h.Restart(world.now), used="crash",
-                                 also_drop=lambda m, p=party: m[1] == p)
+                yield f"{NAMES[party]} crashes and restarts", self._step(
+                    world, party, h.Restart(world.now), used="crash",
+                    also_drop=lambda m, p=party: m[1] == p)
         if "deposit" in b.faults and "deposit" not in world.used:
             yield "B Deposit", self._step(world, B, h.Deposit(200, 1, world.now), used="deposit")
         if "deposit" in b.faults and "recover" not in world.used:
