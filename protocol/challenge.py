@@ -202,6 +202,11 @@ class Challenge:
     deadline: float | None = None
     outcome: Outcome | None = None
 
+    def clone(self) -> "Challenge":
+        twin = object.__new__(Challenge)
+        twin.__dict__.update(self.__dict__)  # every field is immutable
+        return twin
+
 
 class ChallengeMachine:
     """One validator's challenges, epoch after epoch. Events in, effects out."""
@@ -340,6 +345,16 @@ class ChallengeMachine:
             if challenge.miner == miner and challenge.phase in IN_FLIGHT:
                 return challenge
         return None
+
+    def clone(self) -> "ChallengeMachine":
+        """An independent copy (immutable parts shared): for exhaustive exploration."""
+        twin = object.__new__(ChallengeMachine)
+        twin.__dict__.update(self.__dict__)
+        twin.models, twin.key_ids, twin.issued = dict(self.models), dict(self.key_ids), dict(self.issued)
+        twin.challenges = {cid: c.clone() for cid, c in self.challenges.items()}
+        twin.uploaded, twin.records = set(self.uploaded), list(self.records)
+        twin.windows = {m: deque(w, maxlen=WINDOW) for m, w in self.windows.items()}
+        return twin
 
     def snapshot(self) -> tuple:
         """Everything that defines the state, hashable: for exhaustive exploration."""
@@ -480,6 +495,10 @@ class MinerKeyring:
         """A restart without persisted keys: validators learn it from UnknownKey."""
         self.bindings.clear()
         self.used_by.clear()
+
+    def clone(self) -> "MinerKeyring":
+        return MinerKeyring(self.max_challenges_per_epoch, self.max_keys, dict(self.bindings),
+                            {k: set(users) for k, users in self.used_by.items()}, dict(self.evaluations))
 
     def snapshot(self) -> tuple:
         return (tuple(self.bindings.items()), tuple(sorted((k, tuple(sorted(v))) for k, v in self.used_by.items())),
