@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from protocol.challenge import (
-    TIMEOUT_REASON, UNKNOWN_KEY, ChallengeConfig, ChallengeMachine, ChallengePhase, EpochPhase,
+    MAX_ITERATIONS, TIMEOUT_REASON, UNKNOWN_KEY, BadIterations, ChallengeConfig, ChallengeMachine, ChallengePhase, EpochPhase,
     ExactlyOneOutcome, GossipScore, IterationsBounded, KeyIdTaken, KeyModelMismatch, KeyNotOwned,
-    KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, StaleEpoch, TooManyChallenges, TypeOK,
+    KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, StaleEpoch, TooManyChallenges,
+    TooManyIterations, TypeOK,
     UnknownKey, UploadKey, assign_miners, challenge_id, epoch_order, judge,
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -77,7 +78,7 @@ def test_ok_path_uploads_key_once_then_records_latency():
     upload = only(m.issue(miner, input_seed=7, now=10.0), UploadKey)
     assert (upload.miner, upload.model, upload.key_id) == (miner, "cnn", "k-cnn")
     send = only(m.key_uploaded(upload.challenge_id, now=11.0), SendChallenge)
-    assert (send.input_seed, send.epoch, send.timeout_s) == (7, 1, 100.0)
+    assert (send.input_seed, send.epoch, send.timeout_s, send.iterations) == (7, 1, 100.0, 1)
     assert m.sent(send.challenge_id, at=12.0) == []
     record = only(m.response_received(send.challenge_id, at=32.0, argmax_agrees=True, cosine=0.999),
                   RecordOutcome).record
@@ -180,7 +181,8 @@ def test_start_epoch_checks_its_inputs():
         m.start_epoch(3, offers={}, key_ids={}, validators=[V1], now=2.0)
     with pytest.raises(LocalProtocolError, match="no epoch is open"):
         m.issue("miner-0", input_seed=0, now=3.0)
-    for bad in (dict(challenges_per_miner=0), dict(response_timeout_s=0.0), dict(min_cosine=2.0)):
+    for bad in (dict(challenges_per_miner=0), dict(response_timeout_s=0.0), dict(min_cosine=2.0),
+                dict(iterations=0), dict(iterations=MAX_ITERATIONS + 1)):
         with pytest.raises(LocalProtocolError):
             ChallengeConfig(MESH, **bad)
 
@@ -227,7 +229,7 @@ def test_keyring_runs_a_key_only_for_its_owner():
     assert ring.evaluate(V1, "k1", model="cnn", epoch=1).owner == V1
     with pytest.raises(KeyNotOwned) as info:
         ring.evaluate(V2, "k1", model="cnn", epoch=1)
-    assert info.value.reason == "key_not_owned" and isinstance(info.value, RemoteProtocolError)
+    assert info.value.reason == "foreign_key" and isinstance(info.value, RemoteProtocolError)
     with pytest.raises(KeyIdTaken):
         ring.add_key(V2, "k1", model="cnn")
     with pytest.raises(UnknownKey) as unknown:
@@ -248,6 +250,20 @@ def test_keyring_bounds_evaluations_per_validator_and_epoch():
     ring.evaluate(V1, "k1", model="cnn", epoch=5)  # a new epoch starts a new count
     with pytest.raises(StaleEpoch):
         ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    assert IterationsBounded([], [ring])
+
+
+def test_keyring_bounds_iterations_per_challenge():
+    ring = MinerKeyring(max_challenges_per_epoch=5, max_iterations=2)
+    ring.add_key(V1, "k1", model="cnn")
+    ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=2)
+    with pytest.raises(TooManyIterations) as info:
+        ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=3)
+    assert info.value.reason == "too_many_iterations"
+    with pytest.raises(BadIterations) as bad:
+        ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=0)
+    assert bad.value.reason == "bad_iterations"
+    assert ring.evaluations[V1] == (1, 1)  # refused runs are not counted
     assert IterationsBounded([], [ring])
 
 
