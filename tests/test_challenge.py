@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from protocol.challenge import (
@@ -276,3 +278,175 @@ def test_keyring_holds_at_most_max_keys():
         ring.evaluate(V1, "k0", model="cnn", epoch=1)
     ring.forget_all()
     assert not ring.bindings
+
+
+# --- mesh messages and stream frames ---------------------------------------------------
+
+import msgpack  # noqa: E402
+
+from crypto.identity import Hotkey  # noqa: E402
+from protocol.challenge_messages import (  # noqa: E402
+    ENVELOPE_OVERHEAD, FHE_PROTOCOL, MAX_CIPHERTEXT_BYTES, MAX_ENVELOPE_BYTES, MAX_EVAL_KEY_BYTES,
+    MAX_RESULT_BYTES, STREAM_MESSAGES, AddKey, BadFrame, ChallengeRequest, ChallengeResponse,
+    InvalidChallengeMessage, KeyAdded, ModelOffer, PayloadMismatch, Refused, ScoreReport, UnexpectedMessage,
+    open_frame, pack_frame, seal_frame, unpack_frame,
+)
+from protocol.epistula import EnvelopeVerifier, SignerNotAllowed, WrongRecipient  # noqa: E402
+from protocol.inbound import seal_message  # noqa: E402
+from protocol.membership import Member, Role, StaticDirectory  # noqa: E402
+from protocol.messages import Channel, WrongChannel, decode, encode  # noqa: E402
+from protocol.scoring import score_window  # noqa: E402
+
+VALIDATOR_KEY, MINER_KEY = Hotkey.from_uri("//Alice"), Hotkey.from_uri("//Bob")
+DIRECTORY = StaticDirectory((Member(VALIDATOR_KEY.ss58_address, frozenset({Role.VALIDATOR})),
+                             Member(MINER_KEY.ss58_address, frozenset({Role.MINER}))))
+SHA, CID, BIG = "f" * 64, "e" * 32, 2**64 - 1
+NOW_MS = 1_700_000_000_000
+
+
+def largest_messages():
+    """The biggest instance of each type the field bounds allow."""
+    return [
+        ModelOffer("a" * 64, SHA, "1" * 64, FHE_PROTOCOL, MAX_ITERATIONS, BIG),
+        ScoreReport(BIG, VALIDATOR_KEY.ss58_address, 1.5e300, 40, 39, 1 / 40, 1e300),
+        AddKey("a" * 64, SHA, MAX_EVAL_KEY_BYTES),
+        KeyAdded(SHA),
+        ChallengeRequest(CID, BIG, "a" * 64, SHA, MAX_ITERATIONS, SHA, MAX_CIPHERTEXT_BYTES),
+        ChallengeResponse(CID, SHA, MAX_RESULT_BYTES, BIG),
+        Refused(ChallengeRequest.TYPE, SHA, "r" * 48, "\u00e9" * 128),  # 256 bytes of UTF-8
+    ]
+
+
+def test_max_bytes_are_honest():
+    for message in largest_messages():
+        size = len(encode(message))
+        assert 0.85 * message.MAX_BYTES < size <= message.MAX_BYTES, (message.TYPE, size, message.MAX_BYTES)
+        assert decode(encode(message)) == message
+    biggest = max(len(seal_message(VALIDATOR_KEY, m, now_ms=10**15 - 1, signed_for=MINER_KEY.ss58_address)
+                      .to_gossip_bytes()) for m in largest_messages() if type(m) in STREAM_MESSAGES)
+    assert biggest - max(len(encode(m)) for m in largest_messages() if type(m) in STREAM_MESSAGES) <= ENVELOPE_OVERHEAD
+    assert biggest <= MAX_ENVELOPE_BYTES
+
+
+def test_channels_and_policies():
+    offer, report = largest_messages()[:2]
+    assert decode(encode(offer), channel=Channel.FHE) == offer
+    assert ModelOffer.POLICY.roles == {Role.MINER} and ScoreReport.POLICY.roles == {Role.VALIDATOR}
+    for cls in STREAM_MESSAGES:
+        assert cls.CHANNEL is None and not cls.BROADCAST
+    with pytest.raises(WrongChannel):
+        decode(encode(KeyAdded(SHA)), channel=Channel.FHE)  # stream only, never gossip
+
+
+@pytest.mark.parametrize("fields, hint", [
+    ({"model": "Bad Model!"}, "model"),
+    ({"key_id": "F" * 64}, "key_id"),
+    ({"key_bytes": MAX_EVAL_KEY_BYTES + 1}, "key_bytes"),
+])
+def test_decoding_a_peers_out_of_bounds_field_is_rejected(fields, hint):
+    body = {"model": "digits-cnn", "key_id": SHA, "key_bytes": 10, **fields}
+    raw = msgpack.packb({"v": 1, "type": AddKey.TYPE, "fields": body}, use_bin_type=True)
+    with pytest.raises(InvalidChallengeMessage, match=hint) as info:
+        decode(raw)
+    assert info.value.reason == "invalid_field"
+
+
+def test_message_field_rules():
+    with pytest.raises(InvalidChallengeMessage, match="protocol"):
+        ModelOffer("digits-cnn", SHA, "12D3KooW", "/other/1", 1, 0)
+    with pytest.raises(InvalidChallengeMessage, match="iterations"):
+        ChallengeRequest(CID, 1, "digits-cnn", SHA, MAX_ITERATIONS + 1, SHA, 10)
+    with pytest.raises(InvalidChallengeMessage, match="SS58"):
+        ScoreReport(1, "not-an-address", 1.0, 1, 1, 0.0, 1.0)
+    with pytest.raises(InvalidChallengeMessage, match="failure_rate"):
+        ScoreReport(1, MINER_KEY.ss58_address, 1.0, 4, 3, 0.5, 1.0)  # 1 of 4 failed is 0.25
+    with pytest.raises(InvalidChallengeMessage, match="finite"):
+        ScoreReport(1, MINER_KEY.ss58_address, float("inf"), 1, 1, 0.0, 1.0)
+    with pytest.raises(InvalidChallengeMessage, match="reason"):
+        Refused(AddKey.TYPE, SHA, "Not A Label", "")
+    with pytest.raises(InvalidChallengeMessage, match="hint"):
+        Refused(AddKey.TYPE, SHA, "unknown_key", "x" * 257)
+
+
+def test_score_report_from_a_miner_score():
+    score = score_window(MINER_KEY.ss58_address, [WindowEntry(Outcome.OK, 20.0), WindowEntry(Outcome.ERROR)])
+    report = ScoreReport.of(7, score)
+    assert (report.epoch, report.score, report.ok, report.challenges, report.median_latency_s) == (
+        7, score.score, 1, 2, 20.0)
+    none_ok = ScoreReport.of(7, score_window(MINER_KEY.ss58_address, [WindowEntry(Outcome.TIMEOUT)]))
+    assert (none_ok.median_latency_s, none_ok.failure_rate) == (0.0, 1.0)
+
+
+def miner_verifier() -> EnvelopeVerifier:
+    return EnvelopeVerifier(DIRECTORY, MINER_KEY.ss58_address)
+
+
+def test_frame_round_trip_carries_an_authenticated_payload():
+    ciphertext = bytes(range(256)) * 7
+    request = ChallengeRequest.for_input(CID, 3, "digits-cnn", SHA, 1, ciphertext)
+    frame = seal_frame(VALIDATOR_KEY, request, ciphertext, now_ms=NOW_MS, signed_for=MINER_KEY.ss58_address)
+    verified, payload = open_frame(frame, verifier=miner_verifier(), now_ms=NOW_MS,
+                                   expect=(AddKey, ChallengeRequest))
+    assert verified.message == request and payload == ciphertext
+    assert verified.member.hotkey == VALIDATOR_KEY.ss58_address
+
+    result = b"\x01" * 1000
+    response = seal_frame(MINER_KEY, ChallengeResponse.for_result(CID, result, 42), result, now_ms=NOW_MS,
+                          signed_for=VALIDATOR_KEY.ss58_address)
+    verified, payload = open_frame(response, verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR_KEY.ss58_address),
+                                   now_ms=NOW_MS, expect=(ChallengeResponse, Refused))
+    assert payload == result and verified.message.compute_ms == 42
+
+    keys = b"k" * 5000
+    add = seal_frame(VALIDATOR_KEY, AddKey.for_keys("digits-cnn", keys), keys, now_ms=NOW_MS,
+                     signed_for=MINER_KEY.ss58_address)
+    verified, payload = open_frame(add, verifier=miner_verifier(), now_ms=NOW_MS, expect=(AddKey,))
+    assert payload == keys and verified.message.key_id == hashlib.sha256(keys).hexdigest()
+
+
+def test_frames_refuse_a_swapped_or_cut_payload():
+    ciphertext = b"c" * 100
+    request = ChallengeRequest.for_input(CID, 3, "digits-cnn", SHA, 1, ciphertext)
+    frame = seal_frame(VALIDATOR_KEY, request, ciphertext, now_ms=NOW_MS, signed_for=MINER_KEY.ss58_address)
+    envelope, _ = unpack_frame(frame)
+    for bad_payload in (b"d" * 100, b"c" * 99, b""):
+        with pytest.raises(PayloadMismatch) as info:
+            open_frame(pack_frame(envelope, bad_payload), verifier=miner_verifier(), now_ms=NOW_MS,
+                       expect=(ChallengeRequest,))
+        assert info.value.reason == "payload_mismatch"
+    for cut in (frame[:3], frame[:50], (10**6).to_bytes(4, "big") + frame[4:]):
+        with pytest.raises(BadFrame) as bad:
+            open_frame(cut, verifier=miner_verifier(), now_ms=NOW_MS, expect=(ChallengeRequest,))
+        assert bad.value.reason == "bad_frame"
+    with pytest.raises(BadFrame, match="over what"):
+        open_frame(frame + b"x" * 2 * MAX_CIPHERTEXT_BYTES, verifier=miner_verifier(), now_ms=NOW_MS,
+                   expect=(ChallengeRequest,))
+    with pytest.raises(PayloadMismatch):  # we refuse to send a mismatch too
+        seal_frame(VALIDATOR_KEY, request, b"other", now_ms=NOW_MS, signed_for=MINER_KEY.ss58_address)
+
+
+def test_frames_check_sender_recipient_and_type():
+    keys = b"k" * 10
+    # a miner may not upload keys: the policy says validators
+    by_miner = seal_frame(MINER_KEY, AddKey.for_keys("digits-cnn", keys), keys, now_ms=NOW_MS,
+                          signed_for=MINER_KEY.ss58_address)
+    with pytest.raises(SignerNotAllowed):
+        open_frame(by_miner, verifier=miner_verifier(), now_ms=NOW_MS, expect=(AddKey,))
+    # signed for someone else
+    elsewhere = seal_frame(VALIDATOR_KEY, AddKey.for_keys("digits-cnn", keys), keys, now_ms=NOW_MS,
+                           signed_for=VALIDATOR_KEY.ss58_address)
+    with pytest.raises(WrongRecipient):
+        open_frame(elsewhere, verifier=miner_verifier(), now_ms=NOW_MS, expect=(AddKey,))
+    # a valid message of the wrong kind for this end of the stream: refused before its signature is checked
+    request = seal_frame(VALIDATOR_KEY, ChallengeRequest.for_input(CID, 1, "digits-cnn", SHA, 1, b"x"), b"x",
+                         now_ms=NOW_MS, signed_for=MINER_KEY.ss58_address)
+    with pytest.raises(UnexpectedMessage) as info:
+        open_frame(request, verifier=EnvelopeVerifier(DIRECTORY, MINER_KEY.ss58_address, signature_check=None),
+                   now_ms=NOW_MS, expect=(AddKey,))
+    assert info.value.reason == "unexpected_message"
+    # a payload on a message that carries none
+    ack_env, _ = unpack_frame(seal_frame(MINER_KEY, KeyAdded(SHA), now_ms=NOW_MS,
+                                         signed_for=VALIDATOR_KEY.ss58_address))
+    with pytest.raises(PayloadMismatch):
+        open_frame(pack_frame(ack_env, b"extra"), verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR_KEY.ss58_address),
+                   now_ms=NOW_MS, expect=(KeyAdded, Refused))
