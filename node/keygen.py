@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,13 @@ async def _hello(settings: KeygenSettings, pool: Any, progress: Progress) -> Non
     progress.enter("hello")
     view = settings.public_view()
     pool.async_broadcast({"member": settings.index, "view": view}, msg_id=_HELLO)
-    for name, message in await pool.recv_all(msg_id=_HELLO):
+
+    async def hello_from(name: str) -> tuple[str, Any]:
+        return name, await pool.recv(name, msg_id=_HELLO)
+
+    # Checked as they arrive: a misconfigured member is named even while another is late.
+    for arrival in asyncio.as_completed([hello_from(name) for name in pool.pool_handlers]):
+        name, message = await arrival
         if not isinstance(message, dict) or message.get("view") != view:
             got = message.get("view") if isinstance(message, dict) else message
             raise MemberMismatch(f"{name} runs with {got!r}, we run with {view!r}: give every "
@@ -599,7 +606,10 @@ async def _main(settings: KeygenSettings, progress: Progress,
         caught.append(signum)
         task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # Only the main thread may own signals (tests run members in threads, too).
+    signals = ((signal.SIGINT, signal.SIGTERM)
+               if threading.current_thread() is threading.main_thread() else ())
+    for signum in signals:
         loop.add_signal_handler(signum, stop, signum)
     try:
         async with asyncio.timeout(settings.timeout_s):
@@ -615,7 +625,7 @@ async def _main(settings: KeygenSettings, progress: Progress,
                                       f"rerun every member with --restart") from None
         raise
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signals:
             loop.remove_signal_handler(signum)
 
 
@@ -716,8 +726,6 @@ def run_local(local: LocalCeremony) -> dict[str, Any]:
 
 def _sigterm_as_interrupt() -> Any:
     """SIGTERM stops the runner like SIGINT does, so its members are stopped, not orphaned."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
