@@ -381,10 +381,9 @@ async def _hello(settings: KeygenSettings, pool: Any, progress: Progress) -> Non
                                  f"check each member's --index against --members")
 
 
-async def _run_tno(settings: KeygenSettings, pool: Any) -> Any:
+async def _run_tno(settings: KeygenSettings, pool: Any, cls: type) -> Any:
     import warnings
 
-    cls = _observed_paillier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its "key_length < 1024" warning; --allow-weak said so
         return await cls.from_security_parameter(
@@ -464,6 +463,7 @@ async def _ceremony(settings: KeygenSettings, progress: Progress,
     from tno.mpc.communication import Pool
 
     _progress.set(progress)
+    paillier_class = _observed_paillier()  # the slow imports (sympy) count as "starting"
     host, port = settings.members[settings.index - 1]
     pool = Pool()
     pool.add_http_server(port=port, addr=host)
@@ -471,7 +471,7 @@ async def _ceremony(settings: KeygenSettings, progress: Progress,
         if j != settings.index:
             pool.add_http_client(_name(j), h, p)
     watchdog = asyncio.ensure_future(_Watchdog(settings, progress, pool, state).run())
-    work = asyncio.ensure_future(_protocol(settings, pool, progress))
+    work = asyncio.ensure_future(_protocol(settings, pool, progress, paillier_class))
     try:
         done, _ = await asyncio.wait({watchdog, work}, return_when=asyncio.FIRST_COMPLETED)
         if watchdog in done:
@@ -488,9 +488,10 @@ async def _ceremony(settings: KeygenSettings, progress: Progress,
             log.debug("pool shutdown incomplete", exc_info=True)
 
 
-async def _protocol(settings: KeygenSettings, pool: Any, progress: Progress) -> dict[str, Any]:
+async def _protocol(settings: KeygenSettings, pool: Any, progress: Progress,
+                    paillier_class: type) -> dict[str, Any]:
     await _hello(settings, pool, progress)
-    scheme = await _run_tno(settings, pool)
+    scheme = await _run_tno(settings, pool, paillier_class)
     params = settings.parameters
     modulus = scheme.public_key.n
     public = paillier.PublicKey(modulus)
@@ -522,6 +523,9 @@ def _save(settings: KeygenSettings, out: dict[str, Any], progress: Progress) -> 
         "modulus_bits": public.bits, "session": out["session"].hex(),
         "plaintext_scale": _signed_bytes(out["scale"]).hex(),
         "elapsed_s": round(progress.elapsed, 3), "tno_rounds": progress.round,
+        # From the first protocol message on: without start-up and waiting for members.
+        "protocol_s": round(sum(v for k, v in progress.phase_times.items()
+                                if k not in ("starting", "hello")), 3),
         "phase_times_s": progress.phase_times, "finished_at": time.time(),
     }
     public_part = {"public_key": paillier.encode_public_key(public),
@@ -577,7 +581,8 @@ def run_member(settings: KeygenSettings) -> dict[str, Any]:
         raise error from exc
     state.update(status="finished", phase="finished", elapsed_s=summary["elapsed_s"],
                  finished_at=summary["finished_at"], updated_at=time.time(), waiting_for=[],
-                 modulus_bits=summary["modulus_bits"])
+                 modulus_bits=summary["modulus_bits"], protocol_s=summary["protocol_s"],
+                 tno_rounds=summary["tno_rounds"], phase_times_s=summary["phase_times_s"])
     write_state(out_dir, state)
     log.info("keygen member %d finished: %d-bit modulus in %.1f s (%d TNO rounds)",
              settings.index, summary["modulus_bits"], summary["elapsed_s"], summary["tno_rounds"])
@@ -774,7 +779,8 @@ def _wait_members(procs: dict[int, subprocess.Popen[bytes]], heartbeat_s: float,
 
 def describe(summary: dict[str, Any]) -> dict[str, Any]:
     """A JSON-safe view of a summary (for the CLI's stdout)."""
-    keep = ("member", "modulus_bits", "n_parties", "threshold", "elapsed_s", "tno_rounds",
+    keep = ("member", "modulus_bits", "n_parties", "threshold", "elapsed_s", "protocol_s",
+            "tno_rounds",
             "phase_times_s", "already_finished", "session")
     return {k: summary[k] for k in keep if k in summary}
 
