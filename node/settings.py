@@ -47,12 +47,15 @@ class NodeSettings:
     # Settlement backend: "embedded" (the validators' own head, SQLite) or "hydra".
     settlement: str = "embedded"
     hydra_url: str | None = None  # ws://host:4001 of the hydra-node this validator drives
+    # Embedded head: how long a closed head waits for contests before fanout (testnet: seconds).
+    contestation_period_s: float = 600.0
     db: str | None = None  # validator history; default sqlite:///DATA_DIR/history.sqlite
     model: Path | None = None  # base model directory (Hugging Face layout); None: built-in tiny model
     rounds: int = 0  # training rounds a validator opens (0: none)
     epochs: int = 0  # FHE challenge epochs a validator runs (0: none)
     # Demo fault injection for `sealmesh testnet`: "honest", or a misbehaviour the mesh must
-    # survive ("garbage" or "slow" miner, "cheat" trainer). Never set on a real node.
+    # survive ("garbage" or "slow" miner, "cheat" trainer, "close-early" validator: closes the
+    # settlement head before the agreed rounds). Never set on a real node.
     behaviour: str = "honest"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
