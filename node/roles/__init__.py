@@ -13,14 +13,19 @@ from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
 
 # Order matters only for start-up: settlement first, so rounds and epochs can record.
-SERVICE_MODULES: tuple[str, ...] = ()
+SERVICE_MODULES: tuple[str, ...] = (
+    "node.roles.miner",
+    "node.roles.challenger",
+)
 
 # Modules that take part in `sealmesh testnet`. Each may define
 #   prepare_testnet(plan, nodes, root) -> None   (before any node starts: keys, data, config)
 #   summarize(plan, statuses) -> dict            (its report.json section from the nodes'
 #                                                 final status documents, name -> status)
 # and names its report section REPORT_SECTION.
-TESTNET_MODULES: tuple[str, ...] = ()
+TESTNET_MODULES: tuple[str, ...] = (
+    "node.roles.challenger",
+)
 
 
 def testnet_modules() -> list:

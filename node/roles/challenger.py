@@ -1,0 +1,366 @@
+"""A validator's FHE challenges: the shell around protocol/challenge.ChallengeMachine.
+
+The validator compiles or loads its OWN bundle (never a miner's client files) and its
+own keys (fhe.bundle.ValidatorClient: generated once, kept 0600 under the role's data
+dir). Each epoch it waits for the miners' ModelOffers, keeps those whose server.zip
+sha256 is the one it compiled, lets the machine split the miners among the validators,
+and for each of its miners: uploads its evaluation keys once, draws an input
+(fhe.inputs), encrypts it, sends it, times the miner's part only (send to answer),
+decrypts, and compares with its own clear quantized run. Every challenge ends in
+exactly one outcome in node/history.py; the epoch's scores (protocol/scoring.py) are
+gossiped as ScoreReports, handed to the settlement service if it takes them, and set as
+weights on Bittensor when the node runs on a subnet (settings.network).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_bundle, exchange, load_fhe_config,
+                              write_fhe_config)
+from node.roles.base import RoleContext, RoleService
+from node.settings import NodeSettings
+from protocol.challenge import (ChallengeConfig, ChallengeMachine, Effect, GossipScore, RecordOutcome,
+                                SendChallenge, UploadKey)
+from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
+from protocol.membership import Role
+from protocol.messages import Channel, Message
+from protocol.scoring import Outcome, WindowEntry, score_window, weights_of
+
+log = logging.getLogger("sealmesh.challenger")
+
+KEY_UPLOAD_TIMEOUT_S = 120.0
+MAX_OUTCOMES_REPORTED = 200
+
+
+class ChallengerService(RoleService):
+    name = "challenger"
+    channels = frozenset({Channel.FHE})
+
+    def __init__(self, settings: NodeSettings, config: FheConfig | None = None) -> None:
+        self.settings = settings
+        self.config = config or load_fhe_config(settings.data_dir)
+        # Import Concrete and SQLAlchemy now, before the node joins the mesh: importing them
+        # later, even in a worker thread, holds the GIL for seconds and starves gossip.
+        import fhe.bundle, fhe.inputs, node.history  # noqa: F401, E401
+        from concrete.ml.deployment import FHEModelClient  # noqa: F401
+        self.offers: dict[str, ModelOffer] = {}  # miner -> its latest offer
+        self.offer_seen = trio.Event()
+        self.scores_heard: dict[str, dict[str, Any]] = {}  # "epoch/validator/miner" -> report
+        self.outcomes: list[dict[str, Any]] = []
+        self.epochs_done: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.client: Any = None
+        self.history: Any = None
+        self.done = False
+
+    def on_message(self, sender: str, message: Message, received_ms: int) -> None:
+        if isinstance(message, ModelOffer):
+            self.offers[sender] = message
+            self.offer_seen.set()
+        elif isinstance(message, ScoreReport):
+            self.scores_heard[f"{message.epoch}/{sender}/{message.miner}"] = {
+                "epoch": message.epoch, "validator": sender, "miner": message.miner, "score": message.score,
+                "challenges": message.challenges, "ok": message.ok}
+
+    # -- start-up --
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from node.history import History
+
+        self.ctx = ctx
+        self.me = ctx.hotkey.ss58_address
+        self.validators = sorted(m.hotkey for m in ctx.genesis.members if Role.VALIDATOR in m.roles)
+        self.miners = sorted(m.hotkey for m in ctx.genesis.members if Role.MINER in m.roles)
+        self.history = History(self.settings.db, data_dir=self.settings.data_dir)
+        self._report()
+        task_status.started()
+        try:
+            await self._load_client(ctx)
+            first = 1 + max((r.epoch for r in self.history.records()), default=-1)  # resume after a restart
+            self.machine = ChallengeMachine(
+                ChallengeConfig(ctx.genesis.mesh_id, self.config.challenges_per_miner,
+                                self.config.response_timeout_s, iterations=self.config.iterations),
+                self.me, windows=self.history.windows())
+            for epoch in range(first, first + self.settings.epochs):
+                await self.run_epoch(epoch)
+        finally:
+            self.done = True
+            self._report()
+        await trio.sleep_forever()
+
+    async def _load_client(self, ctx: RoleContext) -> None:
+        from fhe.bundle import ValidatorClient
+
+        started = time.monotonic()
+        bundle = self.config.bundle_path(self.settings.data_dir)
+        self.manifest = await trio.to_thread.run_sync(ensure_bundle, self.config.model, bundle)
+        self.timings["bundle_s"] = round(time.monotonic() - started, 3)
+        started = time.monotonic()
+
+        def load() -> Any:
+            client = ValidatorClient(bundle, ctx.data_dir / "fhe-keys")
+            client.ensure_keys()
+            client.key_id()  # serializes the evaluation keys once
+            return client
+
+        self.client = await trio.to_thread.run_sync(load)
+        self.timings["keys_s"] = round(time.monotonic() - started, 3)
+        log.info("phase=challenger-ready model=%s key_id=%s", self.manifest.model, self.client.key_id()[:16])
+
+    # -- one epoch --
+
+    async def _await_offers(self) -> dict[str, str]:
+        """miner -> model, for every miner whose offer matches our own compiled circuit."""
+        with trio.move_on_after(self.config.offers_wait_s):
+            while set(self.miners) - set(self.offers):
+                self.offer_seen = trio.Event()
+                await self.offer_seen.wait()
+        offers = {}
+        for miner in self.miners:
+            offer = self.offers.get(miner)
+            if offer is None:
+                self._problem(f"no ModelOffer from miner {miner} within {self.config.offers_wait_s:.0f} s")
+            elif offer.model != self.manifest.model or offer.server_sha256 != self.manifest.server_sha256:
+                self._problem(f"miner {miner} offers {offer.model} {offer.server_sha256[:16]}, not our "
+                              f"{self.manifest.model} {self.manifest.server_sha256[:16]}")
+            else:
+                offers[miner] = offer.model
+        return offers
+
+    async def run_epoch(self, epoch: int) -> None:
+        offers = await self._await_offers()
+        started = time.time()
+        await self._drive(self.machine.start_epoch(epoch, offers=offers, key_ids={self.manifest.model: self.client.key_id()},
+                                                   validators=self.validators, now=started))
+        log.info("phase=epoch-start epoch=%d my_miners=%d of %d", epoch, len(self.machine.assigned), len(offers))
+        for miner in self.machine.assigned:
+            while self.machine.can_issue(miner):
+                await self._drive(self.machine.issue(miner, input_seed=secrets.randbits(63), now=time.time()))
+        await self._drive(self.machine.close_epoch(now=time.time()))
+        self.epochs_done.append({"epoch": epoch, "miners": list(self.machine.assigned),
+                                 "seconds": round(time.time() - started, 3)})
+        log.info("phase=epoch-closed epoch=%d", epoch)
+        self._report()
+
+    async def _drive(self, effects: list[Effect]) -> None:
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            if isinstance(effect, UploadKey):
+                queue += await self._upload_key(effect)
+            elif isinstance(effect, SendChallenge):
+                queue += await self._send(effect)
+            elif isinstance(effect, RecordOutcome):
+                self._record(effect)
+            elif isinstance(effect, GossipScore):
+                await self._gossip_scores(effect)
+        self._report()
+
+    def _peer(self, miner: str) -> str:
+        peer = self.ctx.peer_of(miner)
+        offer = self.offers.get(miner)
+        if peer is None or offer is None or offer.peer_id != peer:
+            raise ExchangeError("unreachable", f"miner {miner} has no announced peer id matching its offer")
+        return peer
+
+    async def _upload_key(self, effect: UploadKey) -> list[Effect]:
+        started = time.monotonic()
+        try:
+            keys = self.client.evaluation_keys()
+            answer, _ = await exchange(self.ctx.mesh, self.ctx.hotkey, self.ctx.verifier, peer_id=self._peer(effect.miner),
+                                       peer_hotkey=effect.miner, message=AddKey.for_keys(effect.model, keys),
+                                       payload=keys, expect=(KeyAdded,), timeout_s=KEY_UPLOAD_TIMEOUT_S)
+            if answer.key_id != effect.key_id:
+                raise ExchangeError("wrong_key_id", f"miner acknowledged {answer.key_id[:16]}")
+        except ExchangeError as exc:
+            return self.machine.error(effect.challenge_id, reason=exc.reason, now=time.time())
+        except TimeoutError:
+            return self.machine.error(effect.challenge_id, reason="key_upload_timeout", now=time.time())
+        self.timings["last_key_upload_s"] = round(time.monotonic() - started, 3)
+        return self.machine.key_uploaded(effect.challenge_id, now=time.time())
+
+    async def _send(self, effect: SendChallenge) -> list[Effect]:
+        from fhe.bundle import MalformedResult
+        from fhe.inputs import draw_challenge_input
+
+        cid = effect.challenge_id
+        drawn = draw_challenge_input(effect.model, effect.input_seed)
+        ciphertext = await trio.to_thread.run_sync(self.client.encrypt, drawn.image)
+        request = ChallengeRequest.for_input(cid, effect.epoch, effect.model, effect.key_id, effect.iterations,
+                                             ciphertext)
+        sent_wall, sent = time.time(), time.monotonic()
+        self.machine.sent(cid, at=sent_wall)
+        try:
+            answer, result = await exchange(self.ctx.mesh, self.ctx.hotkey, self.ctx.verifier,
+                                            peer_id=self._peer(effect.miner), peer_hotkey=effect.miner,
+                                            message=request, payload=ciphertext, expect=(ChallengeResponse,),
+                                            timeout_s=effect.timeout_s)
+        except TimeoutError:
+            return self.machine.timeout(cid, now=sent_wall + max(effect.timeout_s, time.monotonic() - sent))
+        except ExchangeError as exc:
+            return self.machine.error(cid, reason=exc.reason, now=time.time())
+        at = sent_wall + (time.monotonic() - sent)  # the miner's part: monotonic, from send to answer
+        if answer.challenge_id != cid:
+            return self.machine.error(cid, reason="wrong_challenge", now=time.time())
+        try:
+            comparison = await trio.to_thread.run_sync(self.client.compare, result, drawn.image)
+        except MalformedResult as exc:
+            return self.machine.error(cid, reason=exc.reason, now=time.time())
+        return self.machine.response_received(cid, at=at, argmax_agrees=comparison.argmax_match,
+                                              cosine=comparison.cosine)
+
+    def _record(self, effect: RecordOutcome) -> None:
+        record = effect.record
+        self.history.record_outcome(record)
+        self.outcomes.append({"challenge_id": record.challenge_id, "epoch": record.epoch, "miner": record.miner,
+                              "issued_at": record.issued_at, "outcome": record.outcome.value,
+                              "latency_s": record.latency_s, "cosine": record.cosine,
+                              "error_reason": record.error_reason})
+        log.info("challenge %s miner=%s outcome=%s latency_s=%s reason=%s", record.challenge_id[:12], record.miner,
+                 record.outcome.value, record.latency_s, record.error_reason)
+
+    async def _gossip_scores(self, effect: GossipScore) -> None:
+        self.history.record_scores(effect)
+        for score in effect.scores:
+            await self.ctx.publish(ScoreReport.of(effect.epoch, score))
+        weights = weights_of(effect.scores)
+        doc = {"epoch": effect.epoch, "validator": effect.validator,
+               "scores": {s.miner: s.score for s in effect.scores}, "weights": weights}
+        settlement = self.ctx.service("settlement")
+        record = getattr(settlement, "record_scores", None)
+        if record is not None:
+            outcome = record(doc)
+            if inspect.isawaitable(outcome):
+                await outcome
+        if self.settings.network:
+            try:
+                await trio.to_thread.run_sync(set_weights_on_subnet, self.settings, weights)
+            except Exception as exc:  # the chain being down must not stop the challenges
+                self._problem(f"set_weights on {self.settings.network} failed: {exc}")
+
+    # -- status --
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            log.warning("fhe: %s", text)
+            self.problems.append(text)
+
+    def _report(self) -> None:
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return
+        summary = self.history.summary() if self.history is not None else {"miners": {}}
+        ctx.report(REPORT_SECTION, {
+            "role": "validator", "done": self.done, "epochs": self.settings.epochs,
+            "epochs_done": list(self.epochs_done),
+            "model": self.config.model,
+            "server_sha256": getattr(getattr(self, "manifest", None), "server_sha256", None),
+            "key_id": self.client.key_id() if self.client is not None else None,
+            "offers": {m: o.server_sha256 for m, o in self.offers.items()},
+            "miners": summary["miners"],
+            "outcomes": self.outcomes[-MAX_OUTCOMES_REPORTED:],
+            "scores_heard": list(self.scores_heard.values()),
+            "timings": dict(self.timings), "problems": list(self.problems),
+        })
+
+
+def set_weights_on_subnet(settings: NodeSettings, weights: dict[str, float]) -> None:
+    """Set the epoch's weights on the subnet through the bittensor SDK (blocking).
+
+    Weights are by hotkey here and by uid on chain: the metagraph maps them, and miners
+    no longer registered are left out. The SDK conforms the weights to the subnet's
+    hyperparameters and picks commit-reveal when the subnet uses it. Not exercised by
+    the tests: it needs a running subtensor and a registered, staked validator hotkey.
+    """
+    import bittensor
+
+    metagraph = bittensor.Subtensor(settings.network).subnets.metagraph(settings.netuid)
+    uid_of = {neuron.hotkey: neuron.uid for neuron in metagraph.neurons}
+    by_uid = {uid_of[miner]: weight for miner, weight in weights.items() if miner in uid_of}
+    if not by_uid or not any(by_uid.values()):
+        return
+    wallet = bittensor.Wallet(settings.wallet_name, settings.hotkey, str(settings.wallet_path))
+    bittensor.set_weights(settings.netuid, by_uid, wallet=wallet, network=settings.network)
+
+
+# --- sealmesh testnet ----------------------------------------------------------------------
+
+
+def prepare_testnet(plan, nodes, root: Path) -> None:
+    """Compile the model once into ROOT/fhe (every node's own copy would cost each a compile
+    on 2 cores) and write fhe.json for validators and miners. The validators still load
+    their client side from their own manifest check and make their own keys."""
+    if not plan.epochs or not plan.miners:
+        for node in nodes:  # no epochs: miners need not compile a circuit nobody asks for
+            if node.role is Role.MINER:
+                write_fhe_config(node.data_dir, FheConfig(serve=False))
+        return
+    config = FheConfig(bundle_dir=str(root / "fhe" / "bundle-digits-cnn"))
+    ensure_bundle(config.model, Path(config.bundle_dir))
+    for node in nodes:
+        if node.role in (Role.VALIDATOR, Role.MINER):
+            write_fhe_config(node.data_dir, config)
+
+
+def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
+    """report.json "fhe": per miner, over every validator's outcomes: challenges, ok, wrong,
+    timeout, error, median ok latency and the score of the merged window; problems when a
+    miner was never challenged, an honest one failed, or a faulty one scored no lower."""
+    if not plan.epochs or not plan.miners:
+        return {"miners": {}, "problems": []}
+    names = {s["hotkey"]: n for n, s in statuses.items() if s}
+    sections = {n: (s or {}).get("sections", {}).get(REPORT_SECTION) for n, s in statuses.items()}
+    validators = {n: d for n, d in sections.items() if d and d.get("role") == "validator"}
+    miner_names = sorted(n for n, d in sections.items() if d and d.get("role") == "miner")
+    behaviour = {n: (sections[n] or {}).get("behaviour", "honest") for n in miner_names}
+    problems: list[str] = []
+    if not validators:
+        return {"miners": {}, "problems": ["fhe: no validator reported an fhe section"]}
+    outcomes: dict[str, list[dict[str, Any]]] = {n: [] for n in miner_names}
+    for vname, doc in sorted(validators.items()):
+        if not doc.get("done"):
+            problems.append(f"fhe: {vname} did not finish its {doc.get('epochs')} epochs")
+        problems.extend(f"fhe: {vname}: {p}" for p in doc.get("problems", []))
+        for o in doc.get("outcomes", []):
+            outcomes.setdefault(names.get(o["miner"], o["miner"][:8]), []).append(o)
+    miners: dict[str, Any] = {}
+    for name, entries in sorted(outcomes.items()):
+        entries.sort(key=lambda o: o["issued_at"])
+        window = [WindowEntry(Outcome(o["outcome"]), o["latency_s"] if o["outcome"] == "ok" else None)
+                  for o in entries]
+        score = score_window(name, window)
+        counts = {o.value: sum(1 for e in window if e.outcome is o) for o in Outcome}
+        miners[name] = {"behaviour": behaviour.get(name, "honest"), "challenges": len(window), **counts,
+                        "median_latency_s": score.median_latency_s, "score": score.score,
+                        "errors": sorted({o["error_reason"] for o in entries if o["error_reason"]})}
+        if not window:
+            problems.append(f"fhe: {name} was never challenged")
+    honest = {n: m for n, m in miners.items() if m["behaviour"] == "honest" and m["challenges"]}
+    for name, m in honest.items():
+        if m["ok"] == 0:
+            problems.append(f"fhe: honest {name} had no ok challenge ({m['errors']})")
+    floor = min((m["score"] for m in honest.values()), default=None)
+    for name, m in miners.items():
+        if m["behaviour"] != "honest" and m["challenges"] and floor is not None and not m["score"] < floor:
+            problems.append(f"fhe: {m['behaviour']} {name} scored {m['score']:.4g}, not below honest {floor:.4g}")
+    return {"model": next(iter(validators.values())).get("model"), "epochs": plan.epochs,
+            "challenges": sum(m["challenges"] for m in miners.values()), "miners": miners,
+            "problems": problems}
+
+
+def make_service(settings: NodeSettings) -> ChallengerService | None:
+    if settings.role is not Role.VALIDATOR or settings.epochs <= 0:
+        return None
+    return ChallengerService(settings)
+
+
+__all__ = ["REPORT_SECTION", "ChallengerService", "make_service", "prepare_testnet", "set_weights_on_subnet", "summarize"]

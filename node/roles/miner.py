@@ -1,0 +1,235 @@
+"""A miner: FHE inference on inputs it cannot read, for the validators that challenge it.
+
+Serves one compiled circuit (server.zip pinned by its sha256) on FHE_PROTOCOL
+(protocol/challenge_messages.py) and, when fhe.json names an http_port, on
+Brainlock-shaped HTTP endpoints (node/roles/miner_http.py). It announces what it serves
+with a ModelOffer on the FHE channel.
+
+Two guards answer every request, cheapest first: protocol.challenge.MinerKeyring (who
+owns which key id, the per-epoch quota, the iteration bound) and fhe.engine.FheEngine
+(key size and format, ciphertext size and format, ownership again, the concurrency limit
+and the per-challenge timeout). A refusal is a signed Refused with the guard's reason
+label; nothing else on the miner changes. FHE runs in the engine's worker threads, so
+the trio loop (gossip, other streams) never waits on a circuit.
+
+behaviour (sealmesh testnet --fault, never on a real node): "garbage" answers random
+bytes of a result's size without computing; "slow" sleeps slow_delay_s first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from node.fhe_service import (BEHAVIOURS, REPORT_SECTION, FheConfig, FheSettingsError, ensure_bundle,
+                              load_fhe_config, now_ms, result_bytes_estimate)
+from node.roles.base import RoleContext, RoleService
+from node.settings import NodeSettings
+from protocol.challenge import MinerKeyring
+from protocol.challenge_messages import (FHE_PROTOCOL, MAX_REQUEST_BYTES, AddKey, ChallengeRequest,
+                                         ChallengeResponse, KeyAdded, ModelOffer, Refused, StreamMessage,
+                                         open_frame, seal_frame)
+from protocol.errors import RemoteProtocolError
+from protocol.membership import Role
+from protocol.messages import Channel
+
+log = logging.getLogger("sealmesh.miner")
+
+
+class Refusal(Exception):
+    """A request this miner will not serve: becomes a signed Refused."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}: {hint}")
+        self.reason, self.hint = reason, hint
+
+
+class MinerService(RoleService):
+    name = "miner"
+    channels = frozenset({Channel.FHE})
+
+    def __init__(self, settings: NodeSettings, config: FheConfig | None = None) -> None:
+        if settings.behaviour not in BEHAVIOURS:
+            raise FheSettingsError(f"behaviour {settings.behaviour!r} is not a miner behaviour {BEHAVIOURS}")
+        self.settings = settings
+        self.config = config or load_fhe_config(settings.data_dir)
+        if self.config.serve:
+            # Import Concrete now, before the node joins the mesh: importing it later, even in
+            # a worker thread, holds the GIL for seconds and starves the node's gossip.
+            import fhe.engine  # noqa: F401
+            from concrete.ml.deployment import FHEModelServer  # noqa: F401
+        self.behaviour = settings.behaviour
+        self.keyring = MinerKeyring(self.config.max_challenges_per_epoch)
+        self.engine: Any = None  # fhe.engine.FheEngine once loaded
+        self.manifest: Any = None
+        self.ctx: RoleContext | None = None
+        self.ready = trio.Event()
+        self.pending = 0
+        self.served = Counter()  # request type -> answered ok
+        self.refused = Counter()  # reason -> count
+        self.compute_s: list[float] = []
+        self.garbage_bytes = 0
+
+    # -- the seam --
+
+    def stream_handlers(self):
+        return {FHE_PROTOCOL: (self.handle_stream, MAX_REQUEST_BYTES)}
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx = ctx
+        self._report()
+        task_status.started()
+        if not self.config.serve:
+            return
+        await self._load()
+        async with trio.open_nursery() as nursery:
+            if self.config.http_port is not None:
+                from node.roles.miner_http import MinerHttp
+                await nursery.start(MinerHttp(self, self.settings.api_host, self.config.http_port).serve)
+            nursery.start_soon(self._offer_loop)
+
+    async def _load(self) -> None:
+        from fhe.bundle import SERVER_ZIP
+        from fhe.engine import FheEngine
+
+        bundle = self.config.bundle_path(self.settings.data_dir)
+        self.manifest = await trio.to_thread.run_sync(ensure_bundle, self.config.model, bundle)
+        self.engine = await trio.to_thread.run_sync(lambda: FheEngine(
+            bundle, self.manifest.server_sha256, key_cache_bytes=self.config.key_cache_bytes,
+            max_concurrency=self.config.max_concurrency, timeout_s=self.config.response_timeout_s,
+            max_iterations=self.keyring.max_iterations))
+        self.garbage_bytes = result_bytes_estimate(bundle / SERVER_ZIP)
+        self.ready.set()
+        log.info("phase=miner-ready model=%s server_sha256=%s behaviour=%s", self.manifest.model,
+                 self.manifest.server_sha256[:16], self.behaviour)
+        self._report()
+
+    def offer(self) -> ModelOffer:
+        assert self.ctx is not None and self.manifest is not None
+        return ModelOffer(self.manifest.model, self.manifest.server_sha256, self.ctx.mesh.peer_id, FHE_PROTOCOL,
+                          self.keyring.max_iterations, now_ms())
+
+    async def _offer_loop(self) -> None:
+        assert self.ctx is not None
+        while True:
+            await self.ctx.publish(self.offer())
+            quiet = sum(self.served.values()) > 0  # a validator found us: late joiners only
+            await trio.sleep(self.config.offer_interval_s * (10 if quiet else 1))
+
+    # -- requests --
+
+    async def handle_stream(self, peer_id: str, raw: bytes) -> bytes:
+        return await self.handle_frame(raw)
+
+    async def handle_frame(self, raw: bytes) -> bytes:
+        """One request frame in, one signed answer frame out (empty when the request is
+        not even verifiable: there is nobody to sign an answer for)."""
+        ctx = self.ctx
+        if ctx is None:
+            return b""
+        try:
+            verified, payload = open_frame(raw, verifier=ctx.verifier, now_ms=now_ms(),
+                                           expect=(AddKey, ChallengeRequest))
+        except RemoteProtocolError as exc:
+            self._refuse_count(exc.reason)
+            ctx.metrics.reject("fhe", exc.reason)
+            log.warning("refused fhe request reason=%s: %s", exc.reason, exc.hint)
+            return b""
+        requester, request = verified.member.hotkey, verified.message
+        try:
+            if Role.VALIDATOR not in verified.member.roles:
+                raise Refusal("not_a_validator", "only validators challenge miners")
+            if not self.ready.is_set():
+                raise Refusal("not_ready", "the miner is still loading its circuit; retry shortly")
+            if isinstance(request, AddKey):
+                answer, out = await self._add_key(requester, request, payload), b""
+            else:
+                answer, out = await self._challenge(requester, request, payload)
+        except Refusal as exc:
+            answer, out = self._refusal(request, exc.reason, exc.hint), b""
+        except RemoteProtocolError as exc:  # the keyring's and the engine's typed refusals
+            answer, out = self._refusal(request, exc.reason, exc.hint), b""
+        except Exception as exc:  # an engine failure (timeout, a Concrete error) is not the peer's
+            reason = getattr(exc, "reason", "miner_error")
+            log.warning("challenge failed on our side reason=%s: %s", reason, exc)
+            answer, out = self._refusal(request, reason, str(exc)), b""
+        else:
+            self.served[request.TYPE] += 1
+        self._report()
+        return seal_frame(ctx.hotkey, answer, out, now_ms=now_ms(), signed_for=requester)
+
+    async def _add_key(self, owner: str, request: AddKey, key_bytes: bytes) -> KeyAdded:
+        if request.model != self.manifest.model:
+            raise Refusal("unknown_model", f"this miner serves {self.manifest.model}, not {request.model}")
+        bound = self.keyring.bindings.get(request.key_id)
+        if bound is not None and bound.owner != owner:
+            raise Refusal("key_id_taken", f"key {request.key_id[:16]} belongs to another validator")
+        key_id = await self.engine.add_key_async(owner, key_bytes)  # checks size and format first
+        if key_id != request.key_id:  # open_frame checked the sha256; the engine names keys the same way
+            raise Refusal("payload_mismatch", "key id is not the sha256 of the keys")
+        self.keyring.add_key(owner, key_id, model=request.model)
+        log.info("stored evaluation keys %s (%d bytes) of %s", key_id[:16], len(key_bytes), owner)
+        return KeyAdded(key_id)
+
+    async def _challenge(self, requester: str, request: ChallengeRequest,
+                         ciphertext: bytes) -> tuple[ChallengeResponse, bytes]:
+        if request.model != self.manifest.model:
+            raise Refusal("unknown_model", f"this miner serves {self.manifest.model}, not {request.model}")
+        if self.pending >= self.config.max_pending:
+            raise Refusal("busy", f"{self.pending} challenges queued or running; retry later")
+        if request.key_id not in self.engine.key_ids():  # evicted from the engine: the keyring must forget too
+            self.keyring.bindings.pop(request.key_id, None)
+        self.keyring.evaluate(requester, request.key_id, model=request.model, epoch=request.epoch,
+                              iterations=request.iterations)
+        self.pending += 1
+        started = time.monotonic()
+        try:
+            if self.behaviour == "slow":
+                await trio.sleep(self.config.slow_delay_s)
+            if self.behaviour == "garbage":
+                result = os.urandom(self.garbage_bytes)
+            else:
+                result = await self.engine.run_async(requester, request.key_id, ciphertext, request.iterations)
+        finally:
+            self.pending -= 1
+        elapsed = time.monotonic() - started
+        self.compute_s.append(round(elapsed, 3))
+        log.info("challenge %s for %s: %d iterations in %.2f s", request.challenge_id[:12], requester,
+                 request.iterations, elapsed)
+        return ChallengeResponse.for_result(request.challenge_id, result, int(elapsed * 1000)), result
+
+    def _refusal(self, request: StreamMessage, reason: str, hint: str) -> Refused:
+        self._refuse_count(reason)
+        ref = request.key_id if isinstance(request, AddKey) else request.challenge_id  # type: ignore[attr-defined]
+        reason = reason if reason.replace("_", "a").isalnum() and reason.islower() else "miner_error"
+        return Refused(request.TYPE, ref, reason[:48], hint.encode()[:256].decode(errors="ignore"))
+
+    def _refuse_count(self, reason: str) -> None:
+        self.refused[reason] += 1
+        if self.ctx is not None:
+            self._report()
+
+    def _report(self) -> None:
+        if self.ctx is None:
+            return
+        self.ctx.report(REPORT_SECTION, {
+            "role": "miner", "done": True, "ready": self.ready.is_set(), "behaviour": self.behaviour,
+            "model": self.manifest.model if self.manifest else self.config.model,
+            "server_sha256": self.manifest.server_sha256 if self.manifest else None,
+            "served": dict(self.served), "refused": dict(self.refused),
+            "keys": len(self.engine.key_ids()) if self.engine else 0,
+            "key_cache_bytes": self.engine.cache_bytes if self.engine else 0,
+            "compute_s": self.compute_s[-20:],
+        })
+
+
+def make_service(settings: NodeSettings) -> MinerService | None:
+    return MinerService(settings) if settings.role is Role.MINER else None
+
+
+__all__ = ["MinerService", "Refusal", "make_service"]
