@@ -78,10 +78,20 @@ class World:
     miner_did: dict[str, str] = field(default_factory=dict)  # challenge id -> computed/garbage/refused:<reason>
     restarts: int = 0
 
-    def key(self) -> tuple:
+    def key(self, snapshots: dict[int, tuple] | None = None) -> tuple:
+        """The state's hashable identity. `snapshots` caches each machine's snapshot by
+        object: once a world is keyed its objects are only shared, never mutated."""
         machines, rings = dict(self.machines), dict(self.rings)  # read without cloning
-        return (tuple(machines[v].snapshot() for v in VALIDATORS),
-                tuple(rings[m].snapshot() for m in MINERS),
+
+        def snap(obj) -> tuple:
+            if snapshots is None:
+                return obj.snapshot()
+            cached = snapshots.get(id(obj))
+            if cached is None or cached[0] is not obj:
+                cached = snapshots[id(obj)] = (obj, obj.snapshot())  # holding obj keeps its id unique
+            return cached[1]
+
+        return (tuple(snap(machines[v]) for v in VALIDATORS), tuple(snap(rings[m]) for m in MINERS),
                 tuple(sorted(self.miner_did.items())), self.restarts)
 
     def clone(self) -> "World":
@@ -115,7 +125,10 @@ def actions(world: World, bounds: Bounds, refusals: Counter) -> Iterator[Step]:
                                           key_ids={MODEL: KEY_OF[v]}, validators=VALIDATORS, now=0.0)
         yield f"StartEpoch({epoch})", start
 
-    if world.restarts < bounds.restarts:
+    # A restart between challenges: while one is in flight it would only add interleavings
+    # that the unknown_key path (restart, then a challenge under the lost key) already covers.
+    if world.restarts < bounds.restarts and not any(
+            c.phase in IN_FLIGHT and c.miner == RESTARTING for m in machines.values() for c in m.challenges.values()):
         def restart(w: World) -> None:
             w.rings[RESTARTING].forget_all()
             w.restarts += 1
@@ -214,27 +227,31 @@ def explore(bounds: Bounds) -> Exploration:
     refusals: Counter = Counter()
     outcomes: Counter = Counter()
     error_reasons: Counter = Counter()
+    snapshots: dict[int, tuple] = {}
     start = initial(bounds)
-    parent: dict[tuple, tuple[tuple | None, str]] = {start.key(): (None, "Init")}
-    successors: dict[tuple, list[tuple]] = {}
-    finished: set[tuple] = set()
-    queue: deque[tuple[tuple, World]] = deque([(start.key(), start)])
+    # States are numbered on first sight: a big key is hashed once per transition.
+    index: dict[tuple, int] = {start.key(): 0}
+    parent: list[tuple[int, str]] = [(-1, "Init")]
+    successors: list[list[int]] = []
+    finished: set[int] = set()
+    queue: deque[tuple[int, World]] = deque([(0, start)])
     disabled = 0
 
-    def trace(key: tuple | None) -> str:
+    def trace(state: int) -> str:
         steps = []
-        while key is not None:
-            key, label = parent[key]
+        while state >= 0:
+            state, label = parent[state]
             steps.append(label)
         return " -> ".join(reversed(steps))
 
     while queue:
-        key, world = queue.popleft()
+        state, world = queue.popleft()
         broken = broken_invariants(world)
-        assert not broken, f"{broken} broken after {trace(key)}"
+        assert not broken, f"{broken} broken after {trace(state)}"
         if all(m.phase is EpochPhase.CLOSED and m.epoch == bounds.epochs for m in world.machines.values()):
-            finished.add(key)
-        successors[key] = []
+            finished.add(state)
+        assert len(successors) == state  # BFS pops states in the order they were numbered
+        successors.append([])
         for label, apply in actions(world, bounds, refusals):
             nxt = world.clone()
             try:
@@ -247,27 +264,27 @@ def explore(bounds: Bounds) -> Exploration:
                     outcomes[effect.record.outcome.value] += 1
                     error_reasons[effect.record.error_reason] += 1
             nxt.forget_decided()
-            nkey = nxt.key()
-            successors[key].append(nkey)
-            if nkey not in parent:
-                parent[nkey] = (key, label)
-                queue.append((nkey, nxt))
+            number = index.setdefault(nxt.key(snapshots), len(index))
+            successors[state].append(number)
+            if number == len(parent):
+                parent.append((state, label))
+                queue.append((number, nxt))
 
     # Liveness on the finite graph: from every state, "every epoch closed" is reachable.
-    predecessors: dict[tuple, list[tuple]] = {}
-    for src, dsts in successors.items():
+    predecessors: list[list[int]] = [[] for _ in successors]
+    for src, dsts in enumerate(successors):
         for dst in dsts:
-            predecessors.setdefault(dst, []).append(src)
+            predecessors[dst].append(src)
     can_finish, frontier = set(finished), deque(finished)
     while frontier:
-        for src in predecessors.get(frontier.popleft(), ()):
+        for src in predecessors[frontier.popleft()]:
             if src not in can_finish:
                 can_finish.add(src)
                 frontier.append(src)
-    stuck = [k for k in successors if k not in can_finish]
+    stuck = [state for state in range(len(successors)) if state not in can_finish]
     assert not stuck, f"{len(stuck)} states never close every epoch, e.g. after {trace(stuck[0])}"
     assert disabled > 0  # the guards were exercised, not just the happy transitions
-    return Exploration(len(parent), sum(map(len, successors.values())), time.perf_counter() - started,
+    return Exploration(len(index), sum(map(len, successors)), time.perf_counter() - started,
                        refusals, outcomes, error_reasons)
 
 
