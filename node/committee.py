@@ -1,0 +1,323 @@
+"""The committee's threshold Paillier key on disk, who decrypts which block, partial blobs.
+
+A node's committee directory (DATA_DIR/committee) holds:
+
+    committee.json   members (hotkeys in key-share order: member i holds share i),
+                     threshold, key bits, public key id
+    public.msgpack   the public key and the members' verification keys
+    share.msgpack    0600, members only: this member's secret share
+
+`sealmesh testnet` deals the key (crypto.paillier.deal) and writes these files; a real
+deployment runs the dealer-free ceremony (`sealmesh committee keygen`, node/keygen.py)
+whose member_key.msgpack is read here as well. Everything else in this module is the
+shell's side of threshold decryption: which positions of the aggregate each member
+decrypts (crypto.contribution.decryption_blocks, plus cover for members that are gone),
+and the wire form of aggregates and partial-decryption blobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import msgpack
+
+from crypto import paillier
+from crypto.contribution import DecryptionBlock, decryption_blocks
+from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, VerificationKeys
+from protocol._wire import unpack_strict
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+
+COMMITTEE_DIR = "committee"
+INFO_FILE = "committee.json"
+PUBLIC_FILE = "public.msgpack"
+SHARE_FILE = "share.msgpack"
+KEYGEN_FILE = "member_key.msgpack"  # node/keygen.py's result, when the ceremony made the key
+WIRE_VERSION = 1
+
+
+class CommitteeKeyError(LocalProtocolError):
+    """Our committee files are missing or inconsistent; the hint says what to do."""
+
+    reason = "committee_key"
+
+
+class BadAggregateBlob(RemoteProtocolError):
+    reason = "bad_aggregate_blob"
+
+
+class BadPartialBlob(RemoteProtocolError):
+    reason = "bad_partial_blob"
+
+
+@dataclass(frozen=True)
+class CommitteeKey:
+    public: PublicKey
+    verification_keys: VerificationKeys
+    threshold: int
+    members: tuple[str, ...]  # hotkeys; members[i - 1] holds share i
+    share: KeyShare | None = None  # ours, when this node is a member
+    plaintext_scale: int = 1  # a DKG key decrypts to scale * m (crypto/dkg.py); dealt keys to m
+
+    @property
+    def public_key_id(self) -> str:
+        return public_key_id(self.public)
+
+    def index_of(self, hotkey: str) -> int:
+        """1-based share index of a member."""
+        try:
+            return self.members.index(hotkey) + 1
+        except ValueError:
+            raise CommitteeKeyError(f"{hotkey} is not a committee member") from None
+
+
+def public_key_id(public: PublicKey) -> str:
+    return hashlib.sha256(paillier.encode_public_key(public)).hexdigest()
+
+
+def majority(n: int) -> int:
+    """t for an n-member committee: a strict majority (2-of-2, 2-of-3, 3-of-5)."""
+    return n // 2 + 1
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write-then-rename with fsync, so a SIGKILL leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def save_committee(directory: Path, key: CommitteeKey) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"members": list(key.members), "threshold": key.threshold, "key_bits": key.public.bits,
+            "public_key_id": key.public_key_id}
+    public = {"v": WIRE_VERSION, "public_key": paillier.encode_public_key(key.public),
+              "verification_keys": paillier.encode_verification_keys(key.public, key.verification_keys),
+              "plaintext_scale": key.plaintext_scale.to_bytes(key.public.ciphertext_bytes, "big")}
+    write_atomic(directory / PUBLIC_FILE, msgpack.packb(public, use_bin_type=True))
+    if key.share is not None:
+        write_atomic(directory / SHARE_FILE, paillier.encode_key_share(key.share), mode=0o600)
+    write_atomic(directory / INFO_FILE, json.dumps(info, indent=1).encode())
+
+
+def load_committee(directory: Path, me: str | None = None) -> CommitteeKey:
+    """The committee key, with our share when `me` is a member; CommitteeKeyError says why not."""
+    info_path = directory / INFO_FILE
+    if not info_path.exists():
+        raise CommitteeKeyError(f"{info_path} not found: deal the key (sealmesh testnet does) or run "
+                                "`sealmesh committee keygen` and copy committee.json beside its result")
+    try:
+        info = json.loads(info_path.read_text())
+        members, threshold = tuple(info["members"]), int(info["threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CommitteeKeyError(f"{info_path}: unreadable ({exc})") from exc
+    public, vks, scale = _load_public(directory)
+    if vks.n_parties != len(members) or not 1 <= threshold <= len(members):
+        raise CommitteeKeyError(f"{directory}: {len(members)} members, {vks.n_parties} verification "
+                                f"keys, threshold {threshold}")
+    if info.get("public_key_id") not in (None, public_key_id(public)):
+        raise CommitteeKeyError(f"{directory}: public.msgpack is not the key committee.json names")
+    share = _load_share(directory, public) if me in members else None
+    if share is not None:
+        if share.index != members.index(me) + 1 or share.threshold != threshold:
+            raise CommitteeKeyError(f"{directory}: our share is number {share.index} of a {share.threshold}-"
+                                    f"of-{share.n_parties} key, committee.json says otherwise")
+        if vks.key_of(share.index) != share.v_i:
+            raise CommitteeKeyError(f"{directory}: our share does not match its verification key")
+    return CommitteeKey(public, vks, threshold, members, share, scale)
+
+
+def _load_public(directory: Path) -> tuple[PublicKey, VerificationKeys, int]:
+    keygen = directory / KEYGEN_FILE
+    try:
+        if not (directory / PUBLIC_FILE).exists() and keygen.exists():
+            raw = msgpack.unpackb(keygen.read_bytes(), raw=False)
+            public = paillier.decode_public_key(raw["public_key"])
+            scale = int.from_bytes(bytes.fromhex(raw["plaintext_scale"]), "big", signed=True)
+        else:
+            raw = msgpack.unpackb((directory / PUBLIC_FILE).read_bytes(), raw=False)
+            public = paillier.decode_public_key(raw["public_key"])
+            scale = int.from_bytes(raw["plaintext_scale"], "big")
+        vks = paillier.decode_verification_keys(public, raw["verification_keys"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CommitteeKeyError(f"{directory}: no readable public key ({exc})") from exc
+    return public, vks, scale % public.n
+
+
+def _load_share(directory: Path, public: PublicKey) -> KeyShare:
+    try:
+        if (directory / SHARE_FILE).exists():
+            share = paillier.decode_key_share((directory / SHARE_FILE).read_bytes())
+        else:
+            from crypto import dkg  # the ceremony's share format
+
+            raw = msgpack.unpackb((directory / KEYGEN_FILE).read_bytes(), raw=False)
+            share = dkg.decode_key_share(raw["key_share"]).share
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CommitteeKeyError(f"{directory}: this member's share is unreadable ({exc}); it must be "
+                                f"{SHARE_FILE} (dealt) or {KEYGEN_FILE} (ceremony)") from exc
+    if share.public.n != public.n:
+        raise CommitteeKeyError(f"{directory}: the share belongs to another key")
+    return share
+
+
+def deal_committee(members: Sequence[str], key_bits: int) -> list[CommitteeKey]:
+    """A trusted dealer's key for `members` (sorted order is share order), t = majority:
+    one CommitteeKey per member, each holding only its own share. For test meshes."""
+    ordered = tuple(sorted(members))
+    t = majority(len(ordered))
+    public, shares, vks = paillier.deal(key_bits, t, len(ordered),
+                                        allow_weak=key_bits not in paillier.SUPPORTED_BITS)
+    return [CommitteeKey(public, vks, t, ordered, share) for share in shares]
+
+
+# --- who decrypts what -------------------------------------------------------------------
+
+
+def blocks_for(count: int, committee_size: int, threshold: int) -> list[DecryptionBlock]:
+    return decryption_blocks(count, range(1, committee_size + 1), threshold)
+
+
+def blocks_to_decrypt(blocks: Sequence[DecryptionBlock], me: int, alive: Iterable[int],
+                      threshold: int) -> list[int]:
+    """Block numbers member `me` decrypts: its own, and a gone member's where it is needed.
+
+    A block whose assigned members are not all alive needs substitutes: the alive members
+    outside it, lowest index first, as many as are missing. Every member that sees the
+    same alive set picks the same substitutes, so the work is not duplicated.
+    """
+    alive = set(alive) | {me}
+    chosen = []
+    for number, block in enumerate(blocks):
+        if me in block.members:
+            chosen.append(number)
+            continue
+        missing = sum(1 for m in block.members if m not in alive)
+        substitutes = sorted(m for m in alive if m not in block.members)[:missing]
+        if me in substitutes:
+            chosen.append(number)
+    return chosen
+
+
+def cover(blocks: Sequence[DecryptionBlock], holders: Mapping[int, Iterable[int]],
+          threshold: int) -> dict[int, list[int]] | None:
+    """For each block, the t members (lowest index first) whose valid partials cover it;
+    None while some block has fewer than t. `holders`: member -> block numbers it gave."""
+    by_block: dict[int, list[int]] = {b: [] for b in range(len(blocks))}
+    for member, numbers in holders.items():
+        for b in numbers:
+            if b in by_block:
+                by_block[b].append(member)
+    if any(len(m) < threshold for m in by_block.values()):
+        return None
+    return {b: sorted(m)[:threshold] for b, m in by_block.items()}
+
+
+# --- blobs -------------------------------------------------------------------------------
+
+
+def partial_context(mesh_id: str, round_id: int, aggregate_id: str, block: int) -> bytes:
+    """What a block's batch proof is bound to: it cannot be replayed in another round or block."""
+    return f"sealmesh/partial/v1/{mesh_id}/{round_id}/{aggregate_id}/{block}".encode()
+
+
+def encode_aggregate(public: PublicKey, ciphertexts: Sequence[int]) -> bytes:
+    width = public.ciphertext_bytes
+    return msgpack.packb({"v": WIRE_VERSION, "kind": "aggregate",
+                          "ciphertexts": b"".join(int(c).to_bytes(width, "big") for c in ciphertexts)},
+                         use_bin_type=True)
+
+
+def decode_aggregate(public: PublicKey, data: bytes, *, count: int) -> list[int]:
+    try:
+        obj = unpack_strict(data)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadAggregateBlob(f"aggregate is not msgpack: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("v") != WIRE_VERSION or obj.get("kind") != "aggregate":
+        raise BadAggregateBlob("not an aggregate blob of a known version")
+    raw, width = obj.get("ciphertexts"), public.ciphertext_bytes
+    if not isinstance(raw, bytes) or len(raw) != count * width:
+        raise BadAggregateBlob(f"aggregate must hold {count} ciphertexts of {width} bytes")
+    cs = [int.from_bytes(raw[i:i + width], "big") for i in range(0, len(raw), width)]
+    if not all(public.is_valid_ciphertext(c) for c in cs):
+        raise BadAggregateBlob("an aggregate ciphertext is not in Z*_{n^2}")
+    return cs
+
+
+def encode_partial_blob(public: PublicKey, index: int, aggregate_id: str,
+                        batches: Mapping[int, BatchPartialDecryption]) -> bytes:
+    return msgpack.packb({"v": WIRE_VERSION, "kind": "partial", "index": index, "aggregate": aggregate_id,
+                          "blocks": [[b, paillier.encode_batch_partial(public, batches[b])]
+                                     for b in sorted(batches)]}, use_bin_type=True)
+
+
+def decode_partial_blob(key: CommitteeKey, data: bytes, *, member_index: int, aggregate_id: str,
+                        blocks: Sequence[DecryptionBlock]) -> dict[int, BatchPartialDecryption]:
+    """block number -> batch; BadPartialBlob if it is not member_index's for this aggregate."""
+    try:
+        obj = unpack_strict(data)
+    except Exception as exc:
+        raise BadPartialBlob(f"partial blob is not msgpack: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("v") != WIRE_VERSION or obj.get("kind") != "partial":
+        raise BadPartialBlob("not a partial-decryption blob of a known version")
+    if obj.get("index") != member_index or obj.get("aggregate") != aggregate_id:
+        raise BadPartialBlob(f"blob is member {obj.get('index')!r}'s for {str(obj.get('aggregate'))[:12]}, "
+                             f"expected member {member_index}'s for {aggregate_id[:12]}")
+    entries = obj.get("blocks")
+    if not isinstance(entries, list) or not 1 <= len(entries) <= len(blocks):
+        raise BadPartialBlob(f"blocks: 1..{len(blocks)} entries expected")
+    out: dict[int, BatchPartialDecryption] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                and 0 <= entry[0] < len(blocks) and entry[0] not in out and isinstance(entry[1], bytes)):
+            raise BadPartialBlob("each block entry is [block number, batch bytes], numbers distinct")
+        block = blocks[entry[0]]
+        try:
+            batch = paillier.decode_batch_partial(key.public, len(key.members), entry[1],
+                                                  count=block.stop - block.start)
+        except ValueError as exc:
+            raise BadPartialBlob(f"block {entry[0]}: {exc}") from exc
+        if batch.index != member_index:
+            raise BadPartialBlob(f"block {entry[0]} is signed for member {batch.index}")
+        out[entry[0]] = batch
+    return out
+
+
+def combine_blocks(key: CommitteeKey, aggregate: Sequence[int], blocks: Sequence[DecryptionBlock],
+                   batches: Mapping[int, Mapping[int, BatchPartialDecryption]], chosen: Mapping[int, list[int]],
+                   context_of) -> list[int]:
+    """Plaintexts of the whole aggregate: each block from its chosen members' batches
+    (re-verified by combine_many); `batches`: member -> block -> batch."""
+    plaintexts: list[int] = []
+    for number, block in enumerate(blocks):
+        picked = [batches[m][number] for m in chosen[number]]
+        cs = aggregate[block.start:block.stop]
+        if key.plaintext_scale in (0, 1):
+            plaintexts += paillier.combine_many(key.public, key.verification_keys, key.threshold, cs, picked,
+                                                context_of(number), workers=1)
+        else:
+            from crypto import dkg
+
+            plaintexts += dkg.combine_many(key.public, key.verification_keys, key.threshold, cs, picked,
+                                           context_of(number), key.plaintext_scale, workers=1)
+    return plaintexts
+
+
+__all__ = [
+    "BadAggregateBlob", "BadPartialBlob", "COMMITTEE_DIR", "CommitteeKey", "CommitteeKeyError", "blocks_for",
+    "blocks_to_decrypt", "combine_blocks", "cover", "deal_committee", "decode_aggregate", "decode_partial_blob",
+    "encode_aggregate", "encode_partial_blob", "load_committee", "majority", "partial_context", "public_key_id",
+    "save_committee", "write_atomic",
+]

@@ -1,0 +1,296 @@
+"""A trainer's rounds: the shell around protocol/aggregation.TrainerRound.
+
+On a RoundOpen: fetch the round's base adapter, train K steps on this trainer's own shard
+(training/, in a worker thread) while the offline half of sealing runs in another
+(crypto.contribution.precompute), then seal the delta under the committee key, store the
+blob and publish its id. Nothing but the sealed, proven update leaves the node.
+
+The demo data is the repository's corpus, split by trainer (sorted hotkeys from the
+genesis file), so every trainer holds a different shard. behaviour "cheat" (sealmesh
+testnet --fault) tampers one ciphertext after proving: valid encoding, bad proof;
+validators must exclude it with evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from node import committee as cm
+from node.blobs import BlobFetchError
+from node.roles.base import RoleContext, RoleService, now_ms
+from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, adapter_values, layout_of,
+                               load_training_model, members_with, vector_of_adapter)
+from node.settings import NodeSettings
+from protocol import aggregation as agg
+from protocol.aggregation_messages import ContributionVerdict, RoundAborted, RoundFinal, RoundOpen
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.membership import Role
+from protocol.messages import Channel, Message
+
+log = logging.getLogger("sealmesh.trainer")
+
+RESEND_S = 3.0
+BEHAVIOURS = ("honest", "cheat")
+
+
+class TrainerUsageError(LocalProtocolError):
+    reason = "trainer"
+
+
+def shard_index(trainers: list[str], me: str) -> int:
+    if me not in trainers:
+        raise TrainerUsageError(f"{me} is not a trainer in the genesis file")
+    return trainers.index(me)
+
+
+def tamper(public, item):
+    """A contribution whose first ciphertext is changed after proving: it still decodes
+    (a unit mod n^2), but the range proof no longer verifies for it."""
+    from dataclasses import replace
+
+    first = item.ciphertexts[0] * (1 + public.n) % public.n_squared  # adds 1 to the plaintext
+    return replace(item, ciphertexts=(first, *item.ciphertexts[1:]))
+
+
+def round_seed(round_id: int, index: int) -> int:
+    return 1_000_003 * round_id + index
+
+
+class TrainerService(RoleService):
+    name = "trainer"
+    channels = frozenset({Channel.TRAIN})
+
+    def __init__(self, settings: NodeSettings) -> None:
+        if settings.behaviour not in BEHAVIOURS:
+            raise TrainerUsageError(f"behaviour {settings.behaviour!r} is not a trainer behaviour {BEHAVIOURS}")
+        self.settings = settings
+        self.inbox = Inbox()
+        self.machines: dict[int, agg.TrainerRound] = {}
+        self.shell: dict[int, dict[str, Any]] = {}
+        self.model_ready = trio.Event()
+        self.model = self.tokenizer = None
+        self.blocks: dict[int, Any] = {}  # block_len -> token blocks of our shard
+        self.errors: list[str] = []
+
+    def on_message(self, sender: str, message: Message, received_ms: int) -> None:
+        self.inbox.put(sender, message, received_ms)
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx = ctx
+        self.me = ctx.hotkey.ss58_address
+        try:
+            self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR)
+        except cm.CommitteeKeyError as exc:  # no committee yet: nothing to train for
+            log.warning("training disabled: %s", exc)
+            ctx.report(REPORT_SECTION, {"role": "trainer", "disabled": str(exc)})
+            task_status.started()
+            return
+        self.trainers = members_with(ctx.genesis, Role.TRAINER)
+        self.index = shard_index(self.trainers, self.me)
+        self.states = StateFiles(ctx.data_dir / STATE_DIR, "trainer")
+        self.train_lock = trio.Lock()  # one round's training at a time: one model
+        self.report()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            nursery.start_soon(self._load_model)
+            for round_id, doc in self.states.load_all().items():
+                self.machines[round_id] = machine = agg.TrainerRound.from_state(doc["machine"])
+                self.shell[round_id] = doc.get("shell", {})
+                if machine.round_open is not None and machine.phase not in (agg.TrainerPhase.FINAL,
+                                                                            agg.TrainerPhase.ABORTED):
+                    nursery.start_soon(self._timer, round_id, machine.round_open.final_deadline_ms)
+                await self._apply(round_id, machine.resume_effects())
+            nursery.start_soon(self._inbox_loop)
+            nursery.start_soon(self._resend_loop)
+
+    async def _load_model(self) -> None:
+        self.tokenizer, self.model = await trio.to_thread.run_sync(load_training_model, self.settings)
+        log.info("phase=model-ready shard=%d of %d", self.index, len(self.trainers))
+        self.model_ready.set()
+
+    def _shard_blocks(self, block_len: int):
+        """Worker thread: our shard of the demo corpus as token blocks."""
+        from training import demo_split, token_blocks
+
+        if block_len not in self.blocks:
+            texts = demo_split(len(self.trainers)).shards[self.index]
+            self.blocks[block_len] = token_blocks(self.tokenizer, texts, block_len)
+        return self.blocks[block_len]
+
+    # -- gossip --
+
+    async def _inbox_loop(self) -> None:
+        async for sender, message, _ in self.inbox.receive:
+            round_id = getattr(message, "round_id", -1)
+            if isinstance(message, RoundOpen):
+                if message.public_key_id != self.key.public_key_id:
+                    self.ctx.metrics.reject("round", "wrong_committee_key")
+                    continue
+                machine = self.machines.setdefault(round_id, agg.TrainerRound(self.me))
+                self.shell.setdefault(round_id, {})
+                await self._feed(round_id, lambda m: m.join_round(sender, message, now_ms=now_ms()))
+            elif round_id not in self.machines:
+                continue
+            elif isinstance(message, RoundFinal):
+                await self._feed(round_id, lambda m: m.receive_round_final(sender, message))
+            elif isinstance(message, RoundAborted):
+                await self._feed(round_id, lambda m: m.receive_round_aborted(sender, message))
+            elif isinstance(message, ContributionVerdict) and message.trainer == self.me:
+                self.shell[round_id].setdefault("verdicts", {})[sender] = message.reason or "accepted"
+                self._persist(round_id)
+            self.report()
+
+    async def _feed(self, round_id: int, event) -> None:
+        machine = self.machines[round_id]
+        try:
+            effects = event(machine)
+        except RemoteProtocolError as exc:
+            self.ctx.metrics.reject("round", exc.reason)
+            log.warning("round=%d rejected reason=%s: %s", round_id, exc.reason, exc.hint)
+            return
+        except LocalProtocolError as exc:
+            self.errors.append(f"round {round_id}: {exc}")
+            log.error("round=%d local protocol error: %s", round_id, exc)
+            return
+        self._persist(round_id)
+        await self._apply(round_id, effects)
+        self.report()
+
+    def _persist(self, round_id: int) -> None:
+        self.states.save(round_id, {"machine": self.machines[round_id].to_state(), "shell": self.shell[round_id]})
+
+    async def _apply(self, round_id: int, effects: list) -> None:
+        for effect in effects:
+            if isinstance(effect, agg.Send):
+                await self._publish(effect.message)
+            elif isinstance(effect, agg.SetTimer):
+                self.nursery.start_soon(self._timer, round_id, effect.at_ms)
+            elif isinstance(effect, agg.EnterPhase):
+                self.shell[round_id].setdefault("phases", {})[effect.phase] = now_ms()
+                log.info("phase=%s round=%d%s", effect.phase, round_id,
+                         f" reason={effect.reason}" if effect.reason else "")
+            elif isinstance(effect, agg.Train):
+                self.nursery.start_soon(self._train, round_id, effect.round_open)
+            else:
+                raise LocalProtocolError(f"no trainer shell for effect {effect!r}")
+
+    async def _publish(self, message: Message) -> None:
+        try:
+            await self.ctx.publish(message)
+        except Exception as exc:  # resends cover a failed publish
+            log.warning("publish %s failed: %s", message.TYPE, exc)
+
+    async def _timer(self, round_id: int, at_ms: int) -> None:
+        await trio.sleep(max(0.0, (at_ms - now_ms()) / 1000))
+        await self._feed(round_id, lambda m: m.final_deadline(now_ms=max(now_ms(), at_ms)))
+
+    async def _resend_loop(self) -> None:
+        while True:
+            await trio.sleep(RESEND_S)
+            for round_id, machine in list(self.machines.items()):
+                shell = self.shell[round_id]
+                if (machine.phase is agg.TrainerPhase.CONTRIBUTED and machine.round_open is not None
+                        and now_ms() < machine.round_open.deadline_ms):
+                    from protocol.aggregation_messages import Contribution
+
+                    await self._publish(Contribution(round_id, machine.blob_id, shell["ciphertexts"], shell["size"]))
+
+    # -- one round's work --
+
+    async def _train(self, round_id: int, ro: RoundOpen) -> None:
+        from crypto import contribution
+
+        shell = self.shell[round_id]
+        try:
+            base = await self._fetch_base(ro)
+        except (BlobFetchError, RemoteProtocolError) as exc:
+            self.errors.append(f"round {round_id}: base adapter {ro.base_adapter_id[:12]}: {exc}")
+            log.error("round=%d cannot fetch the base adapter: %s", round_id, exc)
+            return
+        await self.model_ready.wait()
+        layout = layout_of(ro)
+        values = adapter_values(ro)
+        if base.size != values:
+            self.errors.append(f"round {round_id}: base adapter has {base.size} values, the round {values}")
+            return
+        hyper = ro.hyperparameters
+        started = now_ms()
+        async with self.train_lock:
+            results: dict[str, Any] = {}
+
+            async def precompute() -> None:
+                t0 = now_ms()
+                results["pre"] = await trio.to_thread.run_sync(contribution.precompute, self.key.public, layout, values)
+                shell["precompute_s"] = round((now_ms() - t0) / 1000, 3)
+
+            async def train() -> None:
+                from training import local_train
+
+                def run():
+                    blocks = self._shard_blocks(int(hyper["block_len"]))
+                    return local_train(self.model, base, blocks, steps=int(hyper["steps"]), lr=float(hyper["lr"]),
+                                       batch_size=int(hyper["batch_size"]), seed=round_seed(round_id, self.index))
+
+                t0 = now_ms()
+                results["update"] = await trio.to_thread.run_sync(run)
+                shell["train_s"] = round((now_ms() - t0) / 1000, 3)
+
+            async with trio.open_nursery() as both:  # the offline crypto overlaps training
+                both.start_soon(precompute)
+                both.start_soon(train)
+        update = results["update"]
+        t0 = now_ms()
+        context = contribution.context_for(self.key.public, self.ctx.genesis.mesh_id, round_id, self.me)
+
+        def seal() -> bytes:
+            item = contribution.seal(self.key.public, layout, update.delta, context, precomputed=results["pre"])
+            if self.settings.behaviour == "cheat":
+                item = tamper(self.key.public, item)
+            return contribution.encode(self.key.public, item)
+
+        blob = await trio.to_thread.run_sync(seal)
+        blob_id = self.ctx.store.put(blob)
+        shell.update(seal_s=round((now_ms() - t0) / 1000, 3), work_s=round((now_ms() - started) / 1000, 3),
+                     first_loss=update.first_loss, last_loss=update.last_loss, train_loss=update.train_loss,
+                     ciphertexts=ro.ciphertexts_per_contribution, size=len(blob), behaviour=self.settings.behaviour)
+        log.info("phase=sealed round=%d blob=%s bytes=%d loss %.4f -> %.4f%s", round_id, blob_id[:12], len(blob),
+                 update.first_loss, update.last_loss, " (tampered)" if self.settings.behaviour == "cheat" else "")
+        await self._feed(round_id, lambda m: m.contribute(blob_id, ciphertext_count=ro.ciphertexts_per_contribution,
+                                                          size_bytes=len(blob), now_ms=now_ms()))
+
+    async def _fetch_base(self, ro: RoundOpen):
+        until = ro.deadline_ms
+        while True:
+            try:
+                data = await self.ctx.fetch(ro.base_adapter_id, list(ro.validators), max_bytes=64 << 20, timeout_s=30)
+                return vector_of_adapter(data)[1]
+            except BlobFetchError:
+                if now_ms() >= until:
+                    raise
+                await trio.sleep(1.0)
+
+    # -- status --
+
+    def report(self) -> None:
+        rounds = []
+        for round_id, machine in sorted(self.machines.items()):
+            shell = self.shell.get(round_id, {})
+            rounds.append({"round": round_id, "phase": machine.phase.value, "blob_id": machine.blob_id,
+                           "included": machine.included, "adapter_id": machine.adapter_id,
+                           "abort_reason": machine.abort_reason,
+                           **{k: shell[k] for k in ("train_s", "precompute_s", "seal_s", "work_s", "first_loss",
+                                                    "last_loss", "verdicts") if k in shell}})
+        self.ctx.report(REPORT_SECTION, {"role": "trainer", "behaviour": self.settings.behaviour,
+                                         "shard": getattr(self, "index", None), "rounds": rounds,
+                                         "errors": self.errors[-20:]})
+
+
+def make_service(settings: NodeSettings) -> TrainerService | None:
+    return TrainerService(settings) if settings.role is Role.TRAINER else None
+
+
+__all__ = ["TrainerService", "make_service", "round_seed", "shard_index", "tamper"]
