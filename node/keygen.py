@@ -364,7 +364,22 @@ def _session_tag(settings: KeygenSettings, modulus: int, session_id: int) -> byt
 async def _hello(settings: KeygenSettings, pool: Any, progress: Progress) -> None:
     progress.enter("hello")
     view = settings.public_view()
-    pool.async_broadcast({"member": settings.index, "view": view}, msg_id=_HELLO)
+    sent = asyncio.ensure_future(
+        pool.broadcast({"member": settings.index, "view": view}, msg_id=_HELLO))
+    try:
+        await _check_hellos(settings, pool, view)
+    except MemberMismatch:
+        # Let our hello reach the others first, so they name the mismatch too.
+        await asyncio.wait({sent}, timeout=3.0)
+        sent.cancel()
+        raise
+    except BaseException:
+        sent.cancel()
+        raise
+    # On success `sent` may still be retrying to a member; it finishes on its own.
+
+
+async def _check_hellos(settings: KeygenSettings, pool: Any, view: dict[str, Any]) -> None:
 
     async def hello_from(name: str) -> tuple[str, Any]:
         return name, await pool.recv(name, msg_id=_HELLO)

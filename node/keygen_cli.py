@@ -107,7 +107,7 @@ def _run_local(args: argparse.Namespace, keygen: object) -> int:
         batch_size=args.batch_size, restart=args.restart)
     result = kg.run_local(local)
     report = {"ok": result["ok"], "failed": result["failed"], "members": {
-        i: {k: s.get(k) for k in ("status", "phase", "elapsed_s", "protocol_s", "round",
+        i: {k: s.get(k) for k in ("status", "phase", "elapsed_s", "protocol_s", "tno_rounds", "round",
                                    "error", "modulus_bits")}
         for i, s in result["members"].items()}}
     print(json.dumps(report, sort_keys=True))
