@@ -603,9 +603,11 @@ def IterationsBounded(machines: Iterable[ChallengeMachine],  # noqa: N802
 
 
 __all__ = [
-    "BadIterations", "ChallengeConfig", "ChallengeMachine", "ChallengePhase", "ChallengeRecord", "Effect", "EpochPhase",
-    "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding", "KeyIdTaken", "KeyModelMismatch",
-    "KeyNotOwned", "KeyringError", "KeysUsedOnlyByOwner", "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome",
-    "SendChallenge", "StaleEpoch", "TIMEOUT_REASON", "TRANSITIONS", "TooManyChallenges", "TooManyIterations", "TypeOK", "UNKNOWN_KEY",
-    "UnknownKey", "UploadKey", "assign_miners", "challenge_id", "epoch_order", "judge",
+    "BadIterations", "ChallengeConfig", "ChallengeMachine", "ChallengePhase", "ChallengeRecord",
+    "Effect", "EpochPhase", "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding",
+    "KeyIdTaken", "KeyModelMismatch", "KeyNotOwned", "KeyringError", "KeysUsedOnlyByOwner",
+    "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome", "SendChallenge", "StaleEpoch",
+    "TIMEOUT_REASON", "TRANSITIONS", "TooManyChallenges", "TooManyIterations", "TypeOK",
+    "UNKNOWN_KEY", "UnknownKey", "UploadKey", "assign_miners", "challenge_id", "epoch_order",
+    "judge",
 ]

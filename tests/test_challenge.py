@@ -7,7 +7,8 @@ import hashlib
 import pytest
 
 from protocol.challenge import (
-    MAX_ITERATIONS, TIMEOUT_REASON, UNKNOWN_KEY, BadIterations, ChallengeConfig, ChallengeMachine, ChallengePhase, EpochPhase,
+    MAX_ITERATIONS, TIMEOUT_REASON, UNKNOWN_KEY, BadIterations, ChallengeConfig, ChallengeMachine,
+    ChallengePhase, EpochPhase,
     ExactlyOneOutcome, GossipScore, IterationsBounded, KeyIdTaken, KeyModelMismatch, KeyNotOwned,
     KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, StaleEpoch, TooManyChallenges,
     TooManyIterations, TypeOK,

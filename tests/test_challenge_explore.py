@@ -176,7 +176,8 @@ def _miner_side(world: World, v: str, cid: str, miner: str, refusals: Counter) -
 
         for other in VALIDATORS:
             if other != v:
-                yield f"ForeignKey({miner},{v},{other})", lambda w, other=other: _foreign(w, v, cid, miner, other, refusals)
+                yield (f"ForeignKey({miner},{v},{other})",
+                       lambda w, other=other: _foreign(w, v, cid, miner, other, refusals))
     elif did == "computed":
         yield f"ResponseReceived({v},{miner},ok)", lambda w: w.machines[v].response_received(
             cid, at=1.0, argmax_agrees=True, cosine=1.0)
