@@ -1,0 +1,502 @@
+"""Settlement role: validators co-sign round results and miner scores on a head.
+
+Runs on every validator, over the settle channel. Backend "embedded" (default) is the
+validators' own multi-signed head (protocol/head.py in node/settlement/embedded.py);
+backend "hydra" drives a hydra-node (node/roles/settlement_hydra.py). Lifecycle of the
+embedded head, as this service drives it (docs/settlement.md, "Running it"):
+
+  every validator heard -> rank 0 (lowest hotkey) Inits -> every party Commits ->
+  Open: rank 0 authors one RoundResult per round and one ScoreReport per epoch ->
+  this node's other role sections say done and the agreed records are confirmed ->
+  rank 0 Closes -> contestation period -> every party Fans out -> "Final"
+
+Only rank 0 authors records: every validator reaches the same round result, and a
+round or epoch can be settled once, so one author avoids racing duplicates that the
+ledger would refuse. Other validators check and co-sign each snapshot.
+
+Gossip gives no delivery guarantee while a topic's mesh is forming, so while the head
+is Initializing each party repeats its Init/Commit, and while a snapshot waits for
+signatures each party repeats its AckSn (the leader its ReqSn). These are the same
+bytes again; the machine treats them as duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from node.roles.base import RoleContext, RoleService
+from node.settings import NodeSettings, SettingsError
+from node.settlement.embedded import EmbeddedHead, Outbound
+from protocol import head as h
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.head_messages import HeadAckSn, HeadClose, HeadCommit, HeadInit, HeadMessage, HeadReqSn
+from protocol.membership import Role
+from protocol.messages import Channel, Message
+
+log = logging.getLogger("sealmesh.settlement")
+
+REPORT_SECTION = "settlement"
+# Opening amounts each party commits (ledger units, not tokens): the reward pool pays
+# ROUND_REWARD per settled round among its contributors and EPOCH_REWARD per epoch
+# among miners by weight.
+ESCROW = 100
+OPENING_BALANCE = 1_000
+POOL_SHARE = 10_000
+ROUND_REWARD = 120
+EPOCH_REWARD = 120
+SIGN_TIMEOUT_MS = 30_000  # longer than a node restart: an outage must not look like withholding
+DEPOSIT_PERIOD_MS = 60_000
+RESEND_MS = 2_000
+STEP_S = 0.2
+INBOX = 1024
+COMMANDS_DIR = "settlement-commands"  # `sealmesh head close|fanout` drop a file here
+COMMANDS = ("close", "fanout")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def split_reward(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """`total` split in proportion to positive weights; the integer remainder goes one unit
+    each to the largest weights (ties by hotkey), so the shares always sum to `total`."""
+    positive = {k: float(w) for k, w in weights.items() if w > 0}
+    if not positive or total <= 0:
+        return {}
+    mass = sum(positive.values())
+    shares = {k: int(total * w // mass) for k, w in positive.items()}
+    order = sorted(positive, key=lambda k: (-positive[k], k))
+    for i in range(total - sum(shares.values())):
+        shares[order[i % len(order)]] += 1
+    return {k: v for k, v in sorted(shares.items()) if v > 0}
+
+
+def round_rewards(doc: dict[str, Any]) -> dict[str, int]:
+    return split_reward(ROUND_REWARD, {who: 1.0 for who in doc.get("contributors", [])})
+
+
+def epoch_rewards(doc: dict[str, Any]) -> dict[str, int]:
+    weights = doc.get("weights") or doc.get("scores") or {}
+    return split_reward(EPOCH_REWARD, dict(weights))
+
+
+class SettlementService(RoleService):
+    name = "settlement"
+    channels = frozenset({Channel.SETTLE})
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, HeadMessage, int]](INBOX)
+        self.head: EmbeddedHead | None = None
+        self.parties: list[str] = []
+        self.me = ""
+        self.queue: list[dict[str, Any]] = []  # records waiting for an Open head (rank 0)
+        self.rejected: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.misbehaved = False
+        self.inbox_dropped = 0
+        self._lock = trio.Lock()
+        self._unsent = False
+        self._resent_at = 0
+        self._reported_at = 0.0
+
+    # -- what other services call ---------------------------------------------------------
+
+    def record_round(self, doc: dict[str, Any]) -> None:
+        """A finished round (node/roles/rounds.py): settled by rank 0, ignored elsewhere."""
+        if self.is_author():
+            self._enqueue({"kind": "round", "round": int(doc["round"]), "adapter_id": str(doc["adapter_id"]),
+                           "contributors": sorted(doc.get("contributors", [])),
+                           "rewards": round_rewards(doc)})
+
+    def record_scores(self, doc: dict[str, Any]) -> None:
+        """An epoch's miner scores (node/roles/challenger.py): settled by rank 0."""
+        if self.is_author():
+            self._enqueue({"kind": "epoch", "epoch": int(doc["epoch"]),
+                           "scores": {k: float(v) for k, v in doc["scores"].items()},
+                           "rewards": epoch_rewards(doc)})
+
+    def is_author(self) -> bool:
+        return bool(self.parties) and self.parties[0] == self.me
+
+    def _enqueue(self, record: dict[str, Any]) -> None:
+        self.queue.append(record)
+        self._save_queue()
+
+    # -- gossip in -----------------------------------------------------------------------
+
+    def on_message(self, sender: str, message: Message, received_ms: int) -> None:
+        if not isinstance(message, HeadMessage):
+            return
+        try:
+            self._inbox_send.send_nowait((sender, message, received_ms))
+        except trio.WouldBlock:
+            self.inbox_dropped += 1  # a later Sync recovers what a dropped message carried
+
+    def _is_repeat(self, sender: str, message: HeadMessage) -> bool:
+        """A message we repeat for liveness (see module doc) that this head already applied."""
+        assert self.head is not None
+        m = self.head.machine
+        if isinstance(message, HeadCommit):
+            return m.commits.get(sender) == (message.escrow, message.balance, message.pool)
+        if isinstance(message, HeadReqSn):
+            return m.confirmed is not None and message.number <= m.confirmed.number
+        if isinstance(message, HeadInit):
+            return m.params is not None and m.params == h.HeadParameters.from_message(message)
+        return False
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx = ctx
+        self.me = ctx.hotkey.ss58_address
+        self.parties = sorted(m.hotkey for m in ctx.genesis.members if Role.VALIDATOR in m.roles)
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.data_dir / COMMANDS_DIR).mkdir(exist_ok=True)
+        self.head = await trio.to_thread.run_sync(EmbeddedHead, ctx.data_dir / "head.sqlite", ctx.hotkey)
+        self.queue = self._load_queue() + self.queue
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.head.reloaded:
+                    log.info("phase=settle-resume state=%s", self.head.machine.phase.value)
+                    await self._apply("resume", self.head.resume)
+                self.report()
+                task_status.started()
+                nursery.start_soon(self._inbox_loop)
+                nursery.start_soon(self._drive_loop)
+        finally:
+            self.report()
+            self.head.close()
+
+    async def _inbox_loop(self) -> None:
+        assert self.head is not None
+        async for sender, message, _ in self._inbox:
+            if self._is_repeat(sender, message):
+                continue
+            await self._apply(message.TYPE, lambda now: self.head.receive(sender, message, now),
+                              sender=sender)
+
+    async def _drive_loop(self) -> None:
+        while True:
+            await self.step()
+            await trio.sleep(STEP_S)
+
+    async def _apply(self, what: str, event: Callable[[int], list[Outbound]], *,
+                     sender: str | None = None) -> bool:
+        """Apply one head event durably (in a worker thread: SQLite fsyncs), then publish
+        what it produced. A refused event changes nothing and is counted by reason."""
+        async with self._lock:
+            try:
+                outbound = await trio.to_thread.run_sync(event, now_ms())
+            except RemoteProtocolError as exc:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                self.ctx.metrics.reject("settle", exc.reason)
+                log.warning("settle: refused %s from %s reason=%s: %s", what, sender, exc.reason, exc.hint)
+                return False
+            except LocalProtocolError as exc:
+                self._error(f"{what}: {exc}")
+                return False
+            await self._publish(outbound)
+        self.report()
+        return True
+
+    async def _publish(self, outbound: list[Outbound]) -> None:
+        assert self.head is not None
+        sent = []
+        for out in outbound:
+            try:
+                await self.ctx.publish(out.message)
+            except Exception as exc:  # the mesh can fail in many ways; the outbox keeps it
+                self._unsent = True
+                log.warning("settle: publish %s failed, kept in the outbox: %r", out.message.TYPE, exc)
+                break
+            sent.append(out.seq)
+        if sent:
+            await trio.to_thread.run_sync(lambda: [self.head.delivered(seq) for seq in sent])
+
+    # -- the lifecycle, one step at a time ---------------------------------------------------
+
+    async def step(self) -> None:
+        """Take whatever local action the head's state calls for now."""
+        head = self.head
+        assert head is not None
+        await self._run_commands()
+        if self._unsent:
+            self._unsent = False
+            async with self._lock:
+                await self._publish(head.pending_outbound())
+        timer = head.next_timer_ms()
+        if timer is not None and timer <= now_ms():
+            await self._apply("tick", head.tick)
+        m = head.machine
+        if self.misbehaved:
+            pass
+        elif m.phase is h.Phase.IDLE:
+            if self.is_author() and all(self.ctx.peer_of(p) for p in self.parties if p != self.me):
+                await self._apply("init", lambda now: head.handle(h.Init(self._parameters(now), now)))
+        elif m.phase is h.Phase.INITIALIZING:
+            if self.me not in m.commits:
+                await self._apply("commit", lambda now: head.handle(
+                    h.Commit(ESCROW, OPENING_BALANCE, POOL_SHARE, now)))
+            else:
+                await self._repeat_initializing()
+        elif m.phase is h.Phase.OPEN:
+            await self._open_step()
+        elif m.phase is h.Phase.FANOUT_POSSIBLE:
+            await self._apply("fanout", lambda now: head.handle(h.Fanout(now)))
+        if time.monotonic() - self._reported_at > 1.0:
+            self.report()
+
+    def _parameters(self, now: int) -> h.HeadParameters:
+        return h.HeadParameters(
+            head_id=f"{self.ctx.genesis.mesh_id}/head/{now}", parties=tuple(self.parties),
+            contestation_period_ms=max(1, int(self.settings.contestation_period_s * 1000)),
+            deposit_period_ms=DEPOSIT_PERIOD_MS, sign_timeout_ms=SIGN_TIMEOUT_MS,
+            agreed_rounds=self.settings.rounds, escrow=ESCROW)
+
+    async def _repeat_initializing(self) -> None:
+        m = self.head.machine  # type: ignore[union-attr]
+        if now_ms() - self._resent_at < RESEND_MS:
+            return
+        self._resent_at = now_ms()
+        head_id = m.parameters.head_id
+        if self.is_author():
+            await self.ctx.publish(m.parameters.to_message())
+        await self.ctx.publish(HeadCommit(head_id, *m.commits[self.me]))
+
+    async def _open_step(self) -> None:
+        head = self.head
+        assert head is not None
+        m = head.machine
+        if self.settings.behaviour == "close-early":
+            await self._close_early()
+            return
+        for record in list(self.queue):
+            if not await self._record(record):
+                break
+        if m.proposal is not None and now_ms() - max(m.proposal.requested_at_ms, self._resent_at) > RESEND_MS:
+            self._resent_at = now_ms()
+            head_id = m.parameters.head_id
+            if m.parameters.leader(m.proposal.number) == self.me:
+                await self.ctx.publish(m.proposal.request(head_id))
+            await self.ctx.publish(HeadAckSn(head_id, m.proposal.number, m.proposal.acks[self.me]))
+        if self.is_author() and self.finished():
+            log.info("phase=settle-close snapshot=%d", m.confirmed.number if m.confirmed else 0)
+            await self._apply("close", lambda now: head.handle(h.Close(now)))
+
+    async def _record(self, record: dict[str, Any]) -> bool:
+        """Submit one queued record; False when the head cannot take it yet."""
+        head = self.head
+        assert head is not None
+        if record["kind"] == "round":
+            event = lambda now: head.record_round_result(record["round"], record["adapter_id"],  # noqa: E731
+                                                         record["contributors"], record["rewards"], now)
+        else:
+            event = lambda now: head.record_score_report(record["epoch"], record["scores"],  # noqa: E731
+                                                         record["rewards"], now)
+        try:
+            async with self._lock:
+                outbound = await trio.to_thread.run_sync(event, now_ms())
+                await self._publish(outbound)
+        except h.HeadMisuse as exc:
+            if exc.reason in ("wrong_phase", "no_head"):
+                return False
+            self._error(f"{record['kind']} record refused ({exc.reason}): {exc}")
+        self.queue.remove(record)
+        self._save_queue()
+        self.report()
+        return True
+
+    def finished(self) -> bool:
+        """Every other role of this node is done, the agreed records are confirmed, and
+        nothing is pending: time for rank 0 to close."""
+        m = self.head.machine  # type: ignore[union-attr]
+        others = [doc for name, doc in self.ctx.sections().items() if name != REPORT_SECTION]
+        if any(not (isinstance(doc, dict) and doc.get("done") is True) for doc in others):
+            return False
+        if self.queue or m.pending or m.proposal is not None or m.confirmed is None:
+            return False
+        epochs = self.settings.epochs if self.ctx.service("challenger") is not None else 0
+        ledger = m.confirmed.ledger
+        return len(ledger.rounds) >= m.parameters.agreed_rounds and len(ledger.epochs) >= epochs
+
+    async def _close_early(self) -> None:
+        """Fault injection ("close-early"): close on the opening snapshot before the agreed
+        rounds, bypassing our own machine's refusal. The other parties must vote us out."""
+        m = self.head.machine  # type: ignore[union-attr]
+        if self.misbehaved or m.confirmed is None:
+            return
+        await trio.sleep(2 * RESEND_MS / 1000)  # let every party see the head open first
+        log.warning("phase=settle-misbehave behaviour=close-early snapshot=%d", m.confirmed.number)
+        await self.ctx.publish(HeadClose(m.parameters.head_id, m.confirmed.encode(), now_ms(), []))
+        self.misbehaved = True
+        self.report()
+
+    # -- operator commands (`sealmesh head close|fanout`) -----------------------------------
+
+    async def _run_commands(self) -> None:
+        """Commands are files: only someone who can write the node's data dir can send one."""
+        folder = self.ctx.data_dir / COMMANDS_DIR
+        for path in sorted(folder.glob("*.request")):
+            command = path.stem
+            path.unlink(missing_ok=True)
+            result = await self._command(command)
+            tmp = folder / f"{command}.result.tmp"
+            tmp.write_text(json.dumps(result))
+            tmp.replace(folder / f"{command}.result")
+
+    async def _command(self, command: str) -> dict[str, Any]:
+        head = self.head
+        assert head is not None
+        if command not in COMMANDS:
+            return {"ok": False, "reason": "unknown_command", "error": f"use one of {COMMANDS}"}
+        event = h.Close if command == "close" else h.Fanout
+        async with self._lock:
+            try:
+                outbound = await trio.to_thread.run_sync(lambda: head.handle(event(now_ms())))
+            except LocalProtocolError as exc:
+                return {"ok": False, "reason": getattr(exc, "reason", "refused"), "error": str(exc),
+                        "state": head.machine.phase.value}
+            await self._publish(outbound)
+        self.report()
+        return {"ok": True, "state": head.machine.phase.value}
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _error(self, text: str) -> None:
+        log.error("settle: %s", text)
+        self.errors = (self.errors + [text])[-20:]
+
+    def _queue_path(self) -> Path:
+        return self.ctx.data_dir / "settlement-queue.json"
+
+    def _load_queue(self) -> list[dict[str, Any]]:
+        path = self._queue_path()
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _save_queue(self) -> None:
+        if not hasattr(self, "ctx"):
+            return
+        tmp = self._queue_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.queue))
+        tmp.replace(self._queue_path())
+
+    def report(self) -> None:
+        head = getattr(self, "head", None)
+        if head is None or not hasattr(self, "ctx"):
+            return
+        self._reported_at = time.monotonic()
+        self.ctx.report(REPORT_SECTION, section_of(head, self.parties, self.me, behaviour=self.settings.behaviour,
+                                                  misbehaved=self.misbehaved, queued=len(self.queue),
+                                                  rejected=self.rejected, errors=self.errors))
+
+
+def section_of(head: EmbeddedHead, parties: list[str], me: str, *, behaviour: str = "honest",
+               misbehaved: bool = False, queued: int = 0, rejected: dict[str, int] | None = None,
+               errors: list[str] | None = None) -> dict[str, Any]:
+    """This validator's "settlement" status section (also what `sealmesh head status` prints)."""
+    m = head.machine
+    doc = head.status()
+    ledger = m.confirmed.ledger if m.confirmed else None
+    deposits = m.committed_total + m.escrow_total + (ledger.deposited if ledger else 0)
+    held = sum(doc["balances"].values()) + (0 if m.payouts is not None else m.escrow_total)
+    final = m.phase is h.Phase.FINAL
+    doc.update({
+        "done": final or misbehaved, "role": "validator", "behaviour": behaviour, "me": me,
+        "rank": parties.index(me) if me in parties else None, "parties": parties,
+        "head_id": m.params.head_id if m.params else None,
+        "deposits": deposits if m.commits else 0, "held": held if m.commits else 0,
+        # Before the head opens there is no ledger yet to hold what was committed.
+        "conserved": bool(doc["conserved"] and (
+            (m.confirmed is None and m.payouts is None) or held == deposits)),
+        "slashed": m.slashed(), "queued": queued, "pending_txs": len(m.pending),
+        "rounds": list(ledger.rounds) if ledger else [], "epochs": list(ledger.epochs) if ledger else [],
+        "rejected": dict(rejected or {}), "errors": list(errors or []),
+    })
+    return doc
+
+
+def make_service(settings: NodeSettings) -> RoleService | None:
+    if settings.role is not Role.VALIDATOR:
+        return None
+    if settings.settlement == "hydra":
+        from node.roles.settlement_hydra import HydraSettlementService
+        return HydraSettlementService(settings)
+    if settings.settlement != "embedded":
+        raise SettingsError(f"unknown settlement backend {settings.settlement!r}; use embedded or hydra")
+    return SettlementService(settings)
+
+
+# --- sealmesh testnet ----------------------------------------------------------------------
+
+TESTNET_CONTESTATION_S = 3.0
+
+
+def prepare_testnet(plan, nodes, root: Path) -> None:
+    """A short contestation period, so a test mesh fans out seconds after it closes."""
+    for node in nodes:
+        if node.role is Role.VALIDATOR:
+            with open(node.data_dir / "node.toml", "a") as f:
+                f.write(f"contestation_period_s = {TESTNET_CONTESTATION_S}\n")
+
+
+def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
+    """report.json "settlement": the honest validators' agreed final state of the head."""
+    sections = {name: (s or {}).get("sections", {}).get(REPORT_SECTION) for name, s in statuses.items()}
+    sections = {name: doc for name, doc in sections.items() if doc}
+    faults = dict(plan.faults)
+    if not sections:
+        return {"backend": None, "problems": ["settlement: no validator reported"] if plan.validators else []}
+    names = {doc["me"]: name for name, doc in sections.items() if doc.get("me")}
+    honest = {n: d for n, d in sections.items() if faults.get(n, "honest") == "honest"}
+    problems = []
+    for name, doc in honest.items():
+        if doc["state"] != "Final":
+            problems.append(f"settlement: {name} head is {doc['state']}, not Final")
+        if not doc["conserved"]:
+            problems.append(f"settlement: {name} ledger does not conserve value "
+                            f"(holds {doc['held']}, deposits {doc['deposits']})")
+    views = {json.dumps([d["balances"], d["snapshots_confirmed"], d["slashed"]], sort_keys=True)
+             for d in honest.values() if d["state"] == "Final"}
+    if len(views) > 1:
+        problems.append(f"settlement: honest validators disagree on the final head ({len(views)} views)")
+    first = next(iter(honest.values()), next(iter(sections.values())))
+    records = first.get("records", [])
+    rounds = {str(r["round"]): {"adapter_id": r["adapter_id"], "contributors": r["contributors"],
+                                "rewards": r["rewards"], "snapshot": r["snapshot"]}
+              for r in records if r["kind"] == "round_result"}
+    epochs = {str(r["epoch"]): {"scores": r["scores"], "rewards": r["rewards"], "snapshot": r["snapshot"]}
+              for r in records if r["kind"] == "score_report"}
+    closers = [n for n, b in faults.items() if b == "close-early"]
+    slashed = sorted(names.get(k, k) for k in first.get("slashed", []))
+    if closers:
+        for name in closers:
+            if name not in slashed:
+                problems.append(f"settlement: close-early {name} was not slashed")
+    else:
+        wanted_rounds = plan.rounds if plan.trainers else 0
+        if len(rounds) < wanted_rounds:
+            problems.append(f"settlement: {len(rounds)} of {wanted_rounds} rounds recorded")
+        if plan.miners and len(epochs) < plan.epochs:
+            problems.append(f"settlement: {len(epochs)} of {plan.epochs} epochs recorded")
+    return {
+        "backend": first["backend"], "state": first["state"],
+        "snapshots_confirmed": first["snapshots_confirmed"],
+        "balances": {names.get(k, k): v for k, v in first["balances"].items()},
+        "deposits": first["deposits"], "conserved": all(d["conserved"] for d in honest.values()),
+        "slashed": slashed, "rounds": rounds, "epochs": epochs,
+        "validators": {n: {"state": d["state"], "snapshots_confirmed": d["snapshots_confirmed"],
+                           "conserved": d["conserved"], "behaviour": d["behaviour"],
+                           "rejected": d["rejected"]} for n, d in sections.items()},
+        "problems": problems,
+    }
+
+
+__all__ = ["REPORT_SECTION", "SettlementService", "make_service", "prepare_testnet", "section_of",
+           "split_reward", "summarize"]

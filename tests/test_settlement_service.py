@@ -1,0 +1,267 @@
+"""The settlement role service, in one process: real EmbeddedHeads in SQLite, real sr25519
+signatures, three validators' services joined by a router that plays the settle topic
+(each message encoded and strictly decoded, as gossip would carry it)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from crypto.identity import Hotkey
+from node.metrics import NodeMetrics
+from node.registry.genesis import Genesis
+from node.roles import settlement as st
+from node.roles.base import RoleContext
+from node.settings import NodeSettings, SettingsError
+from node.settlement import EmbeddedHead
+from protocol import head as h
+from protocol.head_messages import HeadClose, HeadSync
+from protocol.membership import Member, Role
+from protocol.messages import Channel, Message, decode, encode
+
+KEYS = sorted((Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie")), key=lambda k: k.ss58_address)
+A, B, C = (k.ss58_address for k in KEYS)
+T1, T2 = Hotkey.from_uri("//Dave").ss58_address, Hotkey.from_uri("//Eve").ss58_address
+GENESIS = Genesis("svc-test", tuple(Member(k.ss58_address, frozenset({Role.VALIDATOR}), 100.0) for k in KEYS)
+                  + (Member(T1, frozenset({Role.TRAINER}), 10.0), Member(T2, frozenset({Role.TRAINER}), 10.0)))
+DEPOSITS = 3 * (st.ESCROW + st.OPENING_BALANCE + st.POOL_SHARE)
+
+
+def trio_test(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return trio.run(functools.partial(fn, *args, **kwargs))
+    return run
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setattr(st, "RESEND_MS", 300)
+    monkeypatch.setattr(st, "STEP_S", 0.05)
+
+
+class Router:
+    """The settle topic: what one service publishes reaches every other running one."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, st.SettlementService] = {}
+        self.contexts: dict[str, RoleContext] = {}
+        self.down: set[str] = set()
+        self.stops: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+
+    def publisher(self, sender: str):
+        async def publish(message: Message) -> None:
+            raw = encode(message)
+            for hotkey, service in self.services.items():
+                if hotkey != sender and hotkey not in self.down:
+                    service.on_message(sender, decode(raw, channel=Channel.SETTLE), 0)
+        return publish
+
+    async def start(self, nursery: trio.Nursery, key: Hotkey, root: Path, *, busy: bool = False,
+                    **settings) -> None:
+        me = key.ss58_address
+        service = st.SettlementService(NodeSettings(role=Role.VALIDATOR, data_dir=root / me,
+                                                    contestation_period_s=0.5, **settings))
+        ctx = RoleContext(settings=service.settings, hotkey=key, genesis=GENESIS, mesh=None, store=None,
+                          verifier=None, metrics=NodeMetrics(), data_dir=root / me / "roles",
+                          publish=self.publisher(me), peer_of=lambda hotkey: "peer",
+                          services={"settlement": service})
+        if busy:  # another role of this node is still working: rank 0 must not close yet
+            ctx.report("training", {"done": False})
+        self.services[me], self.contexts[me] = service, ctx
+        self.down.discard(me)
+        scope, stopped = trio.CancelScope(), trio.Event()
+        self.stops[me] = (scope, stopped)
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await service.run(ctx, task_status=task_status)
+            stopped.set()
+        await nursery.start(run)
+
+    async def crash(self, hotkey: str) -> None:
+        """Stop a service where it stands (cancelled mid-whatever; its file is closed)."""
+        scope, stopped = self.stops[hotkey]
+        self.down.add(hotkey)
+        scope.cancel()
+        await stopped.wait()
+
+    def section(self, hotkey: str) -> dict:
+        return self.contexts[hotkey].sections()[st.REPORT_SECTION]
+
+    def phase(self, hotkey: str) -> h.Phase:
+        return self.services[hotkey].head.machine.phase
+
+    async def until(self, ready, timeout_s: float = 15.0) -> None:
+        with trio.fail_after(timeout_s):
+            while not ready():
+                await trio.sleep(0.02)
+
+
+def _round(n: int) -> dict:
+    return {"round": n, "adapter_id": f"adapter-{n}", "contributors": [T1, T2], "rejected": []}
+
+
+async def _open_mesh(nursery, router: Router, tmp_path: Path, **settings) -> None:
+    for key in KEYS:
+        await router.start(nursery, key, tmp_path, busy=key is KEYS[0] and not settings.get("rounds"),
+                           **settings)
+    await router.until(lambda: all(router.phase(k) is h.Phase.OPEN for k in (A, B, C)))
+
+
+@trio_test
+async def test_three_validators_open_record_close_and_fan_out(tmp_path):
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path, rounds=2)
+        for hotkey in (A, B, C):  # every validator's rounds service hands over each round
+            router.services[hotkey].record_round(_round(0))
+            router.services[hotkey].record_round(_round(1))
+        assert router.services[A].is_author() and not router.services[B].queue
+        await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)))
+        nursery.cancel_scope.cancel()
+    sections = [router.section(k) for k in (A, B, C)]
+    for doc in sections:
+        assert doc["done"] and doc["state"] == "Final" and doc["conserved"]
+        assert doc["rounds"] == [0, 1] and doc["slashed"] == [] and doc["rejected"] == {}
+        assert sum(doc["balances"].values()) == doc["deposits"] == DEPOSITS
+    assert sections[0]["balances"] == sections[1]["balances"] == sections[2]["balances"]
+    assert sections[0]["balances"][T1] == sections[0]["balances"][T2] == st.ROUND_REWARD  # half of two rounds
+    assert [r["round"] for r in sections[0]["records"]] == [0, 1]
+    assert all(r["author"] == A for r in sections[0]["records"])
+
+
+@trio_test
+async def test_a_validator_that_closes_early_is_slashed_by_the_majority(tmp_path):
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await router.start(nursery, KEYS[0], tmp_path, rounds=1)
+        await router.start(nursery, KEYS[1], tmp_path, rounds=1)
+        await router.start(nursery, KEYS[2], tmp_path, rounds=1, behaviour="close-early")
+        await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B)), timeout_s=20)
+        nursery.cancel_scope.cancel()
+    a, b, c = (router.section(k) for k in (A, B, C))
+    assert c["done"] and c["behaviour"] == "close-early"
+    assert a["slashed"] == b["slashed"] == [C]
+    assert a["balances"] == b["balances"] and a["conserved"] and b["conserved"]
+    # C's escrow is split between A and B; C gets back only its ledger balance.
+    assert a["balances"][C] == st.OPENING_BALANCE
+    assert a["balances"][A] + a["balances"][B] == 2 * (st.OPENING_BALANCE + st.ESCROW) + st.ESCROW
+    assert sum(a["balances"].values()) == DEPOSITS
+
+
+@trio_test
+async def test_a_forged_snapshot_signature_is_refused_and_counted(tmp_path):
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path, rounds=2)
+        router.services[A].record_round(_round(0))
+        await router.until(lambda: all(router.section(k)["snapshots_confirmed"] == 1 for k in (A, B, C)))
+        confirmed = router.services[B].head.machine.confirmed
+        head_id = router.services[B].head.machine.parameters.head_id
+        # B re-signs snapshot 1 "for" C with its own key: every party must refuse it.
+        forged = h.Snapshot(2, confirmed.tx_ids, "", confirmed.ledger,
+                            {**confirmed.signatures, C: KEYS[1].sign(b"not the payload")})
+        publish = router.publisher(B)
+        await publish(HeadSync(head_id, forged.encode()))
+        await publish(HeadClose(head_id, forged.encode(), st.now_ms(), []))
+        await router.until(lambda: router.section(A)["rejected"].get("bad_snapshot_signature", 0) >= 1
+                           and sum(router.section(C)["rejected"].values()) >= 2)
+        for hotkey in (A, C):
+            assert router.phase(hotkey) is h.Phase.OPEN
+            assert router.section(hotkey)["snapshots_confirmed"] == 1
+        metrics = router.contexts[A].metrics.render().decode()
+        assert 'reason="bad_snapshot_signature",source="settle"' in metrics
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_validator_restarted_mid_snapshot_catches_up(tmp_path):
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path, rounds=2)
+        router.down.add(C)  # C hears nothing from here on
+        router.services[A].record_round(_round(0))
+        await router.until(lambda: router.services[A].head.machine.proposal is not None)
+        old = router.services[C]
+        await router.crash(C)
+        assert old.head.machine.confirmed.number == 0  # it went down before snapshot 1
+        await trio.sleep(0.2)
+        await router.start(nursery, KEYS[2], tmp_path, rounds=2)
+        assert router.services[C] is not old and router.services[C].head.reloaded
+        await router.until(lambda: all(router.section(k)["snapshots_confirmed"] == 1 for k in (A, B, C)))
+        router.services[A].record_round(_round(1))
+        await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)), timeout_s=20)
+        nursery.cancel_scope.cancel()
+    assert router.section(C)["balances"] == router.section(A)["balances"]
+    assert router.section(C)["slashed"] == [] and router.section(C)["rounds"] == [0, 1]
+
+
+@trio_test
+async def test_operator_commands_close_and_fan_out_through_command_files(tmp_path):
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path)  # rounds=0: closing any time is not early
+        folder = router.contexts[B].data_dir / st.COMMANDS_DIR
+        (folder / "reboot.request").write_text("")
+        await router.until(lambda: (folder / "reboot.result").exists())
+        assert json.loads((folder / "reboot.result").read_text())["reason"] == "unknown_command"
+        (folder / "fanout.request").write_text("")
+        await router.until(lambda: (folder / "fanout.result").exists())
+        refused = json.loads((folder / "fanout.result").read_text())
+        assert not refused["ok"] and refused["reason"] == "wrong_phase"
+        (folder / "close.request").write_text("")
+        await router.until(lambda: (folder / "close.result").exists())
+        assert json.loads((folder / "close.result").read_text()) == {"ok": True, "state": "Closed"}
+        await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)))
+        nursery.cancel_scope.cancel()
+
+
+def test_split_reward_always_pays_the_whole_amount():
+    assert st.split_reward(100, {"a": 1, "b": 1, "c": 1}) == {"a": 34, "b": 33, "c": 33}
+    assert st.split_reward(10, {"a": 3.0, "b": 1.0, "z": 0.0, "n": -1.0}) == {"a": 8, "b": 2}
+    assert st.split_reward(10, {}) == {} and st.split_reward(0, {"a": 1}) == {}
+    for total in (1, 7, 120):
+        assert sum(st.split_reward(total, {"a": 0.2, "b": 0.3, "c": 0.5}).values()) == total
+
+
+def test_make_service_picks_the_backend_by_role_and_settings():
+    assert st.make_service(NodeSettings(role=Role.TRAINER)) is None
+    assert isinstance(st.make_service(NodeSettings(role=Role.VALIDATOR)), st.SettlementService)
+    with pytest.raises(SettingsError, match="unknown settlement backend"):
+        st.make_service(NodeSettings(role=Role.VALIDATOR, settlement="ledger-on-paper"))
+
+
+def _final(name_of_me: str, balances: dict, state: str = "Final", conserved: bool = True) -> dict:
+    return {"sections": {"settlement": {
+        "me": name_of_me, "backend": "embedded", "state": state, "snapshots_confirmed": 1,
+        "balances": balances, "deposits": sum(balances.values()), "held": sum(balances.values()),
+        "conserved": conserved, "slashed": [], "behaviour": "honest", "rejected": {},
+        "records": [{"kind": "round_result", "round": 0, "adapter_id": "x", "contributors": [T1],
+                     "rewards": {T1: 120}, "snapshot": 1, "author": A}]}}}
+
+
+def test_summary_flags_disagreement_unfinished_heads_and_missing_rounds():
+    from node.testnet import TestnetPlan
+    plan = TestnetPlan(validators=3, trainers=1, rounds=2)
+    good = _final(A, {A: 10, B: 10})
+    report = st.summarize(plan, {"validator-0": good, "validator-1": _final(B, {A: 10, B: 10}),
+                                 "validator-2": _final(C, {A: 11, B: 9}, state="Closed", conserved=False)})
+    assert report["balances"] == {"validator-0": 10, "validator-1": 10}
+    assert report["rounds"]["0"]["rewards"] == {T1: 120}
+    problems = "\n".join(report["problems"])
+    assert "validator-2 head is Closed" in problems and "does not conserve" in problems
+    assert "1 of 2 rounds recorded" in problems
+    ok = st.summarize(TestnetPlan(validators=1, trainers=1, rounds=1), {"validator-0": good, "miner-0": None})
+    assert ok["problems"] == [] and ok["state"] == "Final"
+
+
+def test_section_of_a_fresh_head_reports_idle(tmp_path):
+    head = EmbeddedHead(tmp_path / "head.sqlite", KEYS[0])
+    doc = st.section_of(head, [A, B], A)
+    assert doc["state"] == "Idle" and doc["rank"] == 0 and not doc["done"] and doc["conserved"]
+    head.close()
