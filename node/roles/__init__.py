@@ -15,7 +15,6 @@ from node.settings import NodeSettings
 # Order matters only for start-up: settlement first, so rounds and epochs can record.
 SERVICE_MODULES: tuple[str, ...] = (
     "node.roles.settlement",
-    "node.roles.settlement",
     "node.roles.rounds",
     "node.roles.trainer",
     "node.roles.miner",
@@ -28,7 +27,6 @@ SERVICE_MODULES: tuple[str, ...] = (
 #                                                 final status documents, name -> status)
 # and names its report section REPORT_SECTION.
 TESTNET_MODULES: tuple[str, ...] = (
-    "node.roles.settlement",
     "node.roles.settlement",
     "node.roles.rounds",
     "node.roles.challenger",
