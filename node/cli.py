@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
     up.add_argument("--epochs", type=int, default=0, help="FHE challenge epochs (validators challenge miners)")
     up.add_argument("--fault", action="append", default=[], metavar="NODE=BEHAVIOUR",
-                    help="make one node misbehave, e.g. miner-1=garbage, miner-2=slow, trainer-1=cheat")
+                    help="make one node misbehave, e.g. miner-1=garbage, miner-2=slow, trainer-1=cheat, "
+                         "validator-2=close-early")
     up.add_argument("--key-bits", type=int, default=2048, choices=[1024, 2048, 3072],
                     help="committee Paillier key size (1024 only for quick local runs)")
+    from node.head_cli import add_head_commands
+    add_head_commands(commands)  # sealmesh head status|close|fanout
     return parser
 
 
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             return _wallet(args)
         if args.command == "node":
             return _node(args)
+        if args.command == "head":
+            from node.head_cli import run_head
+            return run_head(args)
         if args.command == "testnet":
             from node.testnet import TestnetPlan, run_testnet
             plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,
@@ -108,8 +114,8 @@ class UserError(Exception):
 
 def _parse_fault(text: str) -> tuple[str, str]:
     name, sep, behaviour = text.partition("=")
-    if not sep or not name or behaviour not in {"garbage", "slow", "cheat", "honest"}:
-        raise UserError(f"--fault {text!r}: expected NODE=garbage|slow|cheat")
+    if not sep or not name or behaviour not in {"garbage", "slow", "cheat", "close-early", "honest"}:
+        raise UserError(f"--fault {text!r}: expected NODE=garbage|slow|cheat|close-early")
     return name, behaviour
 
 
