@@ -265,3 +265,54 @@ def test_section_of_a_fresh_head_reports_idle(tmp_path):
     doc = st.section_of(head, [A, B], A)
     assert doc["state"] == "Idle" and doc["rank"] == 0 and not doc["done"] and doc["conserved"]
     head.close()
+
+
+@trio_test
+async def test_hydra_backend_settles_a_round_on_a_hydra_node(tmp_path):
+    from pycardano import Address, Network, PaymentSigningKey, PaymentVerificationKey
+
+    from node.settlement.hydra import HydraSettings
+    from node.settlement.hydra_schema import HydraApiSchema, find_hydra_api_dir
+    from node.settlement.hydra_tx import RoundResultRecord, records_in, tx_from_envelope
+    api_dir = find_hydra_api_dir(Path(__file__).resolve().parent.parent)
+    if api_dir is None:
+        pytest.skip("hydra-node API schema not found at ../shared/hydra-api")
+    from tests.hydra_peer import HydraPeer
+    key = PaymentSigningKey.generate()
+    owner = str(Address(payment_part=PaymentVerificationKey.from_signing_key(key).hash(), network=Network.TESTNET))
+    funds = {f"{'ab' * 32}#0": {"address": owner, "value": {"lovelace": 30_000_000}}}
+    peer = HydraPeer(HydraApiSchema.load(api_dir), l1_utxo=funds).start()
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    key.save(str(roles / "hydra-payment.skey"))
+    (roles / "hydra-l1-utxo.json").write_text(json.dumps(funds))
+    settings = NodeSettings(role=Role.VALIDATOR, settlement="hydra", hydra_url=peer.ws_url, rounds=1)
+    service = st.HydraSettlementService(settings, api_dir=api_dir, client_settings=HydraSettings(
+        ws_url=peer.ws_url, http_url=peer.http_url, reconnect_initial_s=0.02))
+    genesis = Genesis("hydra-test", (Member(A, frozenset({Role.VALIDATOR}), 100.0),))
+    ctx = RoleContext(settings=settings, hotkey=KEYS[0], genesis=genesis, mesh=None, store=None, verifier=None,
+                      metrics=NodeMetrics(), data_dir=roles, publish=None, peer_of=lambda h: None,
+                      services={"settlement": service})
+    try:
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run, ctx)
+                while not any(o["address"] == owner for o in service.client.head.confirmed_utxo.values()):
+                    await trio.sleep(0.02)
+                service.record_round(_round(0))
+                while not ctx.sections()["settlement"]["done"]:
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+    finally:
+        peer.stop()
+    assert peer.violations == [] and peer.errors == []
+    section = ctx.sections()["settlement"]
+    assert section["state"] == "Final" and section["rounds"] == [0] and section["errors"] == []
+    assert [m["tag"] for m in peer.received] == ["Init", "NewTx", "Close", "Fanout"]
+    carried = [r for snap in peer.snapshots for tx in snap.confirmed for r in records_in(tx_from_envelope(tx))]
+    assert carried == [RoundResultRecord(0, "adapter-0", tuple(sorted([T1, T2])), {T1: 60, T2: 60})]
+
+
+def test_hydra_backend_needs_a_hydra_url():
+    with pytest.raises(SettingsError, match="hydra_url"):
+        st.make_service(NodeSettings(role=Role.VALIDATOR, settlement="hydra"))

@@ -2,7 +2,7 @@
 
 Runs on every validator, over the settle channel. Backend "embedded" (default) is the
 validators' own multi-signed head (protocol/head.py in node/settlement/embedded.py);
-backend "hydra" drives a hydra-node (node/roles/settlement_hydra.py). Lifecycle of the
+backend "hydra" drives a hydra-node (HydraSettlementService below). Lifecycle of the
 embedded head, as this service drives it (docs/settlement.md, "Running it"):
 
   every validator heard -> rank 0 (lowest hotkey) Inits -> every party Commits ->
@@ -422,11 +422,154 @@ def section_of(head: EmbeddedHead, parties: list[str], me: str, *, behaviour: st
     return doc
 
 
+class HydraSettlementService(RoleService):
+    """Backend "hydra": the same records, as metadata of transactions in a hydra-node's head.
+
+    Each validator drives its own hydra-node (settings.hydra_url); the Hydra head itself
+    co-signs among the nodes, so nothing travels on the settle channel. Rank 0 inits,
+    records and closes, as with the embedded head; every node's view reports. Needs, in
+    DATA_DIR/roles: hydra-payment.skey (a cardano-cli payment signing key owning head
+    funds) and optionally hydra-l1-utxo.json (layer-1 UTxO to deposit once the head opens).
+    """
+
+    name = "settlement"
+
+    def __init__(self, settings: NodeSettings, *, client_settings=None, api_dir: Path | None = None) -> None:
+        if not settings.hydra_url and client_settings is None:
+            raise SettingsError('settlement = "hydra" needs hydra_url = "ws://HOST:4001" of this validator\'s '
+                                "hydra-node")
+        self.settings = settings
+        self.client_settings = client_settings
+        self.api_dir = api_dir
+        self.queue: list[Any] = []  # hydra_tx records waiting for an Open head
+        self.recorded = {"rounds": [], "epochs": []}
+        self.errors: list[str] = []
+        self.parties: list[str] = []
+        self.me = ""
+        self.client = None
+        self._asked: set[str] = set()  # lifecycle commands already sent (init, close, fanout, deposit)
+
+    def is_author(self) -> bool:
+        return bool(self.parties) and self.parties[0] == self.me
+
+    def record_round(self, doc: dict[str, Any]) -> None:
+        from node.settlement.hydra_tx import RoundResultRecord
+        if self.is_author():
+            self.queue.append(RoundResultRecord(int(doc["round"]), str(doc["adapter_id"]),
+                                                tuple(sorted(doc.get("contributors", []))), round_rewards(doc)))
+
+    def record_scores(self, doc: dict[str, Any]) -> None:
+        from node.settlement.hydra_tx import ScoreReportRecord
+        if self.is_author():
+            ppm = {k: int(round(float(v) * 1_000_000)) for k, v in doc["scores"].items()}
+            self.queue.append(ScoreReportRecord(int(doc["epoch"]), ppm, epoch_rewards(doc)))
+
+    async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from pycardano import PaymentSigningKey
+
+        from node.settlement.hydra import HydraClient, HydraSettings
+        from node.settlement.hydra_schema import HydraApiSchema, find_hydra_api_dir
+        self.ctx, self.me = ctx, ctx.hotkey.ss58_address
+        self.parties = sorted(m.hotkey for m in ctx.genesis.members if Role.VALIDATOR in m.roles)
+        api_dir = self.api_dir or find_hydra_api_dir(Path(__file__).resolve().parents[2])
+        if api_dir is None:
+            raise SettingsError("hydra-node's API schema (json-schemas/api.yaml) was not found at "
+                                "../shared/hydra-api next to the repository")
+        key_path = ctx.data_dir / "hydra-payment.skey"
+        if not key_path.exists():
+            raise SettingsError(f"{key_path} is missing: put the payment signing key that owns this "
+                                "validator's head funds there (cardano-cli address key-gen)")
+        self.key = PaymentSigningKey.load(str(key_path))
+        self.client = HydraClient(self.client_settings or HydraSettings(ws_url=self.settings.hydra_url),
+                                  HydraApiSchema.load(api_dir),
+                                  on_peer_error=lambda reason: ctx.metrics.reject("hydra", reason))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.client.run)
+            self.report()
+            task_status.started()
+            while True:
+                await self.step()
+                await trio.sleep(STEP_S)
+
+    async def step(self) -> None:
+        from node.settlement.hydra import HydraRefused
+        head = self.client.head
+        try:
+            if self.is_author() and head.status == "Idle" and head.finalized_utxo is None:
+                await self._once("init", self.client.init)
+            elif head.status == "Open":
+                await self._fund()
+                while self.queue:
+                    await self._submit(self.queue[0])
+                    self.queue.pop(0)
+                if self.is_author() and self._finished():
+                    await self._once("close", self.client.close)
+            elif head.status == "FanoutPossible" and self.is_author():
+                await self._once("fanout", self.client.fanout)
+        except (HydraRefused, LocalProtocolError) as exc:
+            self.errors = (self.errors + [f"{type(exc).__name__}: {exc}"])[-20:]
+            log.warning("settle(hydra): %s", exc)
+        self.report()
+
+    async def _once(self, what: str, command) -> None:
+        if what not in self._asked:
+            self._asked.add(what)
+            await command()
+
+    async def _fund(self) -> None:
+        path = self.ctx.data_dir / "hydra-l1-utxo.json"
+        if path.exists() and "deposit" not in self._asked:
+            self._asked.add("deposit")
+            await self.client.deposit(json.loads(path.read_text()), [self.key])
+
+    def _address(self):
+        from pycardano import Address, Network, PaymentVerificationKey
+        return Address(payment_part=PaymentVerificationKey.from_signing_key(self.key).hash(),
+                       network=Network.TESTNET)
+
+    async def _submit(self, record: Any) -> None:
+        """A transaction that spends one of our head UTxO back to us and carries the record."""
+        from node.settlement.hydra_tx import LedgerRules, RoundResultRecord, build_head_tx, owned_utxo
+        spend = owned_utxo(self.client.head.confirmed_utxo, self._address())
+        if not spend:
+            raise LocalProtocolError(f"no head UTxO owned by {self._address()}: fund the head first")
+        rules = LedgerRules.from_protocol_parameters(await self.client.get_protocol_parameters())
+        tx = build_head_tx(spend[:1], [], self._address(), [self.key], [record], rules)
+        await self.client.submit_tx(tx)
+        kind = "rounds" if isinstance(record, RoundResultRecord) else "epochs"
+        self.recorded[kind].append(record.round if kind == "rounds" else record.epoch)
+
+    def _finished(self) -> bool:
+        others = [doc for name, doc in self.ctx.sections().items() if name != REPORT_SECTION]
+        return (not self.queue and all(isinstance(d, dict) and d.get("done") is True for d in others)
+                and len(self.recorded["rounds"]) >= self.settings.rounds)
+
+    def report(self) -> None:
+        head = self.client.head
+        final = head.finalized_utxo is not None
+        self.ctx.report(REPORT_SECTION, {
+            "backend": "hydra", "role": "validator", "behaviour": self.settings.behaviour, "me": self.me,
+            "rank": self.parties.index(self.me) if self.me in self.parties else None,
+            "state": "Final" if final else head.status, "done": final, "head_id": head.head_id,
+            "snapshots_confirmed": head.snapshot_number or 0,
+            "balances": _lovelace_by_address(head.finalized_utxo if final else head.confirmed_utxo),
+            "conserved": True,  # hydra-node's ledger checks every transaction's balance
+            "slashed": [], "queued": len(self.queue), "rounds": sorted(self.recorded["rounds"]),
+            "epochs": sorted(self.recorded["epochs"]), "records": [], "deposits": 0, "held": 0,
+            "rejected": dict(self.client.peer_errors), "errors": list(self.errors)})
+
+
+def _lovelace_by_address(utxo: dict[str, Any]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for out in utxo.values():
+        totals[out["address"]] = totals.get(out["address"], 0) + int(out["value"].get("lovelace", 0))
+    return dict(sorted(totals.items()))
+
+
 def make_service(settings: NodeSettings) -> RoleService | None:
     if settings.role is not Role.VALIDATOR:
         return None
     if settings.settlement == "hydra":
-        from node.roles.settlement_hydra import HydraSettlementService
         return HydraSettlementService(settings)
     if settings.settlement != "embedded":
         raise SettingsError(f"unknown settlement backend {settings.settlement!r}; use embedded or hydra")
@@ -498,5 +641,5 @@ def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
     }
 
 
-__all__ = ["REPORT_SECTION", "SettlementService", "make_service", "prepare_testnet", "section_of",
+__all__ = ["HydraSettlementService", "REPORT_SECTION", "SettlementService", "make_service", "prepare_testnet", "section_of",
            "split_reward", "summarize"]
