@@ -481,6 +481,8 @@ class RoundsService(RoleService):
                 if isinstance(effect.message, AcceptedSet) and role == "validator":
                     # our own gossip never comes back to us: our committee machine hears it here
                     await self._feed(slot, "committee", lambda c, m=effect.message: c.receive_accepted_set(self.me, m))
+                if isinstance(effect.message, PartialDecryption):  # likewise our own partial
+                    await self._feed(slot, "validator", lambda v, m=effect.message: v.receive_partial(self.me, m))
             elif isinstance(effect, agg.SetTimer):
                 self.nursery.start_soon(self._timer, slot, role, effect.name, effect.at_ms)
             elif isinstance(effect, agg.EnterPhase):
@@ -872,7 +874,7 @@ def prepare_testnet(plan, nodes, root: Path) -> None:
     keys = cm.deal_committee([n.hotkey for n in validators], plan.key_bits)
     public_only = cm.CommitteeKey(keys[0].public, keys[0].verification_keys, keys[0].threshold, keys[0].members)
     by_hotkey = {k.members[k.share.index - 1]: k for k in keys}
-    config = RoundConfig(collect_s=12.0 + 2.0 * plan.trainers, first_round_extra_s=10.0 + len(nodes))
+    config = RoundConfig(collect_s=10.0 + 2.0 * plan.trainers, first_round_extra_s=5.0 + len(nodes) / 2)
     for node in nodes:
         cm.save_committee(node.data_dir / cm.COMMITTEE_DIR, by_hotkey.get(node.hotkey, public_only))
         if not (node.data_dir / ROUND_CONFIG_FILE).exists():
