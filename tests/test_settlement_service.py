@@ -316,3 +316,25 @@ async def test_hydra_backend_settles_a_round_on_a_hydra_node(tmp_path):
 def test_hydra_backend_needs_a_hydra_url():
     with pytest.raises(SettingsError, match="hydra_url"):
         st.make_service(NodeSettings(role=Role.VALIDATOR, settlement="hydra"))
+
+
+def test_head_status_reads_a_head_file_read_only(tmp_path, capsys):
+    from node.cli import main
+    from node.head_cli import HeadCliError, ask_node, read_head
+    (tmp_path / "roles").mkdir()
+    path = tmp_path / "roles" / "head.sqlite"
+    head = EmbeddedHead(path, KEYS[0])
+    head.handle(h.Init(h.HeadParameters("solo", (A,), 1_000, 1_000, 1_000, 1, st.ESCROW), 1))
+    head.handle(h.Commit(st.ESCROW, st.OPENING_BALANCE, st.POOL_SHARE, 2))
+    head.record_round_result(0, "adapter-0", [T1], {T1: 120}, 3)
+    head.close()
+    doc = read_head(path)
+    assert doc["state"] == "Open" and doc["snapshot"] == 1 and doc["balances"][T1] == 120
+    assert [r["round"] for r in doc["records"] if r["kind"] == "round_result"] == [0]
+    assert doc["invariants_violated"] == []
+    assert main(["head", "status", "--data-dir", str(tmp_path)]) == 0
+    assert "solo: Open, snapshot 1" in capsys.readouterr().out
+    assert main(["head", "status", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(HeadCliError, match="is it running"):
+        (tmp_path / "roles" / st.COMMANDS_DIR).mkdir()
+        ask_node(tmp_path, "close", timeout_s=0.2)
