@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--api-host", help="HTTP API address (default 127.0.0.1)")
     node.add_argument("--api-port", type=int, help="HTTP API port (default: any free)")
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    node.add_argument("--storage", help="blob store: local (default), s3://bucket/prefix?endpoint=URL, "
+                                        "storj (MY_* variables, see docs/storage.md)")
+    node.add_argument("--settlement", choices=["embedded", "hydra"],
+                      help="validators' ledger: the mesh's own head (default) or a hydra-node")
+    node.add_argument("--hydra-url", help="hydra-node WebSocket API, e.g. ws://127.0.0.1:4001")
+    node.add_argument("--db", help="validator history database URL (default sqlite under --data-dir; "
+                                   "postgresql://user@host/db)")
+    node.add_argument("--model", type=Path, help="base model directory (Hugging Face layout, local files "
+                                                 "only); default: the built-in tiny model")
 
     testnet = commands.add_parser("testnet", help="run a local test mesh of OS processes")
     testnet_commands = testnet.add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
@@ -146,7 +155,8 @@ def _node(args: argparse.Namespace) -> int:
         "network": args.network, "netuid": args.netuid, "listen_host": args.listen_host,
         "listen_port": args.listen_port, "api_host": args.api_host, "api_port": args.api_port,
         "bootstrap": tuple(args.bootstrap) if args.bootstrap else None,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "storage": args.storage, "settlement": args.settlement,
+        "hydra_url": args.hydra_url, "db": args.db, "model": args.model,
     }
     try:
         settings = load_settings(args.config, overrides)
