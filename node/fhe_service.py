@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -109,9 +111,20 @@ def ensure_bundle(model: str, bundle_dir: Path) -> Any:
 
     defaults = get_model(model).defaults
     log.info("phase=fhe-compile model=%s out=%s", model, bundle_dir)
-    return compile_model(model, bundle_dir, n_bits=defaults.n_bits,
-                         rounding_threshold_bits=defaults.rounding_threshold_bits,
-                         rounding_method=defaults.rounding_method, p_error=defaults.p_error)
+    # Compile beside the target and rename: a crash leaves no half bundle, and of two
+    # processes compiling at once the first rename wins and the other uses its bundle.
+    scratch = bundle_dir.with_name(f"{bundle_dir.name}.compiling-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    compile_model(model, scratch, n_bits=defaults.n_bits, rounding_threshold_bits=defaults.rounding_threshold_bits,
+                  rounding_method=defaults.rounding_method, p_error=defaults.p_error)
+    try:
+        os.rename(scratch, bundle_dir)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not (bundle_dir / MANIFEST_JSON).exists():
+        raise FheSettingsError(f"could not place the compiled bundle at {bundle_dir}")
+    return ensure_bundle(model, bundle_dir)
 
 
 def result_bytes_estimate(server_zip: Path) -> int:

@@ -1,0 +1,183 @@
+"""The miner's request handling, in process: real circuit, real keys, signed frames.
+
+Every bad request gets a signed Refused with its reason label and leaves the miner as it
+was: the last test runs a real FHE challenge after all of them and checks the answer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from crypto.identity import Hotkey
+from node.fhe_service import FheConfig, ensure_bundle, now_ms, result_bytes_estimate
+from node.metrics import NodeMetrics
+from node.roles.base import RoleContext
+from node.roles.miner import MinerService
+from node.settings import NodeSettings
+from protocol.challenge import MAX_ITERATIONS
+from protocol.challenge_messages import (AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, Refused, open_frame,
+                                         seal_frame)
+from protocol.epistula import EnvelopeVerifier
+from protocol.membership import Member, Role, StaticDirectory
+
+MINER, VALIDATOR, OTHER_VALIDATOR, TRAINER = (Hotkey.from_uri(u) for u in ("//Miner", "//Val", "//Val2", "//Tr"))
+DIRECTORY = StaticDirectory((
+    Member(MINER.ss58_address, frozenset({Role.MINER})),
+    Member(VALIDATOR.ss58_address, frozenset({Role.VALIDATOR})),
+    Member(OTHER_VALIDATOR.ss58_address, frozenset({Role.VALIDATOR})),
+    Member(TRAINER.ss58_address, frozenset({Role.TRAINER})),
+))
+CID = "ab" * 16
+
+
+def shared_digits_bundle(tmp_path_factory) -> Path:
+    """One compiled digits bundle for every test session on this machine (compiling costs
+    10-20 s on 2 cores); ensure_bundle checks its hashes each time."""
+    root = tmp_path_factory.getbasetemp().parent / "sealmesh-fhe-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_bundle("digits-cnn", root / "bundle-digits-cnn")
+    return root / "bundle-digits-cnn"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return shared_digits_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clients(bundle, tmp_path_factory):
+    from fhe.bundle import ValidatorClient
+
+    keys = tmp_path_factory.mktemp("validator-keys")
+    mine = ValidatorClient(bundle, keys / "v1")
+    mine.ensure_keys()
+    return mine
+
+
+def make_miner(bundle: Path, tmp_path: Path, behaviour: str = "honest", **config) -> MinerService:
+    settings = NodeSettings(role=Role.MINER, data_dir=tmp_path, behaviour=behaviour)
+    miner = MinerService(settings, FheConfig(bundle_dir=str(bundle), **config))
+    miner.ctx = RoleContext(settings=settings, hotkey=MINER, genesis=None, mesh=None, store=None,
+                            verifier=EnvelopeVerifier(DIRECTORY, MINER.ss58_address), metrics=NodeMetrics(),
+                            data_dir=tmp_path, publish=None, peer_of=lambda hotkey: None)
+    return miner
+
+
+def ask(miner: MinerService, signer: Hotkey, message, payload: bytes = b""):
+    """One request through the miner's handler; the verified answer (message, payload)."""
+    frame = seal_frame(signer, message, payload, now_ms=now_ms(), signed_for=MINER.ss58_address)
+    raw = trio.run(miner.handle_frame, frame)
+    verified, out = open_frame(raw, verifier=EnvelopeVerifier(DIRECTORY, signer.ss58_address), now_ms=now_ms(),
+                               expect=(KeyAdded, ChallengeResponse, Refused))
+    assert verified.member.hotkey == MINER.ss58_address
+    return verified.message, out
+
+
+def refused(answer) -> str:
+    assert isinstance(answer, Refused), answer
+    return answer.reason
+
+
+def request(client, key_id: str, ciphertext: bytes, *, epoch: int = 0, iterations: int = 1,
+            model: str = "digits-cnn", cid: str = CID) -> ChallengeRequest:
+    return ChallengeRequest.for_input(cid, epoch, model, key_id, iterations, ciphertext)
+
+
+def test_refuses_before_the_circuit_is_loaded_and_unverifiable_frames(bundle, tmp_path, clients):
+    miner = make_miner(bundle, tmp_path)
+    keys = clients.evaluation_keys()
+    answer, _ = ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)
+    assert refused(answer) == "not_ready"
+    # Not even a verifiable request: nobody to answer, counted as a rejection.
+    assert trio.run(miner.handle_frame, b"\x00\x00\x00\x05junk!") == b""
+    frame = seal_frame(VALIDATOR, request(clients, "0" * 64, b"x"), b"x", now_ms=now_ms(),
+                       signed_for=OTHER_VALIDATOR.ss58_address)  # signed for someone else
+    assert trio.run(miner.handle_frame, frame) == b""
+    assert miner.refused["malformed_envelope"] == 1 and miner.refused["wrong_recipient"] == 1
+
+
+def test_bad_requests_are_refused_and_disturb_nothing(bundle, tmp_path, clients):
+    miner = make_miner(bundle, tmp_path, max_challenges_per_epoch=2)
+    trio.run(miner._load)
+    keys = clients.evaluation_keys()
+    key_id = hashlib.sha256(keys).hexdigest()
+    x = np.random.default_rng(0).uniform(0, 1, clients.input_shape).astype(np.float32)
+    ciphertext = clients.encrypt(x)
+
+    # A challenge before any key: unknown key, the validator must upload.
+    assert refused(ask(miner, VALIDATOR, request(clients, key_id, ciphertext), ciphertext)[0]) == "unknown_key"
+    # Keys for another model, and keys of the wrong size for this circuit.
+    assert refused(ask(miner, VALIDATOR, AddKey.for_keys("cnv-cifar10", keys), keys)[0]) == "unknown_model"
+    assert refused(ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", b"k" * 1000), b"k" * 1000)[0]) == "malformed_key"
+    answer, _ = ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)
+    assert isinstance(answer, KeyAdded) and answer.key_id == key_id
+    assert miner.keyring.bindings[key_id].owner == VALIDATOR.ss58_address
+    # The same bytes uploaded by another validator: the key id stays bound to its owner.
+    assert refused(ask(miner, OTHER_VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0]) == "key_id_taken"
+    # Another validator naming our key id: foreign key.
+    assert refused(ask(miner, OTHER_VALIDATOR, request(clients, key_id, ciphertext), ciphertext)[0]) == "foreign_key"
+    # Malformed ciphertexts (too short to parse; oversized for the circuit).
+    assert refused(ask(miner, VALIDATOR, request(clients, key_id, b"\x01" * 64), b"\x01" * 64)[0]) \
+        == "malformed_ciphertext"
+    big = os.urandom(miner.engine.max_ciphertext_bytes + 1)
+    assert refused(ask(miner, VALIDATOR, request(clients, key_id, big), big)[0]) == "oversized_input"
+    # The epoch quota of 2 is spent (both malformed ones counted): the next is refused.
+    assert refused(ask(miner, VALIDATOR, request(clients, key_id, ciphertext), ciphertext)[0]) == "too_many_challenges"
+    # Too many iterations for this miner's bound (a stricter miner than the protocol's).
+    miner.keyring.max_iterations = 1
+    assert refused(ask(miner, VALIDATOR, request(clients, key_id, ciphertext, epoch=1, iterations=2),
+                       ciphertext)[0]) == "too_many_iterations"
+    miner.keyring.max_iterations = MAX_ITERATIONS
+    # A payload that does not match what the signed message says: refused before anything.
+    frame = seal_frame(VALIDATOR, request(clients, key_id, ciphertext, epoch=1), ciphertext, now_ms=now_ms(),
+                       signed_for=MINER.ss58_address)
+    assert trio.run(miner.handle_frame, frame[:-1] + bytes([frame[-1] ^ 1])) == b""
+    assert miner.refused["payload_mismatch"] == 1
+    # A trainer cannot challenge (the message's sender policy).
+    frame = seal_frame(TRAINER, request(clients, key_id, ciphertext, epoch=1), ciphertext, now_ms=now_ms(),
+                       signed_for=MINER.ss58_address)
+    assert trio.run(miner.handle_frame, frame) == b""
+
+    # Nothing was disturbed: the key is still there and a real FHE challenge is answered right.
+    answer, result = ask(miner, VALIDATOR, request(clients, key_id, ciphertext, epoch=1), ciphertext)
+    assert isinstance(answer, ChallengeResponse) and answer.challenge_id == CID
+    comparison = clients.compare(result, x)
+    assert comparison.argmax_match and comparison.cosine > 0.9
+    assert miner.served == {"fhe_add_key": 1, "fhe_challenge": 1}
+
+
+def test_garbage_miner_answers_noise_of_a_results_size(bundle, tmp_path, clients):
+    from fhe.bundle import SERVER_ZIP, MalformedResult
+
+    miner = make_miner(bundle, tmp_path, behaviour="garbage")
+    trio.run(miner._load)
+    keys = clients.evaluation_keys()
+    assert isinstance(ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0], KeyAdded)
+    x = np.full(clients.input_shape, 0.5, dtype=np.float32)
+    ciphertext = clients.encrypt(x)
+    answer, result = ask(miner, VALIDATOR, request(clients, hashlib.sha256(keys).hexdigest(), ciphertext), ciphertext)
+    assert isinstance(answer, ChallengeResponse)
+    assert len(result) == result_bytes_estimate(bundle / SERVER_ZIP) > 10_000
+    with pytest.raises(MalformedResult):
+        clients.decrypt(result)
+
+
+def test_unknown_behaviour_and_bad_settings_are_refused(tmp_path):
+    from node.fhe_service import FheSettingsError, load_fhe_config
+
+    with pytest.raises(FheSettingsError, match="behaviour"):
+        MinerService(NodeSettings(role=Role.MINER, data_dir=tmp_path, behaviour="cheat"), FheConfig(serve=False))
+    with pytest.raises(FheSettingsError, match="response_timeout_s"):
+        FheConfig(response_timeout_s=0)
+    (tmp_path / "fhe.json").write_text('{"modle": "digits-cnn"}')
+    with pytest.raises(FheSettingsError, match="modle"):
+        load_fhe_config(tmp_path)
