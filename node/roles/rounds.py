@@ -288,7 +288,7 @@ class RoundsService(RoleService):
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             task_status.started()
-            nursery.start_soon(self._load_model)
+            self._start(self._load_model)
             await self._resume()
             nursery.start_soon(self._inbox_loop)
             nursery.start_soon(self._resend_loop)
@@ -318,16 +318,16 @@ class RoundsService(RoleService):
                      slot.committee.phase.value if slot.committee else "-")
             v = slot.validator
             if v.phase is agg.Phase.COLLECT:
-                self.nursery.start_soon(self._timer, slot, "validator", "close_collection", slot.ro.deadline_ms)
+                self._start(self._timer, slot, "validator", "close_collection", slot.ro.deadline_ms)
             if not slot.terminal():
-                self.nursery.start_soon(self._timer, slot, "validator", "final_deadline", slot.ro.final_deadline_ms)
+                self._start(self._timer, slot, "validator", "final_deadline", slot.ro.final_deadline_ms)
             else:
                 slot.ended.set()
                 if v.phase is agg.Phase.FINAL:
-                    self.nursery.start_soon(self._after_final, slot)
+                    self._start(self._after_final, slot)
             if slot.committee and slot.committee.phase not in (agg.CommitteePhase.RELEASED,
                                                                agg.CommitteePhase.ABORTED):
-                self.nursery.start_soon(self._timer, slot, "committee", "final_deadline",
+                self._start(self._timer, slot, "committee", "final_deadline",
                                         slot.ro.final_deadline_ms)
             await self._apply(slot, "validator", v.resume_effects())
             if slot.committee:
@@ -443,12 +443,25 @@ class RoundsService(RoleService):
             await self._feed(slot, "validator", lambda v: v.open_round(now_ms=now_ms()))
         else:  # heard too late to collect: the final deadline aborts it here
             self._persist(slot)
-            self.nursery.start_soon(self._timer, slot, "validator", "final_deadline", ro.final_deadline_ms)
+            self._start(self._timer, slot, "validator", "final_deadline", ro.final_deadline_ms)
         for sender_, message, received_ms in self.early.pop(ro.round_id, []):
             try:
                 await self._handle(sender_, message, received_ms)
             except RemoteProtocolError as exc:
                 self.ctx.metrics.reject("round", exc.reason)
+
+    def _start(self, work, *args) -> None:
+        """Run one piece of round work in the role's nursery; its failure is logged and
+        reported, and ends neither the role nor the node (the round's deadline does)."""
+        self.nursery.start_soon(self._guarded, work, *args)
+
+    async def _guarded(self, work, *args) -> None:
+        try:
+            await work(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure of one task is reported, not fatal
+            self.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
+            log.exception("%s failed", work.__name__)
+            self.report()
 
     # -- driving the machines --
 
@@ -484,19 +497,19 @@ class RoundsService(RoleService):
                 if isinstance(effect.message, PartialDecryption):  # likewise our own partial
                     await self._feed(slot, "validator", lambda v, m=effect.message: v.receive_partial(self.me, m))
             elif isinstance(effect, agg.SetTimer):
-                self.nursery.start_soon(self._timer, slot, role, effect.name, effect.at_ms)
+                self._start(self._timer, slot, role, effect.name, effect.at_ms)
             elif isinstance(effect, agg.EnterPhase):
                 self._enter(slot, role, effect)
             elif isinstance(effect, agg.VerifyContributionBlob):
-                self.nursery.start_soon(self._verify_contribution, slot, effect.trainer, effect.blob_id)
+                self._start(self._verify_contribution, slot, effect.trainer, effect.blob_id)
             elif isinstance(effect, agg.ComputeAggregate):
-                self.nursery.start_soon(self._compute_aggregate, slot, role, effect.blob_ids)
+                self._start(self._compute_aggregate, slot, role, effect.blob_ids)
             elif isinstance(effect, agg.DecryptPartial):
-                self.nursery.start_soon(self._decrypt_partial, slot, effect.aggregate_id)
+                self._start(self._decrypt_partial, slot, effect.aggregate_id)
             elif isinstance(effect, agg.VerifyPartialBlob):
-                self.nursery.start_soon(self._verify_partial, slot, effect)
+                self._start(self._verify_partial, slot, effect)
             elif isinstance(effect, agg.CombinePartials):
-                self.nursery.start_soon(self._combine, slot, effect)
+                self._start(self._combine, slot, effect)
             else:
                 raise LocalProtocolError(f"no shell for effect {effect!r}")
 
@@ -508,9 +521,9 @@ class RoundsService(RoleService):
         if role == "validator" and slot.terminal():
             slot.ended.set()
             if effect.phase == agg.Phase.FINAL.value:
-                self.nursery.start_soon(self._after_final, slot)
+                self._start(self._after_final, slot)
             else:
-                self.nursery.start_soon(self._record_settlement, slot)
+                self._start(self._record_settlement, slot)
 
     async def _publish(self, message: Message) -> None:
         try:

@@ -96,13 +96,13 @@ class TrainerService(RoleService):
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             task_status.started()
-            nursery.start_soon(self._load_model)
+            self._start(self._load_model)
             for round_id, doc in self.states.load_all().items():
                 self.machines[round_id] = machine = agg.TrainerRound.from_state(doc["machine"])
                 self.shell[round_id] = doc.get("shell", {})
                 if machine.round_open is not None and machine.phase not in (agg.TrainerPhase.FINAL,
                                                                             agg.TrainerPhase.ABORTED):
-                    nursery.start_soon(self._timer, round_id, machine.round_open.final_deadline_ms)
+                    self._start(self._timer, round_id, machine.round_open.final_deadline_ms)
                 await self._apply(round_id, machine.resume_effects())
             nursery.start_soon(self._inbox_loop)
             nursery.start_soon(self._resend_loop)
@@ -120,6 +120,19 @@ class TrainerService(RoleService):
             texts = demo_split(len(self.trainers)).shards[self.index]
             self.blocks[block_len] = token_blocks(self.tokenizer, texts, block_len)
         return self.blocks[block_len]
+
+    def _start(self, work, *args) -> None:
+        """Run one piece of round work in the role's nursery; its failure is logged and
+        reported, and ends neither the role nor the node (the round's deadline does)."""
+        self.nursery.start_soon(self._guarded, work, *args)
+
+    async def _guarded(self, work, *args) -> None:
+        try:
+            await work(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure of one task is reported, not fatal
+            self.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
+            log.exception("%s failed", work.__name__)
+            self.report()
 
     # -- gossip --
 
@@ -168,13 +181,13 @@ class TrainerService(RoleService):
             if isinstance(effect, agg.Send):
                 await self._publish(effect.message)
             elif isinstance(effect, agg.SetTimer):
-                self.nursery.start_soon(self._timer, round_id, effect.at_ms)
+                self._start(self._timer, round_id, effect.at_ms)
             elif isinstance(effect, agg.EnterPhase):
                 self.shell[round_id].setdefault("phases", {})[effect.phase] = now_ms()
                 log.info("phase=%s round=%d%s", effect.phase, round_id,
                          f" reason={effect.reason}" if effect.reason else "")
             elif isinstance(effect, agg.Train):
-                self.nursery.start_soon(self._train, round_id, effect.round_open)
+                self._start(self._train, round_id, effect.round_open)
             else:
                 raise LocalProtocolError(f"no trainer shell for effect {effect!r}")
 
