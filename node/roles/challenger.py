@@ -14,6 +14,7 @@ weights on Bittensor when the node runs on a subnet (settings.network).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import secrets
@@ -212,9 +213,13 @@ class ChallengerService(RoleService):
         if answer.challenge_id != cid:
             return self.machine.error(cid, reason="wrong_challenge", now=time.time())
         try:
-            comparison = await trio.to_thread.run_sync(self.client.compare, result, drawn.image)
+            comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, drawn.image)
         except MalformedResult as exc:
             return self.machine.error(cid, reason=exc.reason, now=time.time())
+        except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
+            log.exception("could not check challenge %s", cid)
+            self._problem(f"checking a result failed on this validator: {exc!r}")
+            return self.machine.error(cid, reason="validator_error", now=time.time())
         return self.machine.response_received(cid, at=at, argmax_agrees=comparison.argmax_match,
                                               cosine=comparison.cosine)
 
@@ -290,6 +295,17 @@ def set_weights_on_subnet(settings: NodeSettings, weights: dict[str, float]) -> 
         return
     wallet = bittensor.Wallet(settings.wallet_name, settings.hotkey, str(settings.wallet_path))
     bittensor.set_weights(settings.netuid, by_uid, wallet=wallet, network=settings.network)
+
+
+def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
+    """client.compare on a worker thread. Concrete keeps its tag stack in a thread-local
+    that only the importing thread initializes (concrete/fhe/extensions/tag.py), so the
+    clear reference run fails on any other thread until the stack exists there."""
+    tag = importlib.import_module("concrete.fhe.extensions.tag")  # the module; the package exports a function
+
+    if not hasattr(tag.tag_context, "stack"):
+        tag.tag_context.stack = []
+    return client.compare(result, image)
 
 
 # --- sealmesh testnet ----------------------------------------------------------------------
