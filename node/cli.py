@@ -13,6 +13,7 @@ examples:
   sealmesh node --role validator --config node.toml
   sealmesh node --role trainer --genesis mesh/genesis.json --wallet-name alice --hotkey default
   sealmesh testnet up --trainers 2 --validators 2 --miners 1 --dir testnet
+  sealmesh fhe compile --model digits-cnn --out bundles/digits-cnn
 """
 
 
@@ -89,10 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="committee Paillier key size (1024 only for quick local runs)")
     from node.head_cli import add_head_commands
     add_head_commands(commands)  # sealmesh head status|close|fanout
+
+    fhe = commands.add_parser("fhe", help="FHE inference: compile zoo models into bundles")
+    fhe_commands = fhe.add_subparsers(dest="fhe_command", required=True, metavar="ACTION")
+    # Listed here for --help; main() hands `fhe compile ...` to fhe.cli_compile whole, so
+    # parsing any other command never imports torch.
+    fhe_commands.add_parser("compile", help="compile a zoo model into client/server bundles with a "
+                                            "manifest (sealmesh fhe compile --help for its flags)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["fhe", "compile"]:
+        from fhe.cli_compile import fhe_compile_main
+        return fhe_compile_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "wallet":

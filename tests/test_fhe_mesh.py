@@ -109,3 +109,14 @@ def test_summary_scores_come_from_protocol_scoring():
     miner = summarize(plan, statuses)["miners"]["miner-0"]
     assert miner["challenges"] == miner["ok"] == 2 and miner["median_latency_s"] == 6.0
     assert miner["score"] == pytest.approx((response_score(4.0) + response_score(8.0)) / 2)
+
+
+def test_sealmesh_fhe_compile_is_wired(tmp_path, capsys):
+    from node.cli import main
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["fhe", "compile", "--model", "digits-cnn", "--out", str(tmp_path / "taken")]) == 2
+    assert "sealmesh fhe compile:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fhe", "compile", "--model", "no-such-model", "--out", str(tmp_path / "x")])
