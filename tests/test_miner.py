@@ -181,3 +181,40 @@ def test_unknown_behaviour_and_bad_settings_are_refused(tmp_path):
     (tmp_path / "fhe.json").write_text('{"modle": "digits-cnn"}')
     with pytest.raises(FheSettingsError, match="modle"):
         load_fhe_config(tmp_path)
+
+
+def test_http_endpoints_answer_signed_frames(bundle, tmp_path, clients):
+    import urllib.error
+    import urllib.request
+
+    from node.roles.miner import MinerHttp
+
+    miner = make_miner(bundle, tmp_path)  # not loaded: every verified request is refused "not_ready"
+    x = np.full(clients.input_shape, 0.5, dtype=np.float32)
+    ciphertext = clients.encrypt(x)
+    frame = seal_frame(VALIDATOR, request(clients, "0" * 64, ciphertext), ciphertext, now_ms=now_ms(),
+                       signed_for=MINER.ss58_address)
+
+    def post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                                               method="POST"), timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(MinerHttp(miner, "127.0.0.1", 0).serve)
+            computed = await trio.to_thread.run_sync(post, port, "/compute", frame)
+            junk = await trio.to_thread.run_sync(post, port, "/add_key", b"junk")
+            nursery.cancel_scope.cancel()
+        return computed, junk
+
+    (status, body), (junk_status, _) = trio.run(main)
+    assert status == 200 and junk_status == 401
+    length = int.from_bytes(body[:4], "little")  # Brainlock's framing
+    assert length == len(body) - 4
+    verified, _ = open_frame(body[4:], verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR.ss58_address),
+                             now_ms=now_ms(), expect=(Refused,))
+    assert verified.message.reason == "not_ready" and verified.message.ref == CID

@@ -2,7 +2,7 @@
 
 Serves one compiled circuit (server.zip pinned by its sha256) on FHE_PROTOCOL
 (protocol/challenge_messages.py) and, when fhe.json names an http_port, on
-Brainlock-shaped HTTP endpoints (node/roles/miner_http.py). It announces what it serves
+Brainlock-shaped HTTP endpoints (MinerHttp below). It announces what it serves
 with a ModelOffer on the FHE channel.
 
 Two guards answer every request, cheapest first: protocol.challenge.MinerKeyring (who
@@ -89,7 +89,6 @@ class MinerService(RoleService):
         await self._load()
         async with trio.open_nursery() as nursery:
             if self.config.http_port is not None:
-                from node.roles.miner_http import MinerHttp
                 await nursery.start(MinerHttp(self, self.settings.api_host, self.config.http_port).serve)
             nursery.start_soon(self._offer_loop)
 
@@ -228,8 +227,82 @@ class MinerService(RoleService):
         })
 
 
+class MinerHttp:
+    """Brainlock-shaped HTTP endpoints for validators that speak HTTP instead of libp2p.
+
+    POST /add_key and POST /compute take the same signed frame as FHE_PROTOCOL (Epistula
+    envelope, then evaluation keys or ciphertext). /add_key answers with the signed answer
+    frame; /compute streams 4-byte little-endian length-prefixed frames, as Brainlock's
+    does: the signed answer frame (ChallengeResponse + result, or Refused). An unverifiable
+    request gets 401. aiohttp runs on its own thread (see node/api.py for why); each
+    request crosses to the trio loop, where handle_frame runs as for a stream.
+    """
+
+    def __init__(self, miner: MinerService, host: str, port: int) -> None:
+        self.miner, self.host, self.port = miner, host, port
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        token = trio.lowlevel.current_trio_token()
+        bound, stop = threading.Event(), {}
+
+        async def answer(request: web.Request) -> bytes:
+            body = await request.read()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                None, lambda: trio.from_thread.run(self.miner.handle_frame, body, trio_token=token))
+
+        async def add_key(request: web.Request) -> web.Response:
+            frame = await answer(request)
+            if not frame:
+                return web.json_response({"error": "request not verifiable", "reason": "unauthorized"}, status=401)
+            return web.Response(body=frame, content_type="application/octet-stream")
+
+        async def compute(request: web.Request) -> web.StreamResponse:
+            frame = await answer(request)
+            if not frame:
+                return web.json_response({"error": "request not verifiable", "reason": "unauthorized"}, status=401)
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+            await response.write(len(frame).to_bytes(4, "little") + frame)
+            await response.write_eof()
+            return response
+
+        async def main() -> None:
+            app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+            app.router.add_post("/add_key", add_key)
+            app.router.add_post("/compute", compute)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            stop["event"], stop["loop"] = asyncio.Event(), asyncio.get_running_loop()
+            bound.set()
+            try:
+                await stop["event"].wait()
+            finally:
+                await runner.cleanup()
+
+        thread = threading.Thread(target=lambda: asyncio.run(main()), name="sealmesh-miner-http", daemon=True)
+        thread.start()
+        await trio.to_thread.run_sync(bound.wait)
+        log.info("miner http on http://%s:%d (/add_key, /compute)", self.host, self.port)
+        task_status.started(self.port)
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop["loop"].call_soon_threadsafe(stop["event"].set)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, 10)
+
+
 def make_service(settings: NodeSettings) -> MinerService | None:
     return MinerService(settings) if settings.role is Role.MINER else None
 
 
-__all__ = ["MinerService", "Refusal", "make_service"]
+__all__ = ["MinerHttp", "MinerService", "Refusal", "make_service"]
