@@ -28,12 +28,13 @@ from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_b
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
-from protocol.challenge import (ChallengeConfig, ChallengeMachine, Effect, GossipScore, RecordOutcome,
+from protocol.challenge import (ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore, RecordOutcome,
                                 SendChallenge, UploadKey)
 from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
 from protocol.membership import Role
 from protocol.messages import Channel, Message
-from protocol.scoring import Outcome, WindowEntry, score_window, weights_of
+from protocol.scoring import Outcome, WindowEntry, score_window
+from protocol.scoring import weights as score_weights
 
 log = logging.getLogger("sealmesh.challenger")
 
@@ -58,6 +59,8 @@ class ChallengerService(RoleService):
         self.outcomes: list[dict[str, Any]] = []
         self.epochs_done: list[dict[str, Any]] = []
         self.problems: list[str] = []
+        self.epoch_plan: dict[str, tuple[str, ...]] = {}  # validator -> its miners, this epoch
+        self.weights_set: list[dict[str, Any]] = []  # per epoch: what went to settlement and the chain
         self.timings: dict[str, float] = {}
         self.client: Any = None
         self.history: Any = None
@@ -139,6 +142,7 @@ class ChallengerService(RoleService):
 
     async def run_epoch(self, epoch: int) -> None:
         offers = await self._await_offers()
+        self.epoch_plan = assign_miners(epoch, self.ctx.genesis.mesh_id, offers, self.validators) if offers else {}
         started = time.time()
         await self._drive(self.machine.start_epoch(epoch, offers=offers, key_ids={self.manifest.model: self.client.key_id()},
                                                    validators=self.validators, now=started))
@@ -237,9 +241,10 @@ class ChallengerService(RoleService):
         self.history.record_scores(effect)
         for score in effect.scores:
             await self.ctx.publish(ScoreReport.of(effect.epoch, score))
-        weights = weights_of(effect.scores)
-        doc = {"epoch": effect.epoch, "validator": effect.validator,
-               "scores": {s.miner: s.score for s in effect.scores}, "weights": weights}
+        scores = await self._epoch_scores(effect)
+        weights = score_weights(scores)
+        doc = {"epoch": effect.epoch, "validator": effect.validator, "scores": scores, "weights": weights}
+        self.weights_set.append(doc)
         settlement = self.ctx.service("settlement")
         record = getattr(settlement, "record_scores", None)
         if record is not None:
@@ -251,6 +256,26 @@ class ChallengerService(RoleService):
                 await trio.to_thread.run_sync(set_weights_on_subnet, self.settings, weights)
             except Exception as exc:  # the chain being down must not stop the challenges
                 self._problem(f"set_weights on {self.settings.network} failed: {exc}")
+
+    async def _epoch_scores(self, effect: GossipScore) -> dict[str, float]:
+        """Every miner's score this epoch: ours, and the other validators' ScoreReports for
+        the miners the epoch's split gave them (waited for, within a bound), so settlement
+        and weights cover the whole mesh, not only our share of it."""
+        scores = {s.miner: s.score for s in effect.scores}
+        theirs = {miner: validator for validator, miners in self.epoch_plan.items() if validator != self.me
+                  for miner in miners}
+        bound = 30.0 + self.config.response_timeout_s * self.config.challenges_per_miner * max(
+            (len(m) for m in self.epoch_plan.values()), default=0)
+        with trio.move_on_after(bound):
+            while any(f"{effect.epoch}/{v}/{m}" not in self.scores_heard for m, v in theirs.items()):
+                await trio.sleep(0.5)
+        for miner, validator in theirs.items():
+            heard = self.scores_heard.get(f"{effect.epoch}/{validator}/{miner}")
+            if heard is None:
+                self._problem(f"epoch {effect.epoch}: no score for miner {miner} from {validator} in {bound:.0f} s")
+            else:
+                scores[miner] = heard["score"]
+        return scores
 
     # -- status --
 
@@ -274,6 +299,7 @@ class ChallengerService(RoleService):
             "miners": summary["miners"],
             "outcomes": self.outcomes[-MAX_OUTCOMES_REPORTED:],
             "scores_heard": list(self.scores_heard.values()),
+            "weights": self.weights_set[-1]["weights"] if self.weights_set else {},
             "timings": dict(self.timings), "problems": list(self.problems),
         })
 
@@ -368,7 +394,9 @@ def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
     for name, m in miners.items():
         if m["behaviour"] != "honest" and m["challenges"] and floor is not None and not m["score"] < floor:
             problems.append(f"fhe: {m['behaviour']} {name} scored {m['score']:.4g}, not below honest {floor:.4g}")
-    return {"model": next(iter(validators.values())).get("model"), "epochs": plan.epochs,
+    first = validators[sorted(validators)[0]]  # every validator hands settlement the same merged scores
+    weights = {names.get(m, m[:8]): round(w, 6) for m, w in first.get("weights", {}).items()}
+    return {"model": first.get("model"), "epochs": plan.epochs, "weights": weights,
             "challenges": sum(m["challenges"] for m in miners.values()), "miners": miners,
             "problems": problems}
 
