@@ -359,7 +359,7 @@ def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
     miner was never challenged, an honest one failed, or a faulty one scored no lower."""
     if not plan.epochs or not plan.miners:
         return {"miners": {}, "problems": []}
-    names = {s["hotkey"]: n for n, s in statuses.items() if s}
+    names = {s["hotkey"]: n for n, s in statuses.items() if s and "hotkey" in s}
     sections = {n: (s or {}).get("sections", {}).get(REPORT_SECTION) for n, s in statuses.items()}
     validators = {n: d for n, d in sections.items() if d and d.get("role") == "validator"}
     miner_names = sorted(n for n, d in sections.items() if d and d.get("role") == "miner")
