@@ -896,7 +896,7 @@ def prepare_testnet(plan, nodes, root: Path) -> None:
 
 def summarize(plan, statuses: dict[str, dict | None]) -> dict[str, Any]:
     """report.json "training": per round, what the validators agree on, and what went wrong."""
-    names = {s["hotkey"]: n for n, s in statuses.items() if s}
+    names = {s["hotkey"]: n for n, s in statuses.items() if s and s.get("hotkey")}
     sections = {n: s.get("sections", {}).get(REPORT_SECTION) for n, s in statuses.items() if s}
     validators = {n: d for n, d in sections.items() if d and d.get("role") == "validator"}
     trainers = {n: d for n, d in sections.items() if d and d.get("role") == "trainer"}
