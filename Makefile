@@ -6,10 +6,13 @@ UV     := .tools/bin/uv
 UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lock install clean
+.PHONY: demo test test-all bench bench-secagg bench-fhe bench-round lock install clean
 
+# The demo mesh: 3 validators (committee 2-of-3, embedded head), 2 trainers (2 private
+# QLoRA rounds), 3 miners (one honest, one returning garbage, one slow; 1 FHE epoch).
 demo: $(STAMP)
-	$(VENV)/bin/sealmesh testnet up --trainers 2 --validators 2 --miners 1 --rounds 2 --dir testnet
+	$(VENV)/bin/sealmesh testnet up --validators 3 --trainers 2 --miners 3 --rounds 2 --epochs 1 \
+		--fault miner-1=garbage --fault miner-2=slow --timeout 900 --dir testnet
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
@@ -20,6 +23,16 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/gossip.py
+
+# The privacy tax of one round for 1M parameters (about 15 minutes on 2 cores).
+bench-secagg: $(STAMP)
+	$(VENV)/bin/python bench/secagg.py --params 1000000
+
+bench-fhe: $(STAMP)
+	$(VENV)/bin/python bench/fhe.py
+
+bench-round: $(STAMP)
+	$(VENV)/bin/python bench/round.py
 
 install: $(STAMP)
 

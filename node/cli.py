@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--trainers", type=int, default=2)
     up.add_argument("--validators", type=int, default=2)
     up.add_argument("--miners", type=int, default=1)
-    up.add_argument("--rounds", type=int, default=1, help="scenario rounds (default %(default)s)")
-    up.add_argument("--pings", type=int, default=10, help="pings each node sends per round")
+    up.add_argument("--rounds", type=int, default=1,
+                    help="private training rounds, when there are trainers (default %(default)s)")
+    up.add_argument("--pings", type=int, default=10, help="pings each node sends (default %(default)s)")
     up.add_argument("--dir", type=Path, default=Path("testnet"), help="working directory")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
     up.add_argument("--epochs", type=int, default=0, help="FHE challenge epochs (validators challenge miners)")

@@ -1,10 +1,12 @@
 """`sealmesh testnet up`: a local mesh of node processes on 127.0.0.1, driven to the end.
 
-Makes wallets and a genesis file, starts every node as its own OS process, shows
-progress, waits until every scenario has what it expects (or the timeout), stops all
-nodes with SIGTERM, and writes DIR/report.json. Scenarios now: every node announces
-itself (signed, bound to its peer id) and sends pings; every node must hear every
-other node's announcement and every ping.
+Makes wallets, a genesis file and (through the role modules' prepare_testnet hooks) the
+committee key, compiled FHE bundles and head settings; starts every node as its own OS
+process, shows progress, waits until every scenario has what it expects (or the
+timeout), stops all nodes with SIGTERM, and writes DIR/report.json. Scenarios: every
+node announces itself and pings; the validators run the training rounds, the FHE
+challenge epochs and the settlement head that the plan asks for; each role module's
+summarize() adds its section to the report.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) ->
         f'wallet_name = "testnet"\nhotkey = "{name}"\nwallet_path = "{root / "wallets"}"\n'
         f'genesis = "{root / "genesis.json"}"\n'
         f"listen_port = {mesh_port}\napi_port = {api_port}\n"
-        f"pings = {plan.pings * plan.rounds}\nping_interval_s = {plan.ping_interval_s}\n"
+        f"pings = {plan.pings}\nping_interval_s = {plan.ping_interval_s}\n"
         f'ping_start = "signal"\n')
 
 
@@ -186,7 +188,7 @@ def _die_with_parent() -> None:
 
 
 def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
-    expected_pings = plan.pings * plan.rounds * (len(nodes) - 1)
+    expected_pings = plan.pings * (len(nodes) - 1)
     last_line, pings_started, complete_at, last_pending = "", False, None, None
     while time.monotonic() < deadline:
         for node in nodes:
@@ -271,7 +273,7 @@ def _stop_all(nodes: list[NodeProcess], grace_s: float = 15.0) -> None:
 def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, duration_s: float) -> dict:
     finals = {n.name: _final_status(n) for n in nodes}
     hotkeys = {n.hotkey: n.name for n in nodes}
-    per_sender = plan.pings * plan.rounds
+    per_sender = plan.pings
     expected = per_sender * len(nodes) * (len(nodes) - 1)
     delivered, latencies, rejected, drops, problems = 0, [], {}, {}, []
     for node in nodes:

@@ -70,7 +70,9 @@ class RoundConfig:
     clip_bound: float = 1.0
     quant_bits: int = 16
     max_contributors: int = 16
-    min_contributors: int = 1  # the demo's floor; a real mesh sets more (privacy of the mean)
+    # Decrypting a sum of one contribution reveals it: 2 is the floor that keeps the
+    # mean private at all; a real mesh sets more.
+    min_contributors: int = 2
     outer: str = "fedavg"  # or "diloco"
     outer_lr: float = 1.0  # FedAvg 1.0 = the average model; DiLoCo's paper uses 0.7
     outer_momentum: float = 0.9
@@ -887,7 +889,8 @@ def prepare_testnet(plan, nodes, root: Path) -> None:
     keys = cm.deal_committee([n.hotkey for n in validators], plan.key_bits)
     public_only = cm.CommitteeKey(keys[0].public, keys[0].verification_keys, keys[0].threshold, keys[0].members)
     by_hotkey = {k.members[k.share.index - 1]: k for k in keys}
-    config = RoundConfig(collect_s=10.0 + 2.0 * plan.trainers, first_round_extra_s=5.0 + len(nodes) / 2)
+    config = RoundConfig(collect_s=10.0 + 2.0 * plan.trainers, first_round_extra_s=5.0 + len(nodes) / 2,
+                         min_contributors=max(1, min(2, plan.trainers)))
     for node in nodes:
         cm.save_committee(node.data_dir / cm.COMMITTEE_DIR, by_hotkey.get(node.hotkey, public_only))
         if not (node.data_dir / ROUND_CONFIG_FILE).exists():
