@@ -377,8 +377,10 @@ def _field_int(obj: dict, name: str, low: int, high: int) -> int:
 
 def _field_bytes(obj: dict, name: str, max_len: int, exact: bool = False) -> int:
     raw = obj.get(name)
-    if not isinstance(raw, bytes) or not 1 <= len(raw) <= max_len or (exact and len(raw) != max_len):
-        raise DkgDecodeError(f"{name}: expected {'exactly' if exact else 'at most'} {max_len} bytes")
+    if not isinstance(raw, bytes) or not 1 <= len(raw) <= max_len or (
+            exact and len(raw) != max_len):
+        how = "exactly" if exact else "at most"
+        raise DkgDecodeError(f"{name}: expected {how} {max_len} bytes")
     return int.from_bytes(raw, "big")
 
 

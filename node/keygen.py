@@ -198,7 +198,8 @@ def check_previous(out_dir: Path, restart: bool) -> dict[str, Any] | None:
             raise CeremonyCrashed(f"{out_dir}: state says finished but {KEY_FILE} is gone; "
                                   f"restore it from a backup (a new ceremony makes a new key)")
         return state
-    if status == "running" and _pid_alive(state.get("pid")) and state.get("host") == socket.gethostname():
+    here = state.get("host") == socket.gethostname()
+    if status == "running" and here and _pid_alive(state.get("pid")):
         raise CeremonyBusy(f"{out_dir}: a ceremony is running there (pid {state['pid']})")
     if restart:
         return None
@@ -217,8 +218,8 @@ def load_result(out_dir: Path) -> dict[str, Any]:
     dkg.DkgKeyShare, parameters and timings."""
     raw = msgpack.unpackb((Path(out_dir) / KEY_FILE).read_bytes(), raw=False)
     public = paillier.decode_public_key(raw["public_key"])
-    return {**raw, "public": public,
-            "verification_keys": paillier.decode_verification_keys(public, raw["verification_keys"]),
+    vks = paillier.decode_verification_keys(public, raw["verification_keys"])
+    return {**raw, "public": public, "verification_keys": vks,
             "key_share": dkg.decode_key_share(raw["key_share"])}
 
 
@@ -341,8 +342,9 @@ class _Watchdog:
     def _beat(self) -> None:
         p = self.progress
         waiting = sorted(self.waiting_since)
+        waits = f", waiting for {', '.join(waiting)}" if waiting else ""
         log.info("keygen member %d: phase %s, round %d, %.1f s elapsed%s", self.settings.index,
-                 p.phase, p.round, p.elapsed, f", waiting for {', '.join(waiting)}" if waiting else "")
+                 p.phase, p.round, p.elapsed, waits)
         self.state.update(phase=p.phase, round=p.round, elapsed_s=round(p.elapsed, 3),
                           updated_at=time.time(), waiting_for=waiting)
         write_state(self.settings.out_dir, self.state)
@@ -454,7 +456,8 @@ async def _verify(settings: KeygenSettings, pool: Any, public: paillier.PublicKe
                                    reason="verification_base")
         key = message.get("key")
         if type(key) is not int or not public.is_valid_ciphertext(key):
-            raise dkg.BadPeerValue(j, "verification key is not in Z*_{n^2}", reason="verification_key")
+            raise dkg.BadPeerValue(j, "verification key is not in Z*_{n^2}",
+                                   reason="verification_key")
         keys[j] = key
         try:
             partials[j] = paillier.decode_partial(public, params.n_parties, message.get("partial"))
@@ -597,7 +600,8 @@ def run_member(settings: KeygenSettings) -> dict[str, Any]:
     state.update(status="finished", phase="finished", elapsed_s=summary["elapsed_s"],
                  finished_at=summary["finished_at"], updated_at=time.time(), waiting_for=[],
                  modulus_bits=summary["modulus_bits"], protocol_s=summary["protocol_s"],
-                 tno_rounds=summary["tno_rounds"], phase_times_s=summary["phase_times_s"])
+                 tno_rounds=summary["tno_rounds"], round=summary["tno_rounds"],
+                 phase_times_s=summary["phase_times_s"])
     write_state(out_dir, state)
     log.info("keygen member %d finished: %d-bit modulus in %.1f s (%d TNO rounds)",
              settings.index, summary["modulus_bits"], summary["elapsed_s"], summary["tno_rounds"])
@@ -611,7 +615,8 @@ def _as_keygen_error(exc: BaseException, settings: KeygenSettings) -> BaseExcept
         return CeremonyInterrupted("interrupted by SIGINT; rerun every member with --restart")
     if isinstance(exc, OSError) and exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
         host, port = settings.members[settings.index - 1]
-        return KeygenError(f"cannot listen on {host}:{port}: {exc.strerror}", reason="address_in_use")
+        return KeygenError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                           reason="address_in_use")
     return exc
 
 

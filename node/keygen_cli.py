@@ -72,7 +72,7 @@ def keygen_main(argv: list[str] | None = None) -> int:
 
     try:
         if args.local is not None:
-            return _run_local(args, keygen)
+            return _run_local(args)
         if not args.members:
             parser.error("--index needs --members host:port,...")
         members = keygen.parse_members(args.members)
@@ -93,7 +93,7 @@ def keygen_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_local(args: argparse.Namespace, keygen: object) -> int:
+def _run_local(args: argparse.Namespace) -> int:
     from node import keygen as kg
 
     if args.members:
@@ -106,10 +106,10 @@ def _run_local(args: argparse.Namespace, keygen: object) -> int:
         stall_timeout_s=args.stall_timeout, heartbeat_s=args.heartbeat,
         batch_size=args.batch_size, restart=args.restart)
     result = kg.run_local(local)
-    report = {"ok": result["ok"], "failed": result["failed"], "members": {
-        i: {k: s.get(k) for k in ("status", "phase", "elapsed_s", "protocol_s", "tno_rounds", "round",
-                                   "error", "modulus_bits")}
-        for i, s in result["members"].items()}}
+    keys = ("status", "phase", "elapsed_s", "protocol_s", "tno_rounds", "round", "error",
+            "modulus_bits")
+    report = {"ok": result["ok"], "failed": result["failed"],
+              "members": {i: {k: s.get(k) for k in keys} for i, s in result["members"].items()}}
     print(json.dumps(report, sort_keys=True))
     return 0 if result["ok"] else 1
 

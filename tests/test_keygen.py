@@ -74,7 +74,8 @@ def convert(params: dkg.CeremonyParameters, modulus: int, tno_shares: dict[int, 
             theta: int) -> tuple[paillier.PublicKey, dict[int, paillier.KeyShare],
                                  paillier.VerificationKeys, int]:
     """What the members compute after TNO, without the network in between."""
-    dealt = {i: dkg.deal_sub_shares(params, modulus, i, tno_shares[i]) for i in params.reduction_set}
+    dealt = {i: dkg.deal_sub_shares(params, modulus, i, tno_shares[i])
+             for i in params.reduction_set}
     public = paillier.PublicKey(modulus)
     v = dkg.verification_base(public, b"session")
     shares = {}
@@ -159,7 +160,8 @@ def test_bad_sub_shares_name_the_member(ceremony):
     params, modulus = ceremony["params"], ceremony["modulus"]
     bound = dkg.sub_share_bound(params, modulus)
     good = {1: 5, 2: -7, 3: 11}
-    assert dkg.combine_sub_shares(params, modulus, 2, good) == 9 + 2 * dkg.share_shift(params, modulus)
+    shift = dkg.share_shift(params, modulus)
+    assert dkg.combine_sub_shares(params, modulus, 2, good) == 9 + 2 * shift
     with pytest.raises(dkg.BadPeerValue) as info:
         dkg.combine_sub_shares(params, modulus, 1, {1: 5, 2: bound + 1, 3: 0})
     assert info.value.member == 2 and info.value.reason == "sub_share_range"
@@ -254,7 +256,8 @@ def test_save_is_private_and_loads_back(tmp_path, ceremony):
     assert stat.S_IMODE((settings.out_dir / keygen.PUBLIC_FILE).stat().st_mode) == 0o644
     assert not [p for p in settings.out_dir.iterdir() if p.name.endswith(".tmp")]
     result = keygen.load_result(settings.out_dir)
-    assert result["public"] == ceremony["public"] and result["key_share"].share == ceremony["shares"][1]
+    assert result["public"] == ceremony["public"]
+    assert result["key_share"].share == ceremony["shares"][1]
     assert result["verification_keys"] == ceremony["vks"] and summary["modulus_bits"] == BITS
     public_only = msgpack.unpackb((settings.out_dir / keygen.PUBLIC_FILE).read_bytes(), raw=False)
     assert "key_share" not in public_only and "tno" not in public_only
@@ -441,6 +444,7 @@ def test_member_killed_mid_ceremony_fails_the_others_promptly(tmp_path):
         state = keygen.read_state(keygen.member_dir(tmp_path, i))
         assert state["status"] == "failed" and state["reason"] == "member_vanished", state
         assert "member-3" in state["error"]
-    assert json.loads((keygen.member_dir(tmp_path, 3) / keygen.STATE_FILE).read_text())["status"] == "running"
+    dead_state = keygen.member_dir(tmp_path, 3) / keygen.STATE_FILE
+    assert json.loads(dead_state.read_text())["status"] == "running"
     with pytest.raises(keygen.CeremonyCrashed, match="cannot resume"):
         keygen.check_previous(keygen.member_dir(tmp_path, 3), restart=False)
