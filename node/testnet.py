@@ -209,19 +209,22 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
         everyone_heard = heard >= len(nodes) * (len(nodes) - 1)
         if everyone_heard and complete_at is None:
             complete_at = time.monotonic()
-            print(f"testnet: mesh complete; pings start in {_settle_s(nodes):.0f} s", flush=True)
-        if complete_at and not pings_started and expected_pings \
-                and time.monotonic() - complete_at >= _settle_s(nodes):
-            # Start every node's pings together (see Node._ping_scenario), once the
-            # start-up work (imports, announcements, mesh grafting) has drained.
-            print("testnet: starting pings", flush=True)
-            for node in nodes:
-                node.process.send_signal(signal.SIGUSR1)
-            pings_started = True
+            print(f"testnet: mesh complete; pings start in {_settle_s(nodes):.0f} s at the "
+                  "earliest, once the role scenarios are done", flush=True)
         pending = _pending_sections(nodes)
         if pending != last_pending:
             print(f"testnet: waiting for {', '.join(pending) or 'nothing more'}", flush=True)
             last_pending = pending
+        if complete_at and not pings_started and expected_pings and not pending \
+                and time.monotonic() - complete_at >= _settle_s(nodes):
+            # Start every node's pings together (see Node._ping_scenario), once the
+            # start-up work (imports, announcements, mesh grafting) has drained and the
+            # CPU-heavy role work (training, FHE, proofs) is over: the pings measure the
+            # mesh, not how long a starved event loop takes to validate a message.
+            print("testnet: starting pings", flush=True)
+            for node in nodes:
+                node.process.send_signal(signal.SIGUSR1)
+            pings_started = True
         if pings >= expected_pings * len(nodes) and everyone_heard and not pending:
             return True
         time.sleep(0.5 if len(nodes) <= 8 else 1.0)  # polling 20 nodes costs CPU too
