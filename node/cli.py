@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     # parsing any other command never imports torch.
     fhe_commands.add_parser("compile", help="compile a zoo model into client/server bundles with a "
                                             "manifest (sealmesh fhe compile --help for its flags)")
+    committee = commands.add_parser("committee", help="the committee's threshold Paillier key")
+    committee_commands = committee.add_subparsers(dest="committee_command", required=True, metavar="ACTION")
+    # Like `fhe compile`: main() hands `committee keygen ...` to node.keygen_cli whole.
+    committee_commands.add_parser(
+        "keygen", help="dealer-free key ceremony (TNO distributed key generation), one member per "
+                       "process or --local N (sealmesh committee keygen --help for its flags)")
     return parser
 
 
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["fhe", "compile"]:
         from fhe.cli_compile import fhe_compile_main
         return fhe_compile_main(argv[2:])
+    if argv[:2] == ["committee", "keygen"]:
+        from node.keygen_cli import keygen_main
+        return keygen_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "wallet":

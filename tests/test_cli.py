@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import pytest
 
 from crypto.identity import Hotkey
 from node.registry.genesis import Genesis, write_genesis
@@ -51,3 +52,13 @@ def test_node_errors_name_the_fix(tmp_path):
     (tmp_path / "bad.toml").write_text("role = [")
     bad_config = sealmesh("node", "--config", str(tmp_path / "bad.toml"))
     assert bad_config.returncode == 2 and "bad.toml" in bad_config.stderr
+
+
+def test_committee_keygen_is_reachable_from_the_main_cli(capsys):
+    from node.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["committee", "keygen", "--help"])
+    assert exit_info.value.code == 0
+    assert "--members" in capsys.readouterr().out
+    assert main(["committee", "keygen", "--local", "3", "--out", "/nonexistent/x", "--bits", "7"]) != 0
