@@ -33,7 +33,9 @@ from typing import Collection, Iterable, Mapping, Sequence, Union
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.scoring import WINDOW, MinerScore, Outcome, WindowEntry, score_window
 
-DEFAULT_MIN_COSINE = 0.95  # fhe/ measured 0.970-0.988 against the clear quantized circuit
+# Honest results measured 0.948-0.988 against the clear quantized circuit (p_error 0.01
+# lets a few PBS land off by one); garbage sits near 0. The argmax must agree as well.
+DEFAULT_MIN_COSINE = 0.85
 MAX_ITERATIONS = 4  # circuit runs per challenge (a load challenge); fhe.engine's default bound
 
 
