@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ import msgpack
 from crypto import paillier
 from crypto.contribution import DecryptionBlock, decryption_blocks
 from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, VerificationKeys
+from node.files import write_atomic
 from protocol._wire import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -85,18 +85,6 @@ def majority(n: int) -> int:
 
 
 # --- files ------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write-then-rename with fsync, so a SIGKILL leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def save_committee(directory: Path, key: CommitteeKey) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 import trio
 
 from node.api import ApiServer
+from node.files import write_atomic
 from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, BlobService, handle_probe
 from node.mesh import Mesh, MeshConfig, ValidationResult
 from node.metrics import NodeMetrics
@@ -56,16 +57,6 @@ def load_or_create_node_key(data_dir: Path) -> bytes:
     seed = secrets.token_bytes(32)
     write_atomic(path, seed, mode=0o600)
     return seed
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Node:

@@ -36,6 +36,7 @@ from typing import Any
 import msgpack
 
 from crypto import dkg, paillier
+from node.files import write_atomic
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger("sealmesh.keygen")
@@ -142,23 +143,6 @@ class KeygenSettings:
 # Files: atomic writes and the state file
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-
-
 def read_state(out_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(out_dir) / STATE_FILE).read_text())
@@ -170,7 +154,7 @@ def read_state(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_state(out_dir: Path, state: dict[str, Any]) -> None:
-    _write_atomic(Path(out_dir) / STATE_FILE,
+    write_atomic(Path(out_dir) / STATE_FILE,
                   json.dumps(state, indent=1, sort_keys=True).encode(), 0o600)
 
 
@@ -550,8 +534,8 @@ def _save(settings: KeygenSettings, out: dict[str, Any], progress: Progress) -> 
                    "verification_keys": paillier.encode_verification_keys(public, vks)}
     tno = dict(out["tno"], share=_signed_bytes(out["tno"]["share"]))
     secret_part = {**summary, **public_part, "key_share": dkg.encode_key_share(key), "tno": tno}
-    _write_atomic(settings.out_dir / KEY_FILE, msgpack.packb(secret_part, use_bin_type=True), 0o600)
-    _write_atomic(settings.out_dir / PUBLIC_FILE,
+    write_atomic(settings.out_dir / KEY_FILE, msgpack.packb(secret_part, use_bin_type=True), 0o600)
+    write_atomic(settings.out_dir / PUBLIC_FILE,
                   msgpack.packb({**summary, **public_part}, use_bin_type=True), 0o644)
     return summary
 

@@ -108,3 +108,26 @@ class RoleService:
 
     async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+
+class GuardedWork:
+    """For a role that starts many pieces of work in its nursery: one that fails is logged
+    and kept in `errors` (shown in the role's status), and ends neither the role nor the
+    node. The subclass sets `nursery` and `errors` and has a `report()` method."""
+
+    nursery: trio.Nursery
+    errors: list[str]
+
+    def report(self) -> None:
+        raise NotImplementedError
+
+    def _start(self, work, *args) -> None:
+        self.nursery.start_soon(self._guarded, work, *args)
+
+    async def _guarded(self, work, *args) -> None:
+        try:
+            await work(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure of one task is reported, not fatal
+            self.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
+            log.exception("%s failed", work.__name__)
+            self.report()

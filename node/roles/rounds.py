@@ -37,7 +37,7 @@ import trio
 
 from node import committee as cm
 from node.blobs import BlobFetchError
-from node.roles.base import RoleContext, RoleService, now_ms
+from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
 from node.settings import NodeSettings
 from protocol import aggregation as agg
 from protocol.aggregation_messages import (AcceptedSet, Contribution, ContributionVerdict, PartialDecryption,
@@ -247,7 +247,7 @@ class RoundSlot:
         return self.validator is not None and self.validator.phase in (agg.Phase.FINAL, agg.Phase.ABORTED)
 
 
-class RoundsService(RoleService):
+class RoundsService(GuardedWork, RoleService):
     name = "rounds"
     channels = frozenset({Channel.TRAIN})
 
@@ -451,19 +451,6 @@ class RoundsService(RoleService):
                 await self._handle(sender_, message, received_ms)
             except RemoteProtocolError as exc:
                 self.ctx.metrics.reject("round", exc.reason)
-
-    def _start(self, work, *args) -> None:
-        """Run one piece of round work in the role's nursery; its failure is logged and
-        reported, and ends neither the role nor the node (the round's deadline does)."""
-        self.nursery.start_soon(self._guarded, work, *args)
-
-    async def _guarded(self, work, *args) -> None:
-        try:
-            await work(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure of one task is reported, not fatal
-            self.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
-            log.exception("%s failed", work.__name__)
-            self.report()
 
     # -- driving the machines --
 

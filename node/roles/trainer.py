@@ -20,7 +20,7 @@ import trio
 
 from node import committee as cm
 from node.blobs import BlobFetchError
-from node.roles.base import RoleContext, RoleService, now_ms
+from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
 from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, adapter_values, layout_of,
                                load_training_model, members_with, vector_of_adapter)
 from node.settings import NodeSettings
@@ -59,7 +59,7 @@ def round_seed(round_id: int, index: int) -> int:
     return 1_000_003 * round_id + index
 
 
-class TrainerService(RoleService):
+class TrainerService(GuardedWork, RoleService):
     name = "trainer"
     channels = frozenset({Channel.TRAIN})
 
@@ -120,19 +120,6 @@ class TrainerService(RoleService):
             texts = demo_split(len(self.trainers)).shards[self.index]
             self.blocks[block_len] = token_blocks(self.tokenizer, texts, block_len)
         return self.blocks[block_len]
-
-    def _start(self, work, *args) -> None:
-        """Run one piece of round work in the role's nursery; its failure is logged and
-        reported, and ends neither the role nor the node (the round's deadline does)."""
-        self.nursery.start_soon(self._guarded, work, *args)
-
-    async def _guarded(self, work, *args) -> None:
-        try:
-            await work(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure of one task is reported, not fatal
-            self.errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
-            log.exception("%s failed", work.__name__)
-            self.report()
 
     # -- gossip --
 
