@@ -269,3 +269,12 @@ def test_cli_recompiles_identical_bundles_and_reports_errors(digits_compiled, tm
     assert "n_bits is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fhe_compile_main(["--model", "nope", "--out", str(tmp_path / "y")])
+
+
+def test_compare_logits_accepts_a_near_tie_and_refuses_a_clear_miss():
+    from fhe.bundle import compare_logits
+
+    reference = [0.0, 10.0, 9.5, 1.0]  # classes 1 and 2 within 5 % of the span
+    assert compare_logits([0.0, 9.0, 9.6, 1.0], reference).argmax_match
+    assert not compare_logits([0.0, 1.0, 1.0, 9.0], reference).argmax_match  # class 3 is far off
+    assert compare_logits([0.0, 10.0, 2.0, 1.0], reference).argmax_match
