@@ -285,21 +285,21 @@ def decode_partial_blob(key: CommitteeKey, data: bytes, *, member_index: int, ag
 
 def combine_blocks(key: CommitteeKey, aggregate: Sequence[int], blocks: Sequence[DecryptionBlock],
                    batches: Mapping[int, Mapping[int, BatchPartialDecryption]], chosen: Mapping[int, list[int]],
-                   context_of) -> list[int]:
+                   context_of, workers: int = 1) -> list[int]:
     """Plaintexts of the whole aggregate: each block from its chosen members' batches
-    (re-verified by combine_many); `batches`: member -> block -> batch."""
+    (re-verified by combine_many on `workers` threads); `batches`: member -> block -> batch."""
     plaintexts: list[int] = []
     for number, block in enumerate(blocks):
         picked = [batches[m][number] for m in chosen[number]]
         cs = aggregate[block.start:block.stop]
         if key.plaintext_scale in (0, 1):
             plaintexts += paillier.combine_many(key.public, key.verification_keys, key.threshold, cs, picked,
-                                                context_of(number), workers=1)
+                                                context_of(number), workers=workers)
         else:
             from crypto import dkg
 
             plaintexts += dkg.combine_many(key.public, key.verification_keys, key.threshold, cs, picked,
-                                           context_of(number), key.plaintext_scale, workers=1)
+                                           context_of(number), key.plaintext_scale, workers=workers)
     return plaintexts
 
 

@@ -178,6 +178,17 @@ def test_round_config_file_defaults_overrides_and_errors(tmp_path):
         rounds.RoundConfig(min_contributors=5, max_contributors=4)
 
 
+def test_crypto_threads_default_to_every_core_and_refuse_nonsense(monkeypatch):
+    monkeypatch.setattr(rounds.os, "cpu_count", lambda: 6)
+    assert rounds.RoundConfig().threads == 6
+    assert rounds.RoundConfig(crypto_threads=1).threads == 1
+    monkeypatch.setattr(rounds.os, "cpu_count", lambda: None)
+    assert rounds.RoundConfig().threads == 1
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(rounds.RoundConfigError, match="crypto_threads"):
+            rounds.RoundConfig(crypto_threads=bad)
+
+
 def test_state_files_replace_atomically_and_refuse_garbage(tmp_path):
     files = rounds.StateFiles(tmp_path / "s", "validator")
     files.save(3, {"a": 1, "b": b"\x00"})

@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +79,9 @@ class RoundConfig:
     outer_momentum: float = 0.9
     cover_wait_s: float = 5.0  # how long a member waits to learn who is gone before decrypting
     resend_s: float = 3.0  # gossip may drop: round messages are re-sent this often
+    # Threads for this node's partial decryption and combining (0: one per core). Local:
+    # not part of RoundOpen.
+    crypto_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.outer not in ("fedavg", "diloco"):
@@ -90,6 +94,13 @@ class RoundConfig:
                 raise RoundConfigError(f"{name} must be a positive number, got {value!r}")
         if self.min_contributors > self.max_contributors:
             raise RoundConfigError("min_contributors must not exceed max_contributors")
+        if not isinstance(self.crypto_threads, int) or isinstance(self.crypto_threads, bool) \
+                or self.crypto_threads < 0:
+            raise RoundConfigError(f"crypto_threads must be an integer >= 0, got {self.crypto_threads!r}")
+
+    @property
+    def threads(self) -> int:
+        return self.crypto_threads or os.cpu_count() or 1
 
 
 class RoundConfigError(LocalProtocolError):
@@ -650,7 +661,8 @@ class RoundsService(GuardedWork, RoleService):
         started = now_ms()
 
         def decrypt() -> dict:
-            return {b: paillier.partial_decrypt_many(share, cs[blocks[b].start:blocks[b].stop], context(b), workers=1)
+            return {b: paillier.partial_decrypt_many(share, cs[blocks[b].start:blocks[b].stop], context(b),
+                                                   workers=self.config.threads)
                     for b in mine}
 
         batches = await trio.to_thread.run_sync(decrypt)
@@ -721,7 +733,8 @@ class RoundsService(GuardedWork, RoleService):
         batches = {i: slot.batches[m] for i, m in index.items()}
         try:
             plaintexts = await trio.to_thread.run_sync(
-                cm.combine_blocks, self.key, cs, blocks, batches, chosen, self._context(slot, effect.aggregate_id))
+                cm.combine_blocks, self.key, cs, blocks, batches, chosen, self._context(slot, effect.aggregate_id),
+                self.config.threads)
             base_data = await self._fetch(ro.base_adapter_id, list(ro.validators), max_bytes=64 << 20,
                                           until_ms=ro.final_deadline_ms)
             adapter, stats = await trio.to_thread.run_sync(
