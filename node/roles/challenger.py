@@ -123,11 +123,17 @@ class ChallengerService(RoleService):
     # -- one epoch --
 
     async def _await_offers(self) -> dict[str, str]:
-        """miner -> model, for every miner whose offer matches our own compiled circuit."""
+        """miner -> model, for every miner whose offer matches our own compiled circuit.
+
+        Waits (up to offers_wait_s) for every miner's offer *and* its membership announcement:
+        on a loaded start the offer can arrive before the announcement that binds the miner's
+        hotkey to its peer id, and challenging then would score an honest miner unreachable.
+        """
         with trio.move_on_after(self.config.offers_wait_s):
-            while set(self.miners) - set(self.offers):
+            while not all(self._announced(m) for m in self.miners):
                 self.offer_seen = trio.Event()
-                await self.offer_seen.wait()
+                with trio.move_on_after(0.5):  # announcements arrive without an offer event
+                    await self.offer_seen.wait()
         offers = {}
         for miner in self.miners:
             offer = self.offers.get(miner)
@@ -169,6 +175,10 @@ class ChallengerService(RoleService):
             elif isinstance(effect, GossipScore):
                 await self._gossip_scores(effect)
         self._report()
+
+    def _announced(self, miner: str) -> bool:
+        offer = self.offers.get(miner)
+        return offer is not None and self.ctx.peer_of(miner) == offer.peer_id
 
     def _peer(self, miner: str) -> str:
         peer = self.ctx.peer_of(miner)
