@@ -276,34 +276,35 @@ class _Watchdog:
         client = self.pool.pool_handlers[name]
         return any(isinstance(x, asyncio.Future) and not x.done() for x in client.buffer.values())
 
-    async def _probe(self, name: str, session: Any) -> str | None:
-        """None if the member's port answers; otherwise why not."""
-        import aiohttp
+    async def _probe(self, name: str) -> str | None:
+        """None if the member's port accepts a TCP connection; otherwise why not.
 
+        TCP, not HTTP: the kernel accepts for a live process even while its event loop is
+        busy in a long synchronous step of TNO's protocol (or starved of CPU), and an
+        HTTP request would then time out and call a slow member dead.
+        """
         client = self.pool.pool_handlers[name]
         try:
-            async with session.get(f"http://{client.addr}:{client.port}/",
-                                   timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)):
-                return None
+            _, writer = await asyncio.wait_for(asyncio.open_connection(client.addr, client.port),
+                                               _PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return "no answer within 5 s"
-        except (aiohttp.ClientError, OSError) as exc:
+            return f"no TCP answer within {_PROBE_TIMEOUT_S:.0f} s"
+        except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
+        writer.close()
+        return None
 
     async def run(self) -> None:
-        import aiohttp
-
         last_beat = time.monotonic()
-        async with aiohttp.ClientSession() as session:
-            while True:
-                await asyncio.sleep(min(1.0, self.settings.heartbeat_s))
-                now = time.monotonic()
-                await self._check_members(now, session)
-                if now - last_beat >= self.settings.heartbeat_s:
-                    last_beat = now
-                    self._beat()
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.heartbeat_s))
+            now = time.monotonic()
+            await self._check_members(now)
+            if now - last_beat >= self.settings.heartbeat_s:
+                last_beat = now
+                self._beat()
 
-    async def _check_members(self, now: float, session: Any) -> None:
+    async def _check_members(self, now: float) -> None:
         limit = (self.settings.join_timeout_s if self.progress.phase == "hello"
                  else self.settings.stall_timeout_s)
         for name in self.pool.pool_handlers:
@@ -313,7 +314,7 @@ class _Watchdog:
             since = self.waiting_since.setdefault(name, now)
             if now - since < limit:
                 continue
-            why = await self._probe(name, session)
+            why = await self._probe(name)
             if why is None:
                 continue  # alive, only slow: the overall --timeout still applies
             client = self.pool.pool_handlers[name]

@@ -319,6 +319,29 @@ def test_member_that_never_comes_up_fails_with_timeout_not_hang(tmp_path):
         keygen.run_member(settings)
 
 
+def test_a_busy_member_is_slow_not_vanished_and_a_closed_port_is_vanished():
+    """The watchdog's probe: a live process whose event loop never answers (busy in a long
+    synchronous TNO step, or starved of CPU) still accepts TCP; a closed port does not."""
+    import asyncio
+    from types import SimpleNamespace
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(4)  # never accept()ed, never answered: the kernel still completes the handshake
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    handlers = {"member-2": SimpleNamespace(addr="127.0.0.1", port=busy.getsockname()[1], buffer={}),
+                "member-3": SimpleNamespace(addr="127.0.0.1", port=closed_port, buffer={})}
+    watchdog = keygen._Watchdog(None, None, SimpleNamespace(pool_handlers=handlers), {})
+    try:
+        assert asyncio.run(watchdog._probe("member-2")) is None
+        assert "ConnectionRefused" in asyncio.run(watchdog._probe("member-3"))
+    finally:
+        busy.close()
+
+
 def test_mismatched_member_is_named(tmp_path):
     ports = keygen.free_ports(3)
     members = tuple(("127.0.0.1", p) for p in ports)
