@@ -10,6 +10,7 @@ is a counter in ``Mesh.stats``.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import inspect
@@ -144,6 +145,18 @@ class ValidationResult(enum.Enum):
 
 Validator = Callable[[str, bytes], "tuple[ValidationResult, str] | Awaitable[tuple[ValidationResult, str]]"]
 StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+# When the stream request now being handled began to arrive (its length prefix), in ms.
+# A handler checks a signature's freshness against it: a 40 MB upload's transfer time is
+# the link's doing, not the signature's age. Per task: every stream is served in its own.
+_request_started_ms: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_started_ms",
+                                                                                  default=None)
+
+
+def request_started_ms() -> int | None:
+    """When the current stream request's first bytes arrived (ms since the epoch), or None
+    outside a stream handler."""
+    return _request_started_ms.get()
 
 
 @dataclass(frozen=True)
@@ -536,6 +549,7 @@ class Mesh:
         self, stream: INetStream, peer: ID, protocol_id: str, handler: StreamHandler, max_request: int
     ) -> None:
         length = int.from_bytes(await _read_exact(stream, 4), "big")
+        _request_started_ms.set(int(time.time() * 1000))
         refusal = self._refusal(peer, length, max_request)
         if refusal is not None:
             self.stats.stream_requests_refused += 1

@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
-from node.mesh import GossipMessage, Mesh, MeshConfig, MeshRequestError, ValidationResult, topic_for
+from node.mesh import (GossipMessage, Mesh, MeshConfig, MeshRequestError, ValidationResult, request_started_ms,
+                       topic_for)
 
 MESH_ID = "test"
 BURST = 200
@@ -137,6 +138,25 @@ def test_validator_reject_stops_delivery_and_forwarding_then_disconnects() -> No
             assert c.stats.rejected_by_reason == {}
 
     trio.run(main)
+
+
+def test_stream_handlers_see_when_their_request_began_to_arrive() -> None:
+    seen: list[int | None] = []
+
+    async def record(from_peer: str, payload: bytes) -> bytes:
+        seen.append(request_started_ms())
+        return payload[::-1]
+
+    async def main() -> tuple[int, int]:
+        async with line([MeshConfig(MESH_ID)] * 2) as (client, server):
+            server.set_stream_handler("/sealmesh/test/started/1", record, max_request_bytes=1000)
+            before = int(time.time() * 1000)
+            assert await client.request(server.peer_id, "/sealmesh/test/started/1", b"abc", 10) == b"cba"
+            return before, int(time.time() * 1000)
+
+    before, after = trio.run(main)
+    assert len(seen) == 1 and seen[0] is not None and before <= seen[0] <= after
+    assert request_started_ms() is None  # only inside a handler
 
 
 def test_stream_request_response_1mb_and_limits() -> None:

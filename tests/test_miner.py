@@ -7,6 +7,7 @@ was: the last test runs a real FHE challenge after all of them and checks the an
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -103,6 +104,26 @@ def test_refuses_before_the_circuit_is_loaded_and_unverifiable_frames(bundle, tm
                        signed_for=OTHER_VALIDATOR.ss58_address)  # signed for someone else
     assert trio.run(miner.handle_frame, frame) == b""
     assert miner.refused["malformed_envelope"] == 1 and miner.refused["wrong_recipient"] == 1
+
+
+def test_freshness_is_judged_when_the_upload_began_to_arrive(bundle, tmp_path, clients):
+    # Evaluation keys are ~40 MB: on a loaded link the upload alone can outlast the 8 s
+    # Epistula window. What must be fresh is the signature when the bytes started to come.
+    miner = make_miner(bundle, tmp_path)
+    keys = clients.evaluation_keys()
+    signed = now_ms() - 11_000
+    frame = seal_frame(VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys, now_ms=signed,
+                       signed_for=MINER.ss58_address)
+    assert trio.run(miner.handle_frame, frame) == b""  # judged now: 11 s old
+    assert miner.refused["stale_timestamp"] == 1
+    began = functools.partial(miner.handle_frame, frame, arrived_ms=signed + 300)
+    raw = trio.run(began)  # judged from arrival: fresh, so answered (not ready yet)
+    verified, _ = open_frame(raw, verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR.ss58_address), now_ms=now_ms(),
+                             expect=(KeyAdded, Refused))
+    assert refused(verified.message) == "not_ready"
+    late = functools.partial(miner.handle_frame, frame, arrived_ms=signed + 9_000)
+    assert trio.run(late) == b""  # began to arrive after the window: still stale
+    assert miner.refused["stale_timestamp"] == 2
 
 
 def test_bad_requests_are_refused_and_disturb_nothing(bundle, tmp_path, clients):

@@ -18,6 +18,7 @@ bytes of a result's size without computing; "slow" sleeps slow_delay_s first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ import trio
 
 from node.fhe_service import (BEHAVIOURS, REPORT_SECTION, FheConfig, FheSettingsError, ensure_bundle,
                               load_fhe_config, now_ms, result_bytes_estimate)
+from node.mesh import request_started_ms
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
 from protocol.challenge import MinerKeyring
@@ -123,16 +125,21 @@ class MinerService(RoleService):
     # -- requests --
 
     async def handle_stream(self, peer_id: str, raw: bytes) -> bytes:
-        return await self.handle_frame(raw)
+        return await self.handle_frame(raw, arrived_ms=request_started_ms())
 
-    async def handle_frame(self, raw: bytes) -> bytes:
+    async def handle_frame(self, raw: bytes, *, arrived_ms: int | None = None) -> bytes:
         """One request frame in, one signed answer frame out (empty when the request is
-        not even verifiable: there is nobody to sign an answer for)."""
+        not even verifiable: there is nobody to sign an answer for).
+
+        `arrived_ms`: when the frame began to arrive. The signature must have been fresh
+        then; the upload's own duration (evaluation keys are ~40 MB) does not age it.
+        """
         ctx = self.ctx
         if ctx is None:
             return b""
+        checked_at = now_ms() if arrived_ms is None else min(arrived_ms, now_ms())
         try:
-            verified, payload = open_frame(raw, verifier=ctx.verifier, now_ms=now_ms(),
+            verified, payload = open_frame(raw, verifier=ctx.verifier, now_ms=checked_at,
                                            expect=(AddKey, ChallengeRequest))
         except RemoteProtocolError as exc:
             self._refuse_count(exc.reason)
@@ -251,10 +258,11 @@ class MinerHttp:
         bound, stop = threading.Event(), {}
 
         async def answer(request: web.Request) -> bytes:
+            arrived = now_ms()  # headers are in; the body may take a while
             body = await request.read()
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                None, lambda: trio.from_thread.run(self.miner.handle_frame, body, trio_token=token))
+            handle = functools.partial(self.miner.handle_frame, body, arrived_ms=arrived)
+            return await loop.run_in_executor(None, lambda: trio.from_thread.run(handle, trio_token=token))
 
         async def add_key(request: web.Request) -> web.Response:
             frame = await answer(request)
