@@ -207,6 +207,21 @@ class Comparison:
 TIE_FRACTION = 0.1
 
 
+# Challenges are drawn where the reference's top-2 margin is at least this fraction of its
+# logit span. digits-cnn's approximate rounding (96 PBS instead of 736 with exact rounding)
+# moves honest FHE logits by up to ~1/3 of the span: over 80 honest runs on any input the
+# argmax flipped in 8 (margins 0.03-0.12 of the span), over 43 runs on inputs with margin
+# >= 0.25 in none. Which input is drawn changes nothing of the miner's work.
+MIN_CHALLENGE_MARGIN = 0.25
+
+
+def reference_margin(reference_logits: np.ndarray) -> float:
+    """(top logit - runner-up) / (max - min) of the clear reference; 0 for a flat one."""
+    logits = np.sort(np.asarray(reference_logits, dtype=np.float64).ravel())
+    span = float(logits[-1] - logits[0])
+    return float(logits[-1] - logits[-2]) / span if span > 0 and logits.size > 1 else 0.0
+
+
 def compare_logits(fhe_logits: np.ndarray, reference_logits: np.ndarray) -> Comparison:
     fhe_logits = np.asarray(fhe_logits, dtype=np.float64).ravel()
     reference_logits = np.asarray(reference_logits, dtype=np.float64).ravel()

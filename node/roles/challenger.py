@@ -155,7 +155,8 @@ class ChallengerService(RoleService):
         log.info("phase=epoch-start epoch=%d my_miners=%d of %d", epoch, len(self.machine.assigned), len(offers))
         for miner in self.machine.assigned:
             while self.machine.can_issue(miner):
-                await self._drive(self.machine.issue(miner, input_seed=secrets.randbits(63), now=time.time()))
+                seed = await trio.to_thread.run_sync(confident_seed_in_worker, self.client, self.manifest.model)
+                await self._drive(self.machine.issue(miner, input_seed=seed, now=time.time()))
         await self._drive(self.machine.close_epoch(now=time.time()))
         self.epochs_done.append({"epoch": epoch, "miners": list(self.machine.assigned),
                                  "seconds": round(time.time() - started, 3)})
@@ -333,15 +334,40 @@ def set_weights_on_subnet(settings: NodeSettings, weights: dict[str, float]) -> 
     bittensor.set_weights(settings.netuid, by_uid, wallet=wallet, network=settings.network)
 
 
-def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
-    """client.compare on a worker thread. Concrete keeps its tag stack in a thread-local
-    that only the importing thread initializes (concrete/fhe/extensions/tag.py), so the
-    clear reference run fails on any other thread until the stack exists there."""
+def _tag_stack_here() -> None:
+    """Concrete keeps its tag stack in a thread-local that only the importing thread
+    initializes (concrete/fhe/extensions/tag.py), so the clear reference run fails on any
+    other thread until the stack exists there."""
     tag = importlib.import_module("concrete.fhe.extensions.tag")  # the module; the package exports a function
-
     if not hasattr(tag.tag_context, "stack"):
         tag.tag_context.stack = []
+
+
+def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
+    """client.compare on a worker thread."""
+    _tag_stack_here()
     return client.compare(result, image)
+
+
+CONFIDENT_SEED_TRIES = 64
+
+
+def confident_seed_in_worker(client: Any, model: str, tries: int = CONFIDENT_SEED_TRIES) -> int:
+    """A fresh random input seed whose clear reference has a top-2 margin of at least
+    MIN_CHALLENGE_MARGIN (about a third of digits inputs do; a few clear forward passes),
+    so an honest FHE result agrees with it. After `tries` draws, the last seed anyway."""
+    from fhe.bundle import MIN_CHALLENGE_MARGIN, reference_margin
+    from fhe.inputs import draw_challenge_input
+
+    _tag_stack_here()
+    seed = secrets.randbits(63)
+    for _ in range(max(1, tries)):
+        if reference_margin(client.reference(draw_challenge_input(model, seed).image)) >= MIN_CHALLENGE_MARGIN:
+            return seed
+        seed = secrets.randbits(63)
+    log.warning("no challenge input with a reference margin >= %.2f in %d draws; sending a plain one",
+                MIN_CHALLENGE_MARGIN, tries)
+    return seed
 
 
 # --- sealmesh testnet ----------------------------------------------------------------------

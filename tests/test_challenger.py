@@ -1,14 +1,17 @@
-"""A validator's epoch waits for each miner's offer and its membership announcement, so a
-miner whose announcement lags its offer (a loaded start) is not scored unreachable."""
+"""The validator's challenger: an epoch waits for each miner's offer and its membership
+announcement (a miner whose announcement lags its offer is not scored unreachable), and
+challenge inputs are drawn where an honest FHE result agrees with the clear reference."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import trio
 
 from node.fhe_service import ExchangeError, FheConfig
+from node.roles import challenger
 from node.roles.challenger import ChallengerService
 from node.settings import NodeSettings
 from protocol.challenge_messages import ModelOffer
@@ -63,3 +66,41 @@ def test_a_miner_never_announced_is_offered_after_the_wait_and_then_unreachable(
     assert offers == {"miner-a": "digits-cnn"} and waited >= 0.9
     with pytest.raises(ExchangeError, match="unreachable"):
         svc._peer("miner-a")
+
+
+class FakeClient:
+    """reference(): wide margins only for images whose mean is above `threshold`."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold, self.calls = threshold, 0
+
+    def reference(self, image):
+        self.calls += 1
+        if float(np.mean(image)) > self.threshold:
+            return np.array([0.0, 1.0, 10.0, 2.0])  # margin 8/10
+        return np.array([0.0, 9.5, 10.0, 2.0])  # margin 0.5/10
+
+
+def test_challenge_inputs_are_drawn_with_a_wide_reference_margin(monkeypatch):
+    from fhe.bundle import MIN_CHALLENGE_MARGIN, reference_margin
+    from fhe.inputs import draw_challenge_input
+
+    means = [float(np.mean(draw_challenge_input("digits-cnn", s).image)) for s in range(200)]
+    client = FakeClient(float(np.percentile(means, 70)))  # about 30 % of inputs pass
+    for _ in range(5):
+        seed = challenger.confident_seed_in_worker(client, "digits-cnn")
+        assert reference_margin(client.reference(draw_challenge_input("digits-cnn", seed).image)) >= \
+            MIN_CHALLENGE_MARGIN
+    assert client.calls > 10  # it did have to skip inputs
+
+    never = FakeClient(float("inf"))
+    seed = challenger.confident_seed_in_worker(never, "digits-cnn", tries=7)
+    assert isinstance(seed, int) and never.calls == 7  # bounded: gives up and sends one anyway
+
+
+def test_reference_margin():
+    from fhe.bundle import reference_margin
+
+    assert reference_margin([0.0, 1.0, 10.0, 2.0]) == pytest.approx(0.8)
+    assert reference_margin([3.0, 3.0, 3.0]) == 0.0
+    assert reference_margin([1.0, 1.0, 0.0]) == 0.0  # a tie at the top
