@@ -645,7 +645,7 @@ class RoundsService(GuardedWork, RoleService):
         return lambda block: cm.partial_context(mesh, slot.round_id, aggregate_id, block)
 
     async def _decrypt_partial(self, slot: RoundSlot, aggregate_id: str) -> None:
-        from crypto import paillier
+        from crypto import batch_powmod, paillier
 
         ro, share = slot.ro, self.key.share
         # Learn who is gone before choosing blocks: a member that published nothing this
@@ -670,7 +670,8 @@ class RoundsService(GuardedWork, RoleService):
         slot.shell["seconds"]["partial_decrypt"] = round((now_ms() - started) / 1000, 3)
         slot.shell["decrypted_blocks"] = mine
         slot.shell["alive_members"] = sorted(alive)
-        log.info("phase=partial round=%d blocks=%s alive=%s", slot.round_id, mine, sorted(alive))
+        log.info("phase=partial round=%d blocks=%s alive=%s seconds=%.2f engine=%s threads=%d", slot.round_id, mine,
+                 sorted(alive), slot.shell["seconds"]["partial_decrypt"], batch_powmod.engine(), self.config.threads)
         await self._feed(slot, "committee", lambda c: c.release_partial(aggregate_id, blob_id))
 
     async def _partial_batches(self, slot: RoundSlot, member: str, member_index: int, blob_id: str,
