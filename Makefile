@@ -26,7 +26,7 @@ test-all: $(STAMP) $(NATIVE)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/gossip.py
 
-# The privacy tax of one round for 1M parameters (about 15 minutes on 2 cores).
+# The privacy tax of one round for 1M parameters (about 8 minutes on 2 cores with the IFMA engine).
 bench-secagg: $(STAMP) $(NATIVE)
 	$(VENV)/bin/python bench/secagg.py --params 1000000
 
