@@ -5,7 +5,6 @@ VENV   := .venv
 UV     := .tools/bin/uv
 UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
-CC     ?= cc
 NATIVE := crypto/native/_modexp_ifma.so
 
 .PHONY: demo test test-all bench bench-secagg bench-fhe bench-round lock install clean
