@@ -544,12 +544,19 @@ def _multi_pow(bases: Sequence[int], exponents: Sequence[int], bits: int, modulu
 
 
 def _batch_share_combine(
-    n: mpz, v: int, v_i: int, cs: Sequence[int], c_is: Sequence[int], context: bytes
+    n: mpz, v: int, v_i: int, cs: Sequence[int], c_is: Sequence[int], context: bytes,
+    exponent: int | None = None,
 ) -> tuple[mpz, mpz, bytes]:
+    """(C, C_i, inner context). The prover passes its `exponent`: its own c_is[j] are
+    cs[j]^(2·exponent), so C_i = C^(2·exponent), one powmod instead of a second
+    multi-exponentiation over every share. The verifier recomputes C_i from the shares."""
     digest, rhos = _batch_share_coefficients(n, v, v_i, cs, c_is, context)
     n2 = n * n
     big_c = _multi_pow(cs, rhos, _BATCH_SHARE_RHO_BITS, n2)
-    big_c_i = _multi_pow(c_is, rhos, _BATCH_SHARE_RHO_BITS, n2)
+    if exponent is None:
+        big_c_i = _multi_pow(c_is, rhos, _BATCH_SHARE_RHO_BITS, n2)
+    else:
+        big_c_i = powmod(big_c, 2 * exponent, n2)
     # The inner proof's challenge binds the whole batch (through the digest), not only C, C_i.
     inner = _frame(_DOMAIN + b"/" + _BATCH_SHARE_KIND) + _frame(bytes(context)) + _frame(digest)
     return big_c, big_c_i, inner
@@ -568,7 +575,7 @@ def prove_decryption_shares(
         raise ValueError("cs and c_is must have the same length")
     if not cs:
         raise ValueError("nothing to prove: empty batch")
-    big_c, big_c_i, inner = _batch_share_combine(n, v, v_i, cs, c_is, context)
+    big_c, big_c_i, inner = _batch_share_combine(n, v, v_i, cs, c_is, context, exponent)
     return prove_decryption_share(n, v, v_i, big_c, big_c_i, exponent, inner)
 
 
