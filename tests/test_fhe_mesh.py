@@ -16,6 +16,7 @@ import pytest
 from node.history import History
 from node.roles.challenger import summarize
 from node.testnet import TestnetPlan, run_testnet
+from protocol.challenge import DEFAULT_MIN_COSINE
 from test_miner import shared_digits_bundle
 
 
@@ -38,7 +39,9 @@ def test_validator_challenges_a_real_miner_process(tmp_path, tmp_path_factory):
     root = tmp_path / "tn"
     with History(data_dir=root / "nodes" / "validator-0") as history:  # the validator's own SQL history
         rows = history.records()
-        assert [(r.outcome, r.agreement) for r in rows] == [("ok", True)] and rows[0].cosine >= 0.95
+        # Honest approximate-rounding FHE measured cosine 0.896-0.998 against the clear
+        # reference (docs/fhe.md); "ok" means at least the challenger's threshold.
+        assert [(r.outcome, r.agreement) for r in rows] == [("ok", True)] and rows[0].cosine >= DEFAULT_MIN_COSINE
         assert [s.miner for s in history.gossiped_scores(epoch=0)] == [rows[0].miner]
     status = json.loads((root / "nodes" / "miner-0" / "status.json").read_text())
     assert status["sections"]["fhe"]["served"] == {"fhe_add_key": 1, "fhe_challenge": 1}

@@ -22,7 +22,7 @@ from node.metrics import NodeMetrics
 from node.roles.base import RoleContext
 from node.roles.miner import MinerService
 from node.settings import NodeSettings
-from protocol.challenge import MAX_ITERATIONS
+from protocol.challenge import DEFAULT_MIN_COSINE, MAX_ITERATIONS
 from protocol.challenge_messages import (AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, Refused, open_frame,
                                          seal_frame)
 from protocol.epistula import EnvelopeVerifier
@@ -172,7 +172,7 @@ def test_bad_requests_are_refused_and_disturb_nothing(bundle, tmp_path, clients)
     answer, result = ask(miner, VALIDATOR, request(clients, key_id, ciphertext, epoch=1), ciphertext)
     assert isinstance(answer, ChallengeResponse) and answer.challenge_id == CID
     comparison = clients.compare(result, x)
-    assert comparison.argmax_match and comparison.cosine > 0.9
+    assert comparison.argmax_match and comparison.cosine >= DEFAULT_MIN_COSINE
     assert miner.served == {"fhe_add_key": 1, "fhe_challenge": 1}
 
 
