@@ -9,8 +9,8 @@ raised to 2·Δ·s_i mod n^2), and it is the largest cost of a round. Two engine
   the instructions.
 - "gmpy2": gmpy2.powmod per base, the portable path and the reference.
 
-Both run on `workers` threads: ctypes and gmpy2 (with allow_release_gil set on the
-worker's own context) drop the GIL, so two cores do twice the work. SEALMESH_POWMOD=gmpy2
+Both run on `workers` threads (threaded_map, also used for other crypto work): ctypes
+and gmpy2 drop the GIL, so two cores do twice the work. SEALMESH_POWMOD=gmpy2
 forces the portable engine (benchmarks use it as their baseline).
 """
 
@@ -21,7 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import gmpy2
 from gmpy2 import mpz
@@ -95,17 +95,40 @@ def _native_chunk(lib: ctypes.CDLL, bases: Sequence[int], exponent: int, modulus
 
 
 def _gmpy2_chunk(bases: Sequence[int], exponent: int, modulus: int) -> list[int]:
-    gmpy2.get_context().allow_release_gil = True  # this worker thread's context only
     e, m = mpz(exponent), mpz(modulus)
     return [int(gmpy2.powmod(b, e, m)) for b in bases]
 
 
-def _chunks(count: int, workers: int) -> list[range]:
-    # A few chunks per worker so one descheduled core does not leave the other idle at
-    # the end; each a multiple of LANES so the vector passes are full.
+def chunks(count: int, workers: int, multiple: int = 1) -> list[range]:
+    """range(count) cut into a few chunks per worker, each a multiple of `multiple` long
+    (but the last): one descheduled core then does not leave the other idle at the end,
+    and task overhead stays negligible."""
     size = -(-count // (workers * 4))
-    size = max(LANES, -(-size // LANES) * LANES)
+    size = max(multiple, -(-size // multiple) * multiple)
     return [range(lo, min(lo + size, count)) for lo in range(0, count, size)]
+
+
+def threaded_map(fn: Callable[[range], list[Any]], count: int, workers: int, *, multiple: int = 1) -> list[Any]:
+    """fn over the chunks of range(count), concatenated in order, on up to `workers` threads.
+
+    gmpy2 (2.3) releases the GIL in powmod only when the calling thread's own context has
+    allow_release_gil; contexts are per thread, so each worker sets it on itself and the
+    caller's context is never touched (workers=1 runs inline). ctypes calls drop the GIL
+    anyway. Threads, not processes: no pickling of big numbers, no process start-up.
+    """
+    parts = chunks(count, workers, multiple)
+    if workers == 1 or len(parts) <= 1:
+        return [x for part in parts for x in fn(part)]
+
+    def run(part: range) -> list[Any]:
+        gmpy2.get_context().allow_release_gil = True  # this worker thread's context only
+        return fn(part)
+
+    out: list[Any] = []
+    with ThreadPoolExecutor(min(workers, len(parts)), thread_name_prefix="crypto") as pool:
+        for result in pool.map(run, parts):
+            out.extend(result)
+    return out
 
 
 def powmod_many(bases: Sequence[int], exponent: int, modulus: int, *, workers: int = 1) -> list[int]:
@@ -126,11 +149,4 @@ def powmod_many(bases: Sequence[int], exponent: int, modulus: int, *, workers: i
     else:
         def work(chunk: range) -> list[int]:
             return _gmpy2_chunk([bases[j] for j in chunk], exponent, modulus)
-    chunks = _chunks(len(bases), workers)
-    if workers == 1 or len(chunks) <= 1:
-        return [x for chunk in chunks for x in work(chunk)]
-    out: list[int] = []
-    with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="powmod") as pool:
-        for part in pool.map(work, chunks):
-            out.extend(part)
-    return out
+    return threaded_map(work, len(bases), workers, multiple=LANES)

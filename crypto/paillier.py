@@ -676,11 +676,8 @@ def decode_partial(public: PublicKey, n_parties: int, data: bytes) -> PartialDec
 # A committee member decrypting an aggregate vector (thousands of ciphertexts) pays one
 # 2·Δ·s_i-bit exponentiation mod n^2 per ciphertext; that is the whole cost apart from the
 # single batch proof, so it goes to crypto/batch_powmod (one exponent for all bases: eight
-# at a time with AVX-512 IFMA where the CPU has it) on worker threads. gmpy2 (2.3) releases the GIL in
-# powmod only when the calling thread's own context has allow_release_gil, and contexts
-# are per thread, so every worker sets it on itself (as crypto/randomness.py does); the
-# caller's thread context is never touched. Threads, not processes: no pickling of 4096-bit
-# numbers and no process start-up, and the arithmetic runs truly in parallel.
+# at a time with AVX-512 IFMA where the CPU has it) on worker threads (batch_powmod's
+# threaded_map, which says how the GIL is dropped).
 
 
 @dataclass(frozen=True)
@@ -693,34 +690,15 @@ class BatchPartialDecryption:
     proof: Any
 
 
-def _chunks(count: int, workers: int) -> list[range]:
-    # A few chunks per worker so one slow chunk (a descheduled core) does not leave the
-    # other worker idle at the end; still few enough that task overhead is negligible.
-    size = max(1, -(-count // (workers * 4)))
-    return [range(lo, min(lo + size, count)) for lo in range(0, count, size)]
-
-
-def _release_gil_here() -> None:
-    gmpy2.get_context().allow_release_gil = True  # this (worker) thread's context only
+def _check_workers(workers: Any) -> None:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise InvalidParameters(f"workers must be a positive integer, got {workers!r}")
 
 
 def _threaded_map(fn: Any, count: int, workers: int) -> list[Any]:
     """[fn(j) for j in range(count)], over `workers` threads whose powmods drop the GIL."""
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise InvalidParameters(f"workers must be a positive integer, got {workers!r}")
-    if workers == 1 or count <= 1:
-        return [fn(j) for j in range(count)]
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(chunk: range) -> list[Any]:
-        _release_gil_here()
-        return [fn(j) for j in chunk]
-
-    out: list[Any] = []
-    with ThreadPoolExecutor(min(workers, count), thread_name_prefix="paillier") as pool:
-        for part in pool.map(run, _chunks(count, workers)):
-            out.extend(part)
-    return out
+    _check_workers(workers)
+    return batch_powmod.threaded_map(lambda part: [fn(j) for j in part], count, workers)
 
 
 def _check_ciphertexts(public: PublicKey, cs: Sequence[int]) -> list[Any]:
@@ -740,8 +718,7 @@ def partial_decrypt_many(
     and one proof for the whole vector, bound to `context`."""
     from crypto.proofs import prove_decryption_shares
 
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise InvalidParameters(f"workers must be a positive integer, got {workers!r}")
+    _check_workers(workers)
     public = share.public
     mcs = _check_ciphertexts(public, cs)
     exponent = share.delta * share.secret

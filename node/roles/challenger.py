@@ -182,11 +182,9 @@ class ChallengerService(RoleService):
         return offer is not None and self.ctx.peer_of(miner) == offer.peer_id
 
     def _peer(self, miner: str) -> str:
-        peer = self.ctx.peer_of(miner)
-        offer = self.offers.get(miner)
-        if peer is None or offer is None or offer.peer_id != peer:
+        if not self._announced(miner):
             raise ExchangeError("unreachable", f"miner {miner} has no announced peer id matching its offer")
-        return peer
+        return self.offers[miner].peer_id
 
     async def _upload_key(self, effect: UploadKey) -> list[Effect]:
         started = time.monotonic()
