@@ -57,6 +57,12 @@ class NodeSettings:
     # survive ("garbage" or "slow" miner, "cheat" trainer, "close-early" validator: closes the
     # settlement head before the agreed rounds). Never set on a real node.
     behaviour: str = "honest"
+    # Trainer: differential privacy of its own update (training/privacy.py, docs/privacy.md).
+    # dp_noise_multiplier z > 0 turns it on: the delta is clipped to L2 norm dp_clip_norm and
+    # N(0, (z * dp_clip_norm)^2) is added per value before sealing; epsilon is reported at dp_delta.
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def resolved(self) -> "NodeSettings":

@@ -29,6 +29,7 @@ from protocol.aggregation_messages import ContributionVerdict, RoundAborted, Rou
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.membership import Role
 from protocol.messages import Channel, Message
+from training.privacy import PrivacyConfig, privacy_report, privatize
 
 log = logging.getLogger("sealmesh.trainer")
 
@@ -74,6 +75,7 @@ class TrainerService(GuardedWork, RoleService):
         self.model = self.tokenizer = None
         self.blocks: dict[int, Any] = {}  # block_len -> token blocks of our shard
         self.errors: list[str] = []
+        self.privacy = privacy_config(settings)
 
     def on_message(self, sender: str, message: Message, received_ms: int) -> None:
         self.inbox.put(sender, message, received_ms)
@@ -246,8 +248,12 @@ class TrainerService(GuardedWork, RoleService):
         t0 = now_ms()
         context = contribution.context_for(self.key.public, self.ctx.genesis.mesh_id, round_id, self.me)
 
+        self._warn_if_noise_clipped(round_id, layout.clip_bound)
+
         def seal() -> bytes:
-            item = contribution.seal(self.key.public, layout, update.delta, context, precomputed=results["pre"])
+            # DP before quantize/pack/encrypt: the per-value clip and quantization are post-processing
+            sealed_delta = privatize(update.delta, self.privacy)
+            item = contribution.seal(self.key.public, layout, sealed_delta, context, precomputed=results["pre"])
             if self.settings.behaviour == "cheat":
                 item = tamper(self.key.public, item)
             return contribution.encode(self.key.public, item)
@@ -257,6 +263,10 @@ class TrainerService(GuardedWork, RoleService):
         shell.update(seal_s=round((now_ms() - t0) / 1000, 3), work_s=round((now_ms() - started) / 1000, 3),
                      first_loss=update.first_loss, last_loss=update.last_loss, train_loss=update.train_loss,
                      ciphertexts=ro.ciphertexts_per_contribution, size=len(blob), behaviour=self.settings.behaviour)
+        if self.privacy.enabled:  # recorded before the blob is published: a released round always counts
+            shell["dp_noise_multiplier"] = self.privacy.noise_multiplier
+            self._persist(round_id)
+            self._log_privacy(round_id)
         log.info("phase=sealed round=%d blob=%s bytes=%d loss %.4f -> %.4f%s", round_id, blob_id[:12], len(blob),
                  update.first_loss, update.last_loss, " (tampered)" if self.settings.behaviour == "cheat" else "")
         await self._feed(round_id, lambda m: m.contribute(blob_id, ciphertext_count=ro.ciphertexts_per_contribution,
@@ -273,6 +283,32 @@ class TrainerService(GuardedWork, RoleService):
                     raise
                 await trio.sleep(1.0)
 
+    # -- privacy --
+
+    def released_noise_multipliers(self) -> list[float]:
+        """One entry per round whose noised update this trainer sealed (persisted with the round)."""
+        return [shell["dp_noise_multiplier"] for _, shell in sorted(self.shell.items())
+                if "dp_noise_multiplier" in shell]
+
+    def privacy_status(self) -> dict | None:
+        if not self.privacy.enabled and not self.released_noise_multipliers():
+            return None
+        return privacy_report(self.released_noise_multipliers(), self.privacy)
+
+    def _log_privacy(self, round_id: int) -> None:
+        spent = self.privacy_status()
+        log.info("phase=privacy round=%d rounds_released=%d epsilon=%.3f delta=%g (replace-one %.3f) z=%g C=%g",
+                 round_id, spent["rounds"], spent["epsilon"], spent["delta"], spent["epsilon_replace_one"],
+                 spent["noise_multiplier"], spent["clip_norm"])
+
+    def _warn_if_noise_clipped(self, round_id: int, clip_bound: float) -> None:
+        # The packing clips each value to +-clip_bound: still private, but noise cut off there
+        # no longer averages out across trainers.
+        if self.privacy.enabled and 3 * self.privacy.sigma > clip_bound:
+            log.warning("round=%d dp sigma=%g is over a third of the round's clip_bound=%g: the packing will "
+                        "cut the noise off; lower dp_clip_norm or raise the round's clip_bound",
+                        round_id, self.privacy.sigma, clip_bound)
+
     # -- status --
 
     def report(self) -> None:
@@ -286,11 +322,17 @@ class TrainerService(GuardedWork, RoleService):
                                                     "last_loss", "verdicts") if k in shell}})
         self.ctx.report(REPORT_SECTION, {"role": "trainer", "behaviour": self.settings.behaviour,
                                          "shard": getattr(self, "index", None), "rounds": rounds,
-                                         "errors": self.errors[-20:]})
+                                         "privacy": self.privacy_status(), "errors": self.errors[-20:]})
+
+
+def privacy_config(settings: NodeSettings) -> PrivacyConfig:
+    """The trainer's DP settings (off unless dp_noise_multiplier > 0); bad values stop the node at start."""
+    return PrivacyConfig(noise_multiplier=settings.dp_noise_multiplier, clip_norm=settings.dp_clip_norm,
+                         delta=settings.dp_delta)
 
 
 def make_service(settings: NodeSettings) -> TrainerService | None:
     return TrainerService(settings) if settings.role is Role.TRAINER else None
 
 
-__all__ = ["TrainerService", "make_service", "round_seed", "shard_index", "tamper"]
+__all__ = ["TrainerService", "make_service", "privacy_config", "round_seed", "shard_index", "tamper"]
