@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import trio
 
@@ -33,7 +33,7 @@ from node.roles import RoleContext, RoleService, services_for
 from node.storage import BlobStore, open_store
 from protocol.epistula import EnvelopeVerifier, Envelope, Signer
 from protocol.errors import RemoteProtocolError
-from protocol.inbound import open_gossip, open_request, seal_message
+from protocol.inbound import forwarder_is_at_fault, open_gossip, open_request, seal_message
 from protocol.messages import Announce, Channel, MembershipView, Message, Ping, decode
 
 log = logging.getLogger("sealmesh.node")
@@ -162,20 +162,9 @@ class Node:
     # --- inbound ---------------------------------------------------------------
 
     def _gossip_validator(self, channel: Channel):
-        def validate(from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
-            try:
-                verified = open_gossip(data, channel=channel, verifier=self.verifier, now_ms=now_ms(),
-                                       max_bytes=self.mesh.config.max_gossip_bytes)
-                _check_binding(verified.message, from_peer, self.genesis.mesh_id)
-            except RemoteProtocolError as exc:
-                self.metrics.reject("gossip", exc.reason)
-                log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",
-                            exc.reason, from_peer, channel.value, exc.hint)
-                verdict = (ValidationResult.IGNORE if exc.reason in _NOT_THE_FORWARDERS_FAULT
-                           else ValidationResult.REJECT)
-                return verdict, exc.reason
-            return ValidationResult.ACCEPT, "ok"
-        return validate
+        return gossip_validator(channel, self.verifier, mesh_id=self.genesis.mesh_id,
+                                max_bytes=self.mesh.config.max_gossip_bytes,
+                                on_reject=lambda reason: self.metrics.reject("gossip", reason))
 
     async def _consume(self, channel: Channel, receive) -> None:
         async for gossip in receive:
@@ -295,13 +284,28 @@ class Node:
             return dict(self._status)
 
 
-# A message that is late, early or a duplicate may be an honest peer's relay of an
-# honest message delayed by load; drop it without scoring the forwarder down (GossipSub's
-# IGNORE). Everything else is provably bad whenever it arrives, and counts against it.
-_NOT_THE_FORWARDERS_FAULT = {"stale_timestamp", "future_timestamp", "replay"}
+def gossip_validator(channel: Channel, verifier: EnvelopeVerifier, *, mesh_id: str, max_bytes: int,
+                     on_reject: Callable[[str], None] = lambda reason: None):
+    """The mesh validator for one channel: verify, then ACCEPT; REJECT (the forwarder is
+    charged) only for refusals every node makes alike; IGNORE for those that depend on the
+    receiver (its clock, its replay cache): protocol/inbound.py forwarder_is_at_fault."""
+    def validate(from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
+        try:
+            verified = open_gossip(data, channel=channel, verifier=verifier, now_ms=now_ms(),
+                                   max_bytes=max_bytes)
+            _check_binding(verified.message, from_peer, mesh_id)
+        except RemoteProtocolError as exc:
+            on_reject(exc.reason)
+            log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",
+                        exc.reason, from_peer, channel.value, exc.hint)
+            verdict = ValidationResult.REJECT if forwarder_is_at_fault(exc.reason) else ValidationResult.IGNORE
+            return verdict, exc.reason
+        return ValidationResult.ACCEPT, "ok"
+    return validate
+
 
 _AUTH_REASONS = {"unknown_signer", "signer_not_allowed", "wrong_recipient", "stale_timestamp",
-                 "future_timestamp", "replay", "bad_signature", "malformed_envelope"}
+                 "future_timestamp", "replay", "replay_quota", "bad_signature", "malformed_envelope"}
 
 
 class PeerBindingError(RemoteProtocolError):

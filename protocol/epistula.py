@@ -8,7 +8,12 @@ Verification runs in a fixed order and stops at the first failure, each with its
 reason: well-formed -> known, allowed signer -> addressed to us -> fresh timestamp ->
 not a replay -> valid signature. The cheap checks come first so that junk costs no
 signature verification; the replay cache only records a uuid once the signature holds,
-so a forger cannot burn an honest message's uuid.
+so a forger cannot burn an honest message's uuid, and it keys every uuid by its signer,
+so a member cannot burn another member's uuid by signing it itself.
+
+Gossip is signed for no one: a gossip envelope with a signed-for is refused by every
+receiver, the one it names included. A relay that accepted messages signed for itself
+would forward them to neighbours that must refuse them, and be blamed for it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from protocol.membership import Member, MemberDirectory, SenderPolicy
 
 VERSION = "2"
 DEFAULT_WINDOW_MS = 8_000  # Brainlock's window; the Epistula spec says 5 s
-DEFAULT_REPLAY_CAPACITY = 200_000
+# uuids remembered per signer; memory is bounded by members x this (about 150 B an entry).
+# An honest signer stays below it unless it signs over 500 messages a second for a window.
+DEFAULT_REPLAY_CAPACITY = 8_192
 
 HEADER_VERSION = "Epistula-Version"
 HEADER_TIMESTAMP = "Epistula-Timestamp"
@@ -38,8 +45,11 @@ HEADER_SIGNED_BY = "Epistula-Signed-By"
 HEADER_SIGNED_FOR = "Epistula-Signed-For"
 HEADER_SIGNATURE = "Epistula-Request-Signature"
 
-_UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{128}$")
+# Matched with fullmatch and ASCII classes only: "$" also matches before a trailing
+# newline, and str.isdigit() accepts digits such as "¹²³" that int() refuses.
+_TIMESTAMP = re.compile(r"[0-9]{1,15}", re.ASCII)
+_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.ASCII)
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{128}", re.ASCII)
 _GOSSIP_KEYS = ("version", "timestamp", "uuid", "signed_by", "signed_for", "signature", "body")
 
 
@@ -73,6 +83,12 @@ class FutureTimestamp(EpistulaError):
 
 class Replay(EpistulaError):
     reason = "replay"
+
+
+class ReplayQuotaExceeded(EpistulaError):
+    """The signer has more unexpired uuids here than its quota, none of them forgettable."""
+
+    reason = "replay_quota"
 
 
 class BadSignature(EpistulaError):
@@ -174,15 +190,15 @@ def _checked(*, version, timestamp, uuid, signed_by, signed_for, signature, body
         raise MalformedEnvelope("body must be bytes")
     if version != VERSION:
         raise MalformedEnvelope(f"unsupported Epistula version {version!r}, expected {VERSION!r}")
-    if not timestamp.isdigit() or len(timestamp) > 15:
+    if not _TIMESTAMP.fullmatch(timestamp):
         raise MalformedEnvelope(f"timestamp must be milliseconds since the epoch, got {timestamp!r}")
-    if not _UUID4.match(uuid):
+    if not _UUID4.fullmatch(uuid):
         raise MalformedEnvelope(f"uuid must be a lowercase uuid4, got {uuid!r}")
     if not is_valid_address(signed_by):
         raise MalformedEnvelope(f"signed-by is not an SS58 address: {signed_by!r}")
     if signed_for and not is_valid_address(signed_for):
         raise MalformedEnvelope(f"signed-for is not an SS58 address: {signed_for!r}")
-    if not _SIGNATURE.match(signature):
+    if not _SIGNATURE.fullmatch(signature):
         raise MalformedEnvelope("signature must be 0x followed by 128 hex digits")
     return Envelope(VERSION, int(timestamp), uuid, signed_by, signed_for, signature, body)
 
@@ -201,41 +217,65 @@ def seal(signer: Signer, body: bytes, *, now_ms: int, signed_for: str = "",
 
 
 class ReplayCache:
-    """uuids seen within the time window, in bounded memory.
+    """(signer, uuid) pairs seen within the time window, in bounded memory.
 
-    Entries older than the window expire. When the cache is full the oldest entry is
-    evicted and its timestamp becomes a floor: anything signed at or before the floor is
-    refused from then on, so eviction can never re-open a replay.
+    Keyed by signer: a uuid is the signer's nonce, so a member that reuses an honest
+    message's uuid in its own signed message burns nothing but its own uuid. Each signer
+    has its own quota of `capacity` entries and its own floor, so one signer's flood can
+    only ever refuse that signer's messages.
+
+    Entries older than the window expire. When a signer's quota is full its oldest entry
+    is forgotten and that entry's timestamp becomes the signer's floor: anything the
+    signer signed at or before the floor is refused from then on, so forgetting never
+    re-opens a replay. An entry stamped in the receiver's future is never forgotten (it
+    would lift the floor over messages not yet signed): while the signer's oldest entry
+    is one, its new messages are refused (ReplayQuotaExceeded) until that time passes.
     """
 
     def __init__(self, window_ms: int, capacity: int = DEFAULT_REPLAY_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError("replay capacity must be >= 1")
         self.window_ms = window_ms
-        self.capacity = capacity
-        self._seen: OrderedDict[str, int] = OrderedDict()  # uuid -> timestamp, by insertion
-        self.floor_ms = -1
+        self.capacity = capacity  # per signer
+        self._seen: dict[str, OrderedDict[str, int]] = {}  # signer -> uuid -> timestamp, by insertion
+        self._floors: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return sum(map(len, self._seen.values()))
 
-    def seen(self, uuid: str, timestamp_ms: int) -> bool:
-        return uuid in self._seen or timestamp_ms <= self.floor_ms
+    def floor_ms(self, signer: str) -> int:
+        return self._floors.get(signer, -1)
 
-    def record(self, uuid: str, timestamp_ms: int, now_ms: int) -> None:
-        self._expire(now_ms)
-        self._seen[uuid] = timestamp_ms
-        while len(self._seen) > self.capacity:
-            _, evicted_ts = self._seen.popitem(last=False)
-            self.floor_ms = max(self.floor_ms, evicted_ts)
+    def seen(self, signer: str, uuid: str, timestamp_ms: int) -> bool:
+        return uuid in self._seen.get(signer, ()) or timestamp_ms <= self.floor_ms(signer)
 
-    def _expire(self, now_ms: int) -> None:
+    def record(self, signer: str, uuid: str, timestamp_ms: int, now_ms: int) -> None:
+        """Remember (signer, uuid); ReplayQuotaExceeded if the signer's quota is full and
+        nothing in it can be forgotten safely."""
+        entries = self._seen.setdefault(signer, OrderedDict())
+        self._expire(entries, now_ms)
+        while len(entries) >= self.capacity:
+            self._forget_oldest(signer, entries, now_ms)
+        entries[uuid] = timestamp_ms
+
+    def _forget_oldest(self, signer: str, entries: OrderedDict[str, int], now_ms: int) -> None:
+        oldest_uuid, oldest_ts = next(iter(entries.items()))
+        if oldest_ts > now_ms:
+            raise ReplayQuotaExceeded(
+                f"{signer} has {len(entries)} unexpired uuids here, the oldest signed "
+                f"{oldest_ts - now_ms} ms in the future")
+        del entries[oldest_uuid]
+        self._floors[signer] = max(self.floor_ms(signer), oldest_ts)
+
+    def _expire(self, entries: OrderedDict[str, int], now_ms: int) -> None:
         # Insertion order is close to timestamp order; stop at the first live entry and
         # let later stragglers expire on a later pass.
         horizon = now_ms - 2 * self.window_ms
-        while self._seen:
-            uuid, ts = next(iter(self._seen.items()))
+        while entries:
+            uuid, ts = next(iter(entries.items()))
             if ts >= horizon:
                 break
-            del self._seen[uuid]
+            del entries[uuid]
 
 
 class EnvelopeVerifier:
@@ -253,7 +293,10 @@ class EnvelopeVerifier:
 
     def verify(self, envelope: Envelope, *, now_ms: int, policy: SenderPolicy,
                broadcast: bool) -> Member:
-        """The signing member if the envelope is acceptable; raises an EpistulaError."""
+        """The signing member if the envelope is acceptable; raises an EpistulaError.
+
+        broadcast=True for gossip (signed-for must be empty), False for a request that
+        came to this node directly (signed-for must be this node)."""
         member = self.directory.member(envelope.signed_by)
         if member is None:
             raise UnknownSigner(f"{envelope.signed_by} is not a member of this mesh")
@@ -264,23 +307,28 @@ class EnvelopeVerifier:
                 f"(needs one of {sorted(r.value for r in policy.roles)}, stake >= {policy.min_stake})")
         self._check_recipient(envelope, broadcast)
         self._check_time(envelope, now_ms)
-        if self.replays.seen(envelope.uuid, envelope.timestamp_ms):
-            raise Replay(f"uuid {envelope.uuid} was already used")
+        if self.replays.seen(envelope.signed_by, envelope.uuid, envelope.timestamp_ms):
+            raise Replay(f"uuid {envelope.uuid} was already used by {envelope.signed_by}")
         payload = signing_payload(envelope.body, envelope.uuid, envelope.timestamp_ms,
                                   envelope.signed_for)
         if not self._signature_check(envelope.signed_by, payload, bytes.fromhex(envelope.signature[2:])):
             raise BadSignature(f"signature does not verify for {envelope.signed_by}")
-        self.replays.record(envelope.uuid, envelope.timestamp_ms, now_ms)
+        self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
         return member
 
     def _check_recipient(self, envelope: Envelope, broadcast: bool) -> None:
-        if envelope.signed_for == self.own_hotkey:
-            return
-        if envelope.signed_for == "" and broadcast:
+        """broadcast: it came on gossip and must be signed for no one, whoever receives it
+        (so the verdict is the same at every node, and a relay is never blamed for it).
+        Otherwise it came to us directly and must be signed for this node."""
+        if broadcast:
+            if envelope.signed_for:
+                raise WrongRecipient(f"gossip must be signed for no one, this is signed for "
+                                     f"{envelope.signed_for}")
             return
         if envelope.signed_for == "":
             raise WrongRecipient("an empty signed-for is only valid on broadcast topics")
-        raise WrongRecipient(f"signed for {envelope.signed_for}, not this node")
+        if envelope.signed_for != self.own_hotkey:
+            raise WrongRecipient(f"signed for {envelope.signed_for}, not this node")
 
     def _check_time(self, envelope: Envelope, now_ms: int) -> None:
         age = now_ms - envelope.timestamp_ms

@@ -8,7 +8,7 @@ from typing import Mapping
 
 from protocol.epistula import Envelope, EnvelopeVerifier, Signer, seal
 from protocol.membership import Member
-from protocol.messages import Channel, Message, OversizedMessage, decode, encode
+from protocol.messages import Channel, Message, OversizedMessage, WrongChannel, decode, encode
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,34 @@ def seal_message(signer: Signer, message: Message, *, now_ms: int, signed_for: s
     return seal(signer, encode(message), now_ms=now_ms, signed_for=signed_for)
 
 
+# Gossip verdicts that depend on the receiver (its clock, what it has already seen, how
+# full its replay quota for the signer is): an honest relay can forward such a message
+# in good faith and a neighbour can still refuse it, so it is dropped without blaming the
+# forwarder (GossipSub's IGNORE). Every other refusal is the same at every node that
+# shares the mesh's directory (genesis or metagraph snapshot): the relay should have
+# refused it too, so it counts against the forwarder (REJECT). Gossip carries an empty
+# signed-for for exactly this reason; see protocol/epistula.py.
+RECEIVER_DEPENDENT_REASONS = frozenset({"stale_timestamp", "future_timestamp", "replay", "replay_quota"})
+
+
+def forwarder_is_at_fault(reason: str) -> bool:
+    """Whether a gossip refusal with this reason should count against the peer that forwarded it."""
+    return reason not in RECEIVER_DEPENDENT_REASONS
+
+
 def open_gossip(raw: bytes, *, channel: Channel, verifier: EnvelopeVerifier, now_ms: int,
                 max_bytes: int) -> Verified:
-    """Verify a gossip payload received on `channel`; raises RemoteProtocolError."""
+    """Verify a gossip payload received on `channel`; raises RemoteProtocolError.
+
+    Gossip is signed for no one: a signed-for (even this node's own hotkey) is refused,
+    so no node relays a message its neighbours would refuse as addressed to someone else."""
     if len(raw) > max_bytes:
         raise OversizedMessage(f"gossip payload of {len(raw)} bytes is over the {max_bytes}-byte limit")
     envelope = Envelope.from_gossip_bytes(raw)
     message = decode(envelope.body, channel=channel)
-    member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY,
-                             broadcast=message.BROADCAST)
+    if not message.BROADCAST:
+        raise WrongChannel(f"{message.TYPE} is sent on a direct stream, not on gossip")
+    member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=True)
     return Verified(member, envelope, message)
 
 

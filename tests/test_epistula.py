@@ -137,14 +137,26 @@ def test_role_and_stake_policy():
     assert verifier().verify(ok, now_ms=NOW, policy=validators_only, broadcast=True)
 
 
-def test_signed_for_must_be_this_node_or_empty_on_broadcast():
+def test_signed_for_must_be_this_node_direct_and_empty_on_broadcast():
     to_alice = ep.seal(BOB, b"x", now_ms=NOW, signed_for=ALICE.ss58_address)
     with pytest.raises(ep.WrongRecipient, match="not this node"):
         verifier(own=BOB).verify(to_alice, now_ms=NOW, policy=ANYONE, broadcast=False)
+    assert verifier(own=ALICE).verify(to_alice, now_ms=NOW, policy=ANYONE, broadcast=False)
     to_all = ep.seal(ALICE, b"x", now_ms=NOW)
     with pytest.raises(ep.WrongRecipient, match="broadcast"):
         verifier().verify(to_all, now_ms=NOW, policy=ANYONE, broadcast=False)
     assert verifier().verify(to_all, now_ms=NOW, policy=ANYONE, broadcast=True)
+
+
+def test_finding4_gossip_signed_for_the_receiver_itself_is_refused():
+    """Issue 11 finding 4: a relay that accepted gossip signed for itself forwarded it to
+    neighbours that refused it as wrong_recipient and blamed the relay. Now the recipient
+    refuses it too, with the same reason as everyone else. (Before: accepted.)"""
+    for_bob = ep.seal(ALICE, b"x", now_ms=NOW, signed_for=BOB.ss58_address)
+    with pytest.raises(ep.WrongRecipient, match="signed for no one"):
+        verifier(own=BOB).verify(for_bob, now_ms=NOW, policy=ANYONE, broadcast=True)
+    with pytest.raises(ep.WrongRecipient, match="signed for no one"):
+        verifier(own=ALICE).verify(for_bob, now_ms=NOW, policy=ANYONE, broadcast=True)
 
 
 @pytest.mark.parametrize("window", [5_000, 8_000])
@@ -191,22 +203,74 @@ def test_tampering_breaks_the_signature(tamper):
     }[tamper]
     import dataclasses
     bad = dataclasses.replace(env, **changed)
-    with pytest.raises(ep.BadSignature):
-        verifier().verify(bad, now_ms=NOW, policy=ANYONE, broadcast=True)
+    with pytest.raises(ep.BadSignature):  # re-addressed to us: only direct requests may carry a signed-for
+        verifier().verify(bad, now_ms=NOW, policy=ANYONE, broadcast=tamper != "signed_for")
 
 
 def test_replay_cache_memory_is_bounded_and_eviction_keeps_replays_out():
     cache = ep.ReplayCache(window_ms=8000, capacity=3)
     for i in range(5):
-        cache.record(f"u{i}", NOW + i, now_ms=NOW + i)
+        cache.record("alice", f"u{i}", NOW + i, now_ms=NOW + i)
     assert len(cache) == 3
-    assert cache.seen("u0", NOW) and cache.seen("u1", NOW + 1)  # evicted, but below the floor
-    assert cache.seen("u4", NOW + 4)
-    assert not cache.seen("fresh", NOW + 5)
+    assert cache.seen("alice", "u0", NOW) and cache.seen("alice", "u1", NOW + 1)  # forgotten, but below the floor
+    assert cache.seen("alice", "u4", NOW + 4)
+    assert not cache.seen("alice", "fresh", NOW + 5)
+    assert not cache.seen("bob", "u0", NOW)  # alice's floor is alice's alone
 
 
 def test_replay_cache_expires_old_entries():
     cache = ep.ReplayCache(window_ms=1000)
-    cache.record("old", NOW, now_ms=NOW)
-    cache.record("new", NOW + 5000, now_ms=NOW + 5000)
-    assert len(cache) == 1 and cache.floor_ms == -1
+    cache.record("alice", "old", NOW, now_ms=NOW)
+    cache.record("alice", "new", NOW + 5000, now_ms=NOW + 5000)
+    assert len(cache) == 1 and cache.floor_ms("alice") == -1
+
+
+def test_finding10_a_member_reusing_an_honest_uuid_burns_only_its_own():
+    """Issue 11 finding 10: the cache was keyed by uuid alone, so Bob signing Alice's
+    in-flight uuid first made Alice's message a replay. (Before: Replay raised for Alice.)"""
+    v = verifier(own=EVE)
+    honest = ep.seal(ALICE, b"honest", now_ms=NOW)
+    squatter = ep.seal(BOB, b"squat", now_ms=NOW, uuid=honest.uuid)
+    assert v.verify(squatter, now_ms=NOW, policy=ANYONE, broadcast=True).hotkey == BOB.ss58_address
+    assert v.verify(honest, now_ms=NOW + 5, policy=ANYONE, broadcast=True).hotkey == ALICE.ss58_address
+    with pytest.raises(ep.Replay):  # a real replay is still one
+        v.verify(honest, now_ms=NOW + 10, policy=ANYONE, broadcast=True)
+
+
+def test_finding10_a_flood_stamped_at_the_window_edge_moves_no_one_elses_floor():
+    """Issue 11 finding 10: filling the cache with messages stamped at the window's edge
+    (now + window) lifted the one floor over every honest message in flight. (Before: the
+    honest message signed 1 s ago was refused as a replay.) Now the flooder's quota is its
+    own, and an entry in the future is never forgotten, so the floor never leaves the past."""
+    window, quota = 8_000, 50
+    v = verifier(own=EVE, window_ms=window, replay_capacity=quota)
+    in_flight = ep.seal(ALICE, b"honest", now_ms=NOW - 1_000)
+    refused = []
+    for i in range(quota + 20):
+        edge = ep.seal(BOB, b"flood %d" % i, now_ms=NOW + window)
+        try:
+            v.verify(edge, now_ms=NOW, policy=ANYONE, broadcast=True)
+        except ep.ReplayQuotaExceeded as exc:
+            refused.append(exc.reason)
+    assert refused == ["replay_quota"] * 20  # only the flooder's own messages beyond its quota
+    assert v.replays.floor_ms(BOB.ss58_address) < NOW  # never lifted from a future stamp
+    assert v.verify(in_flight, now_ms=NOW, policy=ANYONE, broadcast=True).hotkey == ALICE.ss58_address
+    # Once the flood's stamps are in the past, the flooder may speak again.
+    later = ep.seal(BOB, b"later", now_ms=NOW + window + 1)
+    assert v.verify(later, now_ms=NOW + window + 1, policy=ANYONE, broadcast=True)
+
+
+def test_finding11_unicode_digits_and_trailing_newlines_are_malformed():
+    """Issue 11 finding 11: "¹²³".isdigit() is True and int() then raised ValueError (an
+    HTTP 500), and "$" let a trailing newline through the uuid and signature patterns.
+    (Before: ValueError for the timestamp; the newline variants were accepted.)"""
+    env = ep.seal(ALICE, b"x", now_ms=NOW)
+    for change in ({ep.HEADER_TIMESTAMP: "¹²³"}, {ep.HEADER_TIMESTAMP: "١٢٣"},
+                   {ep.HEADER_UUID: env.uuid + "\n"}, {ep.HEADER_SIGNATURE: env.signature + "\n"},
+                   {ep.HEADER_TIMESTAMP: str(NOW) + "\n"}):
+        with pytest.raises(ep.MalformedEnvelope):
+            ep.Envelope.from_headers(env.to_headers() | change, b"x")
+    import msgpack
+    fields = msgpack.unpackb(env.to_gossip_bytes()) | {"uuid": env.uuid + "\n"}
+    with pytest.raises(ep.MalformedEnvelope, match="uuid"):
+        ep.Envelope.from_gossip_bytes(msgpack.packb(fields, use_bin_type=True))
