@@ -1,9 +1,12 @@
 """The committee's dealer-free key ceremony: one member per OS process, TNO's protocol.
 
 Each member runs `run_member(settings)`: a hello round (everyone checks everyone's
-parameters), TNO's distributed Paillier key generation over its HTTP Pool, then the
-degree reduction, verification keys and a self-test decryption (crypto/dkg.py holds the
-math). The result is written atomically under the member's directory:
+parameters), TNO's distributed Paillier key generation, then the degree reduction,
+verification keys and a self-test decryption (crypto/dkg.py holds the math). Every
+message goes through TNO's Pool API over node/keygen_transport.py: signed by the
+sender's hotkey, sealed for its one recipient, refused unless it comes from a roster
+member (protocol/keygen_channel.py). The result is written atomically under the
+member's directory:
 
     state.json          phase, pid, heartbeats; "finished" only after the key is on disk
     member_key.msgpack  0600: the member's secret share and everything public
@@ -23,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,8 +40,10 @@ from typing import Any
 import msgpack
 
 from crypto import dkg, paillier
+from crypto.identity import is_valid_address
 from node.files import write_atomic
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.keygen_channel import CeremonyRoster, KeygenChannel
 
 log = logging.getLogger("sealmesh.keygen")
 
@@ -49,6 +55,7 @@ _HELLO = "sealmesh-keygen-hello"
 _REDUCE = "sealmesh-keygen-reduce"
 _VERIFY = "sealmesh-keygen-verify"
 _PROBE_TIMEOUT_S = 5.0
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
 
 
 class KeygenError(Exception):
@@ -91,17 +98,30 @@ class CeremonyBusy(KeygenError, LocalProtocolError):
 # Settings
 
 
-def parse_members(text: str) -> tuple[tuple[str, int], ...]:
-    """"host:port,host:port,..." -> ((host, port), ...); member i is entry i (1-based)."""
-    members = []
+def parse_members(text: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """"SS58@host:port,..." -> (hotkeys, ((host, port), ...)); member i is entry i (1-based).
+
+    The hotkey is how the other members know a member: its messages must be signed by
+    it, and the channel keys are bound to it (protocol/keygen_channel.py)."""
+    hotkeys, members = [], []
     for item in (part.strip() for part in text.split(",")):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise KeygenError(f"member {item!r} is not host:port", reason="usage")
+        hotkey, at, address = item.partition("@")
+        host, sep, port = address.rpartition(":")
+        if not at or not hotkey:
+            raise KeygenError(f"member {item!r} has no hotkey: write SS58@host:port "
+                              f"(`sealmesh wallet show` prints a member's SS58 address)",
+                              reason="usage")
+        if not is_valid_address(hotkey):
+            raise KeygenError(f"member {item!r}: {hotkey!r} is not an SS58 address", reason="usage")
+        if not sep or not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+            raise KeygenError(f"member {item!r} is not SS58@host:port", reason="usage")
+        hotkeys.append(hotkey)
         members.append((host, int(port)))
     if len(set(members)) != len(members):
         raise KeygenError("the member list names one host:port twice", reason="usage")
-    return tuple(members)
+    if len(set(hotkeys)) != len(hotkeys):
+        raise KeygenError("the member list names one hotkey twice", reason="usage")
+    return tuple(hotkeys), tuple(members)
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,9 @@ class KeygenSettings:
     threshold: int  # members needed to decrypt
     bits: int
     out_dir: Path
+    hotkeys: tuple[str, ...] = ()  # member i's SS58 hotkey is hotkeys[i - 1]
+    hotkey: Any = field(default=None, repr=False)  # ours (crypto.identity.Hotkey): signs
+    listen: tuple[str, int] | None = None  # bind here instead of our entry in `members`
     allow_weak: bool = False  # admits bits below 2048 (tests, measurements)
     timeout_s: float = 7200.0  # the whole ceremony
     stall_timeout_s: float = 60.0  # waiting on a member whose port refuses connections
@@ -127,6 +150,18 @@ class KeygenSettings:
             raise KeygenError(f"--bits {self.bits}: use one of {paillier.SUPPORTED_BITS} "
                               f"(or --allow-weak for tests)", reason="usage")
         self.parameters  # validates n, threshold and bits now, not after the hello
+        if len(self.hotkeys) != len(self.members):
+            raise KeygenError("every member needs a hotkey (--members SS58@host:port,...)",
+                              reason="usage")
+        if self.hotkey is None or self.hotkey.ss58_address != self.hotkeys[self.index - 1]:
+            mine = getattr(self.hotkey, "ss58_address", None)
+            raise KeygenError(f"member {self.index} is {self.hotkeys[self.index - 1]} in "
+                              f"--members, but our hotkey is {mine}: check --index and the "
+                              f"wallet", reason="usage")
+
+    @property
+    def roster(self) -> CeremonyRoster:
+        return CeremonyRoster(self.hotkeys, tuple(f"{h}:{p}" for h, p in self.members))
 
     @property
     def parameters(self) -> dkg.CeremonyParameters:
@@ -134,7 +169,8 @@ class KeygenSettings:
 
     def public_view(self) -> dict[str, Any]:
         """What every member must agree on before the protocol starts."""
-        return {"members": [f"{h}:{p}" for h, p in self.members], "threshold": self.threshold,
+        return {"members": [f"{k}@{h}:{p}" for k, (h, p) in zip(self.hotkeys, self.members)],
+                "threshold": self.threshold,
                 "bits": self.bits, "batch_size": self.batch_size,
                 "stat_sec": self.parameters.stat_sec}
 
@@ -299,6 +335,7 @@ class _Watchdog:
         while True:
             await asyncio.sleep(min(1.0, self.settings.heartbeat_s))
             now = time.monotonic()
+            self._check_refusals()
             await self._check_members(now)
             if now - last_beat >= self.settings.heartbeat_s:
                 last_beat = now
@@ -323,6 +360,15 @@ class _Watchdog:
                 f"while we waited in phase {self.progress.phase!r}, and its port is "
                 f"unreachable ({why}). The ceremony cannot go on without it: once it is back, "
                 f"rerun every member with --restart")
+
+    def _check_refusals(self) -> None:
+        """A member whose messages we refuse (or that refuses ours) for a reason no retry
+        cures runs another ceremony: stop now and name it, not after the stall timeout."""
+        for refusal in getattr(self.pool, "refusals", ()):
+            who = _name(refusal.member) if refusal.member else "a member"
+            direction = "we refuse its messages" if refusal.by_us else "it refuses ours"
+            raise MemberMismatch(f"{who} and we are not in the same ceremony ({direction}: "
+                                 f"{refusal.reason}: {refusal.hint})")
 
     def _beat(self) -> None:
         p = self.progress
@@ -463,23 +509,25 @@ async def _verify(settings: KeygenSettings, pool: Any, public: paillier.PublicKe
 
 async def _ceremony(settings: KeygenSettings, progress: Progress,
                     state: dict[str, Any]) -> dict[str, Any]:
-    from tno.mpc.communication import Pool
+    from node.keygen_transport import SealedPool
 
     _progress.set(progress)
     paillier_class = _observed_paillier()  # the slow imports (sympy) count as "starting"
-    host, port = settings.members[settings.index - 1]
-    pool = Pool()
+    # Every message from here on is signed by our hotkey and sealed for one member.
+    pool = SealedPool(KeygenChannel(settings.hotkey, settings.roster, settings.index))
+    host, port = settings.listen or settings.members[settings.index - 1]
     pool.add_http_server(port=port, addr=host)
     for j, (h, p) in enumerate(settings.members, start=1):
         if j != settings.index:
-            pool.add_http_client(_name(j), h, p)
+            pool.add_member(_name(j), j, h, p)
+    pool.start_announcing()
     watchdog = asyncio.ensure_future(_Watchdog(settings, progress, pool, state).run())
     work = asyncio.ensure_future(_protocol(settings, pool, progress, paillier_class))
     try:
         done, _ = await asyncio.wait({watchdog, work}, return_when=asyncio.FIRST_COMPLETED)
         if watchdog in done:
             work.cancel()
-            watchdog.result()  # raises MemberVanished
+            watchdog.result()  # raises MemberVanished or MemberMismatch
         return work.result()
     finally:
         for task in (watchdog, work):
@@ -674,8 +722,24 @@ def member_dir(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"member-{index}"
 
 
+LOCAL_WALLET = "keygen"  # --local: member I's hotkey is DIR/member-I/wallet/keygen/hotkeys/member-I
+
+
+def local_hotkey(out_dir: Path, index: int) -> Any:
+    """Member `index`'s hotkey in a --local ceremony: made once, kept with its directory
+    (so a finished ceremony is recognised again)."""
+    from node.wallet import create_hotkey, hotkey_path, load_hotkey
+
+    wallet = member_dir(out_dir, index) / "wallet"
+    if hotkey_path(LOCAL_WALLET, _name(index), wallet).exists():
+        return load_hotkey(LOCAL_WALLET, _name(index), wallet)
+    return create_hotkey(LOCAL_WALLET, _name(index), wallet)
+
+
 def _member_argv(local: LocalCeremony, index: int, members: str) -> list[str]:
+    wallet = member_dir(local.out_dir, index) / "wallet"
     argv = [sys.executable, "-m", "node.keygen_cli", "--index", str(index), "--members", members,
+            "--wallet-path", str(wallet), "--wallet-name", LOCAL_WALLET, "--hotkey", _name(index),
             "--threshold", str(local.threshold), "--bits", str(local.bits),
             "--out", str(member_dir(local.out_dir, index)), "--timeout", str(local.timeout_s),
             "--stall-timeout", str(local.stall_timeout_s), "--heartbeat", str(local.heartbeat_s),
@@ -699,7 +763,8 @@ def run_local(local: LocalCeremony) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     previous = _previous_members(out_dir, local.n_parties)
     ports = previous or free_ports(local.n_parties)
-    members = ",".join(f"127.0.0.1:{p}" for p in ports)
+    hotkeys = [local_hotkey(out_dir, i).ss58_address for i in range(1, local.n_parties + 1)]
+    members = ",".join(f"{k}@127.0.0.1:{p}" for k, p in zip(hotkeys, ports))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -794,5 +859,5 @@ __all__ = [
     "KeygenSettings", "LocalCeremony", "run_member", "run_local", "load_result", "read_state",
     "check_previous", "parse_members", "free_ports", "member_dir", "KeygenError",
     "MemberVanished", "MemberMismatch", "CeremonyTimeout", "CeremonyInterrupted",
-    "CeremonyCrashed", "CeremonyBusy", "STATE_FILE", "KEY_FILE", "PUBLIC_FILE",
+    "CeremonyCrashed", "CeremonyBusy", "STATE_FILE", "KEY_FILE", "PUBLIC_FILE", "local_hotkey",
 ]

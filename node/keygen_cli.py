@@ -1,6 +1,7 @@
 """`sealmesh committee keygen ...`: the dealer-free key ceremony from the command line.
 
-One member:   --index I --members host:port,... --threshold T --bits B --out DIR
+One member:   --index I --members SS58@host:port,... --wallet-name W [--hotkey H]
+              --threshold T --bits B --out DIR
 All, locally: --local N --threshold T --bits B --out DIR   (DIR/member-1 .. member-N)
 
 Exit status: 0 finished (or already finished), 1 the ceremony failed (the state file and
@@ -18,7 +19,8 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   sealmesh committee keygen --local 3 --threshold 2 --bits 2048 --out committee-key
-  sealmesh committee keygen --index 1 --members 10.0.0.1:8801,10.0.0.2:8801,10.0.0.3:8801 \\
+  sealmesh committee keygen --index 1 --wallet-name alice --hotkey default \\
+      --members 5Grw...@10.0.0.1:8801,5FHn...@10.0.0.2:8801,5DAA...@10.0.0.3:8801 \\
       --threshold 2 --bits 2048 --out ~/.sealmesh/committee-key
 """
 
@@ -33,8 +35,16 @@ def build_keygen_parser(prog: str = "sealmesh committee keygen") -> argparse.Arg
     who.add_argument("--index", type=int, help="this member's 1-based position in --members")
     who.add_argument("--local", type=int, metavar="N",
                      help="run all N members as processes on 127.0.0.1 (tests, demos)")
-    parser.add_argument("--members", help="host:port of every member, comma-separated, in the "
-                                          "same order on every member (with --index)")
+    parser.add_argument("--members", help="SS58hotkey@host:port of every member, comma-separated, "
+                                          "in the same order on every member (with --index); "
+                                          "each member's messages must be signed by its hotkey")
+    parser.add_argument("--wallet-name", help="btcli wallet holding this member's hotkey "
+                                              "(with --index)")
+    parser.add_argument("--hotkey", default="default", help="btcli hotkey name (default %(default)s)")
+    parser.add_argument("--wallet-path", type=Path, default=Path("~/.bittensor/wallets"),
+                        help="btcli wallets directory (default %(default)s)")
+    parser.add_argument("--listen", help="host:port to bind instead of this member's --members "
+                                         "entry (behind NAT or a port forward)")
     parser.add_argument("--threshold", type=int,
                         help="members needed to decrypt (default: the most TNO allows, (n+1)/2)")
     parser.add_argument("--bits", type=int, default=2048, help="modulus size (default %(default)s)")
@@ -74,10 +84,14 @@ def keygen_main(argv: list[str] | None = None) -> int:
         if args.local is not None:
             return _run_local(args)
         if not args.members:
-            parser.error("--index needs --members host:port,...")
-        members = keygen.parse_members(args.members)
+            parser.error("--index needs --members SS58@host:port,...")
+        hotkeys, members = keygen.parse_members(args.members)
+        if not args.wallet_name:
+            raise keygen.KeygenError("--index needs --wallet-name (and --hotkey): this member "
+                                     "signs every ceremony message with it", reason="usage")
         settings = keygen.KeygenSettings(
-            index=args.index, members=members,
+            index=args.index, members=members, hotkeys=hotkeys,
+            hotkey=_load_hotkey(args), listen=_listen(args.listen),
             threshold=args.threshold or (len(members) + 1) // 2, bits=args.bits,
             out_dir=args.out.expanduser(), allow_weak=args.allow_weak, timeout_s=args.timeout,
             stall_timeout_s=args.stall_timeout, join_timeout_s=args.join_timeout,
@@ -91,6 +105,27 @@ def keygen_main(argv: list[str] | None = None) -> int:
         return 2 if exc.reason in ("usage", "parameters") else 1
     print(json.dumps(keygen.describe(summary), sort_keys=True))
     return 0
+
+
+def _load_hotkey(args: argparse.Namespace):
+    from node import keygen
+    from node.wallet import WalletError, load_hotkey
+
+    try:
+        return load_hotkey(args.wallet_name, args.hotkey, args.wallet_path)
+    except WalletError as exc:
+        raise keygen.KeygenError(str(exc), reason="usage") from exc
+
+
+def _listen(text: str | None) -> tuple[str, int] | None:
+    from node import keygen
+
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise keygen.KeygenError(f"--listen {text!r} is not host:port", reason="usage")
+    return host, int(port)
 
 
 def _run_local(args: argparse.Namespace) -> int:

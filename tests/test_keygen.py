@@ -26,6 +26,7 @@ import msgpack
 import pytest
 
 from crypto import dkg, paillier
+from crypto.identity import Hotkey
 from node import keygen
 from node.keygen_cli import keygen_main
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -232,10 +233,16 @@ def test_key_share_codec_round_trip_and_tampering(ceremony):
 # node/keygen.py: files, states, failures
 
 
+HOTKEYS = tuple(Hotkey.from_uri(f"//keygen-test-{i}") for i in (1, 2, 3))
+ROSTER = tuple(k.ss58_address for k in HOTKEYS)
+
+
 def _settings(tmp_path: Path, **kw) -> keygen.KeygenSettings:
     ports = keygen.free_ports(3)
+    index = kw.get("index", 1)
     base = dict(index=1, members=tuple(("127.0.0.1", p) for p in ports), threshold=2, bits=BITS,
-                out_dir=tmp_path / "m1", allow_weak=True, heartbeat_s=0.5)
+                out_dir=tmp_path / "m1", allow_weak=True, heartbeat_s=0.5, hotkeys=ROSTER,
+                hotkey=HOTKEYS[index - 1])
     return keygen.KeygenSettings(**{**base, **kw})
 
 
@@ -351,6 +358,7 @@ def test_mismatched_member_is_named(tmp_path):
         try:
             keygen.run_member(keygen.KeygenSettings(
                 index=index, members=members, threshold=threshold, bits=bits,
+                hotkeys=ROSTER, hotkey=HOTKEYS[index - 1],
                 out_dir=tmp_path / f"m{index}", allow_weak=True, heartbeat_s=0.5,
                 join_timeout_s=join_timeout_s))
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
@@ -386,12 +394,23 @@ def test_sigterm_stops_cleanly(tmp_path):
         s.bind(settings.members[0])
 
 
+def _members(*addresses: str) -> str:
+    return ",".join(f"{k}@{a}" for k, a in zip(ROSTER, addresses))
+
+
 @pytest.mark.parametrize("argv, code", [
-    (["--index", "1", "--members", "a:1,b", "--bits", "512", "--allow-weak"], 2),
-    (["--index", "1", "--members", "a:1,a:1,b:2", "--bits", "512", "--allow-weak"], 2),
-    (["--index", "4", "--members", "a:1,b:2,c:3", "--bits", "512", "--allow-weak"], 2),
-    (["--index", "1", "--members", "a:1,b:2,c:3", "--bits", "512"], 2),  # weak without consent
-    (["--index", "1", "--members", "a:1,b:2", "--bits", "512", "--allow-weak"], 2),  # n = 2
+    (["--index", "1", "--members", _members("a:1", "b"), "--bits", "512", "--allow-weak"], 2),
+    (["--index", "1", "--members", _members("a:1", "a:1", "b:2"), "--bits", "512",
+      "--allow-weak"], 2),
+    (["--index", "4", "--members", _members("a:1", "b:2", "c:3"), "--bits", "512",
+      "--allow-weak"], 2),
+    (["--index", "1", "--members", _members("a:1", "b:2", "c:3"), "--bits", "512"], 2),  # weak
+    (["--index", "1", "--members", _members("a:1", "b:2"), "--bits", "512", "--allow-weak"], 2),
+    (["--index", "1", "--members", "a:1,b:2,c:3", "--bits", "512", "--allow-weak"], 2),  # no keys
+    (["--index", "1", "--members", f"{ROSTER[0]}@a:1,{ROSTER[0]}@b:2,{ROSTER[2]}@c:3",
+      "--bits", "512", "--allow-weak"], 2),  # one hotkey twice
+    (["--index", "1", "--members", _members("a:1", "b:2", "c:3"), "--bits", "512",
+      "--allow-weak"], 2),  # no --wallet-name
     (["--local", "3", "--threshold", "3", "--bits", "512", "--allow-weak"], 2),
     (["--local", "3", "--bits", "1001", "--allow-weak"], 2),
 ])
@@ -445,7 +464,8 @@ def test_local_ceremony_512_bits_decrypts_with_any_two(tmp_path):
 @pytest.mark.slow
 def test_member_killed_mid_ceremony_fails_the_others_promptly(tmp_path):
     ports = keygen.free_ports(3)
-    members = ",".join(f"127.0.0.1:{p}" for p in ports)
+    members = ",".join(f"{keygen.local_hotkey(tmp_path, i).ss58_address}@127.0.0.1:{p}"
+                       for i, p in zip((1, 2, 3), ports))
     local = keygen.LocalCeremony(3, 2, BITS, tmp_path, allow_weak=True, heartbeat_s=1.0,
                                  stall_timeout_s=5.0, timeout_s=900.0)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
