@@ -134,3 +134,25 @@ def test_http_endpoint_checks_epistula(mesh):
     _, metrics = http_get(port, "/metrics")
     assert rejected_metric(metrics.decode(), "http", "bad_signature") == 1
     assert http_get(port, "/health")[0] == 200
+
+
+def test_finding11_unicode_digit_timestamp_gets_401_not_500(mesh):
+    """Issue 11 finding 11: "¹²³".isdigit() is True, int() then raised ValueError and the
+    node's HTTP API answered 500. The header is sent as the UTF-8 bytes a client would put
+    on the wire. (Before: 500 with aiohttp's error page; now 401 malformed_envelope.)"""
+    import http.client
+
+    root, validator, trainer = mesh
+    trainer_key = load_hotkey("testnet", trainer.name, root / "wallets")
+    env = seal_message(trainer_key, Ping(9, now_ms()), now_ms=now_ms(), signed_for=validator.hotkey)
+    headers = env.to_headers() | {"Epistula-Timestamp": "¹²³".encode()}
+    connection = http.client.HTTPConnection("127.0.0.1", validator.api_port, timeout=10)
+    try:
+        connection.request("POST", "/v1/message", body=env.body, headers=headers)
+        response = connection.getresponse()
+        code, raw = response.status, response.read()
+    finally:
+        connection.close()
+    assert code == 401, raw[:300]
+    assert json.loads(raw)["reason"] == "malformed_envelope"
+    assert http_get(validator.api_port, "/health")[0] == 200
