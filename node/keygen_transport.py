@@ -126,9 +126,14 @@ class SealedHTTPServer(HTTPServer):
         client.key_arrived.set()
         if delivery.payload is None:
             return web.Response(text="channel key received")
-        msg_id, message = await self.loop.run_in_executor(None, functools.partial(
-            Serialization.unpack, obj=delivery.payload, use_pickle=False, option=self.option,
-            origin=client))
+        try:
+            msg_id, message = await self.loop.run_in_executor(None, functools.partial(
+                Serialization.unpack, obj=delivery.payload, use_pickle=False,
+                option=self.option, origin=client))
+        except Exception as exc:  # a member's authentic bytes that TNO cannot read
+            return self._refuse(None, RemoteProtocolError(
+                f"member {delivery.sender}'s payload does not unpack: {exc!r}",
+                reason="bad_payload"), status=400, remote=request.remote)
         self._file(client, msg_id, message)
         self.msg_recv_counter += 1
         self.total_bytes_recv += len(wire)
