@@ -425,3 +425,83 @@ def _sealed_for(body: bytes, hotkey: str) -> bool:
     except Exception:
         return False
     return envelope.signed_for == hotkey and msgpack.unpackb(envelope.body)["kind"] == "sealed"
+
+
+# ---------------------------------------------------------------------------------------
+# The whole ceremony, TNO's modulus search included, behind the recording proxies
+
+
+@pytest.fixture
+def tno_sharings(monkeypatch) -> list[int]:
+    """Spy on TNO's integer Shamir sharing (the real one runs): every share of λ = φ(N)
+    and β that a member deals, most of which it posts to the others."""
+    from tno.mpc.encryption_schemes.shamir import ShamirSecretSharingIntegers
+
+    seen: list[int] = []
+    real = ShamirSecretSharingIntegers.share_secret
+
+    def recording(self: Any, secret: int) -> Any:
+        sharing = real(self, secret)
+        seen.extend(int(v) for v in sharing.shares.values())
+        return sharing
+
+    monkeypatch.setattr(ShamirSecretSharingIntegers, "share_secret", recording)
+    return seen
+
+
+@pytest.mark.slow
+def test_finding12_real_ceremony_leaks_no_share_to_an_observer(tmp_path, dealt, tno_sharings):
+    """Three members (threads, run_member as the CLI runs it) at 512 bits, each behind a
+    recording proxy. Before: TNO's λ and β shares and our sub-shares were plain integers
+    in the HTTP bodies. After: none of them is in the recording, and the key decrypts."""
+    from tno.mpc.protocols.distributed_keygen import DistributedPaillier  # noqa: F401 - import once
+
+    listen, advertised = keygen.free_ports(3), keygen.free_ports(3)
+    recording = Recording()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def proxies() -> None:
+        asyncio.set_event_loop(loop)
+        for a, b in zip(advertised, listen):
+            loop.run_until_complete(_proxy(a, b, recording))
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=proxies, daemon=True).start()
+    assert ready.wait(10)
+    member_list = tuple(("127.0.0.1", p) for p in advertised)
+    errors: dict[int, BaseException] = {}
+
+    def member(i: int) -> None:
+        try:
+            keygen.run_member(keygen.KeygenSettings(
+                index=i, members=member_list, threshold=2, bits=BITS, out_dir=tmp_path / f"m{i}",
+                allow_weak=True, hotkeys=ROSTER, hotkey=HOTKEYS[i - 1], heartbeat_s=5.0,
+                listen=("127.0.0.1", listen[i - 1]), timeout_s=1500.0))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors[i] = exc
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(1600)
+    loop.call_soon_threadsafe(loop.stop)
+    assert not errors, errors
+    loaded = {i: keygen.load_result(tmp_path / f"m{i}") for i in (1, 2, 3)}
+    public, vks = loaded[1]["public"], loaded[1]["verification_keys"]
+    scale = loaded[1]["key_share"].plaintext_scale
+    m_ = secrets.randbelow(public.n)
+    c = public.encrypt(m_)
+    partials = {i: paillier.partial_decrypt(r["key_share"].share, c, CONTEXT)
+                for i, r in loaded.items()}
+    for pair in ((1, 2), (1, 3), (2, 3)):
+        assert dkg.combine(public, vks, 2, c, [partials[i] for i in pair], CONTEXT, scale) == m_
+    traffic = recording.everything
+    assert len(traffic) > 100_000  # the modulus search went through the proxies
+    shares = [v for v in tno_sharings if v.bit_length() >= 64]
+    sub_shares = [piece for pieces in dealt for piece in pieces.values()]
+    assert len(shares) >= 18 and len(sub_shares) == 9  # λ and β, 3 dealers, 3 shares each
+    assert [v for v in shares + sub_shares if found(v, traffic)] == []
+    assert not any(found(r["key_share"].share.secret, traffic) for r in loaded.values())
