@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,9 +238,9 @@ def test_finding12_passive_observer_finds_no_sub_share_and_the_key_decrypts(
         tmp_path, tno_output, dealt):
     """Before (run here too, over TNO's plain Pool): the sub-shares H_i(j) crossed the
     wire as TNO-serialized integers in plain HTTP bodies, and the recording held every
-    one sent to another member (two members' sub-shares for member j give the observer
-    nothing less than what j itself gets). After: none is in the recording of the sealed
-    run, and the converted key still decrypts with any two members."""
+    one sent to another member (with them the observer computes any member's share).
+    After: none is in the recording of the sealed run, and the converted key still
+    decrypts with any two members."""
     from tno.mpc.communication.serialization import Serialization
 
     async def scenario(sealed: bool) -> tuple[dict, Recording]:
@@ -431,31 +431,43 @@ def _sealed_for(body: bytes, hotkey: str) -> bool:
 # The whole ceremony, TNO's modulus search included, behind the recording proxies
 
 
-@pytest.fixture
-def tno_sharings(monkeypatch) -> list[int]:
-    """Spy on TNO's integer Shamir sharing (the real one runs): every share of λ = φ(N)
-    and β that a member deals, most of which it posts to the others."""
-    from tno.mpc.encryption_schemes.shamir import ShamirSecretSharingIntegers
+# TNO keeps a per-process registry of session ids, so its members need one process each.
+# This wrapper runs the CLI's member with two spies (the real functions run) that write
+# every share the member dealt, sent or not, to a file once it exits.
+_SPY = r"""
+import json, sys
+from pathlib import Path
+from crypto import dkg
+from tno.mpc.encryption_schemes.shamir import ShamirSecretSharingIntegers as IntegerShamir
 
-    seen: list[int] = []
-    real = ShamirSecretSharingIntegers.share_secret
+dealt = []
+real_share, real_deal = IntegerShamir.share_secret, dkg.deal_sub_shares
 
-    def recording(self: Any, secret: int) -> Any:
-        sharing = real(self, secret)
-        seen.extend(int(v) for v in sharing.shares.values())
-        return sharing
+def share_secret(self, secret):
+    sharing = real_share(self, secret)  # TNO's shares of lambda = phi(N) and beta
+    dealt.extend(int(v) for v in sharing.shares.values())
+    return sharing
 
-    monkeypatch.setattr(ShamirSecretSharingIntegers, "share_secret", recording)
-    return seen
+def deal_sub_shares(*args, **kwargs):
+    pieces = real_deal(*args, **kwargs)  # our degree-reduction sub-shares
+    dealt.extend(pieces.values())
+    return pieces
+
+IntegerShamir.share_secret, dkg.deal_sub_shares = share_secret, deal_sub_shares
+from node.keygen_cli import keygen_main
+try:
+    code = keygen_main(sys.argv[2:])
+finally:
+    Path(sys.argv[1]).write_text(json.dumps([str(v) for v in dealt]))
+sys.exit(code)
+"""
 
 
 @pytest.mark.slow
-def test_finding12_real_ceremony_leaks_no_share_to_an_observer(tmp_path, dealt, tno_sharings):
-    """Three members (threads, run_member as the CLI runs it) at 512 bits, each behind a
-    recording proxy. Before: TNO's λ and β shares and our sub-shares were plain integers
-    in the HTTP bodies. After: none of them is in the recording, and the key decrypts."""
-    from tno.mpc.protocols.distributed_keygen import DistributedPaillier  # noqa: F401 - import once
-
+def test_finding12_real_ceremony_leaks_no_share_to_an_observer(tmp_path):
+    """Three member processes (the CLI) at 512 bits, each behind a recording proxy.
+    Before: TNO's shares of λ and β and our sub-shares were plain integers in the HTTP
+    bodies. After: none of them is in the recording, and the key decrypts."""
     listen, advertised = keygen.free_ports(3), keygen.free_ports(3)
     recording = Recording()
     loop = asyncio.new_event_loop()
@@ -470,26 +482,27 @@ def test_finding12_real_ceremony_leaks_no_share_to_an_observer(tmp_path, dealt, 
 
     threading.Thread(target=proxies, daemon=True).start()
     assert ready.wait(10)
-    member_list = tuple(("127.0.0.1", p) for p in advertised)
-    errors: dict[int, BaseException] = {}
-
-    def member(i: int) -> None:
-        try:
-            keygen.run_member(keygen.KeygenSettings(
-                index=i, members=member_list, threshold=2, bits=BITS, out_dir=tmp_path / f"m{i}",
-                allow_weak=True, hotkeys=ROSTER, hotkey=HOTKEYS[i - 1], heartbeat_s=5.0,
-                listen=("127.0.0.1", listen[i - 1]), timeout_s=1500.0))
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors[i] = exc
-
-    threads = [threading.Thread(target=member, args=(i,)) for i in (1, 2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(1600)
-    loop.call_soon_threadsafe(loop.stop)
-    assert not errors, errors
-    loaded = {i: keygen.load_result(tmp_path / f"m{i}") for i in (1, 2, 3)}
+    hotkeys = [keygen.local_hotkey(tmp_path, i).ss58_address for i in (1, 2, 3)]
+    member_list = ",".join(f"{k}@127.0.0.1:{p}" for k, p in zip(hotkeys, advertised))
+    local = keygen.LocalCeremony(3, 2, BITS, tmp_path, allow_weak=True, heartbeat_s=5.0,
+                                 stall_timeout_s=120.0, timeout_s=1500.0)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    procs = {}
+    for i in (1, 2, 3):
+        argv = keygen._member_argv(local, i, member_list)[3:]
+        procs[i] = subprocess.Popen(
+            [sys.executable, "-c", _SPY, str(tmp_path / f"dealt-{i}.json"), *argv,
+             "--listen", f"127.0.0.1:{listen[i - 1]}"], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"member-{i}.log", "wb"))
+    try:
+        codes = {i: p.wait(timeout=1600) for i, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        loop.call_soon_threadsafe(loop.stop)
+    assert codes == {1: 0, 2: 0, 3: 0}, codes
+    loaded = {i: keygen.load_result(keygen.member_dir(tmp_path, i)) for i in (1, 2, 3)}
     public, vks = loaded[1]["public"], loaded[1]["verification_keys"]
     scale = loaded[1]["key_share"].plaintext_scale
     m_ = secrets.randbelow(public.n)
@@ -500,8 +513,41 @@ def test_finding12_real_ceremony_leaks_no_share_to_an_observer(tmp_path, dealt, 
         assert dkg.combine(public, vks, 2, c, [partials[i] for i in pair], CONTEXT, scale) == m_
     traffic = recording.everything
     assert len(traffic) > 100_000  # the modulus search went through the proxies
-    shares = [v for v in tno_sharings if v.bit_length() >= 64]
-    sub_shares = [piece for pieces in dealt for piece in pieces.values()]
-    assert len(shares) >= 18 and len(sub_shares) == 9  # λ and β, 3 dealers, 3 shares each
-    assert [v for v in shares + sub_shares if found(v, traffic)] == []
+    dealt = [int(v) for i in (1, 2, 3)
+             for v in json.loads((tmp_path / f"dealt-{i}.json").read_text())]
+    dealt = [v for v in dealt if v.bit_length() >= 64]
+    # λ and β (3 shares each) and 3 sub-shares, from each of the 3 members
+    assert len(dealt) >= 27, len(dealt)
+    assert [v for v in dealt if found(v, traffic)] == []
     assert not any(found(r["key_share"].share.secret, traffic) for r in loaded.values())
+
+
+def test_finding12_member_of_another_roster_is_named_promptly(tmp_path):
+    """Two members whose --members differ (member 3's address) run different ceremonies:
+    each refuses the other's signed frames as wrong_ceremony and stops within seconds
+    with MemberMismatch naming the other, instead of waiting out the join timeout."""
+    ports = keygen.free_ports(4)
+    ours = tuple(("127.0.0.1", p) for p in ports[:3])
+    theirs = ours[:2] + (("127.0.0.1", ports[3]),)
+    errors: dict[int, BaseException] = {}
+
+    def member(index: int, member_list: tuple) -> None:
+        try:
+            keygen.run_member(keygen.KeygenSettings(
+                index=index, members=member_list, threshold=2, bits=BITS,
+                out_dir=tmp_path / f"m{index}", allow_weak=True, heartbeat_s=0.5,
+                hotkeys=ROSTER, hotkey=HOTKEYS[index - 1], join_timeout_s=120.0))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors[index] = exc
+
+    import time
+    started = time.monotonic()
+    other = threading.Thread(target=member, args=(2, theirs))
+    other.start()
+    member(1, ours)
+    other.join(60)
+    assert time.monotonic() - started < 60
+    for me, them in ((1, "member-2"), (2, "member-1")):
+        assert isinstance(errors[me], keygen.MemberMismatch), errors
+        assert them in str(errors[me]) and "wrong_ceremony" in str(errors[me])
+    assert keygen.read_state(tmp_path / "m1")["reason"] == "parameters_mismatch"
