@@ -24,7 +24,7 @@ import trio
 from node.api import ApiServer
 from node.files import write_atomic
 from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, BlobService, handle_probe
-from node.mesh import Mesh, MeshConfig, ValidationResult
+from node.mesh import EnvelopeFirst, Mesh, MeshConfig, StreamRefused, ValidationResult
 from node.metrics import NodeMetrics
 from node.presence import Presence
 from node.registry.genesis import Genesis
@@ -33,7 +33,8 @@ from node.roles import RoleContext, RoleService, services_for
 from node.storage import BlobStore, open_store
 from protocol.epistula import EnvelopeVerifier, Envelope, Signer
 from protocol.errors import RemoteProtocolError
-from protocol.inbound import forwarder_is_at_fault, open_gossip, open_request, seal_message
+from protocol.challenge_messages import FHE_PROTOCOL, MAX_ENVELOPE_BYTES, REQUESTS
+from protocol.inbound import admit_stream_envelope, forwarder_is_at_fault, open_gossip, open_request, seal_message
 from protocol.messages import Announce, Channel, MembershipView, Message, Ping, decode
 
 log = logging.getLogger("sealmesh.node")
@@ -118,7 +119,8 @@ class Node:
         mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
         for service in self.services:
             for protocol_id, (handler, max_bytes) in service.stream_handlers().items():
-                mesh.set_stream_handler(protocol_id, handler, max_bytes)
+                mesh.set_stream_handler(protocol_id, handler, max_bytes, envelope_first=envelope_first_for(
+                    protocol_id, self.verifier, on_reject=lambda reason: self.metrics.reject("stream", reason)))
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         assert self.mesh is not None
@@ -272,7 +274,7 @@ class Node:
             "presence": self.presence.snapshot(with_samples=with_samples),
             "membership_views": dict(self.membership_views),
             "rejected": _rejected_counts(self.metrics),
-            "mesh_stats": dict(_flatten_stats(mesh.stats)) if mesh else {},
+            "mesh_stats": dict([*_flatten_stats(mesh.stats), *_flatten_stats(mesh.stream_stats)]) if mesh else {},
             "sections": self.role_context.sections() if self.role_context else {},
         }
         with self._status_lock:
@@ -282,6 +284,34 @@ class Node:
         """Thread-safe: the API thread calls this."""
         with self._status_lock:
             return dict(self._status)
+
+
+# Stream protocols whose request is a signed envelope, then the payload it signs for:
+# protocol id -> (the request types it carries, the largest envelope).
+ENVELOPE_FIRST_PROTOCOLS: dict[str, tuple[tuple[type[Message], ...], int]] = {
+    FHE_PROTOCOL: (REQUESTS, MAX_ENVELOPE_BYTES),
+}
+
+
+def envelope_first_for(protocol_id: str, verifier: EnvelopeVerifier, *,
+                       on_reject: Callable[[str], None] = lambda reason: None) -> EnvelopeFirst | None:
+    """How the mesh admits a request of `protocol_id` before reading its payload (issue 11
+    finding 9): the envelope must verify (protocol/inbound.py admit_stream_envelope),
+    judged at the time the request began to arrive, and names the payload's length."""
+    rule = ENVELOPE_FIRST_PROTOCOLS.get(protocol_id)
+    if rule is None:
+        return None
+    expect, max_envelope_bytes = rule
+
+    def admit(peer_id: str, envelope: bytes, started_ms: int) -> int:
+        try:
+            return admit_stream_envelope(envelope, verifier=verifier, now_ms=min(started_ms, now_ms()),
+                                         expect=expect)
+        except RemoteProtocolError as exc:
+            on_reject(exc.reason)
+            raise StreamRefused(exc.reason, exc.hint) from exc
+
+    return EnvelopeFirst(max_envelope_bytes, admit)
 
 
 def gossip_validator(channel: Channel, verifier: EnvelopeVerifier, *, mesh_id: str, max_bytes: int,

@@ -10,6 +10,7 @@ is a counter in ``Mesh.stats``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import hashlib
@@ -17,9 +18,9 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from dataclasses import dataclass, field
 
 import multiaddr
 import trio
@@ -56,11 +57,14 @@ from node._libp2p_tuning import (
 
 __all__ = [
     "CHANNELS",
+    "EnvelopeFirst",
     "GossipMessage",
     "Mesh",
     "MeshConfig",
     "MeshRequestError",
     "MeshStats",
+    "StreamRefused",
+    "StreamStats",
     "ValidationResult",
     "topic_for",
 ]
@@ -76,6 +80,10 @@ _RPC_OVERHEAD = 64 * 1024
 _ERROR_FLAG = 0x8000_0000  # top bit of a response length prefix marks an error frame
 _MAX_FRAME = _ERROR_FLAG - 1
 _KEY_DOMAIN = b"sealmesh/libp2p-identity/v1"
+# After refusing a request: how long the peer has to read the reason and hang up, and how
+# much of what it keeps sending meanwhile is read and dropped.
+_REFUSAL_GRACE_S = 2.0
+_REFUSAL_DRAIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,16 @@ class MeshConfig:
     max_gossip_bytes: int = 256 * 1024  # payloads above this must use a stream protocol
     invalid_message_limit: int = 20  # peer disconnected (and not re-accepted for a while) after this many rejected messages
     blacklist_cooloff_s: float = 600.0
-    stream_timeout_s: float = 60.0  # server side: a whole request/response exchange
+    # Stream requests, server side (issue 11 finding 9; docs/mesh.md "Stream admission").
+    max_streams_per_peer: int = 8  # concurrent requests one peer may have in flight here
+    max_streams: int = 256  # ... all peers together
+    stream_memory_budget_bytes: int = 1 << 30  # request bodies being read or handled, all peers
+    stream_peer_budget_bytes: int = 576 << 20  # ... one peer (above the largest FHE upload, 512 MiB)
+    stream_budget_wait_s: float = 10.0  # a request waits this long for budget, then is refused
+    stream_header_timeout_s: float = 10.0  # the length prefix and, where there is one, the envelope
+    stream_read_floor_s: float = 10.0  # a body gets this long plus its size at the minimum rate
+    stream_min_rate_bytes_per_s: float = float(1 << 20)
+    stream_timeout_s: float = 60.0  # the handler and the response, once the request is in
 
     # Peer score: P4 (invalid messages) only; see docs/mesh.md.
     score_invalid_weight: float = 1.0
@@ -135,6 +152,14 @@ class MeshConfig:
             raise ValueError("need 0 < degree_low <= degree <= degree_high")
         if self.invalid_message_limit < 1 or self.outbound_queue_size < 2:
             raise ValueError("invalid_message_limit >= 1 and outbound_queue_size >= 2 required")
+        if not (1 <= self.max_streams_per_peer <= self.max_streams):
+            raise ValueError("need 1 <= max_streams_per_peer <= max_streams")
+        if not (0 < self.stream_peer_budget_bytes <= self.stream_memory_budget_bytes):
+            raise ValueError("need 0 < stream_peer_budget_bytes <= stream_memory_budget_bytes")
+        for name in ("stream_budget_wait_s", "stream_header_timeout_s", "stream_read_floor_s",
+                     "stream_min_rate_bytes_per_s", "stream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
 
 
 class ValidationResult(enum.Enum):
@@ -171,6 +196,43 @@ class GossipMessage:
 
 class MeshRequestError(Exception):
     """A stream request failed: refused by the remote, protocol violation, or no stream."""
+
+
+class StreamRefused(Exception):
+    """This host refuses a stream request; `reason` is the label it is counted and answered under."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}: {hint}")
+        self.reason, self.hint = reason, hint
+
+
+# (peer id, envelope bytes, when the request began to arrive in ms) -> the payload length
+# the envelope signs for; raises StreamRefused.
+EnvelopeAdmission = Callable[[str, bytes, int], int]
+
+
+@dataclass(frozen=True)
+class EnvelopeFirst:
+    """A protocol whose request is `u32 len(envelope) || envelope || payload`, the envelope
+    signing for the payload's length (protocol/challenge_messages.py frames). The mesh reads
+    the envelope alone, has `admit` verify it, and reads only the payload it signs for."""
+
+    max_envelope_bytes: int
+    admit: EnvelopeAdmission
+
+
+@dataclass
+class StreamStats:
+    """Server-side stream counters (MeshStats keeps served/refused totals)."""
+
+    stream_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    stream_bytes_read: int = 0  # request bytes read from peers, headers and envelopes included
+    streams_open: int = 0
+    stream_reserved_bytes: int = 0  # request bodies being read or handled now
+    stream_reserved_peak_bytes: int = 0
+
+    def count_refusal(self, reason: str) -> None:
+        self.stream_refused_by_reason[reason] = self.stream_refused_by_reason.get(reason, 0) + 1
 
 
 def topic_for(mesh_id: str, channel: str) -> str:
@@ -217,6 +279,81 @@ class _BanNotifee(INotifee):
         await trio.lowlevel.checkpoint()
 
 
+class _StreamLimits:
+    """What stream requests may hold here at once: streams per peer and in all, and the
+    bytes of request bodies, per peer and in all (a body's declared length is reserved
+    before it is read and released when its handler is done)."""
+
+    def __init__(self, config: MeshConfig, stats: StreamStats) -> None:
+        self._config, self._stats = config, stats
+        self._streams: Counter[ID] = Counter()
+        self._reserved: Counter[ID] = Counter()
+        self._released = trio.Event()
+
+    @contextlib.contextmanager
+    def stream(self, peer: ID) -> Iterator[None]:
+        if self._streams[peer] >= self._config.max_streams_per_peer:
+            raise StreamRefused("too_many_streams", f"{self._streams[peer]} requests from this peer are "
+                                f"in flight; at most {self._config.max_streams_per_peer}")
+        if self._stats.streams_open >= self._config.max_streams:
+            raise StreamRefused("streams_busy", f"{self._stats.streams_open} requests are in flight; "
+                                f"at most {self._config.max_streams}")
+        self._streams[peer] += 1
+        self._stats.streams_open += 1
+        try:
+            yield
+        finally:
+            self._stats.streams_open -= 1
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+
+    @contextlib.asynccontextmanager
+    async def reservation(self, peer: ID, n: int) -> AsyncIterator[None]:
+        """Hold `n` bytes of the budget; waits for room at most stream_budget_wait_s."""
+        if n > self._config.stream_peer_budget_bytes:
+            raise StreamRefused("memory_budget", f"{n} bytes is over the {self._config.stream_peer_budget_bytes}"
+                                "-byte budget of one peer")
+        with trio.move_on_after(self._config.stream_budget_wait_s):
+            while not self._has_room(peer, n):
+                await self._released.wait()
+        if not self._has_room(peer, n):
+            raise StreamRefused("memory_budget", f"no room for {n} bytes within "
+                                f"{self._config.stream_budget_wait_s}s ({self._stats.stream_reserved_bytes} "
+                                f"bytes of requests in flight, this peer's {self._reserved[peer]})")
+        self._take(peer, n)
+        try:
+            yield
+        finally:
+            self._give_back(peer, n)
+
+    def _has_room(self, peer: ID, n: int) -> bool:
+        return (self._stats.stream_reserved_bytes + n <= self._config.stream_memory_budget_bytes
+                and self._reserved[peer] + n <= self._config.stream_peer_budget_bytes)
+
+    def _take(self, peer: ID, n: int) -> None:
+        self._reserved[peer] += n
+        self._stats.stream_reserved_bytes += n
+        self._stats.stream_reserved_peak_bytes = max(self._stats.stream_reserved_peak_bytes,
+                                                     self._stats.stream_reserved_bytes)
+
+    def _give_back(self, peer: ID, n: int) -> None:
+        self._reserved[peer] -= n
+        if not self._reserved[peer]:
+            del self._reserved[peer]
+        self._stats.stream_reserved_bytes -= n
+        self._released.set()
+        self._released = trio.Event()
+
+
+@dataclass(frozen=True)
+class _Route:
+    protocol_id: str
+    handler: StreamHandler
+    max_request_bytes: int
+    envelope_first: EnvelopeFirst | None
+
+
 class Mesh:
     """One libp2p host with GossipSub and request/response protocols.  Use ``Mesh.open``."""
 
@@ -242,6 +379,8 @@ class Mesh:
             outbound_queue_size=config.outbound_queue_size,
             seen_ttl=config.seen_ttl_s,
         )
+        self.stream_stats = StreamStats()
+        self._stream_limits = _StreamLimits(config, self.stream_stats)
         self._subs: dict[str, _Subscription] = {}
         self._publish_buckets: dict[str, TokenBucket] = {}
         self._invalid_counts: dict[ID, int] = {}
@@ -254,7 +393,7 @@ class Mesh:
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def open(cls, config: MeshConfig, key_seed: bytes) -> AsyncIterator[Mesh]:
         mesh = cls(config, derive_key_pair(key_seed))
         listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.listen_port}")
@@ -526,40 +665,100 @@ class Mesh:
 
     # ---- request/response streams ---------------------------------------
 
-    def set_stream_handler(self, protocol_id: str, handler: StreamHandler, max_request_bytes: int) -> None:
-        """Serve ``protocol_id``: one length-prefixed request, one length-prefixed response per stream."""
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler, max_request_bytes: int, *,
+                           envelope_first: EnvelopeFirst | None = None) -> None:
+        """Serve ``protocol_id``: one length-prefixed request, one length-prefixed response per
+        stream. With ``envelope_first`` the request's envelope is verified before its payload
+        is read, and only the payload it signs for is read."""
+        route = _Route(protocol_id, handler, max_request_bytes, envelope_first)
 
         async def serve(stream: INetStream) -> None:
-            await self._serve(stream, protocol_id, handler, max_request_bytes)
+            await self._serve(stream, route)
 
         self._host.set_stream_handler(TProtocol(protocol_id), serve)
 
-    async def _serve(self, stream: INetStream, protocol_id: str, handler: StreamHandler, max_request: int) -> None:
+    async def _serve(self, stream: INetStream, route: _Route) -> None:
         peer = stream.muxed_conn.peer_id
         try:
-            with trio.fail_after(self.config.stream_timeout_s):
-                await self._serve_one(stream, peer, protocol_id, handler, max_request)
+            if self._is_banned(peer):
+                raise StreamRefused("blacklisted", "this peer is blacklisted here")
+            with self._stream_limits.stream(peer):
+                await self._serve_one(stream, peer, route)
+        except StreamRefused as refusal:
+            await self._refuse(stream, peer, route.protocol_id, refusal)
         except Exception as exc:  # one bad stream must never take the host down
-            logger.debug("%s from %s failed: %r", protocol_id, peer, exc)
+            logger.debug("%s from %s failed: %r", route.protocol_id, peer, exc)
             await _reset_quietly(stream)
         else:
             await _close_quietly(stream)
 
-    async def _serve_one(
-        self, stream: INetStream, peer: ID, protocol_id: str, handler: StreamHandler, max_request: int
-    ) -> None:
-        length = int.from_bytes(await _read_exact(stream, 4), "big")
-        _request_started_ms.set(int(time.time() * 1000))
-        refusal = self._refusal(peer, length, max_request)
-        if refusal is not None:
-            self.stats.stream_requests_refused += 1
-            await _write_frame(stream, refusal.encode(), error=True)
-            return
-        request = await _read_exact(stream, length)
+    async def _serve_one(self, stream: INetStream, peer: ID, route: _Route) -> None:
+        length, head, body_length = await self._read_head(stream, peer, route)
+        async with self._stream_limits.reservation(peer, length):
+            request = head + await self._read_body(stream, body_length)
+            with trio.move_on_after(self.config.stream_timeout_s) as handling:
+                await self._answer(stream, peer, route, request)
+            if handling.cancelled_caught:
+                raise TimeoutError(f"handler and response took over {self.config.stream_timeout_s}s")
+
+    async def _read_head(self, stream: INetStream, peer: ID, route: _Route) -> tuple[int, bytes, int]:
+        """(request length, the bytes read so far, the body length still to read): the length
+        prefix and, for an envelope-first protocol, the envelope, verified."""
+        with trio.move_on_after(self.config.stream_header_timeout_s):
+            length = int.from_bytes(await self._read(stream, 4), "big")
+            started_ms = int(time.time() * 1000)
+            _request_started_ms.set(started_ms)
+            if length > route.max_request_bytes:
+                raise StreamRefused("request_too_large",
+                                    f"request of {length} bytes is over the {route.max_request_bytes}-byte limit")
+            if route.envelope_first is None:
+                return length, b"", length
+            head = await self._read_envelope(stream, route.envelope_first, length)
+            payload = self._admit(peer, route.envelope_first, head[4:], started_ms)
+            if len(head) + payload != length:
+                raise StreamRefused("length_mismatch", f"request of {length} bytes, but its "
+                                    f"{len(head) - 4}-byte envelope signs for {payload} payload bytes")
+            return length, head, payload
+        raise StreamRefused("read_timeout", f"no request header within {self.config.stream_header_timeout_s}s")
+
+    async def _read_envelope(self, stream: INetStream, rule: EnvelopeFirst, length: int) -> bytes:
+        prefix = await self._read(stream, 4)
+        envelope_length = int.from_bytes(prefix, "big")
+        if envelope_length > rule.max_envelope_bytes or 4 + envelope_length > length:
+            raise StreamRefused("envelope_too_large", f"envelope of {envelope_length} bytes in a "
+                                f"{length}-byte request; at most {rule.max_envelope_bytes}")
+        return prefix + await self._read(stream, envelope_length)
+
+    @staticmethod
+    def _admit(peer: ID, rule: EnvelopeFirst, envelope: bytes, started_ms: int) -> int:
+        payload = rule.admit(peer.to_base58(), envelope, started_ms)
+        if not (isinstance(payload, int) and payload >= 0):
+            raise TypeError(f"envelope admission returned {payload!r}, not a byte count")
+        return payload
+
+    async def _read_body(self, stream: INetStream, n: int) -> bytes:
+        # A deadline that scales with the size: an honest upload at the minimum rate makes
+        # it; a peer that stalls holds its reservation for the floor plus that, not for ever.
+        allowed_s = self.config.stream_read_floor_s + n / self.config.stream_min_rate_bytes_per_s
+        with trio.move_on_after(allowed_s):
+            return await self._read(stream, n)
+        raise StreamRefused("read_timeout", f"{n}-byte request body not in within {allowed_s:.1f}s")
+
+    async def _read(self, stream: INetStream, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await stream.read(n - len(buf))
+            if not chunk:
+                raise EOFError(f"stream ended after {len(buf)}/{n} bytes")
+            buf += chunk
+            self.stream_stats.stream_bytes_read += len(chunk)
+        return bytes(buf)
+
+    async def _answer(self, stream: INetStream, peer: ID, route: _Route, request: bytes) -> None:
         try:
-            response = await handler(peer.to_base58(), request)
+            response = await route.handler(peer.to_base58(), request)
         except Exception as exc:
-            logger.exception("handler for %s raised", protocol_id)
+            logger.exception("handler for %s raised", route.protocol_id)
             await _write_frame(stream, f"handler error: {type(exc).__name__}".encode(), error=True)
             return
         if len(response) > _MAX_FRAME:
@@ -568,12 +767,23 @@ class Mesh:
         self.stats.stream_requests_served += 1
         await _write_frame(stream, response)
 
-    def _refusal(self, peer: ID, length: int, max_request: int) -> str | None:
-        if self._is_banned(peer):
-            return "peer is blacklisted"
-        if length > max_request:
-            return f"request too large: {length} bytes > limit {max_request}"
-        return None
+    async def _refuse(self, stream: INetStream, peer: ID, protocol_id: str, refusal: StreamRefused) -> None:
+        """Count and log the refusal, tell the peer why, then drop the stream and whatever
+        it still has buffered here."""
+        self.stats.stream_requests_refused += 1
+        self.stream_stats.count_refusal(refusal.reason)
+        logger.info("refused %s from %s reason=%s: %s", protocol_id, peer, refusal.reason, refusal.hint)
+        with trio.CancelScope(shield=True), trio.move_on_after(_REFUSAL_GRACE_S):
+            try:
+                await _write_frame(stream, f"{refusal.reason}: {refusal.hint}".encode(), error=True)
+                await stream.close()
+                await _wait_for_hang_up(stream)
+            except Exception as exc:
+                logger.debug("refusal to %s: %r", peer, exc)
+        # py-libp2p frees a stream's buffer on reset, and a reset received before the error
+        # frame is read discards that frame: so reset once the peer hung up (our client does
+        # on the error frame) or the grace is over, not at once.
+        await _reset_quietly(stream)
 
     async def request(
         self, peer_id: str, protocol_id: str, payload: bytes, max_response_bytes: int, timeout_s: float = 30
@@ -663,6 +873,20 @@ async def _read_exact(stream: INetStream, n: int) -> bytes:
             raise EOFError(f"stream ended after {len(buf)}/{n} bytes")
         buf += chunk
     return bytes(buf)
+
+
+async def _wait_for_hang_up(stream: INetStream) -> None:
+    """Until the peer closes or resets; what it still sends is read and dropped (at most
+    _REFUSAL_DRAIN_BYTES), so a refused request is never buffered."""
+    dropped = 0
+    while dropped < _REFUSAL_DRAIN_BYTES:
+        try:
+            chunk = await stream.read(65536)
+        except Exception:  # reset or EOF: hung up
+            return
+        if not chunk:
+            return
+        dropped += len(chunk)
 
 
 async def _write_frame(stream: INetStream, payload: bytes, *, error: bool = False) -> None:

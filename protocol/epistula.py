@@ -297,6 +297,18 @@ class EnvelopeVerifier:
 
         broadcast=True for gossip (signed-for must be empty), False for a request that
         came to this node directly (signed-for must be this node)."""
+        member = self.preflight(envelope, now_ms=now_ms, policy=policy, broadcast=broadcast)
+        self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
+        return member
+
+    def preflight(self, envelope: Envelope, *, now_ms: int, policy: SenderPolicy,
+                  broadcast: bool) -> Member:
+        """Every check of verify() without recording the uuid; raises an EpistulaError.
+
+        For a stream request whose envelope arrives before its payload: the envelope is
+        checked before any payload byte is read (so a stranger is refused after a few
+        hundred bytes, not hundreds of MB), and verify() runs on the whole request once it
+        is in, which is where the uuid is spent."""
         member = self.directory.member(envelope.signed_by)
         if member is None:
             raise UnknownSigner(f"{envelope.signed_by} is not a member of this mesh")
@@ -313,7 +325,6 @@ class EnvelopeVerifier:
                                   envelope.signed_for)
         if not self._signature_check(envelope.signed_by, payload, bytes.fromhex(envelope.signature[2:])):
             raise BadSignature(f"signature does not verify for {envelope.signed_by}")
-        self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
         return member
 
     def _check_recipient(self, envelope: Envelope, broadcast: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Mapping
 
 from protocol.epistula import Envelope, EnvelopeVerifier, Signer, seal
 from protocol.membership import Member
-from protocol.messages import Channel, Message, OversizedMessage, WrongChannel, decode, encode
+from protocol.messages import Channel, Message, MessageError, OversizedMessage, WrongChannel, decode, encode
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,42 @@ def open_direct(raw: bytes, *, verifier: EnvelopeVerifier, now_ms: int, max_byte
     message = decode(envelope.body)
     member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
     return Verified(member, envelope, message)
+
+
+class UnexpectedRequest(MessageError):
+    reason = "unexpected_message"
+
+
+class PayloadTooLarge(MessageError):
+    reason = "payload_too_large"
+
+
+def admit_stream_envelope(envelope_bytes: bytes, *, verifier: EnvelopeVerifier, now_ms: int,
+                          expect: tuple[type[Message], ...]) -> int:
+    """The payload size a stream request's envelope signs for, judged before one payload
+    byte is read (issue 11 finding 9); raises RemoteProtocolError.
+
+    The request is `envelope || payload` and the signed message names the payload's length
+    (and sha256), so the length is as authenticated as the signer: a stranger, a member
+    whose role may not send the request, a stale or replayed envelope, a bad signature, or
+    a length above the message type's PAYLOAD_LIMIT is refused having cost the receiver
+    the envelope only. The uuid is not spent here (EnvelopeVerifier.preflight): the
+    handler verifies the whole request again once the payload is in, with the same
+    `now_ms` (when the request began to arrive), so a long upload is not aged by its
+    own transfer time."""
+    envelope = Envelope.from_gossip_bytes(envelope_bytes)
+    message = decode(envelope.body)
+    if not isinstance(message, expect):
+        raise UnexpectedRequest(f"expected one of {[c.TYPE for c in expect]}, got {message.TYPE}")
+    verifier.preflight(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
+    declared = signed_payload_bytes(message)
+    limit = getattr(type(message), "PAYLOAD_LIMIT", 0)
+    if declared > limit:
+        raise PayloadTooLarge(f"{message.TYPE} announces {declared} payload bytes; its limit is {limit}")
+    return declared
+
+
+def signed_payload_bytes(message: Message) -> int:
+    """The payload length a stream message signs for (0: it carries none)."""
+    digest = message.payload_digest() if hasattr(message, "payload_digest") else None
+    return 0 if digest is None else digest[0]

@@ -173,7 +173,7 @@ def test_stream_request_response_1mb_and_limits() -> None:
             print(f"1 MB round trip: {time.monotonic() - started:.2f}s")
             assert response == one_mb[::-1]
 
-            with pytest.raises(MeshRequestError, match="request too large"):
+            with pytest.raises(MeshRequestError, match="request_too_large"):
                 await client.request(server.peer_id, "/sealmesh/test/echo/1", one_mb * 2, 10_000_000, timeout_s=30)
             with pytest.raises(MeshRequestError, match="response too large"):
                 await client.request(server.peer_id, "/sealmesh/test/echo/1", one_mb, 1000, timeout_s=30)
