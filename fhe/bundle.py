@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fhe.capnp_guard import check_capnp_message
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 CLIENT_ZIP = "client.zip"
@@ -33,6 +34,7 @@ REFERENCE_JSON = "reference.json"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_VERSION = 1
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same circuit, same sha256
+RESULT_SLACK_BYTES = 4096  # capnp framing and gate metadata around the raw LWE payload (264 B seen)
 
 
 class BundleError(LocalProtocolError):
@@ -182,6 +184,17 @@ def load_manifest(bundle_dir: str | Path, *, require: tuple[str, ...] | None = N
     return manifest
 
 
+def expected_result_bytes(specs: dict[str, Any]) -> int:
+    """Upper bound on one serialized encrypted result of the circuit in `specs`
+    (client.specs.json): the raw LWE payload of every output gate plus framing."""
+    total = 0
+    for circuit in specs["circuits"]:
+        for gate in circuit["outputs"]:
+            raw = gate["rawInfo"]
+            total += int(np.prod(raw["shape"]["dimensions"])) * raw["integerPrecision"] // 8
+    return total + RESULT_SLACK_BYTES
+
+
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
@@ -254,6 +267,8 @@ class ValidatorClient:
         except (ValueError, RuntimeError, OSError) as exc:
             raise BundleError(f"cannot load {self.bundle_dir / CLIENT_ZIP}: {exc}",
                               reason="bad_client_bundle") from exc
+        with zipfile.ZipFile(self.bundle_dir / CLIENT_ZIP) as archive:
+            self.max_result_bytes = expected_result_bytes(json.loads(archive.read("client.specs.json")))
         self._reference_module: Any = None
         self._evaluation_keys: bytes | None = None
 
@@ -314,10 +329,16 @@ class ValidatorClient:
         return self._client.quantize_encrypt_serialize(self._batch(x))
 
     def decrypt(self, result: bytes) -> np.ndarray:
-        """Decrypt and dequantize a miner's result to logits, shape (num_classes,)."""
-        self.ensure_keys()
+        """Decrypt and dequantize a miner's result to logits, shape (num_classes,).
+
+        Concrete reads the result only once fhe.capnp_guard found it to be one
+        well-framed, non-aliased message of at most `max_result_bytes`: its reader holds
+        the GIL, so a miner's forged segment table would otherwise freeze the whole
+        validator (issue 11 finding 3). Call it from a worker thread all the same."""
         if not isinstance(result, bytes) or not result:
             raise MalformedResult("result must be non-empty bytes")
+        check_capnp_message(result, max_bytes=self.max_result_bytes, error=MalformedResult)
+        self.ensure_keys()
         try:
             logits = self._client.deserialize_decrypt_dequantize(result)
         except (RuntimeError, ValueError, TypeError, AssertionError) as exc:

@@ -5,7 +5,10 @@ No networking. node/roles/miner.py feeds it what validators send:
     result = await engine.run_async(validator_hotkey, key_id, ciphertext, iterations)
 
 Runs happen in worker threads (Concrete releases the GIL while it computes), so the
-trio event loop never blocks. At most `max_concurrency` circuits run at once, across
+trio event loop never blocks. Concrete reads a peer's bytes only after fhe.capnp_guard
+found them to be one well-framed, non-aliased message under this circuit's size cap
+(issue 11 finding 3), and only on a worker thread: its reader holds the GIL, so what it
+may cost is bounded by those checks, not by the thread. At most `max_concurrency` circuits run at once, across
 sync and async callers. A challenge that passes `timeout_s` (queueing included) raises
 Timeout at once; its worker stops after the iteration it is in, still holding its slot,
 so a burst of timeouts cannot oversubscribe the CPU.
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fhe.bundle import SERVER_ZIP, BundleError, BundleHashMismatch, sha256_bytes
+from fhe.capnp_guard import check_capnp_message
 from protocol.errors import RemoteProtocolError
 
 _CIPHERTEXT_SLACK_BYTES = 4096  # capnp framing and seeds around the raw LWE payload
@@ -202,6 +206,8 @@ class FheEngine:
                 stored.owners.add(owner_hotkey)
                 self._keys.move_to_end(key_id)
                 return key_id
+        check_capnp_message(eval_key_bytes, max_bytes=self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4,
+                            error=MalformedKey)
         from concrete import fhe
 
         try:
@@ -235,9 +241,9 @@ class FheEngine:
 
     # ------------------------------------------------------------------ runs
 
-    def _admit(self, owner_hotkey: str, key_id: str, ciphertext: bytes,
-               iterations: int) -> tuple[_StoredKey, Any]:
-        """Every check that needs no FHE work, cheapest first."""
+    def _admit(self, owner_hotkey: str, key_id: str, ciphertext: bytes, iterations: int) -> _StoredKey:
+        """Every check that needs no FHE work, cheapest first (microseconds: fine on the
+        event loop). Concrete has not seen the ciphertext yet."""
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             raise BadIterations(f"iterations must be a positive integer, got {iterations!r}")
         if iterations > self.max_iterations:
@@ -249,17 +255,24 @@ class FheEngine:
             raise OversizedInput(f"ciphertext is {len(ciphertext)} bytes, at most "
                                  f"{self.max_ciphertext_bytes} for this circuit")
         stored = self._lookup(owner_hotkey, key_id)
+        check_capnp_message(ciphertext, max_bytes=self.max_ciphertext_bytes, error=MalformedCiphertext)
+        return stored
+
+    @staticmethod
+    def _deserialize(ciphertext: bytes) -> Any:
+        """Concrete reads the (checked) ciphertext: on the worker thread, never the loop."""
         from concrete import fhe
 
         try:
-            value = fhe.Value.deserialize(ciphertext)
+            return fhe.Value.deserialize(ciphertext)
         except (RuntimeError, ValueError) as exc:
             raise MalformedCiphertext(f"ciphertext does not deserialize: {exc}") from exc
-        return stored, value
 
-    def _execute(self, stored: _StoredKey, value: Any, iterations: int, deadline: float,
+    def _execute(self, stored: _StoredKey, ciphertext: bytes, iterations: int, deadline: float,
                  abandoned: threading.Event) -> bytes:
-        """Worker-thread body: take a slot, run the circuit `iterations` times."""
+        """Worker-thread body: read the ciphertext, take a slot, run the circuit
+        `iterations` times."""
+        value = self._deserialize(ciphertext)
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise Timeout(f"no free slot within {self.timeout_s} s "
                           f"({self.max_concurrency} running)")
@@ -284,8 +297,8 @@ class FheEngine:
         """Blocking run on the calling thread; returns the serialized encrypted result of
         the last iteration (every iteration recomputes the same input: a load test)."""
         deadline = time.monotonic() + self.timeout_s
-        stored, value = self._admit(owner_hotkey, key_id, ciphertext, iterations)
-        return self._execute(stored, value, iterations, deadline, threading.Event())
+        stored = self._admit(owner_hotkey, key_id, ciphertext, iterations)
+        return self._execute(stored, ciphertext, iterations, deadline, threading.Event())
 
     async def run_async(self, owner_hotkey: str, key_id: str, ciphertext: bytes,
                         iterations: int = 1) -> bytes:
@@ -293,12 +306,12 @@ class FheEngine:
         import trio
 
         deadline = time.monotonic() + self.timeout_s
-        stored, value = self._admit(owner_hotkey, key_id, ciphertext, iterations)
+        stored = self._admit(owner_hotkey, key_id, ciphertext, iterations)
         abandoned = threading.Event()
         with trio.move_on_after(self.timeout_s):
             try:
                 return await trio.to_thread.run_sync(
-                    self._execute, stored, value, iterations, deadline, abandoned,
+                    self._execute, stored, ciphertext, iterations, deadline, abandoned,
                     abandon_on_cancel=True)
             finally:
                 abandoned.set()  # no-op when finished; stops the worker when abandoned

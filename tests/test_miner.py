@@ -146,9 +146,9 @@ def test_bad_requests_are_refused_and_disturb_nothing(bundle, tmp_path, clients)
     assert refused(ask(miner, OTHER_VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0]) == "key_id_taken"
     # Another validator naming our key id: foreign key.
     assert refused(ask(miner, OTHER_VALIDATOR, request(clients, key_id, ciphertext), ciphertext)[0]) == "foreign_key"
-    # Malformed ciphertexts (too short to parse; oversized for the circuit).
+    # Malformed ciphertexts (a segment table that does not frame the bytes; oversized for the circuit).
     assert refused(ask(miner, VALIDATOR, request(clients, key_id, b"\x01" * 64), b"\x01" * 64)[0]) \
-        == "malformed_ciphertext"
+        == "capnp_segment_count"
     big = os.urandom(miner.engine.max_ciphertext_bytes + 1)
     assert refused(ask(miner, VALIDATOR, request(clients, key_id, big), big)[0]) == "oversized_input"
     # The epoch quota of 2 is spent (both malformed ones counted): the next is refused.
