@@ -139,6 +139,7 @@ class MeshConfig:
     stream_header_timeout_s: float = 10.0  # the length prefix and, where there is one, the envelope
     stream_read_floor_s: float = 10.0  # a body gets this long plus its size at the minimum rate
     stream_min_rate_bytes_per_s: float = float(1 << 20)
+    stream_idle_timeout_s: float = 10.0  # ... and is dropped sooner if no byte comes for this long
     stream_timeout_s: float = 60.0  # the handler and the response, once the request is in
 
     # Peer score: P4 (invalid messages) only; see docs/mesh.md.
@@ -157,7 +158,7 @@ class MeshConfig:
         if not (0 < self.stream_peer_budget_bytes <= self.stream_memory_budget_bytes):
             raise ValueError("need 0 < stream_peer_budget_bytes <= stream_memory_budget_bytes")
         for name in ("stream_budget_wait_s", "stream_header_timeout_s", "stream_read_floor_s",
-                     "stream_min_rate_bytes_per_s", "stream_timeout_s"):
+                     "stream_min_rate_bytes_per_s", "stream_idle_timeout_s", "stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
 
@@ -738,16 +739,20 @@ class Mesh:
 
     async def _read_body(self, stream: INetStream, n: int) -> bytes:
         # A deadline that scales with the size: an honest upload at the minimum rate makes
-        # it; a peer that stalls holds its reservation for the floor plus that, not for ever.
+        # it, a peer that trickles holds its reservation for the floor plus that at most,
+        # and one that stalls for the idle timeout.
         allowed_s = self.config.stream_read_floor_s + n / self.config.stream_min_rate_bytes_per_s
         with trio.move_on_after(allowed_s):
-            return await self._read(stream, n)
+            return await self._read(stream, n, idle_s=self.config.stream_idle_timeout_s)
         raise StreamRefused("read_timeout", f"{n}-byte request body not in within {allowed_s:.1f}s")
 
-    async def _read(self, stream: INetStream, n: int) -> bytes:
+    async def _read(self, stream: INetStream, n: int, *, idle_s: float = math.inf) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = await stream.read(n - len(buf))
+            with trio.move_on_after(idle_s) as idle:
+                chunk = await stream.read(n - len(buf))
+            if idle.cancelled_caught:
+                raise StreamRefused("read_timeout", f"no byte for {idle_s}s after {len(buf)} of {n} bytes")
             if not chunk:
                 raise EOFError(f"stream ended after {len(buf)}/{n} bytes")
             buf += chunk

@@ -188,6 +188,47 @@ def test_stream_request_response_1mb_and_limits() -> None:
     trio.run(main)
 
 
+def test_stream_limit_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_streams_per_peer"):
+        MeshConfig(MESH_ID, max_streams_per_peer=0)
+    with pytest.raises(ValueError, match="stream_peer_budget_bytes"):
+        MeshConfig(MESH_ID, stream_peer_budget_bytes=2 << 30)
+    with pytest.raises(ValueError, match="stream_idle_timeout_s"):
+        MeshConfig(MESH_ID, stream_idle_timeout_s=0)
+
+
+def test_a_trickled_request_body_is_cut_at_its_size_scaled_deadline() -> None:
+    """Never idle, always slow: 1 KiB every 0.1 s of a 1 MiB body. The deadline is the
+    floor plus the size at the minimum rate (0.5 s + 1 MiB at 1 MiB/s), not the idle
+    timeout, and the request is refused as read_timeout with its reservation released."""
+    config = MeshConfig(MESH_ID, stream_read_floor_s=0.5, stream_idle_timeout_s=1.0)
+    handled: list[int] = []
+
+    async def record(from_peer: str, payload: bytes) -> bytes:
+        handled.append(len(payload))
+        return b"ok"
+
+    async def main() -> float:
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        async with line([config] * 2) as (client, server):
+            server.set_stream_handler("/sealmesh/test/slow/1", record, max_request_bytes=2 << 20)
+            stream = await client._host.new_stream(ID.from_base58(server.peer_id), [TProtocol("/sealmesh/test/slow/1")])
+            await stream.write((1 << 20).to_bytes(4, "big"))
+            started = time.monotonic()
+            with trio.fail_after(5):
+                while server.stream_stats.stream_refused_by_reason.get("read_timeout", 0) == 0:
+                    await stream.write(b"t" * 1024)
+                    await trio.sleep(0.1)
+            assert server.stream_stats.stream_reserved_bytes == 0 and handled == []
+            await stream.reset()
+            return time.monotonic() - started
+
+    elapsed = trio.run(main)
+    assert 1.4 < elapsed < 3.0, elapsed
+
+
 def test_bootstrap_retries_until_the_peer_comes_up_and_shutdown_is_clean() -> None:
     import socket
 

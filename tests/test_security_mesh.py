@@ -296,12 +296,12 @@ def test_finding9_a_stalled_upload_times_out_and_frees_its_budget_for_a_queued_o
     """A validator declares a 64 MiB key, sends 10 MiB and stalls. Before the fix its
     buffer was held for the whole 60 s exchange timeout whatever the size (measured: the
     stream ended after 59.9 s), and nothing bounded what all uploads held together. Now its
-    64 MiB are reserved from the memory budget, the body deadline is the floor plus the size
-    at the minimum rate (here 0.5 s + 64 MiB at 64 MiB/s), after which it is refused as
+    64 MiB are reserved from the memory budget; no byte for the idle timeout (1.5 s here;
+    the size-scaled deadline, 10 s + 64 MiB at 1 MiB/s, is far off) and it is refused as
     read_timeout and the reservation is released; a second validator's 32 MiB upload that
     did not fit in the 80 MiB budget waited for it and is then served."""
     config = MeshConfig(MESH_ID, stream_memory_budget_bytes=80 * MIB, stream_peer_budget_bytes=70 * MIB,
-                        stream_read_floor_s=0.5, stream_min_rate_bytes_per_s=64 * MIB, stream_budget_wait_s=8)
+                        stream_idle_timeout_s=1.5, stream_budget_wait_s=8)
 
     async def attack(staller: Mesh, server: Mesh, queued: Mesh) -> None:
         handled = serve_fhe_as_miner(server)
