@@ -21,6 +21,7 @@ from fhe.engine import (
     EngineError,
     FheEngine,
     ForeignKey,
+    KeyCacheFull,
     MalformedCiphertext,
     MalformedKey,
     OversizedInput,
@@ -33,7 +34,7 @@ from fhe.zoo import ZOO, CompileSettings, ModelSpec, ZooError, get_model
 
 __all__ = [
     "ZOO", "BadIterations", "BundleError", "BundleHashMismatch", "ChallengeInput",
-    "Comparison", "CompileSettings", "EngineError", "FheEngine", "ForeignKey",
+    "Comparison", "CompileSettings", "EngineError", "FheEngine", "ForeignKey", "KeyCacheFull",
     "MalformedCiphertext", "MalformedKey", "MalformedResult", "Manifest", "ModelSpec",
     "OversizedInput", "Timeout", "TooManyIterations", "UnknownKey", "ValidatorClient",
     "ZooError", "compare_logits", "compile_model", "cosine_similarity",

@@ -50,6 +50,12 @@ class Timeout(EngineError):
     reason = "timeout"
 
 
+class KeyCacheFull(EngineError):
+    """Other validators' keys fill the cache: this upload would have to evict them."""
+
+    reason = "key_cache_full"
+
+
 class MalformedCiphertext(RemoteProtocolError):
     reason = "malformed_ciphertext"
 
@@ -139,12 +145,16 @@ class FheEngine:
     def __init__(self, server_bundle_dir: str | Path, expected_sha256: str, *,
                  key_cache_bytes: int = 1 << 30, max_concurrency: int = 1,
                  timeout_s: float = 120.0, max_iterations: int = 4,
-                 max_ciphertext_bytes: int | None = None) -> None:
+                 max_ciphertext_bytes: int | None = None, max_keys_per_owner: int = 2,
+                 owner_key_bytes: int | None = None) -> None:
+        """`max_keys_per_owner` and `owner_key_bytes` (default: that many keys of this
+        circuit, within `key_cache_bytes`) bound what one validator holds here."""
         from concrete.ml.deployment import FHEModelServer
 
-        if max_concurrency < 1 or max_iterations < 1 or timeout_s <= 0 or key_cache_bytes <= 0:
-            raise ValueError("max_concurrency, max_iterations, timeout_s and key_cache_bytes "
-                             "must be positive")
+        if min(max_concurrency, max_iterations, max_keys_per_owner) < 1 or timeout_s <= 0 \
+                or key_cache_bytes <= 0 or (owner_key_bytes is not None and owner_key_bytes <= 0):
+            raise ValueError("max_concurrency, max_iterations, max_keys_per_owner, timeout_s, "
+                             "key_cache_bytes and owner_key_bytes must be positive")
         path = Path(server_bundle_dir) / SERVER_ZIP
         try:
             server_zip = path.read_bytes()
@@ -169,42 +179,98 @@ class FheEngine:
         self.max_concurrency = max_concurrency
         self.max_ciphertext_bytes = max_ciphertext_bytes or expected_ciphertext_bytes(specs)
         self.evaluation_key_bytes = expected_evaluation_key_bytes(specs)
-        self._keys: OrderedDict[str, _StoredKey] = OrderedDict()  # LRU: oldest first
+        self.max_keys_per_owner = max_keys_per_owner
+        self.owner_key_bytes = owner_key_bytes or min(
+            key_cache_bytes, max_keys_per_owner * (self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4))
+        self._keys: OrderedDict[str, _StoredKey] = OrderedDict()  # least recently used first
+        self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its key ids, LRU first
         self._keys_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrency)
 
     # ------------------------------------------------------------------ keys
+    #
+    # Quotas per owner (issue 11 finding 9): one LRU shared by every validator let one
+    # validator's uploads push everyone else's keys out. Now each owner has its own LRU,
+    # bounded in count (`max_keys_per_owner`) and bytes (`owner_key_bytes`), and an upload
+    # evicts only keys of its uploader. A key stays stored while any owner holds it. When
+    # the shared budget (`key_cache_bytes`) cannot take an upload even after the uploader
+    # dropped its own old keys, the upload is refused (KeyCacheFull), nobody is evicted.
 
     @property
     def cache_bytes(self) -> int:
         with self._keys_lock:
-            return sum(stored.size for stored in self._keys.values())
+            return self._stored_bytes()
+
+    def _stored_bytes(self) -> int:
+        return sum(stored.size for stored in self._keys.values())
 
     def key_ids(self) -> list[str]:
         """Cached key ids, least recently used first."""
         with self._keys_lock:
             return list(self._keys)
 
+    def owner_key_ids(self, owner_hotkey: str) -> list[str]:
+        """The key ids `owner_hotkey` holds here, its least recently used first."""
+        with self._keys_lock:
+            return list(self._owned.get(owner_hotkey, ()))
+
+    def _own_evictions(self, owner: str, key_id: str, size: int) -> list[str]:
+        """The owner's own oldest keys to drop so that it holds `key_id` within its quota."""
+        keep = [k for k in self._owned.get(owner, ()) if k != key_id]
+        count, used = len(keep) + 1, size + sum(self._keys[k].size for k in keep)
+        evict = []
+        while keep and (count > self.max_keys_per_owner or used > self.owner_key_bytes):
+            oldest = keep.pop(0)
+            evict.append(oldest)
+            count, used = count - 1, used - self._keys[oldest].size
+        return evict
+
+    def _check_room(self, owner: str, key_id: str, size: int) -> list[str]:
+        """Raise KeyCacheFull unless `key_id` fits once `owner` dropped its own old keys;
+        returns those keys. Call with the lock held."""
+        evict = self._own_evictions(owner, key_id, size)
+        freed = sum(self._keys[k].size for k in evict if self._keys[k].owners == {owner})
+        added = 0 if key_id in self._keys else size
+        if self._stored_bytes() - freed + added > self.key_cache_bytes:
+            raise KeyCacheFull(f"the key cache ({self.key_cache_bytes} bytes) is full with other "
+                               "validators' keys; retry later or ask the miner for a larger cache")
+        return evict
+
+    def _unbind(self, owner: str, key_id: str) -> None:
+        stored = self._keys[key_id]
+        stored.owners.discard(owner)
+        self._owned[owner].pop(key_id, None)
+        if not stored.owners:
+            del self._keys[key_id]
+
+    def _bind(self, owner: str, key_id: str) -> None:
+        self._keys.move_to_end(key_id)
+        self._owned.setdefault(owner, OrderedDict())[key_id] = None
+        self._owned[owner].move_to_end(key_id)
+        self._keys[key_id].owners.add(owner)
+
     def add_key(self, owner_hotkey: str, eval_key_bytes: bytes) -> str:
         """Store `owner_hotkey`'s evaluation keys; returns their key id (sha256 hex).
-        Uploading the same bytes again (by anyone) binds that owner too. Evicts least
-        recently used keys until the cache fits `key_cache_bytes`. Deserializing takes
-        a fraction of a second for tens of MB: call it from a thread (add_key_async)."""
+        Uploading the same bytes again (by anyone) binds that owner too. Drops the
+        uploader's own least recently used keys until it is within its quota; never
+        another owner's. Deserializing takes a fraction of a second for tens of MB: call
+        it from a thread (add_key_async)."""
         if not isinstance(eval_key_bytes, bytes) or not eval_key_bytes:
             raise MalformedKey("evaluation keys must be non-empty bytes")
         size = len(eval_key_bytes)
-        if size > self.key_cache_bytes:
+        if size > min(self.key_cache_bytes, self.owner_key_bytes):
             raise OversizedInput(f"evaluation keys are {size} bytes, this miner caches at most "
-                                 f"{self.key_cache_bytes}")
+                                 f"{min(self.key_cache_bytes, self.owner_key_bytes)} per validator")
         if abs(size - self.evaluation_key_bytes) > _KEY_SLACK_BYTES * 4:
             raise MalformedKey(f"evaluation keys are {size} bytes; keys for this circuit are "
                                f"about {self.evaluation_key_bytes}: wrong circuit or parameters")
         key_id = sha256_bytes(eval_key_bytes)
         with self._keys_lock:
-            stored = self._keys.get(key_id)
-            if stored is not None:
-                stored.owners.add(owner_hotkey)
-                self._keys.move_to_end(key_id)
+            evict = self._check_room(owner_hotkey, key_id, size)  # before any Concrete work
+            if key_id in self._keys:
+                for old in evict:
+                    self._unbind(owner_hotkey, old)
+                self._bind(owner_hotkey, key_id)
                 return key_id
         check_capnp_message(eval_key_bytes, max_bytes=self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4,
                             error=MalformedKey)
@@ -215,13 +281,11 @@ class FheEngine:
         except (RuntimeError, ValueError) as exc:
             raise MalformedKey(f"evaluation keys do not deserialize: {exc}") from exc
         with self._keys_lock:
-            stored = self._keys.setdefault(key_id, _StoredKey(evaluation_keys, size))
-            stored.owners.add(owner_hotkey)
-            self._keys.move_to_end(key_id)
-            total = sum(entry.size for entry in self._keys.values())
-            while total > self.key_cache_bytes:
-                _, evicted = self._keys.popitem(last=False)
-                total -= evicted.size
+            evict = self._check_room(owner_hotkey, key_id, size)  # others may have uploaded meanwhile
+            for old in evict:
+                self._unbind(owner_hotkey, old)
+            self._keys.setdefault(key_id, _StoredKey(evaluation_keys, size))
+            self._bind(owner_hotkey, key_id)
         return key_id
 
     async def add_key_async(self, owner_hotkey: str, eval_key_bytes: bytes) -> str:
@@ -236,7 +300,7 @@ class FheEngine:
                 raise UnknownKey(f"no evaluation keys with id {key_id[:16]}: upload them again")
             if owner_hotkey not in stored.owners:
                 raise ForeignKey(f"evaluation keys {key_id[:16]} belong to another hotkey")
-            self._keys.move_to_end(key_id)
+            self._bind(owner_hotkey, key_id)
             return stored
 
     # ------------------------------------------------------------------ runs

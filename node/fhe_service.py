@@ -52,7 +52,10 @@ class FheConfig:
     offers_wait_s: float = 90.0  # how long an epoch waits for every miner's ModelOffer
     # miner
     serve: bool = True  # False: the miner idles (a test mesh that runs no FHE epochs)
-    key_cache_bytes: int = 1 << 30
+    key_cache_bytes: int = 1 << 30  # all validators' keys together
+    # One validator's share (issue 11 finding 9): its uploads evict only its own keys.
+    max_keys_per_validator: int = 2
+    validator_key_bytes: int | None = None  # None: max_keys_per_validator keys of the circuit
     max_concurrency: int = 1  # FHE runs at once (each uses every core it can get)
     max_pending: int = 8  # challenges queued or running; more are refused as "busy"
     max_challenges_per_epoch: int = 8  # per validator, on the miner's side
@@ -67,6 +70,8 @@ class FheConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise FheSettingsError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_keys_per_validator < 1 or (self.validator_key_bytes is not None and self.validator_key_bytes < 1):
+            raise FheSettingsError("max_keys_per_validator and validator_key_bytes must be >= 1")
         if not (math.isfinite(self.slow_delay_s) and self.slow_delay_s >= 0):
             raise FheSettingsError("slow_delay_s must be >= 0")
 

@@ -15,6 +15,7 @@ from fhe.engine import (
     BadIterations,
     FheEngine,
     ForeignKey,
+    KeyCacheFull,
     MalformedCiphertext,
     MalformedKey,
     OversizedInput,
@@ -133,20 +134,31 @@ def test_keys_are_bound_to_their_uploader(engine, validators):
     assert engine.key_ids() == [alice_id] and engine.cache_bytes == len(alice.evaluation_keys())
 
 
-def test_lru_eviction_by_bytes(bundle, validators):
+def key_variant(keys: bytes, n: int) -> bytes:
+    """Other valid-looking keys of the same size: one byte of the bootstrap key's body
+    flipped (Concrete does not check key contents; a new sha256, so a new key id)."""
+    at = len(keys) // 2 + n
+    return keys[:at] + bytes([keys[at] ^ 0xFF]) + keys[at + 1:]
+
+
+def test_quota_eviction_drops_only_the_uploaders_own_keys(bundle, validators):
+    """Each validator has its own LRU (issue 11 finding 9); a full cache refuses an upload
+    rather than evict another validator's keys."""
     key_size = len(validators[ALICE].evaluation_keys())
     engine = FheEngine(bundle, load_manifest(bundle).server_sha256,
-                       key_cache_bytes=2 * key_size + key_size // 2)
+                       key_cache_bytes=2 * key_size + key_size // 2, max_keys_per_owner=1)
     ids = {owner: engine.add_key(owner, client.evaluation_keys())
            for owner, client in list(validators.items())[:2]}
     assert engine.key_ids() == [ids[ALICE], ids[BOB]]
-    engine.add_key(ALICE, validators[ALICE].evaluation_keys())  # refreshes Alice's key
-    ids[CAROL] = engine.add_key(CAROL, validators[CAROL].evaluation_keys())
-    assert engine.key_ids() == [ids[ALICE], ids[CAROL]]  # Bob's, least recently used, went
-    assert engine.cache_bytes == 2 * key_size <= engine.key_cache_bytes
-    ciphertext = validators[BOB].encrypt(draw_challenge_input("digits-cnn", 2).image)
+    with pytest.raises(KeyCacheFull) as info:  # Carol would have to evict Alice or Bob
+        engine.add_key(CAROL, validators[CAROL].evaluation_keys())
+    assert info.value.reason == "key_cache_full"
+    second = engine.add_key(ALICE, key_variant(validators[ALICE].evaluation_keys(), 0))
+    assert engine.owner_key_ids(ALICE) == [second]  # Alice's first key went, over her quota of 1
+    assert engine.key_ids() == [ids[BOB], second] and engine.cache_bytes == 2 * key_size
+    ciphertext = validators[ALICE].encrypt(draw_challenge_input("digits-cnn", 2).image)
     with pytest.raises(UnknownKey):
-        engine.run(BOB, ids[BOB], ciphertext)
+        engine.run(ALICE, ids[ALICE], ciphertext)
 
     small = FheEngine(bundle, load_manifest(bundle).server_sha256, key_cache_bytes=key_size - 1)
     with pytest.raises(OversizedInput) as info:

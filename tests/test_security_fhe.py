@@ -3,11 +3,12 @@ attacks run against the real digits-cnn circuit, real keys, a real FHE result an
 miner's own request handler.
 
 Before the fix (measured on 2 shared cores, Concrete 2.10): a genuine result whose segment
-1 declares 8 MiB held the validator's GIL 2.6 s in Concrete's "Premature EOF" loop (0.9 MB
-of stack traces on stderr), and the event loop, although the decrypt ran on a worker
-thread, stalled as long; a 1.8 KB ciphertext declaring 16 MiB stalled the miner 5.3 s; a
-164 KB result whose 4000 payload pointers share one 128 KB blob made Concrete build a
-512 MB copy (peak RSS 538 -> 1514 MiB in 0.7 s).
+1 declares 8 MiB held the validator's GIL 2.6 s idle, 3.9 s under load, in Concrete's
+"Premature EOF" loop (0.9 MB of stack traces on stderr), and the trio loop, although the
+decrypt ran on a worker thread, stalled exactly as long (3.92 s); a 1.8 KB ciphertext
+declaring 16 MiB kept the miner's handler 5.3 s idle, 8.7 s under load; a 164 KB result whose
+4000 payload pointers share one 128 KB blob made Concrete build a 512 MB copy (peak RSS
+538 -> 1514 MiB in 0.7 s). After: each is refused in milliseconds, Concrete never called.
 """
 
 from __future__ import annotations
@@ -222,3 +223,37 @@ def test_finding3_the_engine_names_each_framing_fault(bundle, client, genuine):
     with pytest.raises(CapnpFramingError) as info:
         check_capnp_message(ciphertext, max_bytes=len(ciphertext) - 1)
     assert info.value.reason == "capnp_oversized"
+
+
+# -- finding 9 (the key cache) -------------------------------------------------------------
+
+
+def test_finding9_one_validator_cannot_evict_anothers_keys(bundle, tmp_path, client, genuine):
+    """The victim uploads its keys; another validator then uploads five different key
+    sets (one flipped byte each: Concrete does not check contents). Before the fix the one
+    LRU (3.5 keys here) dropped the victim's keys at the attacker's third upload and the
+    victim's challenge was refused unknown_key (measured on the tree before the fix). Now the attacker's uploads evict only its
+    own keys (2 per validator by default), and the victim's challenge is served."""
+    from node.roles.miner import MinerService
+    from protocol.challenge_messages import ChallengeResponse
+    from tests.test_fhe_engine import key_variant
+    from tests.test_miner import OTHER_VALIDATOR
+
+    keys = client.evaluation_keys()
+    miner: MinerService = make_miner(bundle, tmp_path, key_cache_bytes=3 * len(keys) + len(keys) // 2)
+    trio.run(miner._load)
+    victim_key = ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0].key_id
+    attacker_keys = []
+    for n in range(5):
+        variant = key_variant(keys, n)
+        answer, _ = ask(miner, OTHER_VALIDATOR, AddKey.for_keys("digits-cnn", variant), variant)
+        assert isinstance(answer, KeyAdded), answer
+        attacker_keys.append(answer.key_id)
+    attacker = OTHER_VALIDATOR.ss58_address
+    assert miner.engine.owner_key_ids(attacker) == attacker_keys[-2:]  # its own oldest went
+    assert miner.engine.owner_key_ids(VALIDATOR.ss58_address) == [victim_key]
+    assert set(miner.keyring.bindings) == {victim_key, *attacker_keys[-2:]}
+    image, ciphertext, _ = genuine
+    answer, result = ask(miner, VALIDATOR, request(client, victim_key, ciphertext), ciphertext)
+    assert isinstance(answer, ChallengeResponse), answer  # before the fix: Refused unknown_key
+    assert client.compare(result, image).argmax_match

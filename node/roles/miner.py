@@ -103,7 +103,12 @@ class MinerService(RoleService):
         self.engine = await trio.to_thread.run_sync(lambda: FheEngine(
             bundle, self.manifest.server_sha256, key_cache_bytes=self.config.key_cache_bytes,
             max_concurrency=self.config.max_concurrency, timeout_s=self.config.response_timeout_s,
-            max_iterations=self.keyring.max_iterations))
+            max_iterations=self.keyring.max_iterations, max_keys_per_owner=self.config.max_keys_per_validator,
+            owner_key_bytes=self.config.validator_key_bytes))
+        # The engine's per-validator quotas decide which keys go; the keyring follows it
+        # (_forget_evicted_keys) and must never evict on its own, across validators.
+        smallest_key = max(1, self.engine.evaluation_key_bytes - 4096)
+        self.keyring.max_keys = max(self.keyring.max_keys, self.engine.key_cache_bytes // smallest_key + 1)
         self.garbage_bytes = result_bytes_estimate(bundle / SERVER_ZIP)
         self.ready.set()
         log.info("phase=miner-ready model=%s server_sha256=%s behaviour=%s", self.manifest.model,
@@ -176,6 +181,7 @@ class MinerService(RoleService):
         if bound is not None and bound.owner != owner:
             raise Refusal("key_id_taken", f"key {request.key_id[:16]} belongs to another validator")
         key_id = await self.engine.add_key_async(owner, key_bytes)  # checks size and format first
+        self._forget_evicted_keys()  # the upload may have dropped the owner's own older keys
         if key_id != request.key_id:  # open_frame checked the sha256; the engine names keys the same way
             raise Refusal("payload_mismatch", "key id is not the sha256 of the keys")
         self.keyring.add_key(owner, key_id, model=request.model)
@@ -188,8 +194,7 @@ class MinerService(RoleService):
             raise Refusal("unknown_model", f"this miner serves {self.manifest.model}, not {request.model}")
         if self.pending >= self.config.max_pending:
             raise Refusal("busy", f"{self.pending} challenges queued or running; retry later")
-        if request.key_id not in self.engine.key_ids():  # evicted from the engine: the keyring must forget too
-            self.keyring.bindings.pop(request.key_id, None)
+        self._forget_evicted_keys()
         self.keyring.evaluate(requester, request.key_id, model=request.model, epoch=request.epoch,
                               iterations=request.iterations)
         self.pending += 1
@@ -208,6 +213,14 @@ class MinerService(RoleService):
         log.info("challenge %s for %s: %d iterations in %.2f s", request.challenge_id[:12], requester,
                  request.iterations, elapsed)
         return ChallengeResponse.for_result(request.challenge_id, result, int(elapsed * 1000)), result
+
+    def _forget_evicted_keys(self) -> None:
+        """Keys the engine no longer holds leave the keyring too, so their owner hears
+        unknown_key and uploads again. The engine's per-validator quotas choose them."""
+        held = set(self.engine.key_ids())
+        for key_id in [k for k in self.keyring.bindings if k not in held]:
+            del self.keyring.bindings[key_id]
+            self.keyring.used_by.pop(key_id, None)
 
     def _refusal(self, request: StreamMessage, reason: str, hint: str) -> Refused:
         self._refuse_count(reason)
