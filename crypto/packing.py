@@ -224,8 +224,14 @@ def decode_mean(slot_sums: np.ndarray, contributors: int, layout: PackingLayout)
         raise PackingError(f"contributors must be in [1, {layout.max_contributors}], "
                            f"got {contributors}")
     sums = np.asarray(slot_sums, dtype=np.uint64)
+    # Every in-range code is in [1, 2^b - 1], so c of them sum to [c, c·(2^b - 1)]. Either
+    # side missed means some contribution put an out-of-range value in that slot (the range
+    # proof bounds plaintexts, not slots: docs/crypto-contribution.md, "Per-slot bounds").
     if sums.size and sums.max() > contributors * ((1 << layout.quant_bits) - 1):
         raise SlotOverflow(f"a slot sum exceeds what {contributors} in-range contributions "
+                           "can reach; some contribution was out of range")
+    if sums.size and sums.min() < contributors:
+        raise SlotOverflow(f"a slot sum is below what {contributors} in-range contributions "
                            "can reach; some contribution was out of range")
     signed = sums.astype(np.int64) - contributors * layout.offset
     return (signed * (layout.step / contributors)).astype(np.float32)
