@@ -11,7 +11,15 @@ float, no packing, no pool), timed on a sample of values and extrapolated linear
 the same number of parameters and contributors (said so in the output).
 
     .venv/bin/python bench/secagg.py --params 100000
+    .venv/bin/python bench/secagg.py --quick      # 20,000 params, 3 contributors: about a minute
 Last line: secagg params=N speedup_vs_per_value=x online_encrypt_s=y decrypt_member_s=z max_err=e
+
+The figures include what the contribution proof guarantees per slot (issue 11 finding 5):
+the subset-sum range proof bounds each packed plaintext, not each slot, so one contributor
+can put any code below 2^slot_bits in a slot. The "slot bounds" lines print that bound and
+a measured lower bound on what an exact per-slot proof would cost (one RSA-group element
+per value, the least any commitment-based per-value proof needs; a bit decomposition
+needs b of them), against the proof in use (docs/crypto-contribution.md, "Per-slot bounds").
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crypto import batch_powmod, contribution, paillier, proofs  # noqa: E402
+from crypto import batch_powmod, contribution, paillier, proofs, subset_range  # noqa: E402
+from crypto.fixed_base import FixedBase  # noqa: E402
 
 MESH, ROUND = "bench", 1
 
@@ -111,6 +120,7 @@ def main() -> int:
             + sum(member_times) + timings["combine"] + timings["decode"])
     per_value = _per_value_baseline(args, rng)
     _report(args, timings, ours, per_value, max_err, layout)
+    _slot_bounds(args, public, layout, sealed[0], timings)
     return 0 if max_err <= args.clip / 2 ** (args.quant_bits - 1) else 1
 
 
@@ -189,6 +199,45 @@ def _report(args, t, ours, per_value, max_err, layout) -> None:
           f"max_err={max_err:.2e}")
 
 
+def _slot_bounds(args, public, layout, item, t, sample: int = 64) -> None:
+    """What one accepted contribution may put in a slot, and the floor of an exact per-slot proof."""
+    import secrets
+
+    from gmpy2 import mpz, powmod
+
+    proof_bytes = len(contribution.encode(public, item)) - len(item.ciphertexts) * public.ciphertext_bytes
+    print(f"secagg: slot bounds: the proof bounds each plaintext (|m'| < 2^({layout.plaintext_bits} "
+          f"+ {subset_range.slack_bits(len(item.ciphertexts)) - 1})), not each slot: one contributor may put "
+          f"any code in [0, 2^{layout.slot_bits}) in a slot (honest: [1, 2^{layout.quant_bits} - 1]), "
+          f"up to {(1 << layout.slot_bits) // ((1 << layout.quant_bits) - 1)}x an honest code")
+    n = mpz(public.n)
+    h2 = proofs._generators(n)[1]
+    table = FixedBase(h2, n, n.bit_length() + proofs.KAPPA)
+    start = time.perf_counter()
+    for _ in range(sample):  # a hiding commitment's randomness part, through a fixed-base table
+        table.pow(secrets.randbits(n.bit_length() + proofs.KAPPA))
+    commit_s = (time.perf_counter() - start) / sample
+    bases = [mpz(secrets.randbelow(int(n))) for _ in range(sample)]
+    start = time.perf_counter()
+    for b in bases:  # the least a verifier does per element: a challenge-sized exponent
+        powmod(b, secrets.randbits(proofs.T + proofs.BATCH_RHO_BITS), n)
+    check_s = (time.perf_counter() - start) / sample
+    element = (n.bit_length() + 7) // 8
+    million = 1_000_000
+    per_1m = million / args.params
+    print(f"secagg: slot bounds: proof in use: {proof_bytes / 1e3:.0f} KB whatever the size (128 subset "
+          f"proofs); per 1M values {len(item.ciphertexts) * public.ciphertext_bytes * per_1m / 1e6:.1f} MB of "
+          f"ciphertexts, prove "
+          f"{t['online_per_contributor'] * per_1m:.1f} s online + {t['offline_per_contributor'] * per_1m:.1f} s "
+          f"offline, verify {t['verify_per_contribution'] * per_1m:.1f} s")
+    for label, elements in (("one element per value", 1), (f"bit decomposition ({layout.quant_bits} per value)",
+                                                           layout.quant_bits)):
+        print(f"secagg: slot bounds: exact per-slot floor, {label}, per 1M values: >= "
+              f"{elements * million * element / 1e6:.0f} MB, prove >= {elements * million * commit_s:.0f} s, "
+              f"verify >= {elements * million * check_s:.0f} s (measured {commit_s * 1e3:.3f} ms per fixed-base "
+              f"commitment, {check_s * 1e3:.3f} ms per {proofs.T + proofs.BATCH_RHO_BITS}-bit exponentiation)")
+
+
 class _timed:
     def __init__(self, timings: dict, name: str) -> None:
         self.timings, self.name = timings, name
@@ -212,7 +261,13 @@ def _parse():
     parser.add_argument("--workers", type=int, default=2, help="threads for offline work and decryption")
     parser.add_argument("--baseline-sample", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="20,000 params, 3 contributors, 2-of-3, 8-value baseline (about a minute)")
+    args = parser.parse_args()
+    if args.quick:
+        args.params, args.contributors, args.threshold, args.parties = 20_000, 3, 2, 3
+        args.baseline_sample = 8
+    return args
 
 
 if __name__ == "__main__":
