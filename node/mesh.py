@@ -347,6 +347,26 @@ class _StreamLimits:
         self._released = trio.Event()
 
 
+class _StallWatch:
+    """Cancels `scope` once `buf` has not grown for `idle_s`, counted in ticks of the event
+    loop rather than wall time: when this process's own loop is held up (a long synchronous
+    call), the ticks wait with it, so an upload is not blamed for our stall."""
+
+    TICKS = 4
+
+    def __init__(self, buf: bytearray, idle_s: float, scope: trio.CancelScope) -> None:
+        self.buf, self.idle_s, self.scope = buf, idle_s, scope
+        self.stalled = False
+
+    async def run(self) -> None:
+        seen, quiet_ticks = len(self.buf), 0
+        while quiet_ticks < self.TICKS:
+            await trio.sleep(self.idle_s / self.TICKS)
+            seen, quiet_ticks = (len(self.buf), 0) if len(self.buf) > seen else (seen, quiet_ticks + 1)
+        self.stalled = True
+        self.scope.cancel()
+
+
 @dataclass(frozen=True)
 class _Route:
     protocol_id: str
@@ -742,22 +762,31 @@ class Mesh:
         # it, a peer that trickles holds its reservation for the floor plus that at most,
         # and one that stalls for the idle timeout.
         allowed_s = self.config.stream_read_floor_s + n / self.config.stream_min_rate_bytes_per_s
-        with trio.move_on_after(allowed_s):
-            return await self._read(stream, n, idle_s=self.config.stream_idle_timeout_s)
-        raise StreamRefused("read_timeout", f"{n}-byte request body not in within {allowed_s:.1f}s")
+        body = bytearray()
+        with trio.move_on_after(allowed_s) as deadline:
+            async with trio.open_nursery() as nursery:
+                watch = _StallWatch(body, self.config.stream_idle_timeout_s, nursery.cancel_scope)
+                nursery.start_soon(watch.run)
+                await self._read_into(stream, body, n)
+                nursery.cancel_scope.cancel()
+        if watch.stalled:
+            raise StreamRefused("read_timeout", f"no byte for {watch.idle_s}s after {len(body)} of {n} bytes")
+        if deadline.cancelled_caught:
+            raise StreamRefused("read_timeout", f"{n}-byte request body not in within {allowed_s:.1f}s")
+        return bytes(body)
 
-    async def _read(self, stream: INetStream, n: int, *, idle_s: float = math.inf) -> bytes:
+    async def _read(self, stream: INetStream, n: int) -> bytes:
         buf = bytearray()
+        await self._read_into(stream, buf, n)
+        return bytes(buf)
+
+    async def _read_into(self, stream: INetStream, buf: bytearray, n: int) -> None:
         while len(buf) < n:
-            with trio.move_on_after(idle_s) as idle:
-                chunk = await stream.read(n - len(buf))
-            if idle.cancelled_caught:
-                raise StreamRefused("read_timeout", f"no byte for {idle_s}s after {len(buf)} of {n} bytes")
+            chunk = await stream.read(n - len(buf))
             if not chunk:
                 raise EOFError(f"stream ended after {len(buf)}/{n} bytes")
             buf += chunk
             self.stream_stats.stream_bytes_read += len(chunk)
-        return bytes(buf)
 
     async def _answer(self, stream: INetStream, peer: ID, route: _Route, request: bytes) -> None:
         try:

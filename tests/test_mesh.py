@@ -229,6 +229,34 @@ def test_a_trickled_request_body_is_cut_at_its_size_scaled_deadline() -> None:
     assert 1.4 < elapsed < 3.0, elapsed
 
 
+def test_a_pause_of_our_own_event_loop_does_not_time_out_an_upload() -> None:
+    """The idle timeout counts event-loop ticks, not wall time: a 2.5 s synchronous call on
+    the receiver (one process here, so the sender pauses too) in the middle of a 32 MiB
+    upload is longer than the 1 s idle timeout, and the upload is still served."""
+    config = MeshConfig(MESH_ID, stream_idle_timeout_s=1.0)
+    payload = bytes(range(256)) * (32 * 4096)
+
+    async def echo_length(from_peer: str, request: bytes) -> bytes:
+        return str(len(request)).encode()
+
+    async def main() -> bytes:
+        async with line([config] * 2) as (client, server):
+            server.set_stream_handler("/sealmesh/test/pause/1", echo_length, max_request_bytes=64 << 20)
+
+            async def hold_the_loop_mid_upload() -> None:
+                while server.stream_stats.stream_bytes_read < 4 << 20:
+                    await trio.sleep(0)
+                time.sleep(2.5)  # deliberately blocking: what a long synchronous call does
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_the_loop_mid_upload)
+                answer = await client.request(server.peer_id, "/sealmesh/test/pause/1", payload, 100, timeout_s=30)
+            assert server.stream_stats.stream_bytes_read >= len(payload)
+            return answer
+
+    assert trio.run(main) == str(len(payload)).encode()
+
+
 def test_bootstrap_retries_until_the_peer_comes_up_and_shutdown_is_clean() -> None:
     import socket
 
