@@ -27,6 +27,7 @@ import enum
 import functools
 import hashlib
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Union
@@ -36,12 +37,13 @@ import msgpack
 from crypto.identity import verify_signature
 from protocol._wire import unpack_strict
 from protocol.epistula import Signer
+from protocol import head_rules as rules
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages import decode as decode_message
 from protocol.messages import encode as encode_message
 from protocol.head_messages import (HeadAbort, HeadAckSn, HeadClose, HeadCommit, HeadContest,
-                                    HeadDeposit, HeadInit, HeadMessage, HeadNewTx, HeadRecover,
-                                    HeadReqSn, HeadSync, HeadSyncRequest)
+                                    HeadDeposit, HeadInit, HeadMessage, HeadNackSn, HeadNewTx,
+                                    HeadRecover, HeadReqSn, HeadSync, HeadSyncRequest)
 
 POOL = "reward_pool"  # the ledger account rewards are paid from; not an SS58 address
 CLOCK_SKEW_MS = 8_000  # a Close stamped further from our clock is refused (Epistula's window)
@@ -61,6 +63,11 @@ class HeadMisuse(LocalProtocolError):
 
 def _reject(reason: str, hint: str) -> RemoteProtocolError:
     return RemoteProtocolError(hint, reason=reason)
+
+
+class AwaitingOwnView(RemoteProtocolError):
+    """A request holds a record this party cannot judge yet: its own RoundFinal (or epoch
+    scores) has not come. The request waits and is judged again when it comes."""
 
 
 # --- canonical encoding -------------------------------------------------------------
@@ -345,6 +352,13 @@ class Snapshot:
         return cls.from_wire(wire)
 
 
+def refusal_signing_payload(head_id: str, number: int, reason: str) -> bytes:
+    return canonical(["sealmesh/head/refusal", head_id, number, reason])
+
+
+_REASON = re.compile(r"[a-z_]{1,64}")
+
+
 # --- parameters, phases, events, effects --------------------------------------------
 
 
@@ -368,6 +382,12 @@ class HeadParameters:
     sign_timeout_ms: int
     agreed_rounds: int  # closing before this many RoundResults are settled is slashable
     escrow: int  # each party locks this much at commit
+    # The records the head may settle (head_rules): round ids 0..round_limit-1, epochs
+    # 0..epoch_limit-1, each paying its reward from the pool by the rule.
+    round_limit: int = 0
+    epoch_limit: int = 0
+    round_reward: int = 0
+    epoch_reward: int = 0
 
     def problems(self) -> list[str]:
         found = []
@@ -377,8 +397,11 @@ class HeadParameters:
             found.append("parties must be a non-empty sorted list without repeats")
         if min(self.contestation_period_ms, self.deposit_period_ms, self.sign_timeout_ms) <= 0:
             found.append("periods and timeouts must be positive")
-        if self.agreed_rounds < 0 or self.escrow < 0:
-            found.append("agreed_rounds and escrow must not be negative")
+        if min(self.agreed_rounds, self.escrow, self.round_limit, self.epoch_limit,
+               self.round_reward, self.epoch_reward) < 0:
+            found.append("counts, escrow and rewards must not be negative")
+        if self.agreed_rounds > self.round_limit:
+            found.append("agreed_rounds cannot exceed round_limit: those rounds could never settle")
         return found
 
     def leader(self, number: int) -> str:
@@ -393,13 +416,15 @@ class HeadParameters:
     def to_message(self) -> HeadInit:
         return HeadInit(self.head_id, list(self.parties), self.contestation_period_ms,
                         self.deposit_period_ms, self.sign_timeout_ms, self.agreed_rounds,
-                        self.escrow)
+                        self.escrow, self.round_limit, self.epoch_limit, self.round_reward,
+                        self.epoch_reward)
 
     @classmethod
     def from_message(cls, message: HeadInit) -> "HeadParameters":
         return cls(message.head_id, tuple(message.parties), message.contestation_period_ms,
                    message.deposit_period_ms, message.sign_timeout_ms, message.agreed_rounds,
-                   message.escrow)
+                   message.escrow, message.round_limit, message.epoch_limit,
+                   message.round_reward, message.epoch_reward)
 
 
 # Local commands and inputs; a received message becomes a Receive. Names are the
@@ -466,13 +491,34 @@ class Restart:
 
 
 @dataclass(frozen=True)
+class ObserveRound:
+    """This party's own RoundFinal of a round (from its rounds service): what it co-signs
+    a RoundResult against. Local input, trusted as this node's own view."""
+
+    round: int
+    adapter_id: str
+    contributors: list[str]
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class ObserveEpoch:
+    """This party's own scores of an epoch's miners (from its challenger service)."""
+
+    epoch: int
+    scores: dict[str, float]
+    now_ms: int
+
+
+@dataclass(frozen=True)
 class Receive:
     sender: str  # the Epistula signer, already verified by the node
     message: HeadMessage
     now_ms: int
 
 
-Event = Union[Init, Commit, Abort, NewTx, Deposit, Recover, Close, Fanout, Tick, Restart, Receive]
+Event = Union[Init, Commit, Abort, NewTx, Deposit, Recover, Close, Fanout, Tick, Restart,
+              ObserveRound, ObserveEpoch, Receive]
 
 
 @dataclass(frozen=True)
@@ -518,6 +564,7 @@ STAY_IN: dict[str, frozenset[Phase]] = {
     "NewTx": frozenset({P.OPEN}),
     "ReqSn": frozenset({P.OPEN}),
     "AckSn": frozenset({P.OPEN}),
+    "NackSn": frozenset({P.OPEN}),
     "Deposit": frozenset({P.OPEN}),
     "Recover": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE, P.FINAL}),
     "SlashVote": frozenset({P.OPEN, P.CLOSED, P.FANOUT_POSSIBLE}),
@@ -592,12 +639,19 @@ class HeadMachine:
         self.proposal: Proposal | None = None
         self.waiting: HeadReqSn | None = None  # a ReqSn that came while we were behind
         self.early_acks: dict[str, bytes] = {}  # AckSn for confirmed+1 before its ReqSn
+        # Signed refusals (NackSn) of snapshots not yet confirmed: party -> (number,
+        # reason, signature), the newest per party. They block withheld_signature votes.
+        self.refusals: dict[str, tuple[int, str, bytes]] = {}
         self.deposits: dict[str, DepositRecord] = {}
         self.signed_deposits: set[str] = set()
         self.closing: Closing | None = None
         self.votes: dict[str, dict[str, tuple[bytes, bytes]]] = {}  # target -> voter -> (tx, sig)
         self.payouts: dict[str, int] | None = None
         self.early: list[tuple[str, bytes]] = []  # (sender, message) that came before Init
+        # Our own view of finished rounds and epochs (ObserveRound/ObserveEpoch): the
+        # records we co-sign must match it (head_rules).
+        self.observed_rounds: dict[int, list[Any]] = {}
+        self.observed_epochs: dict[int, dict[str, float]] = {}
         self._pending_ledger: Ledger | None = None  # derived: confirmed ledger + pending txs
 
     # -- entry point ------------------------------------------------------------------
@@ -760,6 +814,9 @@ class HeadMachine:
     def _newtx(self, event: NewTx) -> list[Effect]:
         if event.tx.author != self.me:
             raise HeadMisuse("a party submits only transactions it authored", reason="not_author")
+        problem = self._record_problem(event.tx)
+        if problem:
+            raise HeadMisuse(problem[1], reason=problem[0])
         raw = encode_tx(event.tx)
         signature = self.signer.sign(tx_signing_payload(self.parameters.head_id, tx_id(raw)))
         try:
@@ -780,9 +837,21 @@ class HeadMachine:
         self._require("NewTx", local=False)
         if txid in self.pending:
             raise _reject("duplicate_tx", f"transaction {txid[:12]} is already pending")
+        problem = self._record_problem(tx)
+        if problem and problem[0] not in rules.NOT_OBSERVED:
+            raise _reject(*problem)  # a record we will never co-sign; one we cannot judge yet waits
         self._pending_ledger = apply_tx(self.pending_ledger, tx, txid)
         self.pending[txid] = (raw, signature)
         return self._maybe_request(now_ms)
+
+    def _record_problem(self, tx: Tx) -> tuple[str, str] | None:
+        """Why we would not co-sign this RoundResult or ScoreReport (head_rules); None
+        for a record we agree with and for every other kind of transaction."""
+        if isinstance(tx, RoundResult):
+            return rules.round_result_problem(tx, self.parameters, self.observed_rounds)
+        if isinstance(tx, ScoreReport):
+            return rules.score_report_problem(tx, self.parameters, self.observed_epochs)
+        return None
 
     def _check_tx_signature(self, tx: Tx, raw: bytes, signature: bytes) -> None:
         if tx.author not in self.parameters.parties:
@@ -823,7 +892,7 @@ class HeadMachine:
         number = self.confirmed.number + 1
         if self.parameters.leader(number) != self.me:
             return []
-        txs = tuple(list(self.pending.values())[:MAX_SNAPSHOT_TXS])
+        txs = self._ready_txs()
         deposit_id = next((d for d, r in self.deposits.items()
                            if r.status == "pending" and now_ms < r.deadline_ms), "")
         if not txs and not deposit_id:
@@ -831,6 +900,24 @@ class HeadMachine:
         ledger = self._ledger_after(txs, deposit_id)
         proposal = Proposal(number, txs, deposit_id, ledger, now_ms)
         return [Send(proposal.request(self.parameters.head_id))] + self._sign(proposal)
+
+    def _ready_txs(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The pending txs a leader proposes: in arrival order, those we would co-sign now
+        (a record waits for our own view of its round) and that still apply after them."""
+        assert self.confirmed is not None
+        ledger, chosen = self.confirmed.ledger, []
+        for txid, (raw, signature) in self.pending.items():
+            if len(chosen) == MAX_SNAPSHOT_TXS:
+                break
+            tx = decode_tx(raw)
+            if self._record_problem(tx) is not None:
+                continue
+            try:
+                ledger = apply_tx(ledger, tx, txid)
+            except RemoteProtocolError:
+                continue
+            chosen.append((raw, signature))
+        return tuple(chosen)
 
     def _on_req_sn(self, sender: str, message: HeadReqSn, now_ms: int) -> list[Effect]:
         self._require("ReqSn", local=False)
@@ -848,7 +935,44 @@ class HeadMachine:
         if number > self.confirmed.number + 1:  # we are behind: catch up, then sign it
             self.waiting = message
             return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
-        return self._sign(self._checked_request(message, now_ms))
+        try:
+            proposal = self._checked_request(message, now_ms)
+        except AwaitingOwnView as exc:
+            self.waiting = message
+            return ([Record("awaiting_own_view", {"number": number, "reason": exc.reason})]
+                    + self._refuse(number, exc.reason, exc.hint))
+        except RemoteProtocolError as exc:
+            return self._refuse(number, exc.reason, exc.hint)
+        return self._sign(proposal)
+
+    def _refuse(self, number: int, reason: str, hint: str) -> list[Effect]:
+        """NackSn: say, signed, why we do not sign snapshot `number`, so that nobody takes
+        our silence for withholding. The request itself changes nothing else here."""
+        signature = self.signer.sign(refusal_signing_payload(self.parameters.head_id, number, reason))
+        self.refusals[self.me] = (number, reason, signature)
+        return [Send(HeadNackSn(self.parameters.head_id, number, reason, signature)),
+                Record("refused", {"number": number, "reason": reason, "hint": hint})]
+
+    def _on_nack_sn(self, sender: str, message: HeadNackSn, now_ms: int) -> list[Effect]:
+        self._require("NackSn", local=False)
+        assert self.confirmed is not None
+        if message.number <= self.confirmed.number:
+            return []  # a refusal of a snapshot that was confirmed after all
+        if not _REASON.fullmatch(message.reason):
+            raise _reject("malformed_refusal", "a refusal's reason is a short snake_case word")
+        payload = refusal_signing_payload(self.parameters.head_id, message.number, message.reason)
+        if not self.verify(sender, payload, message.signature):
+            raise _reject("bad_refusal_signature", f"{sender}'s refusal of snapshot "
+                          f"{message.number} is not signed by it")
+        if self.refusals.get(sender, (-1,))[0] >= message.number:
+            return []
+        self.refusals[sender] = (message.number, message.reason, message.signature)
+        return [Record("refusal", {"party": sender, "number": message.number,
+                                   "reason": message.reason})]
+
+    def refused(self, party: str, number: int) -> bool:
+        """`party` signed a refusal of snapshot `number`: it is not withholding it."""
+        return self.refusals.get(party, (-1,))[0] == number
 
     def _checked_request(self, message: HeadReqSn, now_ms: int) -> Proposal:
         """The proposal a ReqSn makes, if its txs are signed and valid in its order on our
@@ -858,9 +982,15 @@ class HeadMachine:
         txs = tuple(zip(message.txs, message.signatures))
         for raw, signature in txs:
             try:
-                self._check_tx_signature(decode_tx(raw), raw, signature)
+                tx = decode_tx(raw)
+                self._check_tx_signature(tx, raw, signature)
             except RemoteProtocolError as exc:
                 raise _reject("invalid_snapshot_tx", f"snapshot {message.number}: {exc.hint}") from None
+            problem = self._record_problem(tx)
+            if problem and problem[0] in rules.NOT_OBSERVED:
+                raise AwaitingOwnView(f"snapshot {message.number}: {problem[1]}", reason=problem[0])
+            if problem:
+                raise _reject(problem[0], f"snapshot {message.number}: {problem[1]}")
         self._check_deposit_includable(message.deposit_id, now_ms)
         try:
             ledger = self._ledger_after(txs, message.deposit_id)
@@ -879,8 +1009,13 @@ class HeadMachine:
             return []
         try:
             return self._sign(self._checked_request(message, now_ms))
+        except AwaitingOwnView as exc:
+            self.waiting = message  # still not ours to judge: keep waiting
+            if self.refused(self.me, message.number):
+                return []
+            return self._refuse(message.number, exc.reason, exc.hint)
         except RemoteProtocolError as exc:
-            return [Record("rejected", {"reason": exc.reason, "hint": exc.hint})]
+            return self._refuse(message.number, exc.reason, exc.hint)
 
     def _check_deposit_includable(self, deposit_id: str, now_ms: int) -> None:
         if not deposit_id:
@@ -970,6 +1105,7 @@ class HeadMachine:
         if self.proposal is not None and self.proposal.number <= snapshot.number:
             self.proposal = None
         self.early_acks = {}
+        self.refusals = {p: r for p, r in self.refusals.items() if r[0] > snapshot.number}
         return effects
 
     def _rebuild_pending(self) -> None:
@@ -977,11 +1113,48 @@ class HeadMachine:
         assert self.confirmed is not None
         ledger = self.confirmed.ledger
         for txid, (raw, _) in list(self.pending.items()):
+            tx = decode_tx(raw)
+            problem = self._record_problem(tx)
+            if problem and problem[0] not in rules.NOT_OBSERVED:
+                del self.pending[txid]  # our own view came and disagrees: never co-signed
+                continue
             try:
-                ledger = apply_tx(ledger, decode_tx(raw), txid)
+                ledger = apply_tx(ledger, tx, txid)
             except RemoteProtocolError:
                 del self.pending[txid]
         self._pending_ledger = ledger
+
+    # -- our own view: ObserveRound, ObserveEpoch --------------------------------------
+
+    def _observe_round(self, event: ObserveRound) -> list[Effect]:
+        limit = None if self.params is None else self.params.round_limit
+        self._keep_view(self.observed_rounds, event.round,
+                        rules.round_view(event.adapter_id, event.contributors), "round", limit)
+        return self._after_own_view(event.now_ms)
+
+    def _observe_epoch(self, event: ObserveEpoch) -> list[Effect]:
+        limit = None if self.params is None else self.params.epoch_limit
+        scores = {k: float(v) for k, v in sorted(event.scores.items())}
+        self._keep_view(self.observed_epochs, event.epoch, scores, "epoch", limit)
+        return self._after_own_view(event.now_ms)
+
+    @staticmethod
+    def _keep_view(seen: dict[int, Any], number: int, view: Any, what: str, limit: int | None) -> None:
+        if limit is not None and not 0 <= number < limit:
+            raise HeadMisuse(f"{what} {number} is outside the head's agreed {what}s 0..{limit - 1}",
+                             reason=f"{what}_out_of_range")
+        if seen.get(number, view) != view:
+            raise HeadMisuse(f"{what} {number} was already observed with other contents",
+                             reason="conflicting_observation")
+        seen[number] = view
+
+    def _after_own_view(self, now_ms: int) -> list[Effect]:
+        """A request that waited for this view can be judged now; as leader, a record
+        that waited for it can be proposed."""
+        if self.phase != Phase.OPEN or self.confirmed is None:
+            return []
+        self._rebuild_pending()
+        return self._retry_waiting(now_ms) + self._maybe_request(now_ms)
 
     # -- catching up: Restart, Sync ----------------------------------------------------
 
@@ -1000,6 +1173,9 @@ class HeadMachine:
         if self.confirmed.number > message.confirmed_number:
             return [Send(HeadSync(self.parameters.head_id, self.confirmed.encode()))]
         proposal = self.proposal
+        own = self.refusals.get(self.me)
+        if proposal is None and own is not None and own[0] == message.confirmed_number + 1:
+            return [Send(HeadNackSn(self.parameters.head_id, *own))]  # it may have lost our refusal
         if proposal is None or proposal.number != message.confirmed_number + 1:
             return []
         # The requester may have lost the snapshot in flight: the leader sends its request
@@ -1115,7 +1291,7 @@ class HeadMachine:
             raise HeadMisuse("the head is already closed", reason="wrong_phase")
         assert self.confirmed is not None
         excuse = self._excuse()
-        done = len(self.confirmed.ledger.rounds)
+        done = rules.settled_agreed_rounds(self.confirmed.ledger.rounds, self.parameters.round_limit)
         if done < self.parameters.agreed_rounds and not excuse:
             raise HeadMisuse(
                 f"{done} of the agreed {self.parameters.agreed_rounds} rounds are settled; closing "
@@ -1159,8 +1335,8 @@ class HeadMachine:
         assert self.confirmed is not None
         newest = max(self.confirmed, snapshot, key=lambda s: s.number)
         effects: list[Effect] = []
-        if (len(newest.ledger.rounds) < self.parameters.agreed_rounds
-                and not self._excused(message.excuse, sender)):
+        done = rules.settled_agreed_rounds(newest.ledger.rounds, self.parameters.round_limit)
+        if done < self.parameters.agreed_rounds and not self._excused(message.excuse, sender):
             effects += self._cast_vote(sender, "early_close", snapshot.number)
         if snapshot.number > self.confirmed.number:
             effects += self._adopt(snapshot)  # fully signed, so ours too
@@ -1227,7 +1403,7 @@ class HeadMachine:
         if self.phase == Phase.OPEN and self.proposal is not None and event.now_ms >= (
                 self.proposal.requested_at_ms + self.parameters.sign_timeout_ms):
             for party in self.parameters.parties:
-                if party not in self.proposal.acks:
+                if party not in self.proposal.acks and not self.refused(party, self.proposal.number):
                     effects += self._cast_vote(party, "withheld_signature", self.proposal.number)
         if self.phase == Phase.OPEN:
             effects += self._maybe_request(event.now_ms)
@@ -1286,6 +1462,7 @@ class HeadMachine:
                 self.waiting.number, list(self.waiting.txs), list(self.waiting.signatures),
                 self.waiting.deposit_id, self.waiting.ledger_hash],
             "early_acks": dict(self.early_acks),
+            "refusals": {p: list(r) for p, r in sorted(self.refusals.items())},
             "deposits": [[k, r.party, r.amount, r.deadline_ms, r.status]
                          for k, r in self.deposits.items()],
             "signed_deposits": sorted(self.signed_deposits),
@@ -1294,6 +1471,8 @@ class HeadMachine:
                       for t, vs in sorted(self.votes.items())},
             "payouts": self.payouts,
             "early": [list(e) for e in self.early],
+            "observed_rounds": [[r, v] for r, v in sorted(self.observed_rounds.items())],
+            "observed_epochs": [[e, v] for e, v in sorted(self.observed_epochs.items())],
         }
 
     @classmethod
@@ -1317,6 +1496,7 @@ class HeadMachine:
             n, txs, sigs, dep, lh = wire["waiting"]
             machine.waiting = HeadReqSn(machine.parameters.head_id, n, list(txs), list(sigs), dep, lh)
         machine.early_acks = dict(wire["early_acks"])
+        machine.refusals = {p: (r[0], r[1], r[2]) for p, r in wire.get("refusals", {}).items()}
         machine.deposits = {k: DepositRecord(p, a, d, s) for k, p, a, d, s in wire["deposits"]}
         machine.signed_deposits = set(wire["signed_deposits"])
         if wire["closing"] is not None:
@@ -1325,6 +1505,8 @@ class HeadMachine:
         machine.votes = {t: {v: (x[0], x[1]) for v, x in vs.items()} for t, vs in wire["votes"].items()}
         machine.payouts = None if wire["payouts"] is None else dict(wire["payouts"])
         machine.early = [(sender, raw) for sender, raw in wire["early"]]
+        machine.observed_rounds = {r: list(v) for r, v in wire.get("observed_rounds", [])}
+        machine.observed_epochs = {e: dict(v) for e, v in wire.get("observed_epochs", [])}
         if machine.confirmed is not None:
             machine._rebuild_pending()
         return machine
@@ -1349,6 +1531,8 @@ _COMMANDS: dict[type, Callable[..., list[Effect]]] = {
     Fanout: HeadMachine._fanout,
     Tick: HeadMachine._tick,
     Restart: HeadMachine._restart,
+    ObserveRound: HeadMachine._observe_round,
+    ObserveEpoch: HeadMachine._observe_epoch,
 }
 
 _RECEIVERS: dict[type, Callable[..., list[Effect]]] = {
@@ -1358,6 +1542,7 @@ _RECEIVERS: dict[type, Callable[..., list[Effect]]] = {
     HeadNewTx: HeadMachine._on_new_tx,
     HeadReqSn: HeadMachine._on_req_sn,
     HeadAckSn: HeadMachine._on_ack_sn,
+    HeadNackSn: HeadMachine._on_nack_sn,
     HeadDeposit: HeadMachine._on_deposit,
     HeadRecover: HeadMachine._on_recover,
     HeadClose: HeadMachine._on_close,
@@ -1505,6 +1690,28 @@ def SlashNeedsMajority(m: HeadMachine) -> bool:
     return True
 
 
+def RewardsOnlyByRule(m: HeadMachine) -> bool:
+    """Every round and epoch a ledger settled happened (this party observed it itself) and
+    is in the agreed range, and the pool paid out exactly what the reward rule gives them:
+    no party can pay the pool to itself (issue 11, finding 2)."""
+    if m.params is None or m.confirmed is None:
+        return True
+    p = m.params
+    initial_pool = sum(pool for _, _, pool in m.commits.values())
+    for ledger in [s.ledger for s in (m.confirmed, m.closing and m.closing.snapshot) if s]:
+        if not all(0 <= r < p.round_limit and r in m.observed_rounds for r in ledger.rounds):
+            return False
+        if not all(0 <= e < p.epoch_limit and e in m.observed_epochs for e in ledger.epochs):
+            return False
+        paid = sum(sum(rules.round_rewards(m.observed_rounds[r][1], p.round_reward).values())
+                   for r in ledger.rounds)
+        paid += sum(sum(rules.epoch_rewards(m.observed_epochs[e], p.epoch_reward).values())
+                    for e in ledger.epochs)
+        if ledger.balances.get(POOL, 0) != initial_pool - paid:
+            return False
+    return True
+
+
 INVARIANTS: dict[str, Callable[[HeadMachine], bool]] = {
     "TypeOK": TypeOK,
     "ValueConserved": ValueConserved,
@@ -1512,6 +1719,7 @@ INVARIANTS: dict[str, Callable[[HeadMachine], bool]] = {
     "ContestEndsOnNewestConfirmed": ContestEndsOnNewestConfirmed,
     "NoDoubleSpend": NoDoubleSpend,
     "SlashNeedsMajority": SlashNeedsMajority,
+    "RewardsOnlyByRule": RewardsOnlyByRule,
 }
 
 
@@ -1520,12 +1728,12 @@ def violated_invariants(m: HeadMachine) -> list[str]:
 
 
 __all__ = [
-    "Abort", "CLOCK_SKEW_MS", "Close", "Commit", "Deposit", "Effect", "Event", "Fanout",
+    "Abort", "AwaitingOwnView", "CLOCK_SKEW_MS", "Close", "Commit", "Deposit", "Effect", "Event", "Fanout",
     "HeadMachine", "HeadMisuse", "HeadParameters", "INVARIANTS", "Init", "Ledger", "NewTx",
-    "POOL", "Phase", "Receive", "Record", "Recover", "Restart", "RoundResult", "ScoreReport",
+    "ObserveEpoch", "ObserveRound", "POOL", "Phase", "Receive", "Record", "Recover", "Restart", "RoundResult", "ScoreReport",
     "Send", "SetTimer", "SlashVote", "Snapshot", "TRANSITIONS", "Tick", "Transfer", "Tx",
     "apply_deposit", "apply_tx", "canonical", "decode_tx", "encode_tx", "final_payouts",
     "snapshot_problem", "tx_id", "tx_signing_payload", "violated_invariants",
     "ContestEndsOnNewestConfirmed", "NoDoubleSpend", "OnlyFullySignedSnapshotCloses",
-    "SlashNeedsMajority", "TypeOK", "ValueConserved",
+    "RewardsOnlyByRule", "SlashNeedsMajority", "TypeOK", "ValueConserved",
 ]

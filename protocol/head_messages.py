@@ -40,6 +40,10 @@ class HeadInit(HeadMessage):
     sign_timeout_ms: int
     agreed_rounds: int
     escrow: int
+    round_limit: int  # RoundResults may settle rounds 0..round_limit-1
+    epoch_limit: int  # ScoreReports may settle epochs 0..epoch_limit-1
+    round_reward: int  # what the pool pays per round, split by protocol/head_rules
+    epoch_reward: int
 
 
 @message_type
@@ -107,6 +111,24 @@ class HeadAckSn(HeadMessage):
 
     head_id: str
     number: int
+    signature: bytes
+
+
+@message_type
+@dataclass(frozen=True)
+class HeadNackSn(HeadMessage):
+    """NackSn: a party's signed refusal to sign the proposed snapshot, and why.
+
+    A party that states why it does not sign is not withholding: its refusal blocks the
+    withheld_signature vote against it for this snapshot (issue 11, findings 2 and 6).
+    It does not bind: a party waiting for its own view of a round signs once it comes.
+    """
+
+    TYPE: ClassVar[str] = "head_nack_sn"
+
+    head_id: str
+    number: int
+    reason: str  # the machine's refusal reason, e.g. round_not_observed
     signature: bytes
 
 
@@ -190,5 +212,5 @@ class HeadSync(HeadMessage):
 
 __all__ = [
     "HeadAbort", "HeadAckSn", "HeadClose", "HeadCommit", "HeadContest", "HeadDeposit", "HeadInit",
-    "HeadMessage", "HeadNewTx", "HeadRecover", "HeadReqSn", "HeadSync", "HeadSyncRequest",
+    "HeadMessage", "HeadNackSn", "HeadNewTx", "HeadRecover", "HeadReqSn", "HeadSync", "HeadSyncRequest",
 ]

@@ -23,12 +23,14 @@ KEYS = sorted((Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie")),
               key=lambda k: k.ss58_address)
 A, B, C = (k.ss58_address for k in KEYS)  # sorted: A leads snapshot 1, B 2, C 3
 ESCROW = 90
+ROUND_REWARD, EPOCH_REWARD = 40, 20
 
 
 def parameters(agreed_rounds: int = 0) -> h.HeadParameters:
     return h.HeadParameters("head-1", (A, B, C), contestation_period_ms=60_000,
                             deposit_period_ms=30_000, sign_timeout_ms=10_000,
-                            agreed_rounds=agreed_rounds, escrow=ESCROW)
+                            agreed_rounds=agreed_rounds, escrow=ESCROW, round_limit=10,
+                            epoch_limit=10, round_reward=ROUND_REWARD, epoch_reward=EPOCH_REWARD)
 
 
 class Bus:
@@ -78,6 +80,16 @@ class Bus:
                 self.rejected.append((receiver, exc.reason))
         self.in_flight = held
 
+    def observe(self, number: int, contributors: tuple[str, ...] = (A, C),
+                parties: tuple[str, ...] = (A, B, C)) -> None:
+        """Each party's own rounds service finished round `number` (its RoundFinal)."""
+        for party in parties:
+            self.do(party, h.ObserveRound(number, f"adapter-{number}", list(contributors), self.now))
+
+    def observe_epoch(self, epoch: int, scores: dict[str, float]) -> None:
+        for party in self.machines:
+            self.do(party, h.ObserveEpoch(epoch, scores, self.now))
+
     def kinds(self, party: str) -> list[str]:
         return [r.kind for r in self.records[party]]
 
@@ -97,8 +109,10 @@ def open_head(agreed_rounds: int = 0) -> Bus:
     return bus
 
 
-def round_result(author: str, number: int, rewards: dict[str, int] | None = None) -> h.RoundResult:
-    return h.RoundResult(author, number, f"adapter-{number}", [A, C], rewards or {C: 30, "miner-7": 5})
+def round_result(number: int, author: str = A, rewards: dict[str, int] | None = None) -> h.RoundResult:
+    """Round `number` as rank 0 (A) authors it: contributors A and C, rewards by the rule."""
+    rule = h.rules.round_rewards([A, C], ROUND_REWARD)
+    return h.RoundResult(author, number, f"adapter-{number}", [A, C], rule if rewards is None else rewards)
 
 
 def confirmed_numbers(bus: Bus) -> set[int]:
@@ -110,17 +124,19 @@ def confirmed_numbers(bus: Bus) -> set[int]:
 
 def test_full_lifecycle_settles_rounds_scores_and_transfers():
     bus = open_head(agreed_rounds=1)
-    bus.do(B, h.NewTx(round_result(B, 1), bus.now))
+    bus.observe(1)
+    bus.observe_epoch(4, {"miner-7": 0.75})
+    bus.do(A, h.NewTx(round_result(1), bus.now))
     bus.flush()
-    bus.do(C, h.NewTx(h.ScoreReport(C, 4, {"miner-7": 0.75}, {"miner-7": 20}), bus.now))
+    bus.do(A, h.NewTx(h.ScoreReport(A, 4, {"miner-7": 0.75}, {"miner-7": 20}), bus.now))
     bus.flush()
     bus.do(A, h.NewTx(h.Transfer(A, B, 250, nonce=0), bus.now))
     bus.flush()
     assert confirmed_numbers(bus) == {3}
     ledger = bus.machines[A].confirmed.ledger
-    assert ledger.balances == {A: 750, B: 1250, C: 1030, "miner-7": 25, h.POOL: 1500 - 55}
+    assert ledger.balances == {A: 770, B: 1250, C: 1020, "miner-7": 20, h.POOL: 1500 - 60}
     assert ledger.rounds == (1,) and ledger.epochs == (4,)
-    assert "round_result" in bus.kinds(B) and "score_report" in bus.kinds(A)
+    assert "round_result" in bus.kinds(B) and "score_report" in bus.kinds(C)
 
     bus.do(C, h.Close(bus.now))
     bus.flush()
@@ -134,7 +150,7 @@ def test_full_lifecycle_settles_rounds_scores_and_transfers():
         bus.do(party, h.Fanout(bus.now))
     payouts = {p: m.payouts for p, m in bus.machines.items()}
     assert payouts[A] == payouts[B] == payouts[C]
-    assert payouts[A][A] == 750 + ESCROW and payouts[A]["miner-7"] == 25
+    assert payouts[A][A] == 770 + ESCROW and payouts[A]["miner-7"] == 20
     assert sum(payouts[A].values()) == 3 * (1000 + 500 + ESCROW)
     assert bus.rejected == []
     bus.check_invariants()
@@ -142,7 +158,8 @@ def test_full_lifecycle_settles_rounds_scores_and_transfers():
 
 def test_every_state_survives_its_wire_form():
     bus = open_head()
-    bus.do(B, h.NewTx(round_result(B, 1), bus.now))
+    bus.observe(1)
+    bus.do(A, h.NewTx(round_result(1), bus.now))
     for _ in range(6):  # deliver one message at a time and round-trip every machine
         if not bus.in_flight:
             break
@@ -184,6 +201,9 @@ def test_local_misuse_raises_with_a_reason():
     fresh = h.HeadMachine(KEYS[0])
     with pytest.raises(h.HeadMisuse) as info:
         fresh.handle(h.Init(h.HeadParameters("x", (C, A), 1, 1, 1, 0, 0), T0))
+    with pytest.raises(h.HeadMisuse) as info:  # rounds it agrees to that could never settle
+        fresh.handle(h.Init(h.HeadParameters("x", (A, C), 1, 1, 1, 3, 0, round_limit=2), T0))
+    assert info.value.reason == "bad_parameters"
     assert info.value.reason == "bad_parameters"
 
 
@@ -307,9 +327,11 @@ def test_a_request_that_is_not_the_leaders_or_lies_about_the_ledger_is_refused()
     for bad in (lying, unsigned, overspending, dataclasses.replace(request, number=0)):
         bus.inject(A, bad, to=(B,))
     bus.flush()
-    assert [reason for _, reason in bus.rejected] == [
-        "not_leader", "ledger_hash_mismatch", "invalid_snapshot_tx", "invalid_snapshot_tx",
-        "stale_snapshot"]
+    assert [reason for _, reason in bus.rejected] == ["not_leader", "stale_snapshot"]
+    # A request from the leader that B cannot sign gets B's signed refusal (NackSn), reason and all.
+    assert [r.data["reason"] for r in bus.records[B] if r.kind == "refused"] == [
+        "ledger_hash_mismatch", "invalid_snapshot_tx", "invalid_snapshot_tx"]
+    assert [r.data["party"] for r in bus.records[A] if r.kind == "refusal"] == [B]  # the newest per party
     assert bus.machines[B].proposal is None
     bus.inject(A, request, to=(B,))  # the genuine one is still signed
     bus.flush()
@@ -362,7 +384,8 @@ def test_snapshot_leadership_rotates_round_robin():
 
 def test_early_close_on_an_old_snapshot_is_contested_and_slashed():
     bus = open_head(agreed_rounds=2)
-    bus.do(B, h.NewTx(round_result(B, 1), bus.now))
+    bus.observe(1)
+    bus.do(A, h.NewTx(round_result(1), bus.now))
     bus.flush()
     assert confirmed_numbers(bus) == {1}
     # A is byzantine: it closes at once, on the opening snapshot, with one round of two settled.
@@ -382,8 +405,8 @@ def test_early_close_on_an_old_snapshot_is_contested_and_slashed():
         bus.do(party, h.Fanout(bus.now))
     payouts = bus.machines[B].payouts
     assert payouts == bus.machines[C].payouts
-    assert payouts[A] == 1000  # its balance, without its escrow
-    assert payouts[B] == 1000 + ESCROW + ESCROW // 2 and payouts[C] == 1030 + ESCROW + ESCROW // 2
+    assert payouts[A] == 1020  # its balance, with its round reward, without its escrow
+    assert payouts[B] == 1000 + ESCROW + ESCROW // 2 and payouts[C] == 1020 + ESCROW + ESCROW // 2
     assert sum(payouts.values()) == 3 * (1500 + ESCROW)
     bus.check_invariants()
 
@@ -525,7 +548,7 @@ def test_deposit_that_never_lands_is_recovered_after_its_deadline():
     # A late snapshot may no longer absorb it.
     bus.inject(A, HeadReqSn("head-1", 1, [], [], deposit_id, "00" * 32), to=(B,))
     bus.flush()
-    assert bus.rejected[-1] == (B, "deposit_not_includable")
+    assert [r.data["reason"] for r in bus.records[B] if r.kind == "refused"] == ["deposit_not_includable"]
     bus.check_invariants()
 
 

@@ -63,9 +63,12 @@ SIGNERS = [DeterministicSigner(k) for k in KEYS]
 verify = functools.lru_cache(maxsize=None)(verify_signature)
 
 
+ROUND_REWARD = 40
+
+
 def parameters(agreed_rounds: int) -> h.HeadParameters:
     return h.HeadParameters("head-x", PARTIES, CONTESTATION, DEPOSIT_PERIOD, SIGN_TIMEOUT,
-                            agreed_rounds, ESCROW)
+                            agreed_rounds, ESCROW, round_limit=2, round_reward=ROUND_REWARD)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class Bounds:
     start_open: bool = True
     closers: tuple[int, ...] = (A,)  # honest parties that may close
     max_states: int = 60_000
+    # Rounds that happened: every party's own RoundFinal is there from the start, except
+    # at the parties in `late`, where it comes at any time (an action).
+    rounds: tuple[tuple[int, str, tuple[str, ...]], ...] = ()
+    late: tuple[int, ...] = (B,)
 
 
 def _links(in_flight: list) -> tuple:
@@ -144,6 +151,10 @@ class Explorer:
                         m.handle(h.Receive(PARTIES[q], HeadCommit("head-x", ESCROW, 1000, 500), T0))
         else:
             self._send(in_flight, A, machines[A].handle(h.Init(self.params, T0)))
+        for number, adapter_id, contributors in self.bounds.rounds:
+            for p, m in enumerate(machines):
+                if p not in self.bounds.late:
+                    m.handle(h.ObserveRound(number, adapter_id, list(contributors), T0))
         return World(tuple(_pack(m) for m in machines), _links(in_flight), T0, frozenset())
 
     @staticmethod
@@ -203,6 +214,12 @@ class Explorer:
             if f"tx{i}" not in world.used and txs_used < b.max_txs:
                 yield (f"{NAMES[party]} NewTx {tx.KIND}",
                        self._step(world, party, h.NewTx(tx, world.now), used=f"tx{i}"))
+        for i, (number, adapter_id, contributors) in enumerate(b.rounds):  # ObserveRound
+            for party in b.late:
+                if f"obs{i}{party}" not in world.used:
+                    yield (f"{NAMES[party]} ObserveRound {number}",
+                           self._step(world, party, h.ObserveRound(number, adapter_id, list(contributors),
+                                                                   world.now), used=f"obs{i}{party}"))
         phases = [_phase(raw) for raw in world.machines]
         if not b.start_open:
             for party in range(3):  # Commit
@@ -242,6 +259,14 @@ class Explorer:
                 spends.append(HeadNewTx("head-x", raw, sig))
             world2 = self._inject(world, BYZANTINE, spends[0], "byz_double_spend")
             yield "C double-spends", self._inject(world2, BYZANTINE, spends[1], "byz_double_spend")
+        if "byz_fake_round" in b.faults and "byz_fake_round" not in world.used:
+            fakes = [h.RoundResult(PARTIES[C], 10**9, "fake", [PARTIES[C]], {PARTIES[C]: 750}),
+                     h.RoundResult(PARTIES[C], 1, "adapter-1", [PARTIES[C]], {PARTIES[C]: ROUND_REWARD})]
+            for fake in fakes:  # out of range, and not C's to author: never pending anywhere
+                raw = h.encode_tx(fake)
+                sig = SIGNERS[C].sign(h.tx_signing_payload("head-x", h.tx_id(raw)))
+                world = self._inject(world, BYZANTINE, HeadNewTx("head-x", raw, sig), "byz_fake_round")
+            yield "C authors fake rounds paying itself", world
         if "crash" in b.faults and "crash" not in world.used and _mid_snapshot(world, B):
             for party in (B,):  # what was in flight to it is lost; it restarts from disk
                 yield f"{NAMES[party]} crashes and restarts", self._step(
@@ -360,8 +385,13 @@ CONFIGS = [
     Bounds("byzantine double spend seen in different orders", agreed_rounds=0, txs=[],
            max_txs=0, faults=frozenset({"byz_double_spend"})),
     Bounds("byzantine early close on an old snapshot", agreed_rounds=1,
-           txs=[(B, h.RoundResult(PARTIES[B], 1, "adapter-1", [PARTIES[A]], {PARTIES[A]: 40}))],
-           max_txs=1, faults=frozenset({"byz_close"}), closers=()),
+           txs=[(A, h.RoundResult(PARTIES[A], 1, "adapter-1", [PARTIES[A]], {PARTIES[A]: ROUND_REWARD}))],
+           max_txs=1, faults=frozenset({"byz_close"}), closers=(),
+           rounds=((1, "adapter-1", (PARTIES[A],)),)),
+    Bounds("byzantine fake rounds paying their author, own views coming late", agreed_rounds=1,
+           txs=[(A, h.RoundResult(PARTIES[A], 1, "adapter-1", [PARTIES[A]], {PARTIES[A]: ROUND_REWARD}))],
+           max_txs=1, faults=frozenset({"byz_fake_round"}), closers=(A,),
+           rounds=((1, "adapter-1", (PARTIES[A],)),)),
     Bounds("forged AckSn, withheld messages, timeout slashing",
            agreed_rounds=1,
            txs=[(A, h.Transfer(PARTIES[A], PARTIES[B], 10, 0))],

@@ -27,7 +27,8 @@ T0 = 1_700_000_000_000
 KEYS = sorted((Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie")),
               key=lambda k: k.ss58_address)
 A, B, C = (k.ss58_address for k in KEYS)
-PARAMS = h.HeadParameters("head-e", (A, B, C), 60_000, 30_000, 10_000, agreed_rounds=1, escrow=50)
+PARAMS = h.HeadParameters("head-e", (A, B, C), 60_000, 30_000, 10_000, agreed_rounds=1, escrow=50,
+                          round_limit=10, epoch_limit=10, round_reward=40, epoch_reward=20)
 
 
 class Mesh:
@@ -59,6 +60,11 @@ class Mesh:
                 self.publish(receiver, self.heads[receiver].receive(sender, out.message, self.now))
         self.queue = held
 
+    def observe(self, event: h.Event) -> None:
+        """Every party's own rounds (or challenger) service reports the same result."""
+        for party in self.heads:
+            self.do(party, "handle", event)
+
     def reopen(self, party: str) -> EmbeddedHead:
         index = [k.ss58_address for k in KEYS].index(party)
         self.heads[party].close()
@@ -79,9 +85,11 @@ def open_mesh(tmp_path: Path) -> Mesh:
 def test_status_follows_the_head_to_final(tmp_path):
     mesh = open_mesh(tmp_path)
     assert mesh.heads[B].status()["state"] == "Open"
-    mesh.do(B, "record_round_result", 1, "adapter-1", [A, C], {A: 20, "miner-1": 5}, mesh.now)
+    mesh.observe(h.ObserveRound(1, "adapter-1", [A, C], mesh.now))
+    mesh.observe(h.ObserveEpoch(7, {"miner-1": 0.9}, mesh.now))
+    mesh.do(A, "record_round_result", 1, "adapter-1", [A, C], {A: 20, C: 20}, mesh.now)
     mesh.flush()
-    mesh.do(C, "record_score_report", 7, {"miner-1": 0.9}, {"miner-1": 15}, mesh.now)
+    mesh.do(A, "record_score_report", 7, {"miner-1": 0.9}, {"miner-1": 20}, mesh.now)
     mesh.flush()
     status = mesh.heads[A].status()
     assert status["snapshots_confirmed"] == 2 and status["conserved"] is True
@@ -122,7 +130,8 @@ def test_a_refused_event_changes_nothing_on_disk(tmp_path):
 
 def test_restart_mid_snapshot_catches_up_from_disk(tmp_path):
     mesh = open_mesh(tmp_path)
-    mesh.do(A, "record_round_result", 1, "adapter-1", [B], {B: 10}, mesh.now)
+    mesh.observe(h.ObserveRound(1, "adapter-1", [B], mesh.now))
+    mesh.do(A, "record_round_result", 1, "adapter-1", [B], {B: 40}, mesh.now)
     # C signs, then goes down before it hears anyone else's AckSn.
     mesh.flush(hold=lambda s, r, m: r == C and isinstance(m, HeadAckSn))
     assert mesh.heads[C].machine.proposal is not None
@@ -146,10 +155,12 @@ from node.settlement import EmbeddedHead
 from protocol import head as h
 key = Hotkey.from_uri("//Alice")
 head = EmbeddedHead(sys.argv[1], key)
-params = h.HeadParameters("solo", (key.ss58_address,), 60_000, 30_000, 10_000, 0, 10)
+params = h.HeadParameters("solo", (key.ss58_address,), 60_000, 30_000, 10_000, 0, 10,
+                          round_limit=20_000, round_reward=1)
 head.handle(h.Init(params, 0))
 head.handle(h.Commit(10, 0, 1_000_000, 0))
 for n in range(1, 10_000):
+    head.handle(h.ObserveRound(n, f"adapter-{n}", ["c"], n))
     head.record_round_result(n, f"adapter-{n}", ["c"], {"c": 1}, n)
     print(n, flush=True)  # acknowledged: the transaction committed
 """
@@ -181,5 +192,6 @@ def test_sigkill_loses_nothing_that_was_acknowledged(tmp_path):
     assert h.violated_invariants(head.machine) == []
     assert head.status()["conserved"] and head.pending_outbound()  # the unsent outbox survived
     next_round = len(rounds) + 1
+    head.handle(h.ObserveRound(next_round, "after-restart", ["c"], 0))
     head.record_round_result(next_round, "after-restart", ["c"], {"c": 1}, 0)
     assert head.machine.confirmed.ledger.rounds[-1] == next_round

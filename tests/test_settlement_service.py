@@ -106,6 +106,12 @@ def _round(n: int) -> dict:
     return {"round": n, "adapter_id": f"adapter-{n}", "contributors": [T1, T2], "rejected": []}
 
 
+def _record_everywhere(router: Router, doc: dict, parties=(A, B, C)) -> None:
+    """Every validator's rounds service hands over the round it saw (each its own view)."""
+    for hotkey in parties:
+        router.services[hotkey].record_round(doc)
+
+
 async def _open_mesh(nursery, router: Router, tmp_path: Path, **settings) -> None:
     for key in KEYS:
         await router.start(nursery, key, tmp_path, busy=key is KEYS[0] and not settings.get("rounds"),
@@ -121,7 +127,8 @@ async def test_three_validators_open_record_close_and_fan_out(tmp_path):
         for hotkey in (A, B, C):  # every validator's rounds service hands over each round
             router.services[hotkey].record_round(_round(0))
             router.services[hotkey].record_round(_round(1))
-        assert router.services[A].is_author() and not router.services[B].queue
+        assert router.services[A].is_author()
+        assert [r["kind"] for r in router.services[B].queue] == ["observe_round"] * 2  # B only co-signs
         await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)))
         nursery.cancel_scope.cancel()
     sections = [router.section(k) for k in (A, B, C)]
@@ -159,7 +166,7 @@ async def test_a_forged_snapshot_signature_is_refused_and_counted(tmp_path):
     router = Router()
     async with trio.open_nursery() as nursery:
         await _open_mesh(nursery, router, tmp_path, rounds=2)
-        router.services[A].record_round(_round(0))
+        _record_everywhere(router, _round(0))
         await router.until(lambda: all(router.section(k)["snapshots_confirmed"] == 1 for k in (A, B, C)))
         confirmed = router.services[B].head.machine.confirmed
         head_id = router.services[B].head.machine.parameters.head_id
@@ -185,7 +192,7 @@ async def test_a_validator_restarted_mid_snapshot_catches_up(tmp_path):
     async with trio.open_nursery() as nursery:
         await _open_mesh(nursery, router, tmp_path, rounds=2)
         router.down.add(C)  # C hears nothing from here on
-        router.services[A].record_round(_round(0))
+        _record_everywhere(router, _round(0), parties=(A, B))
         await router.until(lambda: router.services[A].head.machine.proposal is not None)
         old = router.services[C]
         await router.crash(C)
@@ -193,8 +200,9 @@ async def test_a_validator_restarted_mid_snapshot_catches_up(tmp_path):
         await trio.sleep(0.2)
         await router.start(nursery, KEYS[2], tmp_path, rounds=2)
         assert router.services[C] is not old and router.services[C].head.reloaded
+        router.services[C].record_round(_round(0))  # its own rounds service, once it is back
         await router.until(lambda: all(router.section(k)["snapshots_confirmed"] == 1 for k in (A, B, C)))
-        router.services[A].record_round(_round(1))
+        _record_everywhere(router, _round(1))
         await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)), timeout_s=20)
         nursery.cancel_scope.cancel()
     assert router.section(C)["balances"] == router.section(A)["balances"]
@@ -324,8 +332,10 @@ def test_head_status_reads_a_head_file_read_only(tmp_path, capsys):
     (tmp_path / "roles").mkdir()
     path = tmp_path / "roles" / "head.sqlite"
     head = EmbeddedHead(path, KEYS[0])
-    head.handle(h.Init(h.HeadParameters("solo", (A,), 1_000, 1_000, 1_000, 1, st.ESCROW), 1))
+    head.handle(h.Init(h.HeadParameters("solo", (A,), 1_000, 1_000, 1_000, 1, st.ESCROW, round_limit=1,
+                                        round_reward=st.ROUND_REWARD), 1))
     head.handle(h.Commit(st.ESCROW, st.OPENING_BALANCE, st.POOL_SHARE, 2))
+    head.handle(h.ObserveRound(0, "adapter-0", [T1], 3))
     head.record_round_result(0, "adapter-0", [T1], {T1: 120}, 3)
     head.close()
     doc = read_head(path)

@@ -6,17 +6,22 @@ backend "hydra" drives a hydra-node (HydraSettlementService below). Lifecycle of
 embedded head, as this service drives it (docs/settlement.md, "Running it"):
 
   every validator heard -> rank 0 (lowest hotkey) Inits -> every party Commits ->
-  Open: rank 0 authors one RoundResult per round and one ScoreReport per epoch ->
+  Open: every party feeds its own round results and epoch scores to its machine
+  (ObserveRound/ObserveEpoch); rank 0 authors one RoundResult per round and one
+  ScoreReport per epoch; the others co-sign only records equal to their own view ->
   this node's other role sections say done and the agreed records are confirmed ->
   rank 0 Closes -> contestation period -> every party Fans out -> "Final"
 
-Only rank 0 authors records: every validator reaches the same round result, and a
-round or epoch can be settled once, so one author avoids racing duplicates that the
-ledger would refuse. Other validators check and co-sign each snapshot.
+Only rank 0 authors records (protocol/head_rules.scheduled_author): every validator
+reaches the same round result, and a round or epoch can be settled once, so one author
+avoids racing duplicates that the ledger would refuse. Other validators check each
+record against their own RoundFinal and the reward rule (issue 11, finding 2) and
+co-sign each snapshot.
 
 Gossip gives no delivery guarantee while a topic's mesh is forming, so while the head
 is Initializing each party repeats its Init/Commit, and while a snapshot waits for
-signatures each party repeats its AckSn (the leader its ReqSn). These are the same
+signatures each party repeats its AckSn (the leader its ReqSn; a party that refused
+it, its signed NackSn). These are the same
 bytes again; the machine treats them as duplicates.
 """
 
@@ -34,8 +39,10 @@ from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings, SettingsError
 from node.settlement.embedded import EmbeddedHead, Outbound
 from protocol import head as h
+from protocol import head_rules as rules
 from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.head_messages import HeadAckSn, HeadClose, HeadCommit, HeadInit, HeadMessage, HeadReqSn
+from protocol.head_messages import (HeadAckSn, HeadClose, HeadCommit, HeadInit, HeadMessage, HeadNackSn,
+                                    HeadReqSn)
 from protocol.membership import Role
 from protocol.messages import Channel, Message
 
@@ -63,27 +70,15 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def split_reward(total: int, weights: dict[str, float]) -> dict[str, int]:
-    """`total` split in proportion to positive weights; the integer remainder goes one unit
-    each to the largest weights (ties by hotkey), so the shares always sum to `total`."""
-    positive = {k: float(w) for k, w in weights.items() if w > 0}
-    if not positive or total <= 0:
-        return {}
-    mass = sum(positive.values())
-    shares = {k: int(total * w // mass) for k, w in positive.items()}
-    order = sorted(positive, key=lambda k: (-positive[k], k))
-    for i in range(total - sum(shares.values())):
-        shares[order[i % len(order)]] += 1
-    return {k: v for k, v in sorted(shares.items()) if v > 0}
+split_reward = rules.split_reward  # the reward rule lives in protocol/head_rules
 
 
 def round_rewards(doc: dict[str, Any]) -> dict[str, int]:
-    return split_reward(ROUND_REWARD, {who: 1.0 for who in doc.get("contributors", [])})
+    return rules.round_rewards(sorted(set(doc.get("contributors", []))), ROUND_REWARD)
 
 
 def epoch_rewards(doc: dict[str, Any]) -> dict[str, int]:
-    weights = doc.get("weights") or doc.get("scores") or {}
-    return split_reward(EPOCH_REWARD, dict(weights))
+    return rules.epoch_rewards({k: float(v) for k, v in doc["scores"].items()}, EPOCH_REWARD)
 
 
 class SettlementService(RoleService):
@@ -96,7 +91,7 @@ class SettlementService(RoleService):
         self.head: EmbeddedHead | None = None
         self.parties: list[str] = []
         self.me = ""
-        self.queue: list[dict[str, Any]] = []  # records waiting for an Open head (rank 0)
+        self.queue: list[dict[str, Any]] = []  # our views, and (rank 0) records waiting for an Open head
         self.rejected: dict[str, int] = {}
         self.errors: list[str] = []
         self.misbehaved = False
@@ -109,18 +104,21 @@ class SettlementService(RoleService):
     # -- what other services call ---------------------------------------------------------
 
     def record_round(self, doc: dict[str, Any]) -> None:
-        """A finished round (node/roles/rounds.py): settled by rank 0, ignored elsewhere."""
+        """A finished round (node/roles/rounds.py): every party's machine learns its own
+        view of it (what it will co-sign against); rank 0 also authors its RoundResult."""
+        view = {"round": int(doc["round"]), "adapter_id": str(doc["adapter_id"]),
+                "contributors": sorted(set(doc.get("contributors", [])))}
+        self._enqueue({"kind": "observe_round", **view})
         if self.is_author():
-            self._enqueue({"kind": "round", "round": int(doc["round"]), "adapter_id": str(doc["adapter_id"]),
-                           "contributors": sorted(doc.get("contributors", [])),
-                           "rewards": round_rewards(doc)})
+            self._enqueue({"kind": "round", **view, "rewards": round_rewards(doc)})
 
     def record_scores(self, doc: dict[str, Any]) -> None:
-        """An epoch's miner scores (node/roles/challenger.py): settled by rank 0."""
+        """An epoch's miner scores (node/roles/challenger.py): every party's own view;
+        rank 0 also authors the ScoreReport."""
+        view = {"epoch": int(doc["epoch"]), "scores": {k: float(v) for k, v in doc["scores"].items()}}
+        self._enqueue({"kind": "observe_epoch", **view})
         if self.is_author():
-            self._enqueue({"kind": "epoch", "epoch": int(doc["epoch"]),
-                           "scores": {k: float(v) for k, v in doc["scores"].items()},
-                           "rewards": epoch_rewards(doc)})
+            self._enqueue({"kind": "epoch", **view, "rewards": epoch_rewards(doc)})
 
     def is_author(self) -> bool:
         return bool(self.parties) and self.parties[0] == self.me
@@ -234,6 +232,9 @@ class SettlementService(RoleService):
         timer = head.next_timer_ms()
         if timer is not None and timer <= now_ms():
             await self._apply("tick", head.tick)
+        for record in list(self.queue):  # our own views at any time; records once Open
+            if not await self._record(record):
+                break
         m = head.machine
         if self.misbehaved:
             pass
@@ -258,7 +259,9 @@ class SettlementService(RoleService):
             head_id=f"{self.ctx.genesis.mesh_id}/head/{now}", parties=tuple(self.parties),
             contestation_period_ms=max(1, int(self.settings.contestation_period_s * 1000)),
             deposit_period_ms=DEPOSIT_PERIOD_MS, sign_timeout_ms=SIGN_TIMEOUT_MS,
-            agreed_rounds=self.settings.rounds, escrow=ESCROW)
+            agreed_rounds=self.settings.rounds, escrow=ESCROW,
+            round_limit=self.settings.rounds, epoch_limit=self.settings.epochs,
+            round_reward=ROUND_REWARD, epoch_reward=EPOCH_REWARD)
 
     async def _repeat_initializing(self) -> None:
         m = self.head.machine  # type: ignore[union-attr]
@@ -277,15 +280,17 @@ class SettlementService(RoleService):
         if self.settings.behaviour == "close-early":
             await self._close_early()
             return
-        for record in list(self.queue):
-            if not await self._record(record):
-                break
         if m.proposal is not None and now_ms() - max(m.proposal.requested_at_ms, self._resent_at) > RESEND_MS:
             self._resent_at = now_ms()
             head_id = m.parameters.head_id
             if m.parameters.leader(m.proposal.number) == self.me:
                 await self.ctx.publish(m.proposal.request(head_id))
             await self.ctx.publish(HeadAckSn(head_id, m.proposal.number, m.proposal.acks[self.me]))
+        own = m.refusals.get(self.me)
+        if (m.proposal is None and own is not None and m.confirmed is not None
+                and own[0] == m.confirmed.number + 1 and now_ms() - self._resent_at > RESEND_MS):
+            self._resent_at = now_ms()  # our signed refusal, repeated like an AckSn
+            await self.ctx.publish(HeadNackSn(m.parameters.head_id, *own))
         if self.is_author() and self.finished():
             log.info("phase=settle-close snapshot=%d", m.confirmed.number if m.confirmed else 0)
             await self._apply("close", lambda now: head.handle(h.Close(now)))
@@ -294,7 +299,12 @@ class SettlementService(RoleService):
         """Submit one queued record; False when the head cannot take it yet."""
         head = self.head
         assert head is not None
-        if record["kind"] == "round":
+        if record["kind"] == "observe_round":
+            event = lambda now: head.handle(h.ObserveRound(  # noqa: E731
+                record["round"], record["adapter_id"], record["contributors"], now))
+        elif record["kind"] == "observe_epoch":
+            event = lambda now: head.handle(h.ObserveEpoch(record["epoch"], record["scores"], now))  # noqa: E731
+        elif record["kind"] == "round":
             event = lambda now: head.record_round_result(record["round"], record["adapter_id"],  # noqa: E731
                                                          record["contributors"], record["rewards"], now)
         else:

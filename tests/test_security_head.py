@@ -1,0 +1,162 @@
+"""Issue 11's settlement-head findings, each attack run against the real machines.
+
+Finding 2: one party authored RoundResults for rounds that never happened (10^9 and
+10^9+1) paying itself the reward pool, the others co-signed, the real round 0 was then
+refused (`insufficient_pool`) and the party closed early unslashed, since the early-close
+rule counted every settled round id. Now a party co-signs a record only if the
+scheduled author wrote it, its id is in the agreed range, it equals the party's own
+RoundFinal and its rewards equal the rule (protocol/head_rules.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from protocol import head as h
+from protocol.head_messages import HeadClose, HeadNewTx, HeadReqSn
+from tests.test_head import A, B, C, ESCROW, KEYS, ROUND_REWARD, Bus, open_head, round_result
+
+KEY = {k.ss58_address: k for k in KEYS}
+FAKE_ROUNDS = (10**9, 10**9 + 1)
+
+
+def signed(author: str, tx: h.Tx) -> tuple[bytes, bytes]:
+    raw = h.encode_tx(tx)
+    return raw, KEY[author].sign(h.tx_signing_payload("head-1", h.tx_id(raw)))
+
+
+def hand_made_request(bus: Bus, leader: str, txs: list[tuple[bytes, bytes]]) -> HeadReqSn:
+    """The ReqSn a leader sends when it bypasses its own machine: valid ledger arithmetic."""
+    confirmed = bus.machines[leader].confirmed
+    ledger = confirmed.ledger
+    for raw, _ in txs:
+        ledger = h.apply_tx(ledger, h.decode_tx(raw), h.tx_id(raw))
+    return HeadReqSn("head-1", confirmed.number + 1, [raw for raw, _ in txs],
+                     [sig for _, sig in txs], "", ledger.hash())
+
+
+def refusals(bus: Bus, party: str) -> list[str]:
+    """Why `party` would not take or sign: messages it rejected, requests it refused (NackSn)."""
+    return [reason for receiver, reason in bus.rejected if receiver == party] + [
+        r.data["reason"] for r in bus.records[party] if r.kind == "refused"]
+
+
+def test_finding2_fake_rounds_paying_their_author_are_not_cosigned():
+    bus = open_head(agreed_rounds=2)
+    # Snapshot 1 (led by A) settles a transfer, so the attacker B leads snapshot 2.
+    bus.do(A, h.NewTx(h.Transfer(A, C, 1, 0), bus.now))
+    bus.flush()
+    assert bus.machines[A].confirmed.number == 1
+    pool = bus.machines[A].confirmed.ledger.balances[h.POOL]
+    fakes = [signed(B, h.RoundResult(B, r, f"fake-{r}", [B], {B: pool // 2})) for r in FAKE_ROUNDS]
+
+    # 1. B gossips them as NewTx: A and C refuse them on arrival, with the rule that fails.
+    for raw, sig in fakes:
+        bus.inject(B, HeadNewTx("head-1", raw, sig))
+    bus.flush()
+    assert refusals(bus, A) == refusals(bus, C) == ["round_out_of_range"] * 2
+    assert not bus.machines[A].pending and not bus.machines[C].pending
+
+    # 2. B, leading snapshot 2, puts them in its request anyway: nobody co-signs it.
+    bus.rejected.clear()
+    bus.records = {p: [] for p in bus.records}
+    bus.inject(B, hand_made_request(bus, B, fakes))
+    bus.flush()
+    assert refusals(bus, A) == refusals(bus, C) == ["round_out_of_range"]
+    assert {m.confirmed.number for m in (bus.machines[A], bus.machines[C])} == {1}
+
+    # 3. In range but not B's to author, or not by the rule: refused with those reasons.
+    bus.rejected.clear()
+    bus.records = {p: [] for p in bus.records}
+    by_b = signed(B, h.RoundResult(B, 0, "adapter-0", [A, C], h.rules.round_rewards([A, C], ROUND_REWARD)))
+    greedy = signed(A, h.RoundResult(A, 0, "adapter-0", [A, C], {A: ROUND_REWARD}))
+    for raw, sig in (by_b, greedy):
+        bus.inject(B, hand_made_request(bus, B, [(raw, sig)]))
+        bus.flush()
+    assert refusals(bus, A) == refusals(bus, C) == ["not_scheduled_author", "rewards_not_by_rule"]
+
+    # 4. The real round 0 happens: every party's own RoundFinal, A authors, it is paid.
+    bus.rejected.clear()
+    bus.observe(0)
+    bus.do(A, h.NewTx(round_result(0), bus.now))
+    bus.flush()
+    ledger = bus.machines[A].confirmed.ledger
+    assert {m.confirmed.number for m in bus.machines.values()} == {2}
+    assert ledger.rounds == (0,) and ledger.balances[h.POOL] == pool - ROUND_REWARD
+    assert ledger.balances[B] == 1000 and bus.rejected == []
+
+    # 5. B closes early (one of two agreed rounds settled): slashed by A and C.
+    bus.inject(B, HeadClose("head-1", bus.machines[B].confirmed.encode(), bus.now, []))
+    bus.flush()
+    assert bus.machines[A].slashed() == bus.machines[C].slashed() == [B]
+    bus.now += 60_000
+    for party in (A, C):
+        bus.do(party, h.Tick(bus.now))
+        bus.do(party, h.Fanout(bus.now))
+    assert bus.machines[A].payouts[B] == 1000  # its ledger balance, its escrow forfeited
+    assert bus.machines[A].payouts == bus.machines[C].payouts
+    bus.check_invariants()
+
+
+def test_finding2_the_scheduled_author_cannot_invent_or_alter_a_round():
+    """Rank 0 authors, but only what every co-signer saw: an unseen round waits, a round
+    that differs from a co-signer's own RoundFinal is refused."""
+    bus = open_head(agreed_rounds=1)
+    bus.observe(0, parties=(A,))  # only A claims round 0 happened, with A and C paid
+    bus.do(A, h.NewTx(round_result(0), bus.now))
+    bus.flush()
+    assert {m.confirmed.number for m in bus.machines.values()} == {0}
+    assert "awaiting_own_view" in bus.kinds(B) and "refusal" in bus.kinds(A)
+    assert bus.machines[B].waiting is not None
+    # B's and C's own round 0 had only C as contributor: they refuse, and drop the record.
+    bus.observe(0, contributors=(C,), parties=(B, C))
+    assert bus.machines[B].waiting is None and not bus.machines[B].pending
+    assert [r.data["reason"] for r in bus.records[B] if r.kind == "refused"] == [
+        "round_not_observed", "round_mismatch"]  # each one signed: B is waiting, then refusing
+    bus.now += 10_000  # past the signature timeout: A holds B's and C's refusals, votes for nobody
+    bus.do(A, h.Tick(bus.now))
+    assert bus.machines[A].slashed() == [] and not bus.machines[A].votes
+    assert {m.confirmed.number for m in bus.machines.values()} == {0}
+    with pytest.raises(h.HeadMisuse) as info:  # and a round beyond the agreed range never starts
+        bus.do(A, h.ObserveRound(10**9, "fake", [A], bus.now))
+    assert info.value.reason == "round_out_of_range"
+
+
+def test_finding2_the_early_close_rule_counts_only_agreed_rounds():
+    assert h.rules.settled_agreed_rounds((0, 10**9, 10**9 + 1), round_limit=2) == 1
+    assert h.rules.settled_agreed_rounds((0, 1), round_limit=2) == 2
+
+
+# --- the same attack against the real settlement services --------------------------------
+
+
+@pytest.mark.parametrize("fake", FAKE_ROUNDS[:1])
+def test_finding2_settlement_services_refuse_a_fake_round_and_pay_the_real_one(tmp_path, fake, monkeypatch):
+    from tests import test_settlement_service as svc
+    monkeypatch.setattr(svc.st, "RESEND_MS", 300)
+    monkeypatch.setattr(svc.st, "STEP_S", 0.05)
+
+    async def main():
+        router = svc.Router()
+        async with trio.open_nursery() as nursery:
+            await svc._open_mesh(nursery, router, tmp_path, rounds=1)
+            head_id = router.services[B].head.machine.parameters.head_id
+            tx = h.RoundResult(B, fake, "fake", [B], {B: 3 * svc.st.POOL_SHARE})
+            raw = h.encode_tx(tx)
+            sig = KEY[B].sign(h.tx_signing_payload(head_id, h.tx_id(raw)))
+            await router.contexts[B].publish(HeadNewTx(head_id, raw, sig))
+            await router.until(lambda: all(router.services[k].rejected for k in (A, C)))
+            for hotkey in (A, B, C):
+                router.services[hotkey].record_round(svc._round(0))
+            await router.until(lambda: all(router.phase(k) is h.Phase.FINAL for k in (A, B, C)))
+            nursery.cancel_scope.cancel()
+        return router
+
+    router = trio.run(main)
+    for hotkey in (A, C):
+        assert router.services[hotkey].rejected == {"round_out_of_range": 1}
+    doc = router.section(A)
+    assert doc["rounds"] == [0] and doc["slashed"] == [] and doc["conserved"]
+    assert doc["balances"][svc.T1] == doc["balances"][svc.T2] == svc.st.ROUND_REWARD // 2
+    assert doc["balances"][B] == svc.st.OPENING_BALANCE + svc.st.ESCROW
