@@ -889,6 +889,17 @@ def test_sound_blob_reads_the_uplink_store_checks_what_storj_returns(monkeypatch
     assert storj.UplinkStore(satellite="sat", api_key="key", passphrase="pass", bucket="b").get(cid) == b"genuine"
 
 
+def test_sound_blob_reads_a_holder_never_serves_its_tampered_copy(tmp_path):
+    store = LocalBlobStore(tmp_path)
+    cid = store.put(b"adapter bytes")
+    (tmp_path / cid[:2] / cid).write_bytes(b"tampered adapter")
+    holder, asker = HOTKEYS[1], HOTKEYS[0]
+    service = BlobService(store, ep.EnvelopeVerifier(DIRECTORY, holder.ss58_address))
+    request = seal_message(asker, m.BlobRequest(cid), now_ms=now_ms(), signed_for=holder.ss58_address)
+    reply = trio.run(service.handle, "peer", request.to_gossip_bytes())
+    assert reply.startswith(b"\x01not_found") and b"tampered" not in reply
+
+
 def test_sound_blob_reads_the_nodes_fetch_never_returns_a_tampered_local_copy(tmp_path):
     from node.metrics import NodeMetrics
     from node.roles.base import RoleContext, BlobFetchError
@@ -948,6 +959,34 @@ def test_sound_uuid_a_forged_signature_does_not_burn_the_honest_uuid(pipeline):
     assert open_(honest, verifier).message == m.Ping(1, t)
     with pytest.raises(ep.Replay):  # the control: a verified uuid IS spent
         open_(honest, verifier)
+
+
+def test_sound_uuid_the_fhe_stream_admission_and_frame_do_not_burn_it_either():
+    """A stream request's envelope is judged before its payload is read
+    (inbound.admit_stream_envelope, which spends no uuid) and the whole frame after
+    (challenge_messages.open_frame, which does): a forged envelope burns the uuid at
+    neither step."""
+    from protocol.challenge_messages import AddKey, open_frame, pack_frame
+    from protocol.inbound import admit_stream_envelope
+
+    keys = b"evaluation keys"
+    sender, receiver = HOTKEYS[1], HOTKEYS[2]  # validator to validator: AddKey needs a validator signer
+    verifier = ep.EnvelopeVerifier(DIRECTORY, receiver.ss58_address)
+    t = now_ms()
+    honest = seal_message(sender, AddKey.for_keys("digits-cnn", keys), now_ms=t, signed_for=receiver.ss58_address)
+    forged_body = m.encode(AddKey.for_keys("digits-cnn", b"other keys"))
+    forged = dataclasses.replace(honest, signature="0x" + "00" * 64, body=forged_body)
+    for envelope in (forged, dataclasses.replace(honest, signature="0x" + "00" * 64)):
+        with pytest.raises(ep.BadSignature):
+            admit_stream_envelope(envelope.to_gossip_bytes(), verifier=verifier, now_ms=t, expect=(AddKey,))
+        with pytest.raises(ep.BadSignature):
+            open_frame(pack_frame(envelope.to_gossip_bytes(), keys), verifier=verifier, now_ms=t, expect=(AddKey,))
+    assert len(verifier.replays) == 0
+    frame = pack_frame(honest.to_gossip_bytes(), keys)
+    assert admit_stream_envelope(honest.to_gossip_bytes(), verifier=verifier, now_ms=t, expect=(AddKey,)) == len(keys)
+    assert open_frame(frame, verifier=verifier, now_ms=t, expect=(AddKey,))[1] == keys
+    with pytest.raises(ep.Replay):
+        open_frame(frame, verifier=verifier, now_ms=t, expect=(AddKey,))
 
 
 def test_sound_uuid_a_flood_of_forgeries_fills_no_quota_and_moves_no_floor():
