@@ -3,7 +3,10 @@
 A node's committee directory (DATA_DIR/committee) holds:
 
     committee.json   members (hotkeys in key-share order: member i holds share i),
-                     threshold, key bits, public key id
+                     threshold, key bits, public key id, and the mesh's round policy
+                     (protocol.aggregation.RoundPolicy: min/max contributors, layout,
+                     bounds; absent: its defaults). Every node holds the same file, so
+                     every node refuses a RoundOpen that names another minimum.
     public.msgpack   the public key and the members' verification keys
     share.msgpack    0600, members only: this member's secret share
 
@@ -29,6 +32,7 @@ from crypto import paillier
 from crypto.contribution import DecryptionBlock, decryption_blocks
 from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, VerificationKeys
 from node.files import write_atomic
+from protocol.aggregation import RoundPolicy
 from protocol._wire import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -62,6 +66,7 @@ class CommitteeKey:
     members: tuple[str, ...]  # hotkeys; members[i - 1] holds share i
     share: KeyShare | None = None  # ours, when this node is a member
     plaintext_scale: int = 1  # a DKG key decrypts to scale * m (crypto/dkg.py); dealt keys to m
+    round_policy: RoundPolicy = RoundPolicy()  # the mesh's, from committee.json, never from a RoundOpen
 
     @property
     def public_key_id(self) -> str:
@@ -90,7 +95,7 @@ def majority(n: int) -> int:
 def save_committee(directory: Path, key: CommitteeKey) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     info = {"members": list(key.members), "threshold": key.threshold, "key_bits": key.public.bits,
-            "public_key_id": key.public_key_id}
+            "public_key_id": key.public_key_id, "round_policy": key.round_policy.to_doc()}
     public = {"v": WIRE_VERSION, "public_key": paillier.encode_public_key(key.public),
               "verification_keys": paillier.encode_verification_keys(key.public, key.verification_keys),
               "plaintext_scale": key.plaintext_scale.to_bytes(key.public.ciphertext_bytes, "big")}
@@ -111,6 +116,10 @@ def load_committee(directory: Path, me: str | None = None) -> CommitteeKey:
         members, threshold = tuple(info["members"]), int(info["threshold"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CommitteeKeyError(f"{info_path}: unreadable ({exc})") from exc
+    try:
+        policy = RoundPolicy.from_doc(info.get("round_policy", {}))
+    except LocalProtocolError as exc:
+        raise CommitteeKeyError(f"{info_path}: {exc}; every node of the mesh needs the same round_policy") from exc
     public, vks, scale = _load_public(directory)
     if vks.n_parties != len(members) or not 1 <= threshold <= len(members):
         raise CommitteeKeyError(f"{directory}: {len(members)} members, {vks.n_parties} verification "
@@ -124,7 +133,7 @@ def load_committee(directory: Path, me: str | None = None) -> CommitteeKey:
                                     f"of-{share.n_parties} key, committee.json says otherwise")
         if vks.key_of(share.index) != share.v_i:
             raise CommitteeKeyError(f"{directory}: our share does not match its verification key")
-    return CommitteeKey(public, vks, threshold, members, share, scale)
+    return CommitteeKey(public, vks, threshold, members, share, scale, policy)
 
 
 def _load_public(directory: Path) -> tuple[PublicKey, VerificationKeys, int]:

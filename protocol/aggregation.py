@@ -13,7 +13,12 @@ Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED.
   DECRYPT    t valid partial decryptions of that aggregate are combined;
   FINAL      the shell reports the new adapter id; RoundFinal is sent.
 A committee member releases its partial decryption only for an aggregate that a quorum
-agreed on, that it recomputed itself, and that has at least min_contributors.
+agreed on, that it recomputed itself, and that has at least the mesh's min_contributors.
+
+Who may open a round, and with which parameters, is not the RoundOpen's to say: every
+node holds the mesh's rules (MeshRounds: validators, committee, RoundPolicy) and joins
+only what round_open_refusal() allows: the scheduled opener's RoundOpen for a round id
+this node expects next, with the mesh's minimum and layout and bounded hyper-parameters.
 
 The machines never do crypto, read a clock or touch the network: verification
 outcomes, aggregate ids and partial validity come in as events from the shell, time is
@@ -209,10 +214,208 @@ def round_open_problem(ro: RoundOpen) -> str | None:
     return None
 
 
-def _checked_remote_open(ro: RoundOpen) -> RoundOpen:
+
+
+# --- the mesh's round rules: what a RoundOpen must match (issue 11 finding 1) -------------
+#
+# A RoundOpen names its own minimum, layout and hyper-parameters, so taking them from the
+# message lets any validator that gossips first choose them (min_contributors=1 has the
+# committee decrypt one trainer's update). Every node therefore holds the mesh's rules
+# (the committee files on disk, the same on every node) and accepts a RoundOpen only if
+# it is the scheduled opener's, for a round id this node expects next, with exactly the
+# mesh's privacy parameters and hyper-parameters in the mesh's ranges.
+
+MAX_ROUND_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class HyperparameterBound:
+    """A hyper-parameter a RoundOpen must carry, in [low, high] (an integer if integral)."""
+
+    name: str
+    low: float
+    high: float
+    integral: bool = False
+
+    def problem(self, value: float) -> str | None:
+        if not self.low <= value <= self.high:
+            return f"{self.name}={value!r} is outside [{self.low:g}, {self.high:g}]"
+        if self.integral and value != int(value):
+            return f"{self.name}={value!r} must be a whole number"
+        return None
+
+
+# What the trainer's shell reads (node/roles/trainer.py): steps holds its train lock, so
+# it is bounded; lr 0 would contribute nothing and a huge one noise.
+DEFAULT_HYPERPARAMETERS = (
+    HyperparameterBound("steps", 1, 1000, integral=True),
+    HyperparameterBound("lr", 1e-6, 1.0),
+    HyperparameterBound("batch_size", 1, 256, integral=True),
+    HyperparameterBound("block_len", 8, 4096, integral=True),
+    HyperparameterBound("adapter_values", 1, 1 << 28, integral=True),
+)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """The mesh's privacy parameters and bounds: configuration, never a message's choice.
+
+    min_contributors is what keeps the mean private (the "mean" of one update is that
+    update); max_contributors, clip_bound and quant_bits fix the packing layout, which
+    every party must derive identically. The time bounds keep a round (a trainer's train
+    lock, a slot, a state file) from being held open for long.
+    """
+
+    min_contributors: int = 2
+    max_contributors: int = 16
+    clip_bound: float = 1.0
+    quant_bits: int = 16
+    max_collect_ms: int = 15 * 60_000  # deadline at most this far after the RoundOpen is heard
+    max_decrypt_ms: int = 30 * 60_000  # final deadline at most this far after the deadline
+    max_round_gap: int = 4  # a RoundOpen may skip at most gap - 1 round ids past the last known
+    hyperparameters: tuple[HyperparameterBound, ...] = DEFAULT_HYPERPARAMETERS
+
+    def problem(self) -> str | None:
+        checks = [
+            (1 <= self.min_contributors <= self.max_contributors <= MAX_ROUND_CONTRIBUTORS,
+             f"need 1 <= min_contributors <= max_contributors <= {MAX_ROUND_CONTRIBUTORS}"),
+            (math.isfinite(self.clip_bound) and self.clip_bound > 0, "clip_bound must be finite and > 0"),
+            (2 <= self.quant_bits <= 32, "quant_bits must be in 2..32"),
+            (self.max_collect_ms > 0 and self.max_decrypt_ms > 0, "time bounds must be > 0"),
+            (1 <= self.max_round_gap <= 1000, "max_round_gap must be in 1..1000"),
+            (len({b.name for b in self.hyperparameters}) == len(self.hyperparameters) <= MAX_HYPERPARAMETERS,
+             "hyper-parameter bounds: distinct names"),
+        ]
+        return next((why for ok, why in checks if not ok), None)
+
+    def to_doc(self) -> dict:
+        doc = {k: getattr(self, k) for k in ("min_contributors", "max_contributors", "clip_bound", "quant_bits",
+                                            "max_collect_ms", "max_decrypt_ms", "max_round_gap")}
+        doc["hyperparameters"] = [[b.name, b.low, b.high, b.integral] for b in self.hyperparameters]
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> "RoundPolicy":
+        """From a config file's dict; LocalProtocolError (with the key) if it is not one."""
+        known = {"min_contributors", "max_contributors", "clip_bound", "quant_bits", "max_collect_ms",
+                 "max_decrypt_ms", "max_round_gap", "hyperparameters"}
+        if not isinstance(doc, Mapping):
+            raise LocalProtocolError(f"round policy: an object with keys {sorted(known)}, got {doc!r}")
+        if set(doc) - known:
+            raise LocalProtocolError(f"round policy: unknown keys {sorted(set(doc) - known)}; known: {sorted(known)}")
+        fields = dict(doc)
+        try:
+            if "hyperparameters" in fields:
+                fields["hyperparameters"] = tuple(HyperparameterBound(str(n), float(lo), float(hi), bool(i))
+                                                  for n, lo, hi, i in fields["hyperparameters"])
+            policy = cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"round policy: {exc}") from exc
+        problem = policy.problem()
+        if problem:
+            raise LocalProtocolError(f"round policy: {problem}")
+        return policy
+
+
+@dataclass(frozen=True)
+class MeshRounds:
+    """Who runs this mesh's rounds and under which policy, as this node's configuration
+    says (validators from the genesis file, committee and policy from the committee files)."""
+
+    validators: tuple[str, ...]  # sorted hotkeys
+    committee: tuple[str, ...]  # member i (1-based) holds key share i
+    threshold: int
+    public_key_id: str
+    key_bits: int
+    policy: RoundPolicy = RoundPolicy()
+
+
+def scheduled_opener(mesh: MeshRounds, round_id: int) -> str:
+    """The one validator whose RoundOpen for round_id counts: rank 0 of the sorted
+    validators (the node shell opens every round from there)."""
+    return sorted(mesh.validators)[0]
+
+
+def round_id_problem(round_id: int, last_round_id: int | None, max_gap: int) -> str | None:
+    """A RoundOpen names the round after the last one this node knows (at most max_gap
+    ahead, so a node that missed a round or two catches up); a node that knows none
+    expects one of the first max_gap rounds."""
+    if not 0 <= round_id <= MAX_ROUND_ID:
+        return f"round id {round_id} is outside 0..{MAX_ROUND_ID}"
+    low = 0 if last_round_id is None else last_round_id + 1
+    if not low <= round_id < low + max_gap:
+        return f"round id {round_id}: this node expects {low}..{low + max_gap - 1} next"
+    return None
+
+
+def expected_base_adapter(finals: Mapping[int, str], round_id: int, initial_adapter_id: str) -> str:
+    """The base a round starts from: the adapter of the last round before it that ended
+    with one here, else the mesh's initial adapter (the honest opener's rule)."""
+    before = [r for r in finals if r < round_id]
+    return finals[max(before)] if before else initial_adapter_id
+
+
+@dataclass(frozen=True)
+class OpenRefusal:
+    reason: str
+    hint: str
+
+
+def round_open_refusal(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: int,
+                       last_round_id: int | None, expected_base: str | None = None) -> OpenRefusal | None:
+    """Why this node must not join the round `sender` announced, or None if it may.
+
+    The same rule for validators, committee members and trainers. expected_base: the base
+    adapter this node would open the round from (None: this node cannot tell, a trainer).
+    """
     problem = round_open_problem(ro)
     if problem:
-        raise RemoteProtocolError(f"RoundOpen {ro.round_id}: {problem}", reason="bad_round_open")
+        return OpenRefusal("bad_round_open", problem)
+    p = mesh.policy
+    opener = scheduled_opener(mesh, ro.round_id)
+    if sender != opener:
+        return OpenRefusal("not_the_scheduled_opener", f"{sender} announced round {ro.round_id}; only {opener} opens it")
+    problem = round_id_problem(ro.round_id, last_round_id, p.max_round_gap)
+    if problem:
+        return OpenRefusal("unexpected_round_id", problem)
+    if list(ro.validators) != sorted(mesh.validators):
+        return OpenRefusal("not_a_round_validator", "the round's validators are not the mesh's")
+    if (ro.public_key_id != mesh.public_key_id or list(ro.committee) != list(mesh.committee)
+            or ro.threshold != mesh.threshold or ro.key_bits != mesh.key_bits):
+        return OpenRefusal("wrong_committee_key", "the round is for another committee key")
+    theirs = (ro.min_contributors, ro.max_contributors, ro.clip_bound, ro.quant_bits)
+    ours = (p.min_contributors, p.max_contributors, p.clip_bound, p.quant_bits)
+    if theirs != ours:
+        return OpenRefusal("round_policy_mismatch",
+                           f"(min, max contributors, clip bound, quant bits) {theirs} are not the mesh's {ours}")
+    problem = hyperparameters_problem(p, ro.hyperparameters)
+    if problem:
+        return OpenRefusal("bad_hyperparameters", problem)
+    if not ro.deadline_ms <= now_ms + p.max_collect_ms or ro.final_deadline_ms - ro.deadline_ms > p.max_decrypt_ms:
+        return OpenRefusal("deadline_out_of_range",
+                           f"deadline at most {p.max_collect_ms} ms ahead and final deadline at most "
+                           f"{p.max_decrypt_ms} ms after it")
+    if expected_base is not None and ro.base_adapter_id != expected_base:
+        return OpenRefusal("wrong_base_adapter",
+                           f"base {ro.base_adapter_id[:12]}, this node expects {expected_base[:12]}")
+    return None
+
+
+def hyperparameters_problem(policy: RoundPolicy, hyperparameters: Mapping[str, float]) -> str | None:
+    bounds = {b.name: b for b in policy.hyperparameters}
+    if set(hyperparameters) != set(bounds):
+        return f"hyper-parameters must be exactly {sorted(bounds)}, got {sorted(hyperparameters)}"
+    return next((why for name, value in sorted(hyperparameters.items())
+                 if (why := bounds[name].problem(value))), None)
+
+
+def check_round_open(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: int,
+                     last_round_id: int | None, expected_base: str | None = None) -> RoundOpen:
+    """round_open_refusal as a RemoteProtocolError with its reason."""
+    refusal = round_open_refusal(mesh, sender, ro, now_ms=now_ms, last_round_id=last_round_id,
+                                 expected_base=expected_base)
+    if refusal is not None:
+        raise RemoteProtocolError(f"RoundOpen {ro.round_id} from {sender}: {refusal.hint}", reason=refusal.reason)
     return ro
 
 
@@ -718,21 +921,23 @@ class CommitteeRound:
         self.agreed: SetView | None = None
         self.aggregate_confirmed = False
         self.released_blob_id = ""
+        self.mesh_min = 1  # the mesh's min_contributors, set on joining
 
-    def join_round(self, validator: str, msg: RoundOpen) -> list[Effect]:
-        """JoinRound: a validator announced the round."""
-        ro = _checked_remote_open(msg)
-        if validator not in ro.validators:
-            raise RemoteProtocolError(f"{validator} announced a round it is not a validator of",
-                                      reason="not_a_round_validator")
+    def join_round(self, validator: str, msg: RoundOpen, *, mesh: MeshRounds, now_ms: int,
+                   last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
+        """JoinRound: the scheduled opener announced a round that keeps the mesh's rules
+        (round_open_refusal); a copy of it from another validator changes nothing."""
         if self.round_open is not None:
-            if self.round_open != ro:
-                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
+            if self.round_open != msg:
+                raise RemoteProtocolError(f"a different RoundOpen for round {msg.round_id}",
                                           reason="conflicting_round_open")
             return []
+        ro = check_round_open(mesh, validator, msg, now_ms=now_ms, last_round_id=last_round_id,
+                              expected_base=expected_base)
         if self.me not in ro.committee:
             raise LocalProtocolError(f"{self.me} is not in round {ro.round_id}'s committee")
         self.round_open, self.agreement = ro, _Agreement(ro)
+        self.mesh_min = mesh.policy.min_contributors
         self.phase = CommitteePhase.WATCH
         return [EnterPhase(CommitteePhase.WATCH.value), SetTimer("final_deadline", ro.final_deadline_ms)]
 
@@ -747,7 +952,7 @@ class CommitteeRound:
         if agreed is None:
             return self._abort("no_agreement") if agreement.impossible() else []
         self.agreed = agreed
-        if len(agreed.contributors) < ro.min_contributors:
+        if len(agreed.contributors) < max(ro.min_contributors, self.mesh_min):
             return self._abort("below_min_contributors")
         self.phase = CommitteePhase.DECRYPT
         return [EnterPhase(CommitteePhase.DECRYPT.value), ComputeAggregate(ro.round_id, agreed.blob_ids)]
@@ -813,6 +1018,7 @@ class CommitteeRound:
             "sets": self.agreement.to_state() if self.agreement else {},
             "agreed": self.agreed.to_state() if self.agreed else None,
             "aggregate_confirmed": self.aggregate_confirmed, "released_blob_id": self.released_blob_id,
+            "mesh_min": self.mesh_min,
         }
 
     @classmethod
@@ -827,6 +1033,7 @@ class CommitteeRound:
         machine.phase, machine.abort_reason = CommitteePhase(s["phase"]), s["abort_reason"]
         machine.agreed = SetView.from_state(s["agreed"]) if s["agreed"] else None
         machine.aggregate_confirmed, machine.released_blob_id = s["aggregate_confirmed"], s["released_blob_id"]
+        machine.mesh_min = int(s.get("mesh_min", machine.round_open.min_contributors if machine.round_open else 1))
         return machine
 
 
@@ -845,17 +1052,18 @@ class TrainerRound:
         self.included = False  # our contribution is in the final aggregate
         self.abort_reason = ""
 
-    def join_round(self, validator: str, msg: RoundOpen, *, now_ms: int) -> list[Effect]:
-        """JoinRound: train for this round if there is time left."""
-        ro = _checked_remote_open(msg)
-        if validator not in ro.validators:
-            raise RemoteProtocolError(f"{validator} announced a round it is not a validator of",
-                                      reason="not_a_round_validator")
+    def join_round(self, validator: str, msg: RoundOpen, *, mesh: MeshRounds, now_ms: int,
+                   last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
+        """JoinRound: train for this round if there is time left, and only for the scheduled
+        opener's round under the mesh's rules (round_open_refusal): the hyper-parameters
+        are bounded, the minimum and layout are the mesh's."""
         if self.round_open is not None:
-            if self.round_open != ro:
-                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
+            if self.round_open != msg:
+                raise RemoteProtocolError(f"a different RoundOpen for round {msg.round_id}",
                                           reason="conflicting_round_open")
             return []
+        ro = check_round_open(mesh, validator, msg, now_ms=now_ms, last_round_id=last_round_id,
+                              expected_base=expected_base)
         self.round_open = ro
         if now_ms >= ro.deadline_ms:
             self.phase = TrainerPhase.MISSED
@@ -987,12 +1195,18 @@ def TypeOK(validators: Iterable[ValidatorRound], committee: Iterable[CommitteeRo
     return True
 
 
-def NoDecryptionBelowMin(committee: Iterable[CommitteeRound]) -> bool:  # noqa: N802
+def NoDecryptionBelowMin(committee: Iterable[CommitteeRound], mesh_min_contributors: int) -> bool:  # noqa: N802
     """A committee member decrypts (asks for or releases a partial) only an aggregate of
-    at least min_contributors contributions."""
+    at least the MESH's min_contributors (configuration), whatever a RoundOpen said."""
     return all(c.agreed is not None and c.round_open is not None
-               and len(c.agreed.contributors) >= c.round_open.min_contributors
+               and len(c.agreed.contributors) >= mesh_min_contributors
                for c in committee if c.aggregate_confirmed or c.phase is CommitteePhase.RELEASED)
+
+
+def JoinedOnlyMeshRounds(machines: Iterable[CommitteeRound | TrainerRound],  # noqa: N802
+                         mesh_min_contributors: int) -> bool:
+    """A member (or trainer) that joined a round joined one with the mesh's minimum."""
+    return all(m.round_open is None or m.round_open.min_contributors == mesh_min_contributors for m in machines)
 
 
 def OnlyAgreedAggregateDecrypted(validators: Iterable[ValidatorRound],  # noqa: N802
@@ -1026,7 +1240,7 @@ def FinalContainsOnlyValidContributions(validators: Iterable[ValidatorRound],  #
                for t, b in zip(v.agreed.contributors, v.agreed.blob_ids))
 
 
-INVARIANTS = ("TypeOK", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted",
+INVARIANTS = ("TypeOK", "NoDecryptionBelowMin", "JoinedOnlyMeshRounds", "OnlyAgreedAggregateDecrypted",
               "HonestValidatorsAgreeOnAdapter", "FinalContainsOnlyValidContributions")
 
 # Each action of specs/SecureAggregation.tla and the methods that implement it; an
@@ -1052,12 +1266,17 @@ ACTIONS: dict[str, tuple[tuple[type, str], ...]] = {
 }
 # Steps of the environment, not of a machine: the clock, and the next round's schedule.
 ENVIRONMENT_ACTIONS = ("Tick", "NextRound", "Done")
+# Steps of an adversary the model allows: a validator (the scheduled opener or not)
+# gossips a RoundOpen with any min_contributors; honest nodes must refuse it.
+ADVERSARY_ACTIONS = ("ByzOpenRound",)
 
 __all__ = [
-    "ACTIONS", "CombinePartials", "ENVIRONMENT_ACTIONS", "CommitteePhase", "CommitteeRound", "ComputeAggregate",
-    "DecryptPartial", "Effect", "EnterPhase", "Exclusion", "FinalContainsOnlyValidContributions",
-    "HonestValidatorsAgreeOnAdapter", "INVARIANTS", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted",
-    "Phase", "STATE_VERSION", "Send", "SetTimer", "SetView", "Train", "TrainerPhase", "TrainerRound",
-    "TypeOK", "ValidatorRound", "VerifyContributionBlob", "VerifyPartialBlob", "is_blob_id", "quorum",
-    "round_open_problem",
+    "ACTIONS", "ADVERSARY_ACTIONS", "CombinePartials", "CommitteePhase", "CommitteeRound", "ComputeAggregate",
+    "DEFAULT_HYPERPARAMETERS", "DecryptPartial", "ENVIRONMENT_ACTIONS", "Effect", "EnterPhase", "Exclusion",
+    "FinalContainsOnlyValidContributions", "HonestValidatorsAgreeOnAdapter", "HyperparameterBound", "INVARIANTS",
+    "JoinedOnlyMeshRounds", "MeshRounds", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted", "OpenRefusal",
+    "Phase", "RoundPolicy", "STATE_VERSION", "Send", "SetTimer", "SetView", "Train", "TrainerPhase", "TrainerRound",
+    "TypeOK", "ValidatorRound", "VerifyContributionBlob", "VerifyPartialBlob", "check_round_open",
+    "expected_base_adapter", "hyperparameters_problem", "is_blob_id", "quorum", "round_id_problem",
+    "round_open_problem", "round_open_refusal", "scheduled_opener",
 ]

@@ -16,6 +16,15 @@
 (* never verifies. Messages are never forged (Epistula) but may be lost or *)
 (* late: a receive action may simply never happen. Validators are honest;  *)
 (* trainers and committee members may drop out at any point.               *)
+(* The adversary (ByzOpenRound): a validator key in Byzantine, the         *)
+(* scheduled Opener's or another's, gossips a RoundOpen with any           *)
+(* min_contributors, at any time of the round (one per round: a member     *)
+(* joins one RoundOpen, so one suffices). The minimum that protects a      *)
+(* trainer is the mesh's, MeshMinContributors, a constant of the           *)
+(* configuration; a node joins only an Acceptable RoundOpen: the Opener's, *)
+(* with the mesh's minimum (protocol/aggregation.py round_open_refusal).   *)
+(* Round ids, hyper-parameters and deadlines are checked there too; the    *)
+(* model has one round at a time, so they are not modelled.                *)
 (* Python publishes a set below the minimum inside CloseCollection or      *)
 (* VerifyContribution, without an aggregate; here ComputeAggregate does it.*)
 (***************************************************************************)
@@ -27,14 +36,17 @@ CONSTANTS
     Committee,       \* key-share holders
     Cheaters,        \* trainers whose contribution does not verify
     BadMembers,      \* committee members whose partial decryption does not verify
-    MinContributors, \* fewer accepted contributions than this: nothing is decrypted
+    MeshMinContributors, \* the mesh's minimum (configuration): fewer, nothing is decrypted
+    Opener,          \* the validator scheduled to open the rounds
+    Byzantine,       \* validator keys that may gossip a RoundOpen of their choosing
     Threshold,       \* t of the t-of-n threshold key
     MaxRounds,       \* rounds explored
     NoSet            \* model value: "no set yet"
 
 ASSUME /\ Cheaters \subseteq Trainers
        /\ BadMembers \subseteq Committee
-       /\ MinContributors \in 1..Cardinality(Trainers)
+       /\ MeshMinContributors \in 1..Cardinality(Trainers)
+       /\ Opener \in Validators
        /\ Threshold \in 1..Cardinality(Committee)
        /\ MaxRounds \in 1..10
 
@@ -47,6 +59,13 @@ VPhases == {"open", "collect", "aggregate", "decrypt", "final", "aborted"}
 CPhases == {"waiting", "watch", "decrypt", "released", "aborted"}
 TPhases == {"waiting", "training", "contributed", "final", "aborted"}
 Over == {"final", "aborted"}
+
+\* A RoundOpen on the wire: who signed it and the minimum it names.
+Opens == [from : Validators \cup Byzantine, min : 1..Cardinality(Trainers)]
+HonestOpen == [from |-> Opener, min |-> MeshMinContributors]
+NoOpen == [from |-> Opener, min |-> 0]  \* the adversary sent nothing this round
+\* What a validator, member or trainer joins (round_open_refusal).
+Acceptable(m) == m.from = Opener /\ m.min = MeshMinContributors
 
 VARIABLES
     round,       \* the round being run
@@ -66,13 +85,20 @@ VARIABLES
     cPhase,      \* member -> phase
     cSeen,       \* member -> validator -> the AcceptedSet heard from it, or NoSet
     cAgreed,     \* member -> the set a quorum published, or NoSet
-    cConfirmed   \* members that recomputed the agreed aggregate themselves
+    cConfirmed,  \* members that recomputed the agreed aggregate themselves
+    honestOpen,  \* the Opener's RoundOpen is on the wire
+    byzOpen,     \* the adversary's RoundOpen this round, or NoOpen
+    cMin         \* member -> the minimum of the RoundOpen it joined (0: none)
 
 roundVars == <<round, base, clock>>
 trainerVars == <<tPhase, sent>>
 validatorVars == <<vPhase, status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
-committeeVars == <<cPhase, cSeen, cAgreed, cConfirmed>>
+openVars == <<honestOpen, byzOpen, cMin>>
+committeeVars == <<cPhase, cSeen, cAgreed, cConfirmed, openVars>>
 vars == <<roundVars, trainerVars, validatorVars, committeeVars>>
+
+\* The RoundOpens on the wire this round.
+OnWire == (IF honestOpen THEN {HonestOpen} ELSE {}) \cup (IF byzOpen = NoOpen THEN {} ELSE {byzOpen})
 
 -----------------------------------------------------------------------------
 (* Agreement on a map "validator -> set heard from it".                    *)
@@ -97,7 +123,7 @@ Decide(v, seen, own) ==
          /\ UNCHANGED <<vAgreed, vConfirmed>>
     ELSE LET agreed == CHOOSE X \in AgreedIn(seen) : TRUE
          IN /\ vAgreed' = [vAgreed EXCEPT ![v] = agreed]
-            /\ IF Cardinality(agreed) < MinContributors \/ \E t \in agreed : status[v][t] = "rejected"
+            /\ IF Cardinality(agreed) < MeshMinContributors \/ \E t \in agreed : status[v][t] = "rejected"
                THEN /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
                     /\ UNCHANGED vConfirmed
                ELSE /\ vPhase' = [vPhase EXCEPT ![v] = "decrypt"]
@@ -110,7 +136,7 @@ CommitteeDecide(c, seen) ==
          /\ UNCHANGED cAgreed
     ELSE LET agreed == CHOOSE X \in AgreedIn(seen) : TRUE
          IN /\ cAgreed' = [cAgreed EXCEPT ![c] = agreed]
-            /\ cPhase' = [cPhase EXCEPT ![c] = IF Cardinality(agreed) < MinContributors
+            /\ cPhase' = [cPhase EXCEPT ![c] = IF Cardinality(agreed) < cMin[c]
                                                THEN "aborted" ELSE "decrypt"]
 
 -----------------------------------------------------------------------------
@@ -133,6 +159,9 @@ FreshRound ==
     /\ cSeen' = [c \in Committee |-> [w \in Validators |-> NoSet]]
     /\ cAgreed' = [c \in Committee |-> NoSet]
     /\ cConfirmed' = {}
+    /\ honestOpen' = FALSE
+    /\ byzOpen' = NoOpen
+    /\ cMin' = [c \in Committee |-> 0]
 
 Init ==
     /\ round = 1
@@ -153,28 +182,44 @@ Init ==
     /\ cSeen = [c \in Committee |-> [w \in Validators |-> NoSet]]
     /\ cAgreed = [c \in Committee |-> NoSet]
     /\ cConfirmed = {}
+    /\ honestOpen = FALSE
+    /\ byzOpen = NoOpen
+    /\ cMin = [c \in Committee |-> 0]
 
 -----------------------------------------------------------------------------
 (* Actions                                                                 *)
 
+\* The Opener opens and gossips HonestOpen; another validator opens once it has
+\* joined that RoundOpen (its re-gossip is the same message, idempotent).
 OpenRound(v) ==
     /\ vPhase[v] = "open"
     /\ clock = "collect"
+    /\ v = Opener \/ honestOpen
     /\ vPhase' = [vPhase EXCEPT ![v] = "collect"]
-    /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
+    /\ honestOpen' = TRUE
+    /\ UNCHANGED <<roundVars, trainerVars, cPhase, cSeen, cAgreed, cConfirmed, byzOpen, cMin>>
     /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
 
-\* A trainer or a committee member hears a RoundOpen.
+\* The adversary gossips a RoundOpen naming any minimum, signed by a key it holds.
+ByzOpenRound ==
+    /\ byzOpen = NoOpen
+    /\ \E f \in Byzantine, n \in 1..Cardinality(Trainers) : byzOpen' = [from |-> f, min |-> n]
+    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed, cConfirmed, honestOpen, cMin>>
+
+\* A trainer or a committee member hears a RoundOpen on the wire and joins it if it
+\* is Acceptable; any other one it refuses (nothing changes).
 JoinRound(p) ==
-    /\ \E v \in Validators : vPhase[v] # "open"
-    /\ \/ /\ p \in Trainers
-          /\ tPhase[p] = "waiting"
-          /\ tPhase' = [tPhase EXCEPT ![p] = "training"]
-          /\ UNCHANGED <<sent, committeeVars>>
-       \/ /\ p \in Committee
-          /\ cPhase[p] = "waiting"
-          /\ cPhase' = [cPhase EXCEPT ![p] = "watch"]
-          /\ UNCHANGED <<trainerVars, cSeen, cAgreed, cConfirmed>>
+    /\ \E m \in OnWire :
+        /\ Acceptable(m)
+        /\ \/ /\ p \in Trainers
+              /\ tPhase[p] = "waiting"
+              /\ tPhase' = [tPhase EXCEPT ![p] = "training"]
+              /\ UNCHANGED <<sent, committeeVars>>
+           \/ /\ p \in Committee
+              /\ cPhase[p] = "waiting"
+              /\ cPhase' = [cPhase EXCEPT ![p] = "watch"]
+              /\ cMin' = [cMin EXCEPT ![p] = m.min]
+              /\ UNCHANGED <<trainerVars, cSeen, cAgreed, cConfirmed, honestOpen, byzOpen>>
     /\ UNCHANGED <<roundVars, validatorVars>>
 
 \* A trainer that never takes this step dropped out.
@@ -232,7 +277,7 @@ ComputeAggregate(p) ==
        /\ cPhase[p] = "decrypt"
        /\ p \notin cConfirmed
        /\ cConfirmed' = cConfirmed \cup {p}
-       /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed>>
+       /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed, openVars>>
 
 \* Receiver r (a validator or a member) hears validator w's AcceptedSet.
 ReceiveAcceptedSet(r, w) ==
@@ -252,7 +297,7 @@ ReceiveAcceptedSet(r, w) ==
           /\ LET seen == [cSeen[r] EXCEPT ![w] = published[w]]
              IN /\ cSeen' = [cSeen EXCEPT ![r] = seen]
                 /\ CommitteeDecide(r, seen)
-          /\ UNCHANGED <<validatorVars, cConfirmed>>
+          /\ UNCHANGED <<validatorVars, cConfirmed, openVars>>
     /\ UNCHANGED <<roundVars, trainerVars>>
 
 \* A member that never takes this step dropped out.
@@ -260,7 +305,7 @@ ReleasePartial(c) ==
     /\ cPhase[c] = "decrypt"
     /\ c \in cConfirmed
     /\ cPhase' = [cPhase EXCEPT ![c] = "released"]
-    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cSeen, cAgreed, cConfirmed>>
+    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cSeen, cAgreed, cConfirmed, openVars>>
 
 \* A partial of another aggregate than the one v agreed on is excluded at once.
 ReceivePartial(v, c) ==
@@ -310,7 +355,7 @@ FinalDeadline(p) ==
        \/ /\ p \in Committee
           /\ cPhase[p] \in {"watch", "decrypt"}
           /\ cPhase' = [cPhase EXCEPT ![p] = "aborted"]
-          /\ UNCHANGED <<trainerVars, validatorVars, cSeen, cAgreed, cConfirmed>>
+          /\ UNCHANGED <<trainerVars, validatorVars, cSeen, cAgreed, cConfirmed, openVars>>
        \/ /\ p \in Trainers
           /\ tPhase[p] \in {"training", "contributed"}
           /\ tPhase' = [tPhase EXCEPT ![p] = "aborted"]
@@ -368,6 +413,7 @@ Next ==
     \/ \E v \in Validators, c \in Committee : ReceivePartial(v, c) \/ VerifyPartial(v, c)
     \/ \E p \in Trainers \cup Validators \cup Committee : FinalDeadline(p)
     \/ \E t \in Trainers, v \in Validators : ReceiveRoundFinal(t, v) \/ ReceiveRoundAborted(t, v)
+    \/ ByzOpenRound
     \/ Tick
     \/ NextRound
     \/ Done
@@ -396,12 +442,19 @@ TypeOK ==
     /\ cSeen \in [Committee -> [Validators -> MaybeSet]]
     /\ cAgreed \in [Committee -> MaybeSet]
     /\ cConfirmed \subseteq Committee
+    /\ honestOpen \in BOOLEAN
+    /\ byzOpen \in Opens \cup {NoOpen}
+    /\ cMin \in [Committee -> 0..Cardinality(Trainers)]
 
 \* A member decrypts (recomputes for, or releases, a partial) only an aggregate of
-\* at least MinContributors contributions.
+\* at least the MESH's minimum, whatever minimum a RoundOpen on the wire named.
 NoDecryptionBelowMin ==
     \A c \in Committee :
-        (c \in cConfirmed \/ cPhase[c] = "released") => Cardinality(cAgreed[c]) >= MinContributors
+        (c \in cConfirmed \/ cPhase[c] = "released") => Cardinality(cAgreed[c]) >= MeshMinContributors
+
+\* A member that joined a round joined one with the mesh's minimum.
+JoinedOnlyMeshRounds ==
+    \A c \in Committee : cPhase[c] # "waiting" => cMin[c] = MeshMinContributors
 
 \* Every released partial is of a set that a quorum of validators really published.
 OnlyAgreedAggregateDecrypted ==

@@ -34,9 +34,28 @@ def h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+HYPERPARAMETERS = {"steps": 20.0, "lr": 0.02, "batch_size": 8.0, "block_len": 64.0, "adapter_values": 300.0}
+
+
+def mesh_of(ro: RoundOpen, **policy) -> agg.MeshRounds:
+    """The mesh configuration under which `ro` is the honest opener's RoundOpen."""
+    fields = dict(min_contributors=ro.min_contributors, max_contributors=ro.max_contributors,
+                  clip_bound=ro.clip_bound, quant_bits=ro.quant_bits)
+    fields.update(policy)
+    return agg.MeshRounds(validators=tuple(sorted(ro.validators)), committee=tuple(ro.committee),
+                          threshold=ro.threshold, public_key_id=ro.public_key_id, key_bits=ro.key_bits,
+                          policy=agg.RoundPolicy(**fields))
+
+
+def join(machine, ro: RoundOpen, sender: str = V1, *, now_ms: int = 0, mesh: agg.MeshRounds | None = None):
+    """JoinRound as a node that last knew the round before `ro` (the honest schedule)."""
+    kwargs = {"now_ms": now_ms, "mesh": mesh or mesh_of(ro), "last_round_id": ro.round_id - 1 if ro.round_id else None}
+    return machine.join_round(sender, ro, **kwargs)
+
+
 def make_open(**changes) -> RoundOpen:
     fields = dict(
-        round_id=7, base_adapter_id=h("base"), public_key_id=h("pk"), hyperparameters={"inner_lr": 2e-4},
+        round_id=7, base_adapter_id=h("base"), public_key_id=h("pk"), hyperparameters=dict(HYPERPARAMETERS),
         clip_bound=1.0, quant_bits=16, max_contributors=10, key_bits=2048, ciphertexts_per_contribution=12,
         max_contribution_bytes=1 << 22, deadline_ms=10_000, final_deadline_ms=20_000, min_contributors=2,
         committee=[C1, C2, C3], threshold=2, validators=[V1, V2])
@@ -160,9 +179,8 @@ def test_bad_round_open_is_refused_with_a_reason(changes, hint):
     with pytest.raises(LocalProtocolError, match=hint):
         agg.ValidatorRound(bad, V1)
     for machine in (agg.CommitteeRound(C1), agg.TrainerRound(T1)):
-        kwargs = {"now_ms": 0} if isinstance(machine, agg.TrainerRound) else {}
         with pytest.raises(RemoteProtocolError, match=hint) as info:
-            machine.join_round(V1, bad, **kwargs)
+            join(machine, bad, mesh=mesh_of(make_open()))
         assert info.value.reason == "bad_round_open"
         assert machine.round_open is None
 
@@ -182,7 +200,7 @@ class Round:
         self.validators = {v: agg.ValidatorRound(self.ro, v) for v in self.ro.validators}
         self.committee = {c: agg.CommitteeRound(c) for c in self.ro.committee}
         for c in self.committee.values():
-            c.join_round(V1, self.ro)
+            join(c, self.ro)
 
     def publish_sets(self, trainers_seen, cheaters=()):
         sets = {}
@@ -290,7 +308,7 @@ def test_below_min_contributors_at_the_deadline_aborts_and_nothing_is_decrypted(
     assert sent(effects[V1], RoundAborted) == [RoundAborted(7, "below_min_contributors")]
     assert all(c.phase is CommitteePhase.ABORTED for c in r.committee.values())
     assert not any(of(effects[c], (agg.ComputeAggregate, agg.DecryptPartial)) for c in r.committee)
-    assert agg.NoDecryptionBelowMin(r.committee.values())
+    assert agg.NoDecryptionBelowMin(r.committee.values(), 2)
 
 
 def test_validators_that_saw_different_sets_do_not_agree_and_abort():
@@ -388,7 +406,7 @@ def test_shell_work_that_ends_after_the_final_deadline_changes_nothing():
     assert v1.abort_reason == "combine_timeout"
     assert v1.finalize(h("late adapter"), {}) == [] and v1.adapter_id == ""
     trainer = agg.TrainerRound(T1)
-    trainer.join_round(V1, r.ro, now_ms=0)
+    join(trainer, r.ro)
     trainer.final_deadline(now_ms=20_000)
     assert trainer.contribute(h("b"), ciphertext_count=12, size_bytes=1, now_ms=20_001) == []
 
@@ -485,16 +503,16 @@ def test_committee_and_trainer_refuse_messages_before_their_round_open():
 
 def test_a_conflicting_round_open_and_a_stranger_announcing_are_refused():
     c = agg.CommitteeRound(C1)
-    c.join_round(V1, make_open())
-    assert c.join_round(V2, make_open()) == []  # the same announcement from another validator
+    join(c, make_open())
+    assert join(c, make_open(), V2) == []  # the same announcement re-sent by another validator
     with pytest.raises(RemoteProtocolError) as info:
-        c.join_round(V2, make_open(deadline_ms=11_000))
+        join(c, make_open(deadline_ms=11_000), V2)
     assert info.value.reason == "conflicting_round_open"
     with pytest.raises(RemoteProtocolError) as info:
-        agg.TrainerRound(T1).join_round("stranger", make_open(), now_ms=0)
-    assert info.value.reason == "not_a_round_validator"
+        join(agg.TrainerRound(T1), make_open(), "stranger")
+    assert info.value.reason == "not_the_scheduled_opener"
     with pytest.raises(LocalProtocolError):
-        agg.CommitteeRound("not a member").join_round(V1, make_open())
+        join(agg.CommitteeRound("not a member"), make_open())
 
 
 # --- the trainer -------------------------------------------------------------------------
@@ -503,7 +521,7 @@ def test_a_conflicting_round_open_and_a_stranger_announcing_are_refused():
 def test_a_trainer_contributes_once_and_learns_the_adapter():
     ro = make_open()
     t = agg.TrainerRound(T1)
-    effects = t.join_round(V1, ro, now_ms=0)
+    effects = join(t, ro)
     assert of(effects, agg.Train) == [agg.Train(ro)] and t.phase is TrainerPhase.TRAINING
     (msg,) = sent(t.contribute(h("blob"), ciphertext_count=12, size_bytes=100, now_ms=9_999), Contribution)
     assert msg == Contribution(7, h("blob"), 12, 100)
@@ -520,15 +538,15 @@ def test_a_trainer_contributes_once_and_learns_the_adapter():
 
 def test_a_trainer_that_finishes_after_the_deadline_sends_nothing():
     t = agg.TrainerRound(T1)
-    t.join_round(V1, make_open(), now_ms=0)
+    join(t, make_open())
     effects = t.contribute(h("blob"), ciphertext_count=12, size_bytes=100, now_ms=10_000)
     assert sent(effects, Contribution) == [] and t.phase is TrainerPhase.MISSED
     t.receive_round_aborted(V1, RoundAborted(7, "below_min_contributors"))
     assert (t.phase, t.abort_reason) == (TrainerPhase.ABORTED, "below_min_contributors")
     late = agg.TrainerRound(T2)
-    assert late.join_round(V1, make_open(), now_ms=10_000)[0].phase == "missed"
+    assert join(late, make_open(), now_ms=10_000)[0].phase == "missed"
     bad_shape = agg.TrainerRound(T3)
-    bad_shape.join_round(V1, make_open(), now_ms=0)
+    join(bad_shape, make_open())
     with pytest.raises(LocalProtocolError):
         bad_shape.contribute(h("blob"), ciphertext_count=11, size_bytes=100, now_ms=0)
 
@@ -605,7 +623,7 @@ def test_a_restarted_committee_member_and_trainer_resume_in_every_phase():
     sets = r.publish_sets({V1: [T1, T2], V2: [T1, T2]})
     c = agg.CommitteeRound(C1)
     seen = [(roundtrip(c).phase, c.resume_effects())]
-    c.join_round(V1, r.ro)
+    join(c, r.ro)
     seen.append((roundtrip(c).phase, roundtrip(c).resume_effects()))
     for w, s in sets.items():
         c.receive_accepted_set(w, s)
@@ -622,13 +640,13 @@ def test_a_restarted_committee_member_and_trainer_resume_in_every_phase():
         (CommitteePhase.RELEASED, []),
     ]
     aborted = agg.CommitteeRound(C2)
-    aborted.join_round(V1, r.ro)
+    join(aborted, r.ro)
     aborted.final_deadline(now_ms=20_000)
     assert roundtrip(aborted).phase is CommitteePhase.ABORTED and roundtrip(aborted).abort_reason == "no_agreement"
 
     t = agg.TrainerRound(T1)
     phases = [roundtrip(t).phase]
-    t.join_round(V1, r.ro, now_ms=0)
+    join(t, r.ro)
     assert roundtrip(t).resume_effects() == [agg.Train(r.ro)]
     phases.append(roundtrip(t).phase)
     t = roundtrip(t)
@@ -663,7 +681,7 @@ def test_every_tla_action_is_a_method_and_every_method_an_action():
     next_block = tla[tla.index("Next ==") : tla.index("Spec ==")]
     used = set(re.findall(r"\b([A-Z][A-Za-z]+)\(", next_block)) | set(re.findall(r"\\/ ([A-Z][A-Za-z]+)\b", next_block))
     actions = used - {"Cardinality"}
-    assert actions == set(agg.ACTIONS) | set(agg.ENVIRONMENT_ACTIONS)
+    assert actions == set(agg.ACTIONS) | set(agg.ENVIRONMENT_ACTIONS) | set(agg.ADVERSARY_ACTIONS)
     for name, implementations in agg.ACTIONS.items():
         assert re.search(rf"^{name}\(.*\) ==", tla, re.M), name
         for cls, method in implementations:

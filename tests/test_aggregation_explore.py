@@ -67,14 +67,32 @@ def blob_of(trainer: str, round_id: int) -> str:
     return h(f"contribution:{trainer}:{round_id}")
 
 
-def round_open(round_id: int, base: str) -> RoundOpen:
-    return RoundOpen(
+HYPERPARAMETERS = {"steps": 20.0, "lr": 1e-4, "batch_size": 8.0, "block_len": 64.0, "adapter_values": 300.0}
+MESH = agg.MeshRounds(validators=VALIDATORS, committee=COMMITTEE, threshold=THRESHOLD,
+                      public_key_id=h("committee key"), key_bits=2048,
+                      policy=agg.RoundPolicy(min_contributors=MIN_CONTRIBUTORS, max_contributors=len(TRAINERS)))
+OPENER = agg.scheduled_opener(MESH, 1)
+BYZANTINE = ("v1", "vb")  # keys the adversary holds: the scheduled opener's and another validator's
+
+
+def round_open(round_id: int, base: str, **changes) -> RoundOpen:
+    fields = dict(
         round_id=round_id, base_adapter_id=base, public_key_id=h("committee key"),
-        hyperparameters={"inner_lr": 1e-4, "local_steps": 20.0}, clip_bound=1.0, quant_bits=16,
+        hyperparameters=dict(HYPERPARAMETERS), clip_bound=1.0, quant_bits=16,
         max_contributors=len(TRAINERS), key_bits=2048, ciphertexts_per_contribution=4,
         max_contribution_bytes=1 << 20, deadline_ms=CLOCK_MS[1], final_deadline_ms=CLOCK_MS[2],
         min_contributors=MIN_CONTRIBUTORS, committee=list(COMMITTEE), threshold=THRESHOLD,
         validators=list(VALIDATORS))
+    fields.update(changes)
+    return RoundOpen(**fields)
+
+
+def hijacking_opens(round_id: int, base: str) -> list[tuple[str, RoundOpen]]:
+    """ByzOpenRound: what the adversary may gossip for this round (sender, RoundOpen):
+    any minimum and maximum from either key, or the mesh's minimum from a non-opener."""
+    opens = [(f, round_open(round_id, base, min_contributors=n, max_contributors=n))
+             for f in BYZANTINE for n in range(1, len(TRAINERS) + 1) if (f, n) != (OPENER, MIN_CONTRIBUTORS)]
+    return opens + [("vb", round_open(round_id, base))]
 
 
 # --- the world: machine states as bytes, messages in flight, the clock -------------------
@@ -211,6 +229,7 @@ class Explorer:
         self.bounds = bounds
         self.transitions = 0
         self.rejected_messages = 0
+        self.hijacked: set = set()
 
     def apply(self, world: World, node: str, method: str, args: tuple, kwargs: dict,
               consumed: Any = None) -> World | None:
@@ -245,9 +264,9 @@ class Explorer:
         if first_open:  # every member and trainer hears the first RoundOpen at once
             message = decode(encode(machine.round_open), channel=Channel.TRAIN)
             for p in COMMITTEE:
-                new = self.apply(new, p, "join_round", (node, message), {})
+                new = self.apply(new, p, "join_round", (node, message), self.join_kwargs(world))
             for t in TRAINERS:
-                new = self.apply(new, t, "join_round", (node, message), {"now_ms": world.now_ms})
+                new = self.apply(new, t, "join_round", (node, message), self.join_kwargs(world))
         for effect in work:  # local work nobody else can see: done in the same step
             if isinstance(effect, IMMEDIATE):
                 result = shell_result(node, machine, effect, new)
@@ -255,10 +274,31 @@ class Explorer:
                 new = self.apply(new, node, *result) or new
         return new
 
+    @staticmethod
+    def join_kwargs(world: World) -> dict:
+        return {"mesh": MESH, "now_ms": world.now_ms, "last_round_id": world.round_id - 1}
+
+    def hijack(self, world: World) -> None:
+        """ByzOpenRound: every member and trainer, joined or not, refuses every hijacking
+        RoundOpen (apply() asserts a refusal changes nothing), so no state comes of it.
+        Each distinct machine state is tried once: the refusal depends on nothing else."""
+        for p in COMMITTEE + TRAINERS:
+            if (world.round_id, world.nodes[p]) in self.hijacked:
+                continue
+            self.hijacked.add((world.round_id, world.nodes[p]))
+            for sender, message in hijacking_opens(world.round_id, world.base):
+                after = self.apply(world, p, "join_round", (sender, message), self.join_kwargs(world))
+                # refused, or (a copy of the round it joined, re-sent by another validator) a no-op
+                assert after is None or after.nodes[p] == world.nodes[p], (p, sender, message)
+
     def successors(self, world: World):
         now = world.now_ms
+        if world.clock == 0:
+            self.hijack(world)
         for v in VALIDATORS:
-            if view(world.nodes[v]).phase is agg.Phase.OPEN and world.clock == 0:
+            # the shell builds a non-opener's round from the opener's RoundOpen (OpenRound)
+            opener_open = v == OPENER or view(world.nodes[OPENER]).phase is not agg.Phase.OPEN
+            if view(world.nodes[v]).phase is agg.Phase.OPEN and world.clock == 0 and opener_open:
                 yield self.apply(world, v, "open_round", (), {"now_ms": now})
         for node in NODES:
             m = view(world.nodes[node])
@@ -344,7 +384,8 @@ def check_invariants(world: World) -> None:
     trainers = [view(world.nodes[t]) for t in TRAINERS]
     valid_blobs = {t: blob_of(t, world.round_id) for t in TRAINERS if t not in CHEATERS}
     assert agg.TypeOK(validators, committee, trainers)
-    assert agg.NoDecryptionBelowMin(committee)
+    assert agg.NoDecryptionBelowMin(committee, MIN_CONTRIBUTORS)
+    assert agg.JoinedOnlyMeshRounds(committee + trainers, MIN_CONTRIBUTORS)
     assert agg.OnlyAgreedAggregateDecrypted(validators, committee)
     assert agg.HonestValidatorsAgreeOnAdapter(validators)
     assert agg.FinalContainsOnlyValidContributions(validators, valid_blobs)

@@ -15,7 +15,10 @@ heavy work they ask for, and carries out their effects:
   final      held-out loss before/after, settlement record, status section "training"
 
 Validator rank 0 (sorted hotkeys) opens the rounds, one after another, up to
-settings.rounds. Each machine's to_state() is written atomically after every event, so
+settings.rounds. Who may open and with which minimum, layout and hyper-parameters is
+the mesh's configuration (mesh_rounds: the genesis validators, the committee files'
+round policy); every RoundOpen, ours included, goes through agg.check_round_open.
+Each machine's to_state() is written atomically after every event, so
 a validator killed mid-round resumes from resume_effects() when it starts again.
 Heavy CPU work runs in worker threads; the trio loop keeps serving the mesh.
 """
@@ -28,7 +31,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,7 +62,11 @@ STATE_DIR = "rounds"
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """What the opening validator puts in each RoundOpen, and the shell's patience."""
+    """What the opening validator puts in each RoundOpen, and the shell's patience.
+
+    min_contributors, max_contributors, clip_bound and quant_bits are the mesh's, not a
+    node's: the committee files' round policy sets them (RoundPolicy), and a value here
+    that differs is ignored with a warning (issue 11 finding 1)."""
 
     collect_s: float = 25.0  # contributions window: training + sealing on a loaded CPU
     first_round_extra_s: float = 20.0  # trainers load the model while round 0 is open
@@ -131,6 +138,33 @@ def write_round_config(data_dir: Path, config: RoundConfig) -> None:
 
 def members_with(genesis, role: Role) -> list[str]:
     return sorted(m.hotkey for m in genesis.members if role in m.roles)
+
+
+def mesh_rounds(genesis, key: cm.CommitteeKey) -> agg.MeshRounds:
+    """The mesh's round rules as this node's configuration says: every RoundOpen is checked
+    against them (agg.round_open_refusal), never the other way round."""
+    return agg.MeshRounds(validators=tuple(members_with(genesis, Role.VALIDATOR)), committee=tuple(key.members),
+                          threshold=key.threshold, public_key_id=key.public_key_id, key_bits=key.public.bits,
+                          policy=key.round_policy)
+
+
+def config_problems(config: RoundConfig, policy: agg.RoundPolicy) -> tuple[list[str], str | None]:
+    """(ignored local values, the error that stops the opener) of rounds.json against the
+    mesh's policy."""
+    ignored = [f"{name}={getattr(config, name)!r} (the mesh's is {getattr(policy, name)!r})"
+               for name in ("min_contributors", "max_contributors", "clip_bound", "quant_bits")
+               if getattr(config, name) != getattr(policy, name)]
+    collect_ms = int(1000 * (config.collect_s + config.first_round_extra_s))
+    if collect_ms > policy.max_collect_ms or int(1000 * config.decrypt_s) > policy.max_decrypt_ms:
+        return ignored, (f"collect_s + first_round_extra_s ({collect_ms} ms) and decrypt_s must fit the mesh's "
+                         f"max_collect_ms={policy.max_collect_ms}, max_decrypt_ms={policy.max_decrypt_ms}")
+    problem = agg.hyperparameters_problem(policy, {**hyperparameters_of(config), "adapter_values": 1.0})
+    return ignored, problem
+
+
+def hyperparameters_of(config: RoundConfig) -> dict[str, float]:
+    return {"steps": float(config.steps), "lr": config.lr, "batch_size": float(config.batch_size),
+            "block_len": float(config.block_len)}
 
 
 def layout_of(ro: RoundOpen):
@@ -295,7 +329,13 @@ class RoundsService(GuardedWork, RoleService):
             return
         self.validators = members_with(ctx.genesis, Role.VALIDATOR)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
-        self.opener = self.validators[0] == self.me
+        self.mesh = mesh_rounds(ctx.genesis, self.key)
+        self.opener = agg.scheduled_opener(self.mesh, 0) == self.me
+        ignored, problem = config_problems(self.config, self.mesh.policy)
+        if ignored:
+            log.warning("rounds.json: ignored, the mesh's round policy decides: %s", ", ".join(ignored))
+        if problem and self.opener:
+            raise RoundConfigError(f"rounds.json does not fit the mesh's round policy: {problem}")
         self.states = StateFiles(ctx.data_dir / STATE_DIR, "validator")
         self.report()
         async with trio.open_nursery() as nursery:
@@ -359,29 +399,28 @@ class RoundsService(GuardedWork, RoleService):
             await self.slots[round_id].ended.wait()
 
     def _base_adapter_id(self, round_id: int) -> str:
-        finals = [s for r, s in sorted(self.slots.items())
-                  if r < round_id and s.validator and s.validator.phase is agg.Phase.FINAL]
-        return finals[-1].validator.adapter_id if finals else self.initial_adapter_id
+        finals = {r: s.validator.adapter_id for r, s in self.slots.items()
+                  if s.validator and s.validator.phase is agg.Phase.FINAL}
+        return agg.expected_base_adapter(finals, round_id, self.initial_adapter_id)
 
     async def _open(self, round_id: int) -> None:
         from crypto.contribution import derive_layout
 
-        c = self.config
+        c, policy = self.config, self.mesh.policy
         base_id = self._base_adapter_id(round_id)
         _, base_vector = vector_of_adapter(self.ctx.store.get(base_id))
-        layout = derive_layout(c.clip_bound, c.quant_bits, c.max_contributors, self.key.public.bits)
+        layout = derive_layout(policy.clip_bound, policy.quant_bits, policy.max_contributors, self.key.public.bits)
         count = layout.plaintexts_needed(base_vector.size)
         start = now_ms()
         deadline = start + int(1000 * (c.collect_s + (c.first_round_extra_s if round_id == 0 else 0)))
         ro = RoundOpen(
             round_id=round_id, base_adapter_id=base_id, public_key_id=self.key.public_key_id,
-            hyperparameters={"steps": float(c.steps), "lr": c.lr, "batch_size": float(c.batch_size),
-                             "block_len": float(c.block_len), "adapter_values": float(base_vector.size)},
-            clip_bound=c.clip_bound, quant_bits=c.quant_bits, max_contributors=c.max_contributors,
+            hyperparameters={**hyperparameters_of(c), "adapter_values": float(base_vector.size)},
+            clip_bound=policy.clip_bound, quant_bits=policy.quant_bits, max_contributors=policy.max_contributors,
             key_bits=self.key.public.bits, ciphertexts_per_contribution=count,
             max_contribution_bytes=max_contribution_bytes(self.key.public.bits, count),
             deadline_ms=deadline, final_deadline_ms=deadline + int(1000 * c.decrypt_s),
-            min_contributors=c.min_contributors, committee=list(self.key.members), threshold=self.key.threshold,
+            min_contributors=policy.min_contributors, committee=list(self.key.members), threshold=self.key.threshold,
             validators=list(self.validators))
         log.info("phase=open round=%d base=%s ciphertexts=%d deadline_in=%.0fs", round_id, base_id[:12], count,
                  (deadline - start) / 1000)
@@ -406,6 +445,9 @@ class RoundsService(GuardedWork, RoleService):
             return
         slot = self.slots.get(round_id)
         if slot is None:
+            if not isinstance(round_id, int) or agg.round_id_problem(round_id, self._last_round_id(),
+                                                                    self.mesh.policy.max_round_gap):
+                return  # not a round this node could join next: nothing to keep it for
             queue = self.early.setdefault(round_id, [])
             if len(queue) < 256 and len(self.early) < 8:
                 queue.append((sender, message, received_ms))
@@ -428,30 +470,30 @@ class RoundsService(GuardedWork, RoleService):
         elif isinstance(message, RoundAborted):
             slot.shell["finals"][sender] = f"aborted:{message.reason}"
 
+    def _last_round_id(self) -> int | None:
+        return max(self.slots, default=None)
+
     async def _join(self, sender: str, ro: RoundOpen) -> None:
-        problem = agg.round_open_problem(ro)
-        if problem:
-            raise RemoteProtocolError(f"RoundOpen {ro.round_id}: {problem}", reason="bad_round_open")
         known = self.slots.get(ro.round_id)
         if known is not None:
             if known.ro != ro:
                 raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
                                           reason="conflicting_round_open")
             return
-        if sender not in ro.validators or ro.validators != self.validators:
-            raise RemoteProtocolError(f"RoundOpen {ro.round_id} names validators other than the genesis "
-                                      "file's", reason="not_a_round_validator")
-        if (ro.public_key_id != self.key.public_key_id or ro.committee != list(self.key.members)
-                or ro.threshold != self.key.threshold):
-            raise RemoteProtocolError(f"RoundOpen {ro.round_id} is for another committee key",
-                                      reason="wrong_committee_key")
+        if self.initial_adapter_id is None:  # cannot check the base yet: the opener re-sends it
+            log.info("round=%d RoundOpen heard before our model is ready; waiting for a re-send", ro.round_id)
+            return
+        expected_base = self._base_adapter_id(ro.round_id)
+        last = self._last_round_id()
+        agg.check_round_open(self.mesh, sender, ro, now_ms=now_ms(), last_round_id=last, expected_base=expected_base)
         slot = RoundSlot(ro)
         slot.validator = agg.ValidatorRound(ro, self.me)
         slot.alive.update({sender, self.me})
         self.slots[ro.round_id] = slot
         if self.key.share is not None:
             slot.committee = agg.CommitteeRound(self.me)
-            await self._feed(slot, "committee", lambda c: c.join_round(sender, ro))
+            await self._feed(slot, "committee", lambda c: c.join_round(
+                sender, ro, mesh=self.mesh, now_ms=now_ms(), last_round_id=last, expected_base=expected_base))
         if now_ms() < ro.deadline_ms:
             await self._feed(slot, "validator", lambda v: v.open_round(now_ms=now_ms()))
         else:  # heard too late to collect: the final deadline aborts it here
@@ -888,10 +930,14 @@ def prepare_testnet(plan, nodes, root: Path) -> None:
     if not validators:
         raise ValueError("training rounds need at least one validator (the committee)")
     keys = cm.deal_committee([n.hotkey for n in validators], plan.key_bits)
-    public_only = cm.CommitteeKey(keys[0].public, keys[0].verification_keys, keys[0].threshold, keys[0].members)
+    # The mesh's minimum, in every node's committee files: a RoundOpen cannot lower it.
+    policy = agg.RoundPolicy(min_contributors=max(1, min(2, plan.trainers)))
+    keys = [replace(k, round_policy=policy) for k in keys]
+    public_only = cm.CommitteeKey(keys[0].public, keys[0].verification_keys, keys[0].threshold, keys[0].members,
+                                  round_policy=policy)
     by_hotkey = {k.members[k.share.index - 1]: k for k in keys}
     config = RoundConfig(collect_s=10.0 + 2.0 * plan.trainers, first_round_extra_s=5.0 + len(nodes) / 2,
-                         min_contributors=max(1, min(2, plan.trainers)))
+                         min_contributors=policy.min_contributors)
     for node in nodes:
         cm.save_committee(node.data_dir / cm.COMMITTEE_DIR, by_hotkey.get(node.hotkey, public_only))
         if not (node.data_dir / ROUND_CONFIG_FILE).exists():

@@ -22,7 +22,7 @@ from node import committee as cm
 from node.blobs import BlobFetchError
 from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
 from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, adapter_values, layout_of,
-                               load_training_model, members_with, vector_of_adapter)
+                               load_training_model, members_with, mesh_rounds, vector_of_adapter)
 from node.settings import NodeSettings
 from protocol import aggregation as agg
 from protocol.aggregation_messages import ContributionVerdict, RoundAborted, RoundFinal, RoundOpen
@@ -91,6 +91,7 @@ class TrainerService(GuardedWork, RoleService):
             task_status.started()
             return
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
+        self.mesh = mesh_rounds(ctx.genesis, self.key)  # who may open a round, with which bounds
         self.index = shard_index(self.trainers, self.me)
         self.states = StateFiles(ctx.data_dir / STATE_DIR, "trainer")
         self.train_lock = trio.Lock()  # one round's training at a time: one model
@@ -129,12 +130,7 @@ class TrainerService(GuardedWork, RoleService):
         async for sender, message, _ in self.inbox.receive:
             round_id = getattr(message, "round_id", -1)
             if isinstance(message, RoundOpen):
-                if message.public_key_id != self.key.public_key_id:
-                    self.ctx.metrics.reject("round", "wrong_committee_key")
-                    continue
-                machine = self.machines.setdefault(round_id, agg.TrainerRound(self.me))
-                self.shell.setdefault(round_id, {})
-                await self._feed(round_id, lambda m: m.join_round(sender, message, now_ms=now_ms()))
+                await self._join(sender, message)
             elif round_id not in self.machines:
                 continue
             elif isinstance(message, RoundFinal):
@@ -145,6 +141,24 @@ class TrainerService(GuardedWork, RoleService):
                 self.shell[round_id].setdefault("verdicts", {})[sender] = message.reason or "accepted"
                 self._persist(round_id)
             self.report()
+
+    async def _join(self, sender: str, ro: RoundOpen) -> None:
+        """A round gets a machine (and a state file) only once the machine joined it: a
+        refused RoundOpen (agg.round_open_refusal: not the scheduled opener, an unexpected
+        round id, another minimum, unbounded steps...) leaves nothing behind."""
+        machine = self.machines.get(ro.round_id) or agg.TrainerRound(self.me)
+        last = max((r for r, m in self.machines.items() if m.round_open is not None), default=None)
+        try:
+            effects = machine.join_round(sender, ro, mesh=self.mesh, now_ms=now_ms(), last_round_id=last)
+        except RemoteProtocolError as exc:
+            self.ctx.metrics.reject("round", exc.reason)
+            log.warning("round=%d RoundOpen refused reason=%s: %s", ro.round_id, exc.reason, exc.hint)
+            return
+        self.machines[ro.round_id] = machine
+        self.shell.setdefault(ro.round_id, {})
+        self._persist(ro.round_id)
+        await self._apply(ro.round_id, effects)
+        self.report()
 
     async def _feed(self, round_id: int, event) -> None:
         machine = self.machines[round_id]
