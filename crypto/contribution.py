@@ -204,3 +204,105 @@ def decode(public: PublicKey, data: bytes, *, max_ciphertexts: int = MAX_CIPHERT
     except ValueError as exc:
         raise InvalidContribution("malformed_contribution", f"proof: {exc}") from exc
     return Contribution(values, cs, proof)
+
+
+# --- blame after an overflow (issue 11 finding 5) -------------------------------------------
+#
+# The contribution proof bounds plaintexts, not slots, so an accepted contribution can still
+# make the aggregate's slot sums unreachable (SlotOverflow at decode). The position is known
+# from the decrypted aggregate; every contributor then proves, with the exact slot proof of
+# crypto/subset_range.py, that the slots 0..i of its plaintext j were in range (all of them,
+# and nothing above, when the plaintext itself overflowed). If they all do, no slot sum can
+# overflow at (j, i): slots 0..i of c in-range plaintexts add without a carry. So at least
+# one contributor cannot prove, and whoever cannot is the one to name. This names an
+# overflow's author; it does not stop a value that stays inside the decode window (see
+# docs/crypto-contribution.md, "Per-slot bounds").
+
+PURPOSE_SLOT_RANGE = "slot-range"
+SLOT_PROOF_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Blame:
+    """The position an overflowing aggregate asks every contributor to prove in range."""
+
+    plaintext_index: int
+    slot: int
+    top: bool  # the whole plaintext: every slot in range and nothing above the last
+
+
+def slot_shape(layout: PackingLayout) -> subset_range.SlotLayout:
+    return subset_range.SlotLayout(layout.slot_bits, layout.quant_bits, layout.plaintext_bits,
+                                   layout.slots_per_plaintext)
+
+
+def blame_for(overflow: packing.SlotOverflow, layout: PackingLayout) -> Blame | None:
+    """Where the blame step looks after this SlotOverflow (None: the error names no position)."""
+    k = layout.slots_per_plaintext
+    if overflow.value_index is not None:
+        plaintext, slot = divmod(overflow.value_index, k)
+        return Blame(plaintext, slot, False)
+    if overflow.plaintext_index is not None:
+        return Blame(overflow.plaintext_index, k - 1, True)
+    return None
+
+
+def slot_context_for(public: PublicKey, mesh_id: str, round_id: int, sender: str, blame: Blame) -> bytes:
+    return proofs.ProofContext(public.n, mesh_id, round_id, sender, blame.plaintext_index,
+                               PURPOSE_SLOT_RANGE).encode()
+
+
+def prove_slots(public: PublicKey, layout: PackingLayout, update: np.ndarray, precomputed: Precomputation,
+                blame: Blame, context: bytes) -> subset_range.SlotRangeProof:
+    """The trainer's answer to a blame: its plaintext at blame.plaintext_index is in range there.
+
+    Needs the update and the Precomputation that seal() used (its randomizers open the
+    ciphertexts, so keep it as secret as the update until the round is over).
+    """
+    values = np.asarray(update, dtype=np.float32).ravel()
+    plaintexts = packing.pack(packing.quantize(values, layout), layout)
+    j = blame.plaintext_index
+    if not 0 <= j < len(plaintexts) or len(precomputed.randomizers) != len(plaintexts):
+        raise ValueError("the blame's plaintext index or the precomputation does not fit this update")
+    rho, h = precomputed.randomizers[j]
+    n, n2 = mpz(public.n), mpz(public.n_squared)
+    c = (1 + mpz(plaintexts[j]) * n) * h % n2
+    return subset_range.prove_slots(public.n, int(c), plaintexts[j], rho, slot_shape(layout), blame.slot,
+                                    context, top=blame.top)
+
+
+def verify_slots(public: PublicKey, layout: PackingLayout, contribution: Contribution, blame: Blame,
+                 proof: subset_range.SlotRangeProof, context: bytes) -> None:
+    """Raises InvalidContribution("bad_slot_proof") unless the proof answers the blame for it."""
+    if not 0 <= blame.plaintext_index < len(contribution.ciphertexts):
+        raise InvalidContribution("bad_slot_proof", f"no plaintext {blame.plaintext_index} in this contribution")
+    c = contribution.ciphertexts[blame.plaintext_index]
+    try:
+        ok = subset_range.verify_slots(public.n, c, proof, slot_shape(layout), blame.slot, context, top=blame.top)
+    except subset_range.SubsetRangeError as exc:
+        raise InvalidContribution("bad_slot_proof", str(exc)) from exc
+    if not ok:
+        raise InvalidContribution("bad_slot_proof", f"slots 0..{blame.slot} of plaintext "
+                                                    f"{blame.plaintext_index} are not proven in range")
+
+
+def encode_slot_proof(proof: subset_range.SlotRangeProof) -> bytes:
+    return msgpack.packb({"v": SLOT_PROOF_VERSION, "kind": "slot-range", "proof": proof.to_wire()},
+                         use_bin_type=True)
+
+
+def decode_slot_proof(data: bytes) -> subset_range.SlotRangeProof:
+    """Strict decode; raises InvalidContribution("malformed_slot_proof", ...) on anything off."""
+    from protocol._wire import unpack_strict
+
+    try:
+        obj = unpack_strict(data)
+    except Exception as exc:
+        raise InvalidContribution("malformed_slot_proof", f"not msgpack: {exc}") from exc
+    if not isinstance(obj, dict) or set(obj) != {"v", "kind", "proof"} or obj["v"] != SLOT_PROOF_VERSION \
+            or obj["kind"] != "slot-range":
+        raise InvalidContribution("malformed_slot_proof", "wrong fields, version or kind")
+    try:
+        return subset_range.SlotRangeProof.from_wire(obj["proof"])
+    except ValueError as exc:
+        raise InvalidContribution("malformed_slot_proof", str(exc)) from exc

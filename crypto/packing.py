@@ -36,7 +36,17 @@ class LayoutError(PackingError):
 
 
 class SlotOverflow(PackingError):
-    """A slot sum that no set of in-range contributions could have produced."""
+    """A slot sum that no set of in-range contributions could have produced.
+
+    `value_index` (a slot sum out of reach) or `plaintext_index` (a plaintext wider than the
+    layout) says where, so that a blame step can ask every contributor to prove that
+    position in range (crypto.contribution.blame_for); None when not known.
+    """
+
+    def __init__(self, message: str, *, value_index: int | None = None,
+                 plaintext_index: int | None = None) -> None:
+        super().__init__(message)
+        self.value_index, self.plaintext_index = value_index, plaintext_index
 
 
 @dataclass(frozen=True)
@@ -184,21 +194,22 @@ def pack(quantized: np.ndarray, layout: PackingLayout) -> list[int]:
     return plaintexts
 
 
-def _plaintext_bytes(plaintexts, layout: PackingLayout) -> bytes:
+def _plaintext_bytes(plaintexts, layout: PackingLayout, start: int = 0) -> bytes:
     size = -(-layout.plaintext_bits // 8)
     out = []
-    for p in plaintexts:
+    for index, p in enumerate(plaintexts, start):
         p = int(p)
         if p < 0 or p.bit_length() > layout.plaintext_bits:
-            raise SlotOverflow(f"plaintext of {p.bit_length()} bits exceeds the layout's "
-                               f"{layout.plaintext_bits}; a contribution was out of range")
+            raise SlotOverflow(f"plaintext {index} of {p.bit_length()} bits exceeds the layout's "
+                               f"{layout.plaintext_bits}; a contribution was out of range",
+                               plaintext_index=index)
         out.append(p.to_bytes(size, "little"))
     return b"".join(out)
 
 
-def _unpack_chunk(plaintexts, layout: PackingLayout) -> np.ndarray:
+def _unpack_chunk(plaintexts, layout: PackingLayout, start: int = 0) -> np.ndarray:
     k, w = layout.slots_per_plaintext, layout.slot_bits
-    raw = np.frombuffer(_plaintext_bytes(plaintexts, layout), dtype=np.uint8)
+    raw = np.frombuffer(_plaintext_bytes(plaintexts, layout, start), dtype=np.uint8)
     bits = np.unpackbits(raw.reshape(len(plaintexts), -1), axis=1, count=k * w,
                          bitorder="little").reshape(-1, w)
     if w > 64 and bits[:, 64:].any():
@@ -213,7 +224,7 @@ def unpack(plaintexts: list[int], count: int, layout: PackingLayout) -> np.ndarr
     if count < 0 or len(plaintexts) < needed:
         raise PackingError(f"{count} values need {needed} plaintexts, got {len(plaintexts)}")
     step = _chunk_plaintexts(layout)
-    chunks = [_unpack_chunk(plaintexts[i:i + step], layout) for i in range(0, needed, step)]
+    chunks = [_unpack_chunk(plaintexts[i:i + step], layout, i) for i in range(0, needed, step)]
     sums = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
     return sums[:count]
 
@@ -224,14 +235,18 @@ def decode_mean(slot_sums: np.ndarray, contributors: int, layout: PackingLayout)
         raise PackingError(f"contributors must be in [1, {layout.max_contributors}], "
                            f"got {contributors}")
     sums = np.asarray(slot_sums, dtype=np.uint64)
-    # Every in-range code is in [1, 2^b - 1], so c of them sum to [c, c·(2^b - 1)]. Either
-    # side missed means some contribution put an out-of-range value in that slot (the range
-    # proof bounds plaintexts, not slots: docs/crypto-contribution.md, "Per-slot bounds").
-    if sums.size and sums.max() > contributors * ((1 << layout.quant_bits) - 1):
-        raise SlotOverflow(f"a slot sum exceeds what {contributors} in-range contributions "
-                           "can reach; some contribution was out of range")
-    if sums.size and sums.min() < contributors:
-        raise SlotOverflow(f"a slot sum is below what {contributors} in-range contributions "
-                           "can reach; some contribution was out of range")
+    # Every in-range code is in [1, 2^b - 1], so c of them sum to [c, c·(2^b - 1)]. Above it,
+    # some contribution put an out-of-range value in that slot (the range proof bounds
+    # plaintexts, not slots): refuse, and say where, for the blame step
+    # (crypto.contribution.blame_for; docs/crypto-contribution.md, "Per-slot bounds").
+    over = sums > contributors * ((1 << layout.quant_bits) - 1)
+    if over.any():
+        index = int(np.flatnonzero(over)[0])
+        raise SlotOverflow(f"slot sum {index} ({int(sums[index])}) exceeds what {contributors} "
+                           "in-range contributions can reach; some contribution was out of range",
+                           value_index=index)
+    # Below c takes a code of 0, which the slot proof allows (it proves [0, 2^b)): at most one
+    # step past -B. Clamped, so that the mean never leaves [-B, B] and nothing aborts unnamed.
+    sums = np.maximum(sums, np.uint64(contributors))
     signed = sums.astype(np.int64) - contributors * layout.offset
     return (signed * (layout.step / contributors)).astype(np.float32)

@@ -30,6 +30,7 @@ factor of order 2, which changes neither a plaintext nor a committed integer's s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import secrets
@@ -41,6 +42,7 @@ from gmpy2 import mpz, powmod
 import gmpy2
 
 from crypto import djn, proofs
+from crypto.fixed_base import FixedBase
 
 SUBSETS = 128
 MAX_CIPHERTEXTS = 1 << 20
@@ -309,3 +311,238 @@ def verify(n: int, cs: Sequence[int], proof: SubsetRangeProof, bound_bits: int, 
         return False
     return powmod(h1, sum_z1, n) * powmod(h2, sum_z3, n) % n == rhs_commit
 
+
+
+# --- the exact digits of one plaintext: the slot proof (issue 11 finding 5) ---------------
+#
+# The subset proof above bounds plaintexts, not slots, and no amortized argument over the
+# packed ciphertexts can bound a slot tightly (docs/crypto-contribution.md, "Per-slot
+# bounds"). This proof is exact but costs about 2 commitments per bit, so it is for one
+# plaintext at a time: the blame step after a SlotOverflow, where every contributor of the
+# round proves that the overflowing slot of the overflowing plaintext was in range.
+#
+# Statement, for a ciphertext c, slot width w, code bits b and a slot index i: the prover
+# knows integers d_0..d_i in [0, 2^b), an integer H and rho with
+#     c = (1 + (V + X^(i+1)·H)·n)·h_n^rho mod n^2,  V = sum_l d_l·X^l,  X = 2^w
+# (H = 0 when `top`: then the plaintext is V exactly, every digit of it in range).
+#
+# How: every bit beta of every d_l is committed, C = h1^beta·h2^r mod n, with the
+# Damgard-Fujisaki product proof that C·h2^0 also opens to beta·beta: C = C^beta·h2^(r(1-beta)).
+# Under strong RSA an opening is an integer and beta·beta = beta, so beta is 0 or 1 exactly,
+# no tolerance. The verifier folds the bit commitments into D = prod C^(2^(l·w + t)), a
+# commitment to V, and one sigma protocol shows that D's V, a committed integer H and rho
+# make c. Sizes: |X^(i+1)·H| < 2^(P + T + KAPPA + 1) and |m'| < 2^(P + S - 1) (the subset
+# proof) are both below n/4, so the congruence mod n that the Paillier equation gives is an
+# equality of integers: m' = V + X^(i+1)·H, and the low i+1 base-X digits of m' are the d_l.
+
+SLOT_DOMAIN = b"sealmesh/slot-range/v1"
+SLOT_FIELDS = ("bits", "bit_a", "bit_a2", "bit_z", "bit_zr", "bit_zr2", "high", "link_a", "link_z")
+_MAX_SLOT_BITS = 1 << 12  # 4096 committed bits: 128 slots of 32 code bits
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """What the slot proof needs of a packing layout (crypto/packing.PackingLayout)."""
+
+    slot_bits: int  # w
+    quant_bits: int  # b
+    plaintext_bits: int  # P
+    slots: int  # k
+
+
+@dataclass(frozen=True)
+class SlotRangeProof:
+    bits: tuple[int, ...]  # C_{l,t} = h1^beta·h2^r mod n, slot-major, bit t of slot l
+    bit_a: tuple[int, ...]  # h1^u·h2^v mod n
+    bit_a2: tuple[int, ...]  # C^u·h2^v' mod n
+    bit_z: tuple[int, ...]  # u + e·beta
+    bit_zr: tuple[int, ...]  # v + e·r
+    bit_zr2: tuple[int, ...]  # v' + e·r·(1 - beta)
+    high: int  # E = h1^H·h2^r_H mod n (1 when top)
+    link_a: tuple[int, int, int]  # h1^x_V·h2^x_R mod n, h1^x_H·h2^x_rH mod n, (1 + (x_V + X^(i+1)·x_H)·n)·h_n^x_rho
+    link_z: tuple[int, int, int, int, int]  # z_V, z_R, z_H, z_rH, z_rho
+
+    def to_wire(self) -> dict[str, list[bytes]]:
+        return {name: [_to_bytes(v) for v in _as_tuple(getattr(self, name))] for name in SLOT_FIELDS}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> "SlotRangeProof":
+        if not isinstance(obj, dict) or set(obj) != set(SLOT_FIELDS):
+            raise ValueError(f"a slot range proof is a map with exactly {SLOT_FIELDS}")
+        lengths = {"high": 1, "link_a": 3, "link_z": 5}
+        values = {}
+        for name in SLOT_FIELDS:
+            items = obj[name]
+            if not isinstance(items, list) or not all(isinstance(b, bytes) and len(b) <= 1024 for b in items):
+                raise ValueError(f"{name}: expected a list of byte strings of at most 1024 bytes")
+            if len(items) != lengths.get(name, len(obj["bits"])) or len(items) > _MAX_SLOT_BITS:
+                raise ValueError(f"{name}: wrong number of entries")
+            values[name] = tuple(int.from_bytes(b, "big") for b in items)
+        values["high"] = values["high"][0]
+        return cls(**values)
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _slot_check(n: mpz, shape: SlotLayout, slot: int, top: bool) -> None:
+    if not isinstance(slot, int) or not 0 <= slot < shape.slots:
+        raise SubsetRangeError(f"slot must be in 0..{shape.slots - 1}, got {slot!r}")
+    if (slot + 1) * shape.quant_bits > _MAX_SLOT_BITS or shape.quant_bits >= shape.slot_bits:
+        raise SubsetRangeError("the layout's slots are too many or too narrow for a slot proof")
+    if shape.plaintext_bits + proofs.T + proofs.KAPPA + 1 >= n.bit_length() - 2:
+        raise SubsetRangeError("plaintext_bits + T + KAPPA must stay below bits(n) - 3")
+    if top and slot != shape.slots - 1:
+        raise SubsetRangeError("`top` proves the whole plaintext: slot must be the last one")
+
+
+def _randomness_bits(n: mpz) -> int:
+    return n.bit_length() + proofs.KAPPA  # h2^r statistically hides h1^beta
+
+
+def _high_bits(shape: SlotLayout, slot: int) -> int:
+    return max(shape.plaintext_bits - (slot + 1) * shape.slot_bits, 1)
+
+
+def _mask(bits: int) -> mpz:
+    return mpz(secrets.randbits(bits + proofs.T + proofs.KAPPA))
+
+
+def _z_max(bits: int) -> int:
+    return 1 << (bits + proofs.T + proofs.KAPPA + 1)
+
+
+@functools.lru_cache(maxsize=2)  # ~20 MB at 2048 bits
+def _h2_table(n: mpz) -> FixedBase:
+    return FixedBase(proofs._generators(n)[1], n, _randomness_bits(n) + proofs.T + proofs.KAPPA + 1)
+
+
+def _commit(n: mpz, value: int, randomness: int) -> mpz:
+    return proofs._h1_pow(n, value) * _h2_table(n).pow(randomness) % n
+
+
+def _fold(n: mpz, commitments: Sequence[int], shape: SlotLayout, slots: int) -> mpz:
+    """prod C_{l,t}^(2^(l·w + t)): a commitment to V = sum d_l·X^l (Horner, high bits first)."""
+    b = shape.quant_bits
+    acc = mpz(1)
+    for l in reversed(range(slots)):
+        acc = powmod(acc, 1 << (shape.slot_bits - b), n) if l < slots - 1 else acc
+        for t in reversed(range(b)):
+            acc = acc * acc % n * mpz(commitments[l * b + t]) % n
+    return acc
+
+
+def _slot_challenge(n, c, shape, slot, top, context, proof_parts) -> mpz:
+    h = hashlib.shake_256(SLOT_DOMAIN + b"/challenge")
+    head = (bytes(context), _to_bytes(n), _to_bytes(c), _to_bytes(shape.slot_bits), _to_bytes(shape.quant_bits),
+            _to_bytes(shape.plaintext_bits), _to_bytes(shape.slots), _to_bytes(slot), bytes([top]))
+    for part in head:
+        h.update(len(part).to_bytes(4, "big") + part)
+    for value in proof_parts:
+        b = _to_bytes(value)
+        h.update(len(b).to_bytes(4, "big") + b)
+    return mpz(int.from_bytes(h.digest(proofs.T // 8), "big"))
+
+
+def _first_messages(bits, bit_a, bit_a2, high, link_a):
+    return itertools.chain(bits, bit_a, bit_a2, (high,), link_a)
+
+
+def prove_slots(n: int, c: int, m: int, rho: int, shape: SlotLayout, slot: int, context: bytes,
+                *, top: bool = False) -> SlotRangeProof:
+    """Proof that digits 0..slot of c's plaintext m (base 2^w) are in [0, 2^b); refuses otherwise."""
+    n, m, rho = mpz(n), mpz(m), mpz(rho)
+    _slot_check(n, shape, slot, top)
+    w, b = shape.slot_bits, shape.quant_bits
+    digits = [int(m >> (l * w)) & ((1 << w) - 1) for l in range(slot + 1)]
+    high = m >> ((slot + 1) * w)
+    for l, d in enumerate(digits):
+        if d >= 1 << b:
+            raise SubsetRangeError(f"slot {l} holds {d}, outside [0, 2^{b}): refusing to prove")
+    if top and high:
+        raise SubsetRangeError("the plaintext has digits above its last slot: refusing to prove")
+    if not 0 <= m < 1 << shape.plaintext_bits:
+        raise SubsetRangeError("the plaintext is outside [0, 2^plaintext_bits): refusing to prove")
+    rb = _randomness_bits(n)
+    betas = [(d >> t) & 1 for d in digits for t in range(b)]
+    rs = [mpz(secrets.randbits(rb)) for _ in betas]
+    us = [_mask(1) for _ in betas]
+    vs = [_mask(rb) for _ in betas]
+    v2s = [_mask(rb) for _ in betas]
+    bits = [_commit(n, beta, r) for beta, r in zip(betas, rs)]
+    bit_a = [_commit(n, u, v) for u, v in zip(us, vs)]
+    h2 = _h2_table(n)
+    bit_a2 = [powmod(C, u, n) * h2.pow(v2) % n for C, u, v2 in zip(bits, us, v2s)]
+
+    value = sum((mpz(d) << (l * w) for l, d in enumerate(digits)), mpz(0))
+    big_r = sum((r << (i // b * w + i % b) for i, r in enumerate(rs)), mpz(0))
+    hb, x_bits = _high_bits(shape, slot), (slot + 1) * w
+    r_high = mpz(0) if top else mpz(secrets.randbits(rb))
+    big_e = mpz(1) if top else _commit(n, high, r_high)
+    x_v, x_r = _mask(x_bits), _mask(rb + x_bits)
+    x_h, x_rh = (mpz(0), mpz(0)) if top else (_mask(hb), _mask(rb))
+    x_rho = _mask(djn.exponent_bits(n))
+    shift = mpz(1) << ((slot + 1) * w)
+    link_a = (_commit(n, x_v, x_r), mpz(1) if top else _commit(n, x_h, x_rh),
+              (1 + (x_v + shift * x_h) % n * n) * djn.table(int(n)).pow(x_rho) % (n * n))
+    e = _slot_challenge(n, c, shape, slot, top, context, _first_messages(bits, bit_a, bit_a2, big_e, link_a))
+    return SlotRangeProof(
+        bits=tuple(int(x) for x in bits), bit_a=tuple(int(x) for x in bit_a), bit_a2=tuple(int(x) for x in bit_a2),
+        bit_z=tuple(int(u + e * beta) for u, beta in zip(us, betas)),
+        bit_zr=tuple(int(v + e * r) for v, r in zip(vs, rs)),
+        bit_zr2=tuple(int(v2 + e * r * (1 - beta)) for v2, r, beta in zip(v2s, rs, betas)),
+        high=int(big_e), link_a=tuple(int(x) for x in link_a),
+        link_z=(int(x_v + e * value), int(x_r + e * big_r), int(x_h + e * high), int(x_rh + e * r_high),
+                int(x_rho + e * rho)),
+    )
+
+
+def _units_mod(values: Sequence[int], modulus: mpz, n: mpz) -> bool:
+    return all(0 < v < modulus and gmpy2.gcd(v, n) == 1 for v in values)
+
+
+def verify_slots(n: int, c: int, proof: SlotRangeProof, shape: SlotLayout, slot: int, context: bytes,
+                 *, top: bool = False) -> bool:
+    """True iff the proof shows digits 0..slot of c's plaintext in [0, 2^b) (and none above, if top)."""
+    n = mpz(n)
+    _slot_check(n, shape, slot, top)
+    n2, b, count = n * n, shape.quant_bits, (slot + 1) * shape.quant_bits
+    rb, hb, x_bits = _randomness_bits(n), _high_bits(shape, slot), (slot + 1) * shape.slot_bits
+    per_bit = (proof.bits, proof.bit_a, proof.bit_a2, proof.bit_z, proof.bit_zr, proof.bit_zr2)
+    if any(len(values) != count for values in per_bit) or len(proof.link_a) != 3 or len(proof.link_z) != 5:
+        return False
+    if not (0 < c < n2 and gmpy2.gcd(c, n) == 1):
+        return False
+    if not _units_mod(proof.bits + proof.bit_a + proof.bit_a2 + proof.link_a[:2] + (proof.high,), n, n):
+        return False
+    if not _units_mod(proof.link_a[2:], n2, n):
+        return False
+    z_v, z_r, z_h, z_rh, z_rho = (mpz(z) for z in proof.link_z)
+    in_range = (all(0 <= z < _z_max(1) for z in proof.bit_z)
+                and all(0 <= z < _z_max(rb) for z in proof.bit_zr + proof.bit_zr2)
+                and 0 <= z_v < _z_max(x_bits) and 0 <= z_r < _z_max(rb + x_bits)
+                and 0 <= z_h < _z_max(hb) and 0 <= z_rh < _z_max(rb) and 0 <= z_rho < _z_max(djn.exponent_bits(n)))
+    if not in_range:
+        return False
+    if top and not (proof.high == 1 and proof.link_a[1] == 1 and z_h == 0 and z_rh == 0):
+        return False
+    e = _slot_challenge(n, c, shape, slot, top, context,
+                        _first_messages(proof.bits, proof.bit_a, proof.bit_a2, proof.high, proof.link_a))
+    h2 = _h2_table(n)
+    for C, a, a2, z, zr, zr2 in zip(*per_bit):
+        C = mpz(C)
+        c_e = powmod(C, e, n)
+        if _commit(n, z, zr) != a * c_e % n:  # C opens to beta
+            return False
+        if powmod(C, z, n) * h2.pow(zr2) % n != a2 * c_e % n:  # ... and to beta·beta
+            return False
+    d = _fold(n, proof.bits, shape, slot + 1)
+    a_d, a_e, a_c = (mpz(x) for x in proof.link_a)
+    if proofs._h1_pow(n, z_v) * powmod(proofs._generators(n)[1], z_r, n) % n != a_d * powmod(d, e, n) % n:
+        return False
+    if not top and _commit(n, z_h, z_rh) != a_e * powmod(mpz(proof.high), e, n) % n:
+        return False
+    shift = mpz(1) << ((slot + 1) * shape.slot_bits)
+    lhs = (1 + (z_v + shift * z_h) % n * n) * djn.table(int(n)).pow(z_rho) % n2
+    return lhs == a_c * powmod(mpz(c), e, n2) % n2

@@ -26,6 +26,7 @@ in-range contributions can reach (above or below) is flagged rather than decoded
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -67,25 +68,40 @@ def packed(codes: list[int]) -> list[int]:
     return [sum(c << (w * i) for i, c in enumerate(padded[j:j + k])) for j in range(0, len(padded), k)]
 
 
-def attacker_contribution(slot_codes: dict[int, int], sender="attacker") -> C.Contribution:
-    """Codes of 0.0 everywhere but `slot_codes`, encrypted and proven by the real prover."""
+def attacker_sealed(slot_codes: dict[int, int], sender="attacker", *, extra: int = 0):
+    """(contribution, plaintexts, rhos): codes of 0.0 everywhere but `slot_codes`, plus
+    `extra` on the first plaintext, encrypted and proven by the real prover."""
     public = key()[0]
     codes = [layout().offset] * VALUES
     for slot, code in slot_codes.items():
         codes[slot] = code
     plaintexts = packed(codes)
-    assert all(0 <= m < 1 << layout().plaintext_bits for m in plaintexts)  # inside the proven bound
+    plaintexts[0] += extra
     randomizers = [djn.randomizer(public.n) for _ in plaintexts]
     cs = [djn.encrypt(public.n, m, h) for m, (_, h) in zip(plaintexts, randomizers)]
-    proof = subset_range.prove(public.n, cs, plaintexts, [rho for rho, _ in randomizers],
-                               layout().plaintext_bits, ctx(sender))
-    return C.Contribution(VALUES, tuple(int(c) for c in cs), proof)
+    rhos = [rho for rho, _ in randomizers]
+    proof = subset_range.prove(public.n, cs, plaintexts, rhos, layout().plaintext_bits, ctx(sender))
+    return C.Contribution(VALUES, tuple(int(c) for c in cs), proof), plaintexts, rhos
+
+
+def attacker_contribution(slot_codes: dict[int, int], sender="attacker") -> C.Contribution:
+    item, plaintexts, _ = attacker_sealed(slot_codes, sender)
+    assert all(0 <= m < 1 << layout().plaintext_bits for m in plaintexts)  # inside the proven bound
+    return item
 
 
 @functools.cache
-def honest_items() -> tuple[C.Contribution, ...]:
-    zero = np.zeros(VALUES, dtype=np.float32)
-    return tuple(C.seal(key()[0], layout(), zero, ctx(f"honest-{i}")) for i in range(3))
+def honest_trainers(value: float = 0.0) -> tuple[tuple[str, np.ndarray, C.Precomputation, C.Contribution], ...]:
+    """(sender, update, precomputation, contribution) of three trainers sending `value` everywhere."""
+    public, update, out = key()[0], np.full(VALUES, value, dtype=np.float32), []
+    for i in range(3):
+        pre = C.precompute(public, layout(), VALUES)
+        out.append((f"honest-{i}", update, pre, C.seal(public, layout(), update, ctx(f"honest-{i}"), precomputed=pre)))
+    return tuple(out)
+
+
+def honest_items(value: float = 0.0) -> tuple[C.Contribution, ...]:
+    return tuple(item for *_, item in honest_trainers(value))
 
 
 def threshold_decrypt(cs):
@@ -94,9 +110,9 @@ def threshold_decrypt(cs):
     return paillier.combine_many(public, vks, T, cs, batches, b"finding5", workers=1)
 
 
-def round_mean(attacker: C.Contribution) -> np.ndarray:
+def round_mean(attacker: C.Contribution, honest_value: float = 0.0) -> np.ndarray:
     """What the round publishes with the attacker among three honest trainers."""
-    items = list(honest_items()) + [attacker]
+    items = list(honest_items(honest_value)) + [attacker]
     plaintexts = threshold_decrypt(C.aggregate(key()[0], items))
     return C.decode_sum(plaintexts, VALUES, len(items), layout())
 
@@ -148,13 +164,21 @@ def test_finding5_no_accepted_set_can_wrap_modulo_n():
     assert 2 * worst < key()[0].n
 
 
-def test_finding5_slot_sums_no_in_range_set_reaches_are_flagged_not_decoded():
+def test_finding5_a_slot_sum_over_reach_is_flagged_with_its_position_and_the_mean_stays_in_bounds():
     lay, c = layout(), 4
-    with pytest.raises(packing.SlotOverflow):
-        packing.decode_mean(np.array([c * ((1 << 16) - 1) + 1], dtype=np.uint64), c, lay)
-    with pytest.raises(packing.SlotOverflow):  # below c·1: some contribution was negative
-        packing.decode_mean(np.array([c - 1], dtype=np.uint64), c, lay)
-    assert packing.decode_mean(np.array([c, c * ((1 << 16) - 1)], dtype=np.uint64), c, lay).tolist() == [-1.0, 1.0]
+    top = c * ((1 << 16) - 1)
+    with pytest.raises(packing.SlotOverflow) as err:
+        packing.decode_mean(np.array([top, top + 1], dtype=np.uint64), c, lay)
+    assert err.value.value_index == 1
+    assert C.blame_for(err.value, lay) == C.Blame(0, 1, False)
+    # below c takes a code of 0 (which the slot proof allows): clamped to -B, never past it
+    # (before: a sum of c - 1 decoded to -1.0000076)
+    assert packing.decode_mean(np.array([c - 1, c, top], dtype=np.uint64), c, lay).tolist() == [-1.0, -1.0, 1.0]
+    wide = (1 << lay.plaintext_bits) + 1
+    with pytest.raises(packing.SlotOverflow) as err:
+        packing.unpack([0, wide], 2 * lay.slots_per_plaintext, lay)
+    assert err.value.plaintext_index == 1
+    assert C.blame_for(err.value, lay) == C.Blame(1, lay.slots_per_plaintext - 1, True)
 
 
 # --- the rule the finding asks for: open ---------------------------------------------------
@@ -180,3 +204,117 @@ def test_finding5_an_overflowing_value_is_refused_before_aggregation():
     attack = attacker_contribution({ATTACK_SLOTS[0]: 500000})
     # today it verifies; decoding the aggregate raises SlotOverflow and names no contribution
     assert not accepted(attack), "accepted; the aggregate then fails to decode (SlotOverflow)"
+
+
+# --- an overflow names its contribution: the blame step ------------------------------------
+
+
+def slot_ctx(sender, blame):
+    return C.slot_context_for(key()[0], MESH, ROUND, sender, blame)
+
+
+def overflow_of(attacker: C.Contribution, honest_value: float = 0.0) -> packing.SlotOverflow:
+    with pytest.raises(packing.SlotOverflow) as err:
+        round_mean(attacker, honest_value)
+    return err.value
+
+
+def named_by_blame(blame: C.Blame, answers: dict[str, tuple[C.Contribution, bytes]]) -> set[str]:
+    """Senders whose answer (wire bytes) does not prove the blamed position in range."""
+    named = set()
+    for sender, (item, wire) in answers.items():
+        try:
+            proof = C.decode_slot_proof(wire)
+            C.verify_slots(key()[0], layout(), item, blame, proof, slot_ctx(sender, blame))
+        except C.InvalidContribution:
+            named.add(sender)
+    return named
+
+
+def honest_answers(blame: C.Blame, trainers=None) -> dict[str, tuple[C.Contribution, bytes]]:
+    answers = {}
+    for sender, update, pre, item in trainers or honest_trainers():
+        proof = C.prove_slots(key()[0], layout(), update, pre, blame, slot_ctx(sender, blame))
+        answers[sender] = (item, C.encode_slot_proof(proof))
+    return answers
+
+
+def attackers_best_answer(item, plaintexts, rhos, blame, victim):
+    """The attacker cannot prove its own plaintext; it tries an in-range one, and a victim's proof."""
+    public, j = key()[0], blame.plaintext_index
+    shape = C.slot_shape(layout())
+    with pytest.raises(subset_range.SubsetRangeError):
+        subset_range.prove_slots(public.n, item.ciphertexts[j], plaintexts[j], rhos[j], shape, blame.slot,
+                                 slot_ctx("attacker", blame), top=blame.top)
+    honest_m = packed([layout().offset] * VALUES)[j]
+    rho, h = djn.randomizer(public.n)
+    in_range = subset_range.prove_slots(public.n, int(djn.encrypt(public.n, honest_m, h)), honest_m, rho, shape,
+                                        blame.slot, slot_ctx("attacker", blame), top=blame.top)
+    return [C.encode_slot_proof(in_range), victim]
+
+
+def test_finding5_an_overflowing_slot_names_the_contribution_that_caused_it():
+    item, plaintexts, rhos = attacker_sealed({ATTACK_SLOTS[0]: 500000})
+    assert accepted(item)  # still accepted before aggregation (the xfail above)
+    blame = C.blame_for(overflow_of(item), layout())
+    assert blame == C.Blame(0, ATTACK_SLOTS[0], False)
+    answers = honest_answers(blame)
+    for forged in attackers_best_answer(item, plaintexts, rhos, blame, answers["honest-0"][1]):
+        assert named_by_blame(blame, {**answers, "attacker": (item, forged)}) == {"attacker"}
+
+
+def test_finding5_a_carry_from_a_lower_slot_is_blamed_on_its_author():
+    # Honest trainers at +B (code 65535). The attacker's 2^21 - 1 in slot 2 carries one into
+    # slot 3 and leaves slot 2 in the decode window; its in-range 65535 in slot 3 then takes
+    # that sum one past 4 · 65535. Slot 3 is blamed, and the proof covers slots 0..3, so the
+    # carry's author is named although its slot 3 holds an in-range code.
+    item, plaintexts, rhos = attacker_sealed({2: (1 << 21) - 1, 3: (1 << 16) - 1})
+    blame = C.blame_for(overflow_of(item, honest_value=1.0), layout())
+    assert blame == C.Blame(0, 3, False)
+    answers = honest_answers(blame, honest_trainers(1.0))
+    forged = attackers_best_answer(item, plaintexts, rhos, blame, answers["honest-1"][1])[0]
+    assert named_by_blame(blame, {**answers, "attacker": (item, forged)}) == {"attacker"}
+
+
+def test_finding5_a_plaintext_past_its_width_names_the_contribution(monkeypatch):
+    # The subset proof's tolerance lets a plaintext a few bits past 2^P through; the real
+    # prover refuses to make one, so the attacker runs it without that check.
+    monkeypatch.setattr(subset_range, "_check_plaintexts", lambda ms, bound_bits: None)
+    item, plaintexts, rhos = attacker_sealed({}, extra=1 << layout().plaintext_bits)
+    monkeypatch.undo()
+    assert accepted(item)
+    blame = C.blame_for(overflow_of(item), layout())
+    assert blame == C.Blame(0, layout().slots_per_plaintext - 1, True)
+    one_honest = honest_trainers()[:1]  # a whole-plaintext proof takes ~2 s each at 1024 bits
+    answers = honest_answers(blame, one_honest)
+    forged = attackers_best_answer(item, plaintexts, rhos, blame, answers["honest-0"][1])[0]
+    assert named_by_blame(blame, {**answers, "attacker": (item, forged)}) == {"attacker"}
+
+
+def test_finding5_slot_proofs_bind_every_field_position_and_context():
+    public, shape, blame = key()[0], C.slot_shape(layout()), C.Blame(1, 1, False)
+    sender, update, pre, item = honest_trainers()[0]
+    proof = C.prove_slots(public, layout(), update, pre, blame, slot_ctx(sender, blame))
+    c = item.ciphertexts[1]
+    assert subset_range.verify_slots(public.n, c, proof, shape, 1, slot_ctx(sender, blame))
+    assert not subset_range.verify_slots(public.n, c, proof, shape, 1, slot_ctx("other", blame))
+    assert not subset_range.verify_slots(public.n, item.ciphertexts[0], proof, shape, 1, slot_ctx(sender, blame))
+    assert not subset_range.verify_slots(public.n, c, proof, shape, 0, slot_ctx(sender, blame))
+    for name in subset_range.SLOT_FIELDS:
+        value = getattr(proof, name)
+        if isinstance(value, tuple):
+            for index in (0, len(value) - 1):
+                bumped = value[:index] + (value[index] + 1,) + value[index + 1:]
+                assert not subset_range.verify_slots(public.n, c, dataclasses.replace(proof, **{name: bumped}),
+                                                     shape, 1, slot_ctx(sender, blame)), (name, index)
+        else:
+            assert not subset_range.verify_slots(public.n, c, dataclasses.replace(proof, **{name: value + 1}),
+                                                 shape, 1, slot_ctx(sender, blame)), name
+    wire = C.encode_slot_proof(proof)
+    assert C.decode_slot_proof(wire) == proof
+    for bad in (b"", wire[:-1], C.encode_slot_proof(dataclasses.replace(proof, bits=proof.bits[:-1]))[:-3]):
+        with pytest.raises(C.InvalidContribution, match="malformed_slot_proof"):
+            C.decode_slot_proof(bad)
+    short = dataclasses.replace(proof, bits=proof.bits[:-1])
+    with pytest.raises(C.InvalidContribution, match="malformed_slot_proof"):
+        C.decode_slot_proof(C.encode_slot_proof(short))
