@@ -230,12 +230,38 @@ def _slot_bounds(args, public, layout, item, t, sample: int = 64) -> None:
           f"ciphertexts, prove "
           f"{t['online_per_contributor'] * per_1m:.1f} s online + {t['offline_per_contributor'] * per_1m:.1f} s "
           f"offline, verify {t['verify_per_contribution'] * per_1m:.1f} s")
+    _blame_cost(public, layout, item)
     for label, elements in (("one element per value", 1), (f"bit decomposition ({layout.quant_bits} per value)",
                                                            layout.quant_bits)):
         print(f"secagg: slot bounds: exact per-slot floor, {label}, per 1M values: >= "
               f"{elements * million * element / 1e6:.0f} MB, prove >= {elements * million * commit_s:.0f} s, "
               f"verify >= {elements * million * check_s:.0f} s (measured {commit_s * 1e3:.3f} ms per fixed-base "
               f"commitment, {check_s * 1e3:.3f} ms per {proofs.T + proofs.BATCH_RHO_BITS}-bit exponentiation)")
+
+
+def _blame_cost(public, layout, item) -> None:
+    """One contributor's answer to a blame after SlotOverflow: the exact slot proof, mid and last slot."""
+    from gmpy2 import mpz
+
+    from crypto import djn
+
+    shape = contribution.slot_shape(layout)
+    k = layout.slots_per_plaintext
+    m = sum(layout.offset << (layout.slot_bits * i) for i in range(k))  # 0.0 in every slot
+    rho, h = djn.randomizer(public.n)
+    c = int(djn.encrypt(public.n, m, h))
+    subset_range._h2_table(mpz(public.n))  # built once per key, like the other tables
+    for slot, top in ((k // 2, False), (k - 1, True)):
+        start = time.process_time()
+        proof = subset_range.prove_slots(public.n, c, m, rho, shape, slot, b"bench", top=top)
+        prove_s = time.process_time() - start
+        start = time.process_time()
+        assert subset_range.verify_slots(public.n, c, proof, shape, slot, b"bench", top=top)
+        verify_s = time.process_time() - start
+        size = len(contribution.encode_slot_proof(proof))
+        print(f"secagg: blame: slot proof for slots 0..{slot}{' (whole plaintext)' if top else ''}: "
+              f"{(slot + 1) * layout.quant_bits} committed bits, prove {prove_s:.2f} s, verify {verify_s:.2f} s, "
+              f"{size / 1e3:.0f} KB, per contributor per blamed position")
 
 
 class _timed:

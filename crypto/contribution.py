@@ -8,6 +8,9 @@ verify(): the validator's check of all of that; raises InvalidContribution with 
 aggregate(): the position-wise product of accepted contributions: the encrypted sum.
 decryption_blocks(): which committee members partially decrypt which positions, so
           each member does t/n of the work (with a fallback when a member is gone).
+blame_for(), prove_slots(), verify_slots(): after a SlotOverflow, every contributor proves
+          the overflowing position in range with an exact proof, and who cannot is named
+          (the range proof bounds plaintexts, not slots: docs/crypto-contribution.md).
 
 Pure library: no I/O. Wire form: versioned msgpack, every value range-checked on decode.
 """

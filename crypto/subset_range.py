@@ -26,6 +26,11 @@ multiplications per ciphertext by grouping 6 ciphertexts and tabulating their 64
 subset products. Everything else is 128 small proofs, checked together with
 Bellare–Garay–Rabin small exponents (a wrong equation passes w.p. <= 2^-64, up to a
 factor of order 2, which changes neither a plaintext nor a committed integer's size).
+
+What it does not bound: a slot. The plaintext bound leaves every slot free in [0, 2^w).
+prove_slots/verify_slots at the end of this module prove the digits of ONE plaintext
+exactly (about two commitments per bit: seconds per plaintext), for the blame step after
+an overflow (crypto/contribution.py, docs/crypto-contribution.md "Per-slot bounds").
 """
 
 from __future__ import annotations

@@ -10,18 +10,16 @@ honest trainers whose updates are 0.0:
 - +150729 / -85193 in two slots: both verify, the mean moves to +0.90 / -0.90 (an
   in-range trainer moves it by at most 0.25 either way);
 - 2^21 - 1 in a slot: verifies, carries into the next slot, and decodes without error;
-- 500000 in a slot: verifies, and decoding the aggregate raises SlotOverflow, which names
-  no contribution (the round ends combine_failed, no one blamed).
+- 500000 in a slot: verifies, and decoding the aggregate raises SlotOverflow.
 
-No per-slot proof closes this at an acceptable cost today (docs/crypto-contribution.md,
-"Per-slot bounds": every amortized argument over the packed ciphertexts bounds a slot only
-up to a factor of 2^(T + kappa) or of the number of values, far above the 2.3x the attack
-needs; an exact one costs per-value public-key work). The tests that state the wanted rule
-are therefore `xfail(strict=True)`: they perform the attack and assert the refusal; they
-pass the day a per-slot proof lands, and strict makes that day visible. What does hold is
-tested plainly: honest contributions verify and decode, a plaintext over the proven bound
-is refused, no accepted set of contributions wraps modulo n, and a slot sum outside what
-in-range contributions can reach (above or below) is flagged rather than decoded.
+Refusing these before aggregation needs a per-slot proof, and none is cheap enough for
+whole contributions (docs/crypto-contribution.md, "Per-slot bounds"): those three tests are
+`xfail(strict=True)`; they perform the attack, assert the refusal, and pass the day such a
+proof lands. What holds is tested plainly: honest contributions verify and decode, a
+plaintext over the proven bound is refused, no accepted set wraps modulo n, the mean never
+leaves [-B, B], and an overflow names its author: SlotOverflow says where, every
+contributor proves that position in range with the exact slot proof, and only the attacker
+cannot (the overflow, a carry from a lower slot, a plaintext wider than the layout).
 """
 
 from __future__ import annotations
