@@ -17,6 +17,7 @@ Pure library: no I/O. Wire form: versioned msgpack, every value range-checked on
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -250,6 +251,29 @@ def blame_for(overflow: packing.SlotOverflow, layout: PackingLayout) -> Blame | 
     return None
 
 
+def spot_check_blames(beacon: bytes, layout: PackingLayout, value_count: int, count: int) -> list[Blame]:
+    """`count` whole plaintexts to prove in range in a round that did not overflow.
+
+    A contributor with out-of-range slots in a fraction f of its plaintexts is named with
+    probability 1 - (1 - f)^count. `beacon` must be unknown to every contributor until its
+    contribution is fixed (for example a hash of the validators' signatures on the agreed
+    contributor set); a hash of the contributions alone can be ground by the last one.
+    """
+    plaintexts = layout.plaintexts_needed(value_count)
+    if not 1 <= count <= plaintexts:
+        raise ValueError(f"count must be in 1..{plaintexts}")
+    stream = hashlib.shake_256(b"sealmesh/spot-check/v1" + bytes(beacon)).digest(8 * 4 * count + 64)
+    chosen: list[int] = []
+    for offset in range(0, len(stream) - 7, 8):
+        j = int.from_bytes(stream[offset:offset + 8], "big") % plaintexts  # bias < 2^-40
+        if j not in chosen:
+            chosen.append(j)
+        if len(chosen) == count:
+            break
+    k = layout.slots_per_plaintext
+    return [Blame(j, k - 1, True) for j in chosen]
+
+
 def slot_context_for(public: PublicKey, mesh_id: str, round_id: int, sender: str, blame: Blame) -> bytes:
     return proofs.ProofContext(public.n, mesh_id, round_id, sender, blame.plaintext_index,
                                PURPOSE_SLOT_RANGE).encode()
@@ -276,14 +300,16 @@ def prove_slots(public: PublicKey, layout: PackingLayout, update: np.ndarray, pr
 
 def verify_slots(public: PublicKey, layout: PackingLayout, contribution: Contribution, blame: Blame,
                  proof: subset_range.SlotRangeProof, context: bytes) -> None:
-    """Raises InvalidContribution("bad_slot_proof") unless the proof answers the blame for it."""
+    """Raises InvalidContribution("bad_slot_proof") unless the proof answers the blame for it.
+
+    A blame that does not fit the layout or the contribution is the caller's mistake
+    (ValueError, SubsetRangeError), never evidence against the contributor.
+    """
     if not 0 <= blame.plaintext_index < len(contribution.ciphertexts):
-        raise InvalidContribution("bad_slot_proof", f"no plaintext {blame.plaintext_index} in this contribution")
+        raise ValueError(f"the blame names plaintext {blame.plaintext_index}; the contribution has "
+                         f"{len(contribution.ciphertexts)}")
     c = contribution.ciphertexts[blame.plaintext_index]
-    try:
-        ok = subset_range.verify_slots(public.n, c, proof, slot_shape(layout), blame.slot, context, top=blame.top)
-    except subset_range.SubsetRangeError as exc:
-        raise InvalidContribution("bad_slot_proof", str(exc)) from exc
+    ok = subset_range.verify_slots(public.n, c, proof, slot_shape(layout), blame.slot, context, top=blame.top)
     if not ok:
         raise InvalidContribution("bad_slot_proof", f"slots 0..{blame.slot} of plaintext "
                                                     f"{blame.plaintext_index} are not proven in range")

@@ -316,3 +316,19 @@ def test_finding5_slot_proofs_bind_every_field_position_and_context():
     short = dataclasses.replace(proof, bits=proof.bits[:-1])
     with pytest.raises(C.InvalidContribution, match="malformed_slot_proof"):
         C.decode_slot_proof(C.encode_slot_proof(short))
+
+
+def test_finding5_spot_checks_name_an_attacker_whose_overflow_stays_inside_the_window():
+    # +150729 / -85193 keep every sum in the decode window: no overflow, no blame. A spot
+    # check of the whole plaintext, at a position drawn after the contributions are fixed,
+    # still names the attacker and only it.
+    item, plaintexts, rhos = attacker_sealed({ATTACK_SLOTS[0]: 150729, ATTACK_SLOTS[1]: -85193})
+    blames = C.spot_check_blames(b"agreement signatures", layout(), VALUES, 2)
+    assert sorted(b.plaintext_index for b in blames) == [0, 1] and all(b.top for b in blames)
+    assert blames == C.spot_check_blames(b"agreement signatures", layout(), VALUES, 2)
+    blame = next(b for b in blames if b.plaintext_index == 0)
+    answers = honest_answers(blame, honest_trainers()[:1])
+    forged = attackers_best_answer(item, plaintexts, rhos, blame, answers["honest-0"][1])[0]
+    assert named_by_blame(blame, {**answers, "attacker": (item, forged)}) == {"attacker"}
+    with pytest.raises(ValueError):
+        C.spot_check_blames(b"x", layout(), VALUES, 3)
