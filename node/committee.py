@@ -208,6 +208,29 @@ def blocks_to_decrypt(blocks: Sequence[DecryptionBlock], me: int, alive: Iterabl
     return chosen
 
 
+def cover_for_missing(blocks: Sequence[DecryptionBlock], holders: Mapping[int, Iterable[int]], me: int,
+                      threshold: int) -> list[int]:
+    """Block numbers member `me` covers once the partials are in: blocks with fewer than t
+    valid batches get substitutes from the members that released valid partials (so are
+    live) and hold none for that block, lowest index first, as many as are missing.
+    `holders`: member -> block numbers of its valid batches. Every member with the same
+    view picks the same substitutes (issue 11 finding 7)."""
+    live = sorted(holders)
+    if me not in holders:
+        return []
+    by_block: dict[int, set[int]] = {b: set() for b in range(len(blocks))}
+    for member, numbers in holders.items():
+        for b in numbers:
+            if b in by_block:
+                by_block[b].add(member)
+    chosen = []
+    for number, have in sorted(by_block.items()):
+        missing = threshold - len(have)
+        if missing > 0 and me in [m for m in live if m not in have][:missing]:
+            chosen.append(number)
+    return chosen
+
+
 def cover(blocks: Sequence[DecryptionBlock], holders: Mapping[int, Iterable[int]],
           threshold: int) -> dict[int, list[int]] | None:
     """For each block, the t members (lowest index first) whose valid partials cover it;
@@ -314,7 +337,8 @@ def combine_blocks(key: CommitteeKey, aggregate: Sequence[int], blocks: Sequence
 
 __all__ = [
     "BadAggregateBlob", "BadPartialBlob", "COMMITTEE_DIR", "CommitteeKey", "CommitteeKeyError", "blocks_for",
-    "blocks_to_decrypt", "combine_blocks", "cover", "deal_committee", "decode_aggregate", "decode_partial_blob",
+    "blocks_to_decrypt", "combine_blocks", "cover", "cover_for_missing", "deal_committee", "decode_aggregate",
+    "decode_partial_blob",
     "encode_aggregate", "encode_partial_blob", "load_committee", "majority", "partial_context", "public_key_id",
     "save_committee", "write_atomic",
 ]

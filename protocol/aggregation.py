@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Union
 
+from crypto.contribution import decryption_blocks
 from protocol.aggregation_messages import (
     MAX_COMMITTEE, MAX_HYPERPARAMETERS, MAX_NAME_CHARS, MAX_ROUND_CONTRIBUTORS, MAX_STATS,
     MAX_VALIDATORS, AcceptedSet, Contribution, ContributionVerdict, PartialDecryption,
@@ -139,12 +140,13 @@ class DecryptPartial:
 @dataclass(frozen=True)
 class VerifyPartialBlob:
     """Fetch the batch, check member_index and its proof against the aggregate, then
-    verify_partial(...)."""
+    verify_partial(..., blocks=the block numbers it carries, cover=cover)."""
 
     member: str
     member_index: int  # 1-based key-share index: position in the committee
     partial_blob_id: str
     aggregate_id: str
+    cover: bool = False  # the member's cover partial (blocks still missing), not its first
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,8 @@ def round_open_refusal(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: 
     p = mesh.policy
     opener = scheduled_opener(mesh, ro.round_id)
     if sender != opener:
-        return OpenRefusal("not_the_scheduled_opener", f"{sender} announced round {ro.round_id}; only {opener} opens it")
+        return OpenRefusal("not_the_scheduled_opener",
+                           f"{sender} announced round {ro.round_id}; only {opener} opens it")
     problem = round_id_problem(ro.round_id, last_round_id, p.max_round_gap)
     if problem:
         return OpenRefusal("unexpected_round_id", problem)
@@ -417,6 +420,25 @@ def check_round_open(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: in
     if refusal is not None:
         raise RemoteProtocolError(f"RoundOpen {ro.round_id} from {sender}: {refusal.hint}", reason=refusal.reason)
     return ro
+
+
+# --- which blocks a partial must carry (issue 11 finding 7) ---------------------------
+
+
+def own_blocks(ro: RoundOpen, member: str) -> tuple[int, ...]:
+    """The decryption blocks (crypto.contribution.decryption_blocks over the aggregate's
+    ciphertexts) that `member` is asked to decrypt first."""
+    index = ro.committee.index(member) + 1
+    blocks = decryption_blocks(ro.ciphertexts_per_contribution, range(1, len(ro.committee) + 1), ro.threshold)
+    return tuple(b for b, block in enumerate(blocks) if index in block.members)
+
+
+def partial_coverage_problem(ro: RoundOpen, member: str, blocks: Iterable[int]) -> str | None:
+    """A member's (first) partial must carry each of its own blocks; one that carries only
+    some would stall the combine while its member looks alive, so it is a bad partial and
+    its blocks are covered by others. More blocks (cover for a gone member) are fine."""
+    missing = sorted(set(own_blocks(ro, member)) - set(blocks))
+    return f"blocks {missing} of {member}'s are missing" if missing else None
 
 
 # --- accepted sets --------------------------------------------------------------------
@@ -577,6 +599,10 @@ class ValidatorRound:
         self.partials: dict[str, tuple[str, str]] = {}  # member -> (aggregate id, blob id)
         self.partials_valid: set[str] = set()
         self.bad_partials: dict[str, str] = {}  # member -> why it was excluded
+        # A member's second, cover partial: blocks still missing after a timeout (finding 7).
+        self.covers: dict[str, tuple[str, str]] = {}
+        self.covers_valid: set[str] = set()
+        self.bad_covers: dict[str, str] = {}
         self.combining: tuple[tuple[int, str], ...] = ()
         self.adapter_id = ""
         self.mean_stats: dict[str, float] = {}
@@ -699,6 +725,8 @@ class ValidatorRound:
                                       reason="not_a_committee_member")
         if not (is_blob_id(msg.partial_blob_id) and is_blob_id(msg.aggregate_id)):
             raise RemoteProtocolError("partial and aggregate ids must be sha256 hex ids", reason="bad_blob_id")
+        if msg.cover:
+            return self._receive_cover(member, msg)
         known = self.partials.get(member)
         if known == (msg.aggregate_id, msg.partial_blob_id) or self._terminal():
             return []
@@ -710,8 +738,13 @@ class ValidatorRound:
             return self._check_partial(member)
         return []
 
-    def verify_partial(self, member: str, *, valid: bool, reason: str = "") -> list[Effect]:
-        """VerifyPartial: the shell checked the batch and its proof against our aggregate."""
+    def verify_partial(self, member: str, *, valid: bool, reason: str = "", blocks: Iterable[int] = (),
+                       cover: bool = False) -> list[Effect]:
+        """VerifyPartial: the shell checked the batch and its proof against our aggregate;
+        `blocks` are the block numbers it carries. A first partial must carry every block
+        assigned to its member (own_blocks), else the member is named: incomplete_partial."""
+        if cover:
+            return self._verify_cover(member, valid=valid, reason=reason)
         if (member not in self.partials or member in self.partials_valid or member in self.bad_partials
                 or not self.aggregate_confirmed):
             raise LocalProtocolError(f"no verification of {member}'s partial decryption is pending")
@@ -719,11 +752,48 @@ class ValidatorRound:
             raise LocalProtocolError("an invalid partial needs a reason (1..64 chars)")
         if self._terminal():
             return []
+        if valid:
+            missing = partial_coverage_problem(self.round_open, member, blocks)
+            valid, reason = missing is None, "incomplete_partial"
         if not valid:
             self.bad_partials[member] = reason
             return []
         self.partials_valid.add(member)
         return self._maybe_combine()
+
+    def _receive_cover(self, member: str, msg: PartialDecryption) -> list[Effect]:
+        known = self.covers.get(member)
+        if known == (msg.aggregate_id, msg.partial_blob_id) or self._terminal():
+            return []
+        if known is not None:
+            raise RemoteProtocolError(f"{member} sent a second, different cover partial", reason="second_partial")
+        self.covers[member] = (msg.aggregate_id, msg.partial_blob_id)
+        if self.phase is Phase.DECRYPT and self.aggregate_confirmed:
+            return self._check_cover(member)
+        return []
+
+    def _check_cover(self, member: str) -> list[Effect]:
+        assert self.agreed is not None
+        if self.covers[member][0] != self.agreed.aggregate_id:
+            self.bad_covers[member] = "wrong_aggregate"
+            return []
+        return [self._verify_partial_effect(member, cover=True)]
+
+    def _verify_cover(self, member: str, *, valid: bool, reason: str) -> list[Effect]:
+        """A cover partial's batches join its member's for combining (the shell keeps them);
+        an invalid one names its member in bad_covers."""
+        if (member not in self.covers or member in self.covers_valid or member in self.bad_covers
+                or not self.aggregate_confirmed):
+            raise LocalProtocolError(f"no verification of {member}'s cover partial is pending")
+        if not valid and not 0 < len(reason) <= MAX_NAME_CHARS:
+            raise LocalProtocolError("an invalid partial needs a reason (1..64 chars)")
+        if self._terminal():
+            return []
+        if valid:
+            self.covers_valid.add(member)
+        else:
+            self.bad_covers[member] = reason
+        return []
 
     def finalize(self, adapter_id: str, mean_stats: Mapping[str, float]) -> list[Effect]:
         """Finalize: the shell combined, averaged and applied the sum; the round is done."""
@@ -774,6 +844,8 @@ class ValidatorRound:
         if self.phase is Phase.DECRYPT and self.aggregate_confirmed:
             effects += [self._verify_partial_effect(m) for m in sorted(self.partials)
                         if m not in self.partials_valid and m not in self.bad_partials]
+            effects += [self._verify_partial_effect(m, cover=True) for m in sorted(self.covers)
+                        if m not in self.covers_valid and m not in self.bad_covers]
             if self.combining:
                 effects.append(self._combine_effect())
         return effects
@@ -826,6 +898,8 @@ class ValidatorRound:
         effects: list[Effect] = []
         for member in sorted(self.partials):
             effects += self._check_partial(member)
+        for member in sorted(self.covers):
+            effects += self._check_cover(member)
         return effects
 
     def _check_partial(self, member: str) -> list[Effect]:
@@ -835,9 +909,9 @@ class ValidatorRound:
             return []
         return [self._verify_partial_effect(member)]
 
-    def _verify_partial_effect(self, member: str) -> VerifyPartialBlob:
-        aggregate_id, blob_id = self.partials[member]
-        return VerifyPartialBlob(member, self.round_open.committee.index(member) + 1, blob_id, aggregate_id)
+    def _verify_partial_effect(self, member: str, *, cover: bool = False) -> VerifyPartialBlob:
+        aggregate_id, blob_id = (self.covers if cover else self.partials)[member]
+        return VerifyPartialBlob(member, self.round_open.committee.index(member) + 1, blob_id, aggregate_id, cover)
 
     def _maybe_combine(self) -> list[Effect]:
         if self.combining or len(self.partials_valid) < self.round_open.threshold:
@@ -877,6 +951,8 @@ class ValidatorRound:
             "partials": {m: list(v) for m, v in sorted(self.partials.items())},
             "partials_valid": sorted(self.partials_valid),
             "bad_partials": dict(sorted(self.bad_partials.items())),
+            "covers": {m: list(v) for m, v in sorted(self.covers.items())},
+            "covers_valid": sorted(self.covers_valid), "bad_covers": dict(sorted(self.bad_covers.items())),
             "combining": [list(p) for p in self.combining],
             "adapter_id": self.adapter_id, "mean_stats": dict(sorted(self.mean_stats.items())),
         }
@@ -900,6 +976,8 @@ class ValidatorRound:
         machine.partials = {m: (v[0], v[1]) for m, v in s["partials"].items()}
         machine.partials_valid = set(s["partials_valid"])
         machine.bad_partials = dict(s["bad_partials"])
+        machine.covers = {m: (v[0], v[1]) for m, v in s.get("covers", {}).items()}
+        machine.covers_valid, machine.bad_covers = set(s.get("covers_valid", ())), dict(s.get("bad_covers", {}))
         machine.combining = tuple((p[0], p[1]) for p in s["combining"])
         machine.adapter_id, machine.mean_stats = s["adapter_id"], dict(s["mean_stats"])
         return machine
@@ -922,6 +1000,7 @@ class CommitteeRound:
         self.aggregate_confirmed = False
         self.released_blob_id = ""
         self.mesh_min = 1  # the mesh's min_contributors, set on joining
+        self.cover_blob_id = ""  # our cover partial, if we released one
 
     def join_round(self, validator: str, msg: RoundOpen, *, mesh: MeshRounds, now_ms: int,
                    last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
@@ -985,6 +1064,25 @@ class CommitteeRound:
         return [Send(PartialDecryption(ro.round_id, aggregate_id, partial_blob_id)),
                 EnterPhase(CommitteePhase.RELEASED.value)]
 
+    def release_cover(self, aggregate_id: str, partial_blob_id: str) -> list[Effect]:
+        """After our partial, once: the blocks still missing after a timeout (a member that
+        released an incomplete or bad partial, or none), decrypted from the same agreed
+        aggregate. Part of ReleasePartial in the spec, which does not model blocks."""
+        ro, _ = self._joined()
+        if self.phase is CommitteePhase.ABORTED:
+            return []
+        if self.phase is not CommitteePhase.RELEASED or self.agreed is None:
+            raise LocalProtocolError(f"ReleaseCover in phase {self.phase.value}: only after our own partial")
+        if aggregate_id != self.agreed.aggregate_id:
+            raise LocalProtocolError(f"refusing to release a cover of {aggregate_id}: "
+                                     f"the agreed aggregate is {self.agreed.aggregate_id}")
+        if not is_blob_id(partial_blob_id):
+            raise LocalProtocolError(f"cover blob id {partial_blob_id!r} is not a sha256 hex id")
+        if self.cover_blob_id:
+            raise LocalProtocolError("one cover partial per round")
+        self.cover_blob_id = partial_blob_id
+        return [Send(PartialDecryption(ro.round_id, aggregate_id, partial_blob_id, cover=True))]
+
     def final_deadline(self, *, now_ms: int) -> list[Effect]:
         """FinalDeadline: stop waiting; an unreleased share stays unreleased."""
         ro, _ = self._joined()
@@ -1018,7 +1116,7 @@ class CommitteeRound:
             "sets": self.agreement.to_state() if self.agreement else {},
             "agreed": self.agreed.to_state() if self.agreed else None,
             "aggregate_confirmed": self.aggregate_confirmed, "released_blob_id": self.released_blob_id,
-            "mesh_min": self.mesh_min,
+            "mesh_min": self.mesh_min, "cover_blob_id": self.cover_blob_id,
         }
 
     @classmethod
@@ -1034,6 +1132,7 @@ class CommitteeRound:
         machine.agreed = SetView.from_state(s["agreed"]) if s["agreed"] else None
         machine.aggregate_confirmed, machine.released_blob_id = s["aggregate_confirmed"], s["released_blob_id"]
         machine.mesh_min = int(s.get("mesh_min", machine.round_open.min_contributors if machine.round_open else 1))
+        machine.cover_blob_id = s.get("cover_blob_id", "")
         return machine
 
 
@@ -1182,6 +1281,8 @@ def TypeOK(validators: Iterable[ValidatorRound], committee: Iterable[CommitteeRo
             return False
         if not v.partials_valid.isdisjoint(v.bad_partials) or not set(v.partials) >= v.partials_valid:
             return False
+        if not v.covers_valid.isdisjoint(v.bad_covers) or not set(v.covers) >= v.covers_valid:
+            return False
     for c in committee:
         if not isinstance(c.phase, CommitteePhase):
             return False
@@ -1278,5 +1379,5 @@ __all__ = [
     "Phase", "RoundPolicy", "STATE_VERSION", "Send", "SetTimer", "SetView", "Train", "TrainerPhase", "TrainerRound",
     "TypeOK", "ValidatorRound", "VerifyContributionBlob", "VerifyPartialBlob", "check_round_open",
     "expected_base_adapter", "hyperparameters_problem", "is_blob_id", "quorum", "round_id_problem",
-    "round_open_problem", "round_open_refusal", "scheduled_opener",
+    "own_blocks", "partial_coverage_problem", "round_open_problem", "round_open_refusal", "scheduled_opener",
 ]

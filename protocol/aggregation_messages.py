@@ -125,6 +125,9 @@ class PartialDecryption(Message):
     round_id: int
     aggregate_id: str
     partial_blob_id: str
+    # False: the member's partial of its own blocks; True: its one cover partial, of
+    # blocks still missing after a timeout (issue 11 finding 7)
+    cover: bool = False
 
 
 @message_type

@@ -34,6 +34,7 @@ def h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+ALL_BLOCKS = (0, 1, 2)  # a committee of three: three decryption blocks
 HYPERPARAMETERS = {"steps": 20.0, "lr": 0.02, "batch_size": 8.0, "block_len": 64.0, "adapter_values": 300.0}
 
 
@@ -248,9 +249,9 @@ def test_a_round_with_a_cheater_and_a_wrong_partial_ends_with_one_adapter():
     assert v1.verify_partial(C1, valid=False, reason="share_proof") == []
     assert v1.bad_partials == {C1: "share_proof"}  # excluded, named
     v1.receive_partial(C2, partials[C2])
-    assert v1.verify_partial(C2, valid=True) == []  # one valid partial: t = 2 not reached
+    assert v1.verify_partial(C2, valid=True, blocks=ALL_BLOCKS) == []  # one valid partial: t = 2 not reached
     v1.receive_partial(C3, partials[C3])
-    (combine,) = v1.verify_partial(C3, valid=True)
+    (combine,) = v1.verify_partial(C3, valid=True, blocks=ALL_BLOCKS)
     assert combine.partials == ((2, h(f"partial:{C2}:good")), (3, h(f"partial:{C3}:good")))
     assert combine.contributors == 2 and combine.base_adapter_id == r.ro.base_adapter_id
     (final,) = sent(v1.finalize(h("adapter"), {"l2": 0.25}), RoundFinal)
@@ -268,7 +269,7 @@ def test_the_committee_tolerates_n_minus_t_members_gone():
     v2 = r.validators[V2]
     for c in (C1, C3):  # C2 never answers
         v2.receive_partial(c, r.release(c))
-    effects = [e for c in (C1, C3) for e in v2.verify_partial(c, valid=True)]
+    effects = [e for c in (C1, C3) for e in v2.verify_partial(c, valid=True, blocks=ALL_BLOCKS)]
     assert of(effects, agg.CombinePartials)[0].partials[0][0] == 1
 
 
@@ -328,7 +329,7 @@ def test_a_minority_validator_adopts_the_quorum_set_and_recomputes_its_aggregate
     (compute,) = of(effects, agg.ComputeAggregate)
     assert v3.phase is Phase.DECRYPT and compute.blob_ids == tuple(sets[V1].blob_ids)
     with pytest.raises(LocalProtocolError):
-        v3.verify_partial(C1, valid=True)
+        v3.verify_partial(C1, valid=True, blocks=ALL_BLOCKS)
     assert v3.compute_aggregate(sets[V1].aggregate_id) == [] and v3.aggregate_confirmed
     # ...and a recomputation that does not match the agreed id stops the round there.
     other = agg.ValidatorRound.from_state(v3.to_state())
@@ -401,7 +402,7 @@ def test_shell_work_that_ends_after_the_final_deadline_changes_nothing():
     v1 = r.validators[V1]
     for c in (C2, C3):
         v1.receive_partial(c, r.release(c))
-        v1.verify_partial(c, valid=True)
+        v1.verify_partial(c, valid=True, blocks=ALL_BLOCKS)
     v1.final_deadline(now_ms=20_000)
     assert v1.abort_reason == "combine_timeout"
     assert v1.finalize(h("late adapter"), {}) == [] and v1.adapter_id == ""
@@ -485,7 +486,7 @@ def test_a_rejected_message_leaves_the_machine_as_it_was():
     lambda v: v.compute_aggregate(h("a")),  # nothing asked
     lambda v: v.finalize(h("adapter"), {}),  # no combine
     lambda v: v.combine_fails("x"),
-    lambda v: v.verify_partial(C1, valid=True),
+    lambda v: v.verify_partial(C1, valid=True, blocks=ALL_BLOCKS),
 ])
 def test_our_own_misuse_is_a_local_error(event):
     v = with_contribution()
@@ -585,9 +586,9 @@ def validator_in_every_phase():
     v.receive_accepted_set(V2, other)
     out.append(("decrypt", v, [agg.VerifyPartialBlob]))
     v = agg.ValidatorRound.from_state(v.to_state())
-    v.verify_partial(C1, valid=True)
+    v.verify_partial(C1, valid=True, blocks=ALL_BLOCKS)
     v.receive_partial(C2, PartialDecryption(7, other.aggregate_id, h("p2")))
-    v.verify_partial(C2, valid=True)
+    v.verify_partial(C2, valid=True, blocks=ALL_BLOCKS)
     out.append(("combining", v, [agg.CombinePartials]))
     v = agg.ValidatorRound.from_state(v.to_state())
     v.finalize(h("adapter"), {"l2": 1.0})
@@ -612,7 +613,7 @@ def test_a_restarted_validator_resumes_in_every_phase(label, machine, expected):
             elif isinstance(effect, agg.ComputeAggregate):
                 m_.compute_aggregate(aggregate_id(effect.blob_ids))
             elif isinstance(effect, agg.VerifyPartialBlob):
-                m_.verify_partial(effect.member, valid=True)
+                m_.verify_partial(effect.member, valid=True, blocks=ALL_BLOCKS)
             elif isinstance(effect, agg.CombinePartials):
                 m_.finalize(h("adapter"), {})
     assert again.to_state() == machine.to_state()

@@ -178,7 +178,9 @@ def shell_result(node: str, machine: Any, effect: Any, world: World) -> tuple[st
         return "release_partial", (effect.aggregate_id, h(f"partial:{node}:{effect.aggregate_id}")), {}
     if isinstance(effect, agg.VerifyPartialBlob):
         good = effect.member not in BAD_MEMBERS and effect.member_index == COMMITTEE.index(effect.member) + 1
-        return "verify_partial", (effect.member,), ({"valid": True} if good else {"valid": False, "reason": "proof"})
+        # an honest member's batch carries its own blocks (agg.own_blocks), a bad one's a bad proof
+        ok = {"valid": True, "blocks": agg.own_blocks(machine.round_open, effect.member)}
+        return "verify_partial", (effect.member,), (ok if good else {"valid": False, "reason": "proof"})
     if isinstance(effect, agg.CombinePartials):
         return "finalize", (h(f"adapter:{effect.base_adapter_id}:{effect.aggregate_id}"), {"l2": 0.5}), {}
     if isinstance(effect, agg.Train):

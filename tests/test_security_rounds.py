@@ -8,6 +8,11 @@ quorum agreed on a one-element set and the committee decrypted one trainer's upd
 (before the fix, measured with this scenario: 3 of 3 validators joined, the victim
 trained with steps=1e18, the second trainer got round_full, 3 members released, and the
 published mean was the victim's update to 1.5e-05, half the quantization step).
+
+Finding 7: a member whose partial-decryption blob carried only some of its blocks was
+counted valid; a block never reached t batches, nobody covered it, and the round ended
+combine_timeout with no member named (before the fix, measured with this scenario:
+partials_valid = all 3 members, bad_partials = {}, abort reason combine_timeout).
 """
 
 from __future__ import annotations
@@ -236,3 +241,143 @@ def test_finding1_the_mesh_policy_is_read_from_the_committee_files(tmp_path, key
     del info["round_policy"]  # an older committee.json: the defaults, the same on every node
     (tmp_path / cm.INFO_FILE).write_text(json.dumps(info))
     assert cm.load_committee(tmp_path, VALIDATORS[0]).round_policy == agg.RoundPolicy()
+
+
+# --- finding 7: a member that covers only some of its blocks ---------------------------------
+
+
+class SharedStore:
+    """Every node's blob store at once (the blob protocol, without a network)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        cid = hashlib.sha256(data).hexdigest()
+        self.blobs[cid] = data
+        return cid
+
+    def get(self, cid: str) -> bytes:
+        return self.blobs[cid]
+
+
+class Wire:
+    """Gossip between the honest nodes' real shells (each node's _handle), in order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, rounds.RoundsService] = {}
+
+    async def publish(self, sender: str, message) -> None:
+        for me, node in self.nodes.items():
+            if me != sender:
+                await node._handle(sender, message, 0)
+
+
+def member_shell(tmp_path, genesis, keys, me: str, wire: Wire, store: SharedStore, nursery) -> rounds.RoundsService:
+    service = validator_shell(tmp_path, genesis, keys[VALIDATORS.index(me)], me)
+    service.config = rounds.RoundConfig(cover_wait_s=0.3, crypto_threads=1)
+    service.aggregates, service.aggregating = {}, {}
+
+    async def fetch(cid, holders, *, max_bytes, timeout_s=120):
+        return store.get(cid)
+
+    async def publish(message):
+        await wire.publish(me, message)
+
+    async def no_combine(slot, effect):  # combined by the test below, from the verified batches
+        service.combine_asked = effect
+
+    service.ctx = SimpleNamespace(genesis=genesis, publish=publish, fetch=fetch, store=store,
+                                  metrics=SimpleNamespace(reject=lambda *a: None), report=lambda *a: None)
+    service._combine = no_combine
+    service.nursery = nursery
+    service._start = rounds.RoundsService._start.__get__(service)  # the real GuardedWork: tasks in the nursery
+    wire.nodes[me] = service
+    return service
+
+
+async def _until(predicate, what: str, timeout_s: float = 60) -> None:
+    with trio.move_on_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_finding7_an_incomplete_partial_names_its_member_and_live_members_cover_its_blocks(tmp_path, keys, genesis):
+    """Member 1 (the attacker, also a validator) publishes the identical AcceptedSet, then
+    a partial of only one of its two blocks. Before the fix its blob counted as valid, one
+    block never reached t = 2 batches and the round ended combine_timeout with nobody
+    named. Now it is named (incomplete_partial) at every honest validator, members 2 and 3
+    each decrypt the block the other lacks, and the sum decrypts to the true mean."""
+    attacker, honest = VALIDATORS[0], VALIDATORS[1:]
+    public = keys[0].public
+    ro = round_open(keys[0])
+    layout = rounds.layout_of(ro)
+    rng = np.random.default_rng(11)
+    updates = {t: rng.uniform(-0.5, 0.5, VALUES).astype(np.float32) for t in (VICTIM, OTHER)}
+    store, wire = SharedStore(), Wire()
+    blobs = {t: store.put(contribution.encode(public, contribution.seal(
+        public, layout, u, contribution.context_for(public, genesis.mesh_id, 0, t)))) for t, u in updates.items()}
+    blocks = cm.blocks_for(ro.ciphertexts_per_contribution, len(VALIDATORS), keys[0].threshold)
+    attackers_own = agg.own_blocks(ro, attacker)
+    assert len(attackers_own) == 2  # it decrypts one of them only
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            nodes = [member_shell(tmp_path, genesis, keys, me, wire, store, nursery) for me in honest]
+            for node in nodes:
+                await node._join(OPENER, ro)
+            for t, blob_id in blobs.items():
+                size = len(store.get(blob_id))
+                await wire.publish(t, Contribution(0, blob_id, ro.ciphertexts_per_contribution, size))
+            await _until(lambda: all(len(n.slots[0].validator.accepted) == 2 for n in nodes), "both verified")
+            for node in nodes:
+                await node._feed(node.slots[0], "validator", lambda v: v.close_collection(now_ms=ro.deadline_ms))
+            await _until(lambda: all(n.slots[0].validator.published for n in nodes), "the AcceptedSets")
+            agreed = nodes[0].slots[0].validator.published
+            await wire.publish(attacker, agreed.to_message(0))  # the attacker plays along, so it looks alive
+            await _until(lambda: all(n.slots[0].committee.phase is agg.CommitteePhase.RELEASED for n in nodes),
+                         "the honest members' partials")
+            total = cm.decode_aggregate(public, store.get(agreed.aggregate_id), count=ro.ciphertexts_per_contribution)
+            context = lambda b: cm.partial_context(genesis.mesh_id, 0, agreed.aggregate_id, b)  # noqa: E731
+            share = keys[0].share
+            partial = {attackers_own[0]: paillier.partial_decrypt_many(
+                share, total[blocks[attackers_own[0]].start:blocks[attackers_own[0]].stop], context(attackers_own[0]),
+                workers=1)}
+            blob_id = store.put(cm.encode_partial_blob(public, share.index, agreed.aggregate_id, partial))
+            await wire.publish(attacker, agg.PartialDecryption(0, agreed.aggregate_id, blob_id))
+            await _until(lambda: all(n.slots[0].validator.bad_partials for n in nodes), "the attacker named")
+            await _until(lambda: all(n.slots[0].validator.covers_valid == set(honest) for n in nodes),
+                         "both covers verified", timeout_s=90)
+            nursery.cancel_scope.cancel()
+        return nodes, agreed, total, context
+
+    nodes, agreed, total, context = trio.run(scenario)
+    for node in nodes:
+        v = node.slots[0].validator
+        assert v.bad_partials == {attacker: "incomplete_partial"}  # named, with why
+        assert v.partials_valid == set(honest) and v.bad_covers == {}
+        assert node.combine_asked.aggregate_id == agreed.aggregate_id
+    index = {VALIDATORS.index(m) + 1: m for m in honest}
+    batches = {i: nodes[0].slots[0].batches[m] for i, m in index.items()}
+    chosen = cm.cover(blocks, {i: list(b) for i, b in batches.items()}, keys[0].threshold)
+    assert chosen is not None  # every block has t = 2 valid batches again
+    assert {tuple(nodes[i].slots[0].shell["cover_blocks"]) for i in range(2)} == {(0,), (2,)}
+    plaintexts = cm.combine_blocks(keys[0], total, blocks, batches, chosen, context)
+    mean = contribution.decode_sum(plaintexts, VALUES, 2, rounds.layout_of(ro))
+    assert np.max(np.abs(mean - (updates[VICTIM] + updates[OTHER]) / 2)) < 2 * rounds.layout_of(ro).step
+
+
+def test_finding7_the_coverage_rule_and_who_covers_what(keys):
+    ro = round_open(keys[0])
+    assert agg.own_blocks(ro, VALIDATORS[0]) == (0, 2)
+    assert agg.partial_coverage_problem(ro, VALIDATORS[0], [0]) == f"blocks [2] of {VALIDATORS[0]}'s are missing"
+    assert agg.partial_coverage_problem(ro, VALIDATORS[0], [0, 1, 2]) is None  # cover blocks besides: fine
+    blocks = cm.blocks_for(30, 3, 2)  # b0: (1, 2), b1: (2, 3), b2: (3, 1)
+    # member 1 released only b0: b2 lacks a batch; members 2 and 3 are live
+    holders = {2: [0, 1], 3: [1, 2]}
+    assert cm.cover_for_missing(blocks, holders, 2, 2) == [2]
+    assert cm.cover_for_missing(blocks, holders, 3, 2) == [0]
+    assert cm.cover_for_missing(blocks, holders, 1, 2) == []  # a member not found valid covers nothing
+    assert cm.cover_for_missing(blocks, {1: [0, 2], 2: [0, 1], 3: [1, 2]}, 2, 2) == []  # nothing missing

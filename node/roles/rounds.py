@@ -262,6 +262,7 @@ class RoundSlot:
                                       "partials_used": {}, "evaluation": {}, "seconds": {}, "recorded": False}
         self.alive: set[str] = set()  # validators heard from in this round
         self.batches: dict[str, dict] = {}  # member -> block -> verified BatchPartialDecryption
+        self.covers_loaded: set[str] = set()  # members whose verified cover batches are in batches
         self.changed = trio.Event()
         self.ended = trio.Event()
 
@@ -599,6 +600,8 @@ class RoundsService(GuardedWork, RoleService):
             out.append(v.published.to_message(slot.round_id))
         if c is not None and c.phase is agg.CommitteePhase.RELEASED and c.agreed is not None:
             out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.released_blob_id))
+            if c.cover_blob_id:
+                out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.cover_blob_id, cover=True))
         if v.phase is agg.Phase.FINAL:
             out.append(RoundFinal(slot.round_id, slot.ro.base_adapter_id, v.adapter_id, v.agreed.aggregate_id,
                                   list(v.agreed.contributors), dict(v.mean_stats)))
@@ -715,6 +718,38 @@ class RoundsService(GuardedWork, RoleService):
         log.info("phase=partial round=%d blocks=%s alive=%s seconds=%.2f engine=%s threads=%d", slot.round_id, mine,
                  sorted(alive), slot.shell["seconds"]["partial_decrypt"], batch_powmod.engine(), self.config.threads)
         await self._feed(slot, "committee", lambda c: c.release_partial(aggregate_id, blob_id))
+        self._start(self._cover_missing, slot, aggregate_id)
+
+    async def _cover_missing(self, slot: RoundSlot, aggregate_id: str) -> None:
+        """Issue 11 finding 7: after cover_wait_s, the blocks that still lack t valid batches
+        (a member released an incomplete or bad partial, or died after being heard) get
+        cover from the live members that released valid ones (committee.cover_for_missing),
+        once per member and round."""
+        from crypto import paillier
+
+        ro, v, share = slot.ro, slot.validator, self.key.share
+        await trio.sleep(self.config.cover_wait_s)
+        while (v.phase is agg.Phase.DECRYPT and slot.committee.phase is agg.CommitteePhase.RELEASED
+               and not slot.committee.cover_blob_id):
+            cs = self._aggregate(slot, aggregate_id)
+            blocks = cm.blocks_for(len(cs), len(ro.committee), ro.threshold)
+            holders = {ro.committee.index(m) + 1: list(slot.batches[m]) for m in slot.batches if m in v.partials_valid}
+            if cm.cover(blocks, holders, ro.threshold) is not None:
+                return  # every block can be combined
+            mine = cm.cover_for_missing(blocks, holders, share.index, ro.threshold)
+            if mine:
+                context = self._context(slot, aggregate_id)
+                batches = await trio.to_thread.run_sync(lambda: {
+                    b: paillier.partial_decrypt_many(share, cs[blocks[b].start:blocks[b].stop], context(b),
+                                                     workers=self.config.threads) for b in mine})
+                blob = cm.encode_partial_blob(self.key.public, share.index, aggregate_id, batches)
+                blob_id = self.ctx.store.put(blob)
+                slot.shell["cover_blocks"] = mine
+                log.info("phase=cover round=%d blocks=%s", slot.round_id, mine)
+                await self._feed(slot, "committee", lambda c: c.release_cover(aggregate_id, blob_id))
+                return
+            with trio.move_on_after(self.config.cover_wait_s):
+                await slot.changed.wait()
 
     async def _partial_batches(self, slot: RoundSlot, member: str, member_index: int, blob_id: str,
                                aggregate_id: str, *, verify: bool) -> dict:
@@ -748,10 +783,16 @@ class RoundsService(GuardedWork, RoleService):
             reason = getattr(exc, "reason", "invalid")[:agg.MAX_NAME_CHARS]
             log.warning("phase=bad-partial round=%d member=%s reason=%s: %s", slot.round_id,
                         self.ctx.genesis.name_of(effect.member), reason, exc)
-            await self._feed(slot, "validator", lambda v: v.verify_partial(effect.member, valid=False, reason=reason))
+            await self._feed(slot, "validator", lambda v: v.verify_partial(effect.member, valid=False, reason=reason,
+                                                                           cover=effect.cover))
             return
-        slot.batches[effect.member] = batches
-        await self._feed(slot, "validator", lambda v: v.verify_partial(effect.member, valid=True))
+        # The machine decides whether the blocks are the member's (an incomplete first partial
+        # names it); only batches of members it finds valid are ever combined.
+        slot.batches.setdefault(effect.member, {}).update(batches)
+        if effect.cover:
+            slot.covers_loaded.add(effect.member)
+        await self._feed(slot, "validator", lambda v: v.verify_partial(effect.member, valid=True, blocks=list(batches),
+                                                                       cover=effect.cover))
 
     async def _combine(self, slot: RoundSlot, effect: agg.CombinePartials) -> None:
         """Wait until every block has t valid batches, then combine, decode, step, store."""
@@ -765,6 +806,11 @@ class RoundsService(GuardedWork, RoleService):
                 aggregate_id, blob_id = v.partials[member]
                 slot.batches[member] = await self._partial_batches(
                     slot, member, ro.committee.index(member) + 1, blob_id, aggregate_id, verify=False)
+            for member in sorted(v.covers_valid - slot.covers_loaded):  # likewise covers
+                aggregate_id, blob_id = v.covers[member]
+                slot.batches.setdefault(member, {}).update(await self._partial_batches(
+                    slot, member, ro.committee.index(member) + 1, blob_id, aggregate_id, verify=False))
+                slot.covers_loaded.add(member)
             index = {ro.committee.index(m) + 1: m for m in slot.batches if m in v.partials_valid}
             chosen = cm.cover(blocks, {i: list(slot.batches[m]) for i, m in index.items()}, ro.threshold)
             if chosen is not None:
@@ -906,6 +952,8 @@ def round_summary(slot: RoundSlot) -> dict[str, Any]:
         "rejected": [{"trainer": e.trainer, "blob_id": e.blob_id, "reason": e.reason, "evidence_id": e.evidence_id}
                      for e in v.exclusions()],
         "partials_valid": sorted(v.partials_valid), "bad_partials": dict(v.bad_partials),
+        "covers_valid": sorted(v.covers_valid), "bad_covers": dict(v.bad_covers),
+        "cover_blocks": shell.get("cover_blocks"),
         "partials_used": shell["partials_used"], "committee_phase": c.phase.value if c else None,
         "decrypted_blocks": shell.get("decrypted_blocks"), "alive_members": shell.get("alive_members"),
         "loss_before": shell["evaluation"].get("before"), "loss_after": shell["evaluation"].get("after"),
