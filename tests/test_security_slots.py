@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 
 import numpy as np
 import pytest
@@ -332,3 +333,61 @@ def test_finding5_spot_checks_name_an_attacker_whose_overflow_stays_inside_the_w
     assert named_by_blame(blame, {**answers, "attacker": (item, forged)}) == {"attacker"}
     with pytest.raises(ValueError):
         C.spot_check_blames(b"x", layout(), VALUES, 3)
+
+
+def cheating_slot_proof(c: int, m: int, rho: int, betas: list[int], slot: int, context: bytes):
+    """prove_slots with the bits chosen by the caller (any integers): what a cheater can do."""
+    from gmpy2 import powmod
+
+    public, shape = key()[0], C.slot_shape(layout())
+    n, w, b = mpz(public.n), shape.slot_bits, shape.quant_bits
+    R = subset_range
+    rb, hb, x_bits = R._randomness_bits(n), R._high_bits(shape, slot), (slot + 1) * w
+    rs = [mpz(secrets.randbits(rb)) for _ in betas]
+    us, vs, v2s = [R._mask(1) for _ in betas], [R._mask(rb) for _ in betas], [R._mask(rb) for _ in betas]
+    r2s = [r * (1 - beta) if beta in (0, 1) else r for r, beta in zip(rs, betas)]  # its best non-negative try
+    bits = [R._commit(n, beta, r) for beta, r in zip(betas, rs)]
+    bit_a = [R._commit(n, u, v) for u, v in zip(us, vs)]
+    bit_a2 = [powmod(Cb, u, n) * R._h2_table(n).pow(v2) % n for Cb, u, v2 in zip(bits, us, v2s)]
+    value = sum((mpz(beta) << (i // b * w + i % b) for i, beta in enumerate(betas)), mpz(0))
+    big_r = sum((r << (i // b * w + i % b) for i, r in enumerate(rs)), mpz(0))
+    high = (mpz(m) - value) >> x_bits
+    r_high = mpz(secrets.randbits(rb))
+    big_e = R._commit(n, high, r_high)
+    x_v, x_r, x_h, x_rh, x_rho = R._mask(x_bits), R._mask(rb + x_bits), R._mask(hb), R._mask(rb), R._mask(djn.exponent_bits(n))
+    shift = mpz(1) << x_bits
+    link_a = (R._commit(n, x_v, x_r), R._commit(n, x_h, x_rh),
+              (1 + (x_v + shift * x_h) % n * n) * djn.table(int(n)).pow(x_rho) % (n * n))
+    e = R._slot_challenge(n, c, shape, slot, False, context, R._first_messages(bits, bit_a, bit_a2, big_e, link_a))
+    return R.SlotRangeProof(
+        bits=tuple(int(x) for x in bits), bit_a=tuple(int(x) for x in bit_a), bit_a2=tuple(int(x) for x in bit_a2),
+        bit_z=tuple(int(u + e * beta) for u, beta in zip(us, betas)),
+        bit_zr=tuple(int(v + e * r) for v, r in zip(vs, rs)),
+        bit_zr2=tuple(int(v2 + e * r2) for v2, r2 in zip(v2s, r2s)),
+        high=int(big_e), link_a=tuple(int(x) for x in link_a),
+        link_z=(int(x_v + e * value), int(x_r + e * big_r), int(x_h + e * high), int(x_rh + e * r_high),
+                int(x_rho + e * rho)))
+
+
+def test_finding5_a_slot_proof_with_a_bit_that_is_not_0_or_1_is_refused():
+    # 500000 in slot 3 is 2^16 + 434464: written with a "bit" of 2 at 2^15 and in-range bits
+    # below, every equation holds but the product check C = C^beta·h2^(r(1-beta))
+    public, shape, slot = key()[0], C.slot_shape(layout()), ATTACK_SLOTS[0]
+    item, plaintexts, rhos = attacker_sealed({slot: 500000})
+    m, c, b, w = plaintexts[0], item.ciphertexts[0], layout().quant_bits, layout().slot_bits
+    digits = [(m >> (l * w)) & ((1 << w) - 1) for l in range(slot + 1)]
+    betas = [(d >> t) & 1 for d in digits[:slot] for t in range(b)]
+    rest = 500000 - (2 << (b - 1))  # 434464: still over 2^16, so carry the excess as larger "bits"
+    top_bits = [(rest >> t) & 1 for t in range(b)]
+    top_bits[b - 1] += 2 + (rest >> b) * 2  # 2^15·(2 + 2·(rest >> 16)) + low bits = 500000
+    assert sum(beta << t for t, beta in enumerate(top_bits)) == 500000
+    context = slot_ctx("attacker", C.Blame(0, slot, False))
+    forged = cheating_slot_proof(c, m, rhos[0], betas + top_bits, slot, context)
+    assert not subset_range.verify_slots(public.n, c, forged, shape, slot, context)
+    # the same forger with honest bits of an honest plaintext passes: the cheat is the bit
+    honest_m = packed([layout().offset] * VALUES)[0]
+    rho, h = djn.randomizer(public.n)
+    honest_c = int(djn.encrypt(public.n, honest_m, h))
+    honest_bits = [((honest_m >> (l * w)) >> t) & 1 for l in range(slot + 1) for t in range(b)]
+    assert subset_range.verify_slots(public.n, honest_c, cheating_slot_proof(honest_c, honest_m, rho, honest_bits,
+                                                                            slot, context), shape, slot, context)
