@@ -50,11 +50,14 @@ class CapnpFramingError(RemoteProtocolError):
 
 @dataclass(frozen=True)
 class CapnpShape:
-    """What the check found: segment sizes (words), pointers followed, words reached."""
+    """What the check found: segment sizes (words), pointers followed, words reached, and
+    where the byte lists (Data blobs: key material, LWE payloads) lie, as (offset, length)
+    in bytes from the buffer's start, in buffer order."""
 
     segment_words: tuple[int, ...]
     pointers: int
     words_reached: int
+    data_spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -114,6 +117,7 @@ class _Walker:
         self.sizes = sizes
         self.pointers = 0
         self.reached = 0
+        self.data_spans: list[tuple[int, int]] = []
 
     def fail(self, hint: str, reason: str) -> None:
         raise self.error(hint, reason=reason)
@@ -137,7 +141,7 @@ class _Walker:
         while stack:
             segment, index, depth = stack.pop()
             self.follow(segment, index, depth, stack)
-        return CapnpShape(tuple(self.sizes), self.pointers, self.reached)
+        return CapnpShape(tuple(self.sizes), self.pointers, self.reached, tuple(sorted(self.data_spans)))
 
     def follow(self, segment: int, index: int, depth: int, stack: list) -> None:
         word = self.pointer(segment, index)
@@ -202,6 +206,8 @@ class _Walker:
         words = (count * _ELEMENT_BITS[size_code] + 63) // 64
         self.inside(segment, target, words)
         self.charge(words)
+        if size_code == 2 and count:
+            self.data_spans.append((WORD * (self.starts[segment] + target), count))
 
 
 def _signed30(value: int) -> int:

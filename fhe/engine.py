@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import tempfile
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 from fhe.bundle import SERVER_ZIP, BundleError, BundleHashMismatch, sha256_bytes
 from fhe.capnp_guard import check_capnp_message
+from fhe.key_layout import layout_digest, reference_layout_digest
 from protocol.errors import RemoteProtocolError
 
 _CIPHERTEXT_SLACK_BYTES = 4096  # capnp framing and seeds around the raw LWE payload
@@ -95,12 +97,12 @@ class _StoredKey:
     owners: set[str] = field(default_factory=set)
 
 
-def _circuit_info(server_zip: bytes) -> dict[str, Any]:
+def _client_specs_json(server_zip: bytes) -> bytes:
     import zipfile
     from io import BytesIO
 
     with zipfile.ZipFile(BytesIO(server_zip)) as archive:
-        return json.loads(archive.read("client.specs.json"))
+        return archive.read("client.specs.json")
 
 
 def expected_ciphertext_bytes(specs: dict[str, Any]) -> int:
@@ -165,7 +167,8 @@ class FheEngine:
             raise BundleHashMismatch(f"{path} has sha256 {actual}, expected {expected_sha256}: "
                                      "fetch the announced bundle again")
         self.server_sha256 = actual
-        specs = _circuit_info(server_zip)
+        specs_json = _client_specs_json(server_zip)
+        specs = json.loads(specs_json)
         # Load the bytes we hashed from a private copy: the file could change under us.
         with tempfile.TemporaryDirectory() as private:
             (Path(private) / SERVER_ZIP).write_bytes(server_zip)
@@ -179,6 +182,13 @@ class FheEngine:
         self.max_concurrency = max_concurrency
         self.max_ciphertext_bytes = max_ciphertext_bytes or expected_ciphertext_bytes(specs)
         self.evaluation_key_bytes = expected_evaluation_key_bytes(specs)
+        # What honest keys for this circuit look like outside their key material (a
+        # keyset made in a child process, once per circuit): add_key holds uploads to it.
+        try:
+            self.key_layout = reference_layout_digest(specs_json, Path(server_bundle_dir))
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            raise BundleError(f"cannot derive the evaluation-key layout of {path}: {exc}",
+                              reason="bad_server_bundle") from exc
         self.max_keys_per_owner = max_keys_per_owner
         self.owner_key_bytes = owner_key_bytes or min(
             key_cache_bytes, max_keys_per_owner * (self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4))
@@ -272,8 +282,12 @@ class FheEngine:
                     self._unbind(owner_hotkey, old)
                 self._bind(owner_hotkey, key_id)
                 return key_id
-        check_capnp_message(eval_key_bytes, max_bytes=self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4,
-                            error=MalformedKey)
+        shape = check_capnp_message(eval_key_bytes, max_bytes=self.evaluation_key_bytes + _KEY_SLACK_BYTES * 4,
+                                    error=MalformedKey)
+        if layout_digest(eval_key_bytes, shape) != self.key_layout:
+            raise MalformedKey("these evaluation keys are not laid out like keys for this circuit (keys, ids, "
+                               "parameters or sizes differ): generate them from this bundle's client",
+                               reason="key_layout_mismatch")
         from concrete import fhe
 
         try:

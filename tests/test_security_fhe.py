@@ -225,6 +225,26 @@ def test_finding3_the_engine_names_each_framing_fault(bundle, client, genuine):
     assert info.value.reason == "capnp_oversized"
 
 
+def test_finding3_keys_framed_right_but_laid_out_otherwise_are_refused(bundle, client, monkeypatch):
+    """39 MB with the genuine segment table and every other byte zero: before the fix the
+    engine stored it (Concrete read it as an empty keyset) and the first challenge under it
+    killed the miner process (SIGSEGV after a failed vector bounds assertion, exit 139).
+    Keys must now match the layout of keys this circuit makes, outside the key material."""
+    keys = client.evaluation_keys()
+    engine = FheEngine(bundle, load_manifest(bundle).server_sha256)
+    spy = ConcreteSpy(monkeypatch)
+    hollow = keys[:16] + bytes(len(keys) - 16)
+    other_ids = bytearray(keys)
+    other_ids[16 + 8 * 7] ^= 1  # the bootstrap key's info: its id (word 7 of segment 0)
+    for forged in (hollow, bytes(other_ids)):
+        with pytest.raises(MalformedKey) as info:
+            engine.add_key("5Validator", forged)
+        assert info.value.reason == "key_layout_mismatch"
+    assert spy.calls == 0 and engine.key_ids() == []
+    engine.add_key("5Validator", keys)  # honest keys, made through Concrete-ML, pass
+    assert spy.calls == 1
+
+
 # -- finding 9 (the key cache) -------------------------------------------------------------
 
 

@@ -382,6 +382,9 @@ def prepare_testnet(plan, nodes, root: Path) -> None:
         return
     config = FheConfig(bundle_dir=str(root / "fhe" / "bundle-digits-cnn"))
     ensure_bundle(config.model, Path(config.bundle_dir))
+    from fhe.key_layout import ensure_layout_file
+
+    ensure_layout_file(Path(config.bundle_dir))  # once here, not in every miner at start (finding 3)
     for node in nodes:
         if node.role in (Role.VALIDATOR, Role.MINER):
             write_fhe_config(node.data_dir, config)
