@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import math
 import re
 from collections import Counter
@@ -422,6 +423,41 @@ def check_round_open(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: in
     return ro
 
 
+# --- which contributions are aggregated (issue 11 finding 8) ---------------------------
+#
+# First come, first served let k-1 colluders contribute first so that one honest trainer
+# filled the last place: its update is then count x mean minus theirs. Validators now take
+# every valid contribution up to candidate_limit and, after the deadline, draw
+# max_contributors of them; the draw is seeded by the hash of the accepted (trainer, blob
+# id) pairs themselves, so no single party picks it and every validator with the same
+# accepted contributions draws the same set (docs/aggregation.md says what this does not
+# protect against).
+
+CANDIDATES_PER_PLACE = 4  # how many candidates a validator verifies per place in the set
+
+
+def candidate_limit(ro: RoundOpen) -> int:
+    """Contributions a validator receives (and verifies) at most: each costs a proof check."""
+    return min(MAX_ROUND_CONTRIBUTORS, CANDIDATES_PER_PLACE * ro.max_contributors)
+
+
+def draw_seed(ro: RoundOpen, accepted: Mapping[str, str]) -> bytes:
+    """sha256 over the round (id, key, base) and every accepted (trainer, blob id) pair."""
+    lines = [f"sealmesh/draw/v1/{ro.round_id}/{ro.public_key_id}/{ro.base_adapter_id}"]
+    lines += [f"{t}:{accepted[t]}" for t in sorted(accepted)]
+    return hashlib.sha256("\n".join(lines).encode()).digest()
+
+
+def draw_contributors(ro: RoundOpen, accepted: Mapping[str, str]) -> list[str]:
+    """The trainers whose contributions are aggregated, sorted: all of them up to
+    max_contributors, else the max_contributors with the lowest sha256(seed || trainer)."""
+    if len(accepted) <= ro.max_contributors:
+        return sorted(accepted)
+    seed = draw_seed(ro, accepted)
+    ranked = sorted(accepted, key=lambda t: hashlib.sha256(seed + t.encode()).digest())
+    return sorted(ranked[:ro.max_contributors])
+
+
 # --- which blocks a partial must carry (issue 11 finding 7) ---------------------------
 
 
@@ -651,9 +687,9 @@ class ValidatorRound:
         if not 0 < msg.size_bytes <= self.round_open.max_contribution_bytes:
             raise RemoteProtocolError(f"{msg.size_bytes} bytes, the limit is "
                                       f"{self.round_open.max_contribution_bytes}", reason="oversized_contribution")
-        if len(self.contributions) >= self.round_open.max_contributors:
-            raise RemoteProtocolError(f"round {self.round_id} already has max_contributors",
-                                      reason="round_full")
+        if len(self.contributions) >= candidate_limit(self.round_open):
+            raise RemoteProtocolError(f"round {self.round_id} already has {candidate_limit(self.round_open)} "
+                                      "candidate contributions", reason="round_full")
         self.contributions[trainer] = msg.blob_id
         self.pending.add(trainer)
         return [VerifyContributionBlob(trainer, msg.blob_id)]
@@ -697,7 +733,7 @@ class ValidatorRound:
             return []
         if self.phase is Phase.AGGREGATE and self.computing_own:
             self.computing_own = False
-            ordered = sorted(self.accepted)
+            ordered = self._own_selection()
             own = SetView(tuple(ordered), tuple(self.contributions[t] for t in ordered), aggregate_id)
             return self._publish(own)
         if self.phase is Phase.DECRYPT and not self.aggregate_confirmed and self.agreed is not None:
@@ -838,7 +874,7 @@ class ValidatorRound:
         """The shell work that was outstanding when the state was saved: redo it."""
         effects: list[Effect] = [VerifyContributionBlob(t, self.contributions[t]) for t in sorted(self.pending)]
         if self.computing_own:
-            effects.append(ComputeAggregate(self.round_id, tuple(self.contributions[t] for t in sorted(self.accepted))))
+            effects.append(ComputeAggregate(self.round_id, tuple(self.contributions[t] for t in self._own_selection())))
         if self.phase is Phase.DECRYPT and not self.aggregate_confirmed and self.agreed is not None:
             effects.append(ComputeAggregate(self.round_id, self.agreed.blob_ids))
         if self.phase is Phase.DECRYPT and self.aggregate_confirmed:
@@ -859,8 +895,11 @@ class ValidatorRound:
         if self.phase is not phase:
             raise LocalProtocolError(f"{action} in phase {self.phase.value}, needs {phase.value}")
 
+    def _own_selection(self) -> list[str]:
+        return draw_contributors(self.round_open, {t: self.contributions[t] for t in self.accepted})
+
     def _seal_own_set(self) -> list[Effect]:
-        ordered = sorted(self.accepted)
+        ordered = self._own_selection()
         if len(ordered) < self.round_open.min_contributors:
             own = SetView(tuple(ordered), tuple(self.contributions[t] for t in ordered), "")
             return self._publish(own)
@@ -1379,5 +1418,6 @@ __all__ = [
     "Phase", "RoundPolicy", "STATE_VERSION", "Send", "SetTimer", "SetView", "Train", "TrainerPhase", "TrainerRound",
     "TypeOK", "ValidatorRound", "VerifyContributionBlob", "VerifyPartialBlob", "check_round_open",
     "expected_base_adapter", "hyperparameters_problem", "is_blob_id", "quorum", "round_id_problem",
+    "CANDIDATES_PER_PLACE", "candidate_limit", "draw_contributors", "draw_seed",
     "own_blocks", "partial_coverage_problem", "round_open_problem", "round_open_refusal", "scheduled_opener",
 ]

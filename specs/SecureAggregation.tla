@@ -37,6 +37,7 @@ CONSTANTS
     Cheaters,        \* trainers whose contribution does not verify
     BadMembers,      \* committee members whose partial decryption does not verify
     MeshMinContributors, \* the mesh's minimum (configuration): fewer, nothing is decrypted
+    MaxContributors, \* the most contributions aggregated: more accepted, a draw picks these
     Opener,          \* the validator scheduled to open the rounds
     Byzantine,       \* validator keys that may gossip a RoundOpen of their choosing
     Threshold,       \* t of the t-of-n threshold key
@@ -47,6 +48,7 @@ ASSUME /\ Cheaters \subseteq Trainers
        /\ BadMembers \subseteq Committee
        /\ MeshMinContributors \in 1..Cardinality(Trainers)
        /\ Opener \in Validators
+       /\ MaxContributors \in MeshMinContributors..Cardinality(Trainers)
        /\ Threshold \in 1..Cardinality(Committee)
        /\ MaxRounds \in 1..10
 
@@ -112,6 +114,11 @@ Impossible(seen) == /\ Silent(seen) < Quorum
                     /\ \A S \in SetsIn(seen) : Votes(seen, S) + Silent(seen) < Quorum
 
 Accepted(v) == {t \in Trainers : status[v][t] = "accepted"}
+\* Issue 11 finding 8: not the first MaxContributors, but a draw that depends only on the
+\* accepted set (Python: draw_contributors, seeded by its hash), so validators with the
+\* same accepted set draw the same one.
+Drawn(S) == IF Cardinality(S) <= MaxContributors THEN S
+            ELSE CHOOSE X \in SUBSET S : Cardinality(X) = MaxContributors
 NoPending(v) == \A t \in Trainers : status[v][t] # "pending"
 ValidPartials(v, p) == {c \in Committee : p[c] = "valid"}
 
@@ -260,7 +267,7 @@ ComputeAggregate(p) ==
        /\ vPhase[p] = "aggregate"
        /\ published[p] = NoSet
        /\ NoPending(p)
-       /\ LET own == Accepted(p)
+       /\ LET own == Drawn(Accepted(p))
               seen == [vSeen[p] EXCEPT ![p] = own]
           IN /\ published' = [published EXCEPT ![p] = own]
              /\ vSeen' = [vSeen EXCEPT ![p] = seen]

@@ -439,8 +439,9 @@ def with_contribution(**changes) -> agg.ValidatorRound:
     (opened, lambda v: v.receive_contribution(T1, Contribution(7, h("b"), 12, 0), now_ms=5), "oversized_contribution"),
     (with_contribution, lambda v: v.receive_contribution(T1, Contribution(7, h("other"), 12, 1), now_ms=5),
      "second_contribution"),
-    (lambda: opened(max_contributors=2, min_contributors=1), lambda v: [
-        v.receive_contribution(t, contribution(t, v.round_open), now_ms=5) for t in (T1, T2, T3)], "round_full"),
+    (lambda: opened(max_contributors=1, min_contributors=1), lambda v: [  # candidates: 4 per place
+        v.receive_contribution(t, contribution(t, v.round_open), now_ms=5) for t in (T1, T2, T3, "t4", "t5")],
+     "round_full"),
     (opened, lambda v: v.receive_accepted_set("stranger", AcceptedSet(7, [], [], "")), "not_a_round_validator"),
     (opened, lambda v: v.receive_accepted_set(V2, AcceptedSet(7, [T2, T1], [h("1"), h("2")], h("a"))),
      "bad_accepted_set"),

@@ -381,3 +381,47 @@ def test_finding7_the_coverage_rule_and_who_covers_what(keys):
     assert cm.cover_for_missing(blocks, holders, 3, 2) == [0]
     assert cm.cover_for_missing(blocks, holders, 1, 2) == []  # a member not found valid covers nothing
     assert cm.cover_for_missing(blocks, {1: [0, 2], 2: [0, 1], 3: [1, 2]}, 2, 2) == []  # nothing missing
+
+
+# --- finding 8: first come, first served let colluders isolate one trainer -------------------
+
+
+def _drawn_set(ro: RoundOpen, arrivals: list[str], validator: str) -> list[str]:
+    """A real ValidatorRound that receives (and accepts) contributions in `arrivals` order;
+    the contributors of the AcceptedSet it publishes."""
+    v = agg.ValidatorRound(ro, validator)
+    v.open_round(now_ms=0)
+    for t in arrivals:
+        v.receive_contribution(t, Contribution(ro.round_id, h(f"blob:{t}:{ro.round_id}"),
+                                               ro.ciphertexts_per_contribution, 100), now_ms=1)
+        v.verify_contribution(t, valid=True)
+    effects = v.close_collection(now_ms=ro.deadline_ms)
+    (compute,) = [e for e in effects if isinstance(e, agg.ComputeAggregate)]
+    (published,) = [e.message for e in v.compute_aggregate(h(",".join(compute.blob_ids))) if isinstance(e, agg.Send)]
+    return published.contributors
+
+
+def test_finding8_colluders_who_contribute_first_no_longer_choose_the_set(keys):
+    """max_contributors = 3: two colluders contribute first, the victim third, three more
+    honest trainers after it. Before the fix the set was always the first three (measured:
+    200 of 200 rounds {colluder, colluder, victim}, so the victim's update was 3 x mean
+    minus the colluders'). Now every valid contribution is a candidate and three are drawn
+    from all six with a seed no single party picks: validators that saw other arrival
+    orders draw the same set, and the isolating set comes up at about its chance, 1 in 20."""
+    colluders, victim, others = ["5Coll-1", "5Coll-2"], "5Victim", ["5Honest-1", "5Honest-2", "5Honest-3"]
+    first_come = colluders + [victim] + others
+    isolated = 0
+    rounds_run = 200
+    for round_id in range(rounds_run):
+        ro = round_open(keys[0], round_id=round_id, max_contributors=3, min_contributors=2)
+        drawn = _drawn_set(ro, first_come, VALIDATORS[0])
+        assert len(drawn) == 3 and set(drawn) <= set(first_come)
+        assert _drawn_set(ro, list(reversed(first_come)), VALIDATORS[1]) == drawn  # the same set: agreement
+        isolated += set(drawn) == set(colluders + [victim])
+    assert isolated < rounds_run * 0.15  # binomial(200, 1/20): mean 10; before the fix 200
+    # the draw is a function of the accepted (trainer, blob id) pairs alone, and draws all when few
+    ro = round_open(keys[0], max_contributors=3, min_contributors=2)
+    accepted = {t: h(t) for t in first_come}
+    assert agg.draw_contributors(ro, accepted) == agg.draw_contributors(ro, dict(reversed(accepted.items())))
+    assert agg.draw_contributors(ro, {t: h(t) for t in first_come[:3]}) == sorted(first_come[:3])
+    assert agg.candidate_limit(ro) == 12
