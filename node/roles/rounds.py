@@ -386,6 +386,9 @@ class RoundsService(GuardedWork, RoleService):
             await self._apply(slot, "validator", v.resume_effects())
             if slot.committee:
                 await self._apply(slot, "committee", slot.committee.resume_effects())
+                c = slot.committee
+                if c.phase is agg.CommitteePhase.RELEASED and not c.cover_blob_id and v.phase is agg.Phase.DECRYPT:
+                    self._start(self._cover_missing, slot, c.agreed.aggregate_id)  # still owed, maybe
         self.report()
 
     # -- opening rounds (rank 0) --
