@@ -1327,6 +1327,10 @@ class HeadMachine:
 
     def _on_close(self, sender: str, message: HeadClose, now_ms: int) -> list[Effect]:
         self._require("Close", local=False)
+        if self.closing is not None and now_ms >= self.closing.deadline(self.parameters):
+            # Like a late Contest: past the deadline the closed snapshot is final here, so a
+            # newer one must not reach this party alone (found by TLC on specs/Head.tla).
+            raise _reject("close_after_deadline", "the contestation period is over")
         if abs(message.closed_at_ms - now_ms) > CLOCK_SKEW_MS:
             raise _reject("stale_close", f"closed_at is {message.closed_at_ms - now_ms} ms from "
                           f"our clock; the bound is {CLOCK_SKEW_MS}")

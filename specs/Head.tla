@@ -16,18 +16,38 @@
 (* party did. Messages are gossip: a message in `msgs` reaches every party, *)
 (* which handles it once (`delivered`). Ledger transactions are transfers   *)
 (* between parties and round results paid from the reward pool. Time is   *)
-(* `now`; the clock only advances once every honest party has handled all *)
-(* Close and Contest messages (messages are faster than the contestation   *)
-(* period, the assumption Hydra makes too). Restart/Sync are persistence   *)
-(* and are left to the Python tests.                                        *)
+(* `now`; the clock only advances once every honest party has handled the *)
+(* messages a timeout or deadline judges (Close, Contest, and the ReqSn,   *)
+(* AckSn and NackSn of the snapshot in flight): messages are faster than   *)
+(* the timeouts, the assumption Hydra makes too. Restart/Sync are          *)
+(* persistence and are left to the Python tests.                            *)
+(*                                                                          *)
+(* Records (issue 11, finding 2). Rounds 0..RoundLimit-1 may settle; round *)
+(* RoundLimit stands for any id outside the agreed range (10^9). A round    *)
+(* happens (RoundFinal) and each party learns it at a time of its own      *)
+(* (Observe: the node feeding the machine its own RoundFinal). A party      *)
+(* co-signs a round result only if the scheduled Author wrote it, its id  *)
+(* is in range, it pays RoundReward to RuleTo(r) (the reward rule) and it  *)
+(* observed the round itself; otherwise, or while it has not observed it, *)
+(* it sends a signed refusal (NackSn), which blocks the withheld vote.     *)
 (***************************************************************************)
 EXTENDS Integers, FiniteSets, Sequences
 
 CONSTANTS Parties, Byzantine, InitBalance, PoolBalance, Escrow, MaxTx,
-          AgreedRounds, SignTimeout, ContestationPeriod, DepositPeriod, MaxTime
+          AgreedRounds, RoundLimit, RoundReward, SignTimeout, ContestationPeriod,
+          DepositPeriod, MaxTime, Late, Closers, Faults
 
 ASSUME Byzantine \subseteq Parties
 ASSUME 2 * Cardinality(Byzantine) < Cardinality(Parties)
+ASSUME AgreedRounds <= RoundLimit
+\* Which environment and byzantine actions a model run explores (each config picks a
+\* few, so that TLC finishes): deposit, byz_close, byz_sign, byz_vote, byz_tx, byz_req.
+\* transfer: honest parties also pay each other; deposit: they deposit and recover.
+ASSUME Faults \subseteq {"transfer", "deposit", "byz_close", "byz_sign", "byz_vote", "byz_tx",
+                         "byz_req"}
+\* Late: the parties whose own RoundFinal comes at a time of its own (the others learn a
+\* round as it happens); Closers: the honest parties that may close.
+ASSUME Late \subseteq Parties /\ Closers \subseteq Parties \ Byzantine
 
 Pool == "pool"
 NoDep == "nodep"
@@ -41,40 +61,72 @@ Order == CHOOSE s \in [1..N -> Parties] : \A i, j \in 1..N : i /= j => s[i] /= s
 Leader(n) == Order[((n - 1) % N) + 1]
 Pos(p) == CHOOSE i \in 1..N : Order[i] = p
 
+\* Records (protocol/head_rules.py): the scheduled author is rank 0, the leader of
+\* snapshot 1; round r pays RoundReward to its contributor RuleTo(r).
+Rounds == 0..(RoundLimit - 1)
+FakeRound == RoundLimit
+NoRound == -1
+Author == Order[1]
+RuleTo(r) == Order[(r % N) + 1]
+
 RECURSIVE SumOver(_, _)
 SumOver(f, S) == IF S = {} THEN 0
                  ELSE LET a == CHOOSE x \in S : TRUE IN f[a] + SumOver(f, S \ {a})
 Total(bal) == SumOver(bal, Accounts)
 
 L0 == [bal |-> [a \in Accounts |-> IF a = Pool THEN PoolBalance ELSE InitBalance],
-       applied |-> {}, count |-> 0, rounds |-> 0, deposited |-> 0, deps |-> {}]
+       applied |-> {}, count |-> 0, rounds |-> {}, deposited |-> 0, deps |-> {}]
 S0 == [n |-> 0, txs |-> <<>>, dep |-> NoDep, ledger |-> L0]
 NoSn == [n |-> -1, txs |-> <<>>, dep |-> NoDep, ledger |-> L0]
 CommittedTotal == N * InitBalance + PoolBalance
 
 VARIABLES phase, committed, aborted, confirmed, pending, proposal, requestedAt, acks,
           closing, deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-          deposits, now
+          deposits, now, happened, observed, waiting
 
 vars == <<phase, committed, aborted, confirmed, pending, proposal, requestedAt, acks,
           closing, deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-          deposits, now>>
+          deposits, now, happened, observed, waiting>>
+\* What the record rules read; most actions leave it as it is.
+views == <<happened, observed, waiting>>
 
 ----------------------------------------------------------------------------
 (* Ledger rules: every transaction conserves value.                         *)
 
+IsRound(t) == txPool[t].round /= NoRound
+
 Valid(l, t) ==
     /\ t \notin l.applied
-    /\ IF txPool[t].round THEN l.bal[Pool] >= txPool[t].amount
-                          ELSE l.bal[txPool[t].author] >= txPool[t].amount
+    /\ IF IsRound(t) THEN txPool[t].round \notin l.rounds /\ l.bal[Pool] >= txPool[t].amount
+                     ELSE l.bal[txPool[t].author] >= txPool[t].amount
 
 ApplyTx(l, t) ==
     LET tx == txPool[t]
-        from == IF tx.round THEN Pool ELSE tx.author
+        from == IF IsRound(t) THEN Pool ELSE tx.author
     IN [l EXCEPT !.bal = [@ EXCEPT ![from] = @ - tx.amount, ![tx.to] = @ + tx.amount],
                  !.applied = @ \cup {t},
                  !.count = @ + 1,
-                 !.rounds = IF tx.round THEN @ + 1 ELSE @]
+                 !.rounds = IF IsRound(t) THEN @ \cup {tx.round} ELSE @]
+
+\* The record rules (head_rules.round_result_problem): what any party can check, and
+\* what only a party that observed the round itself can.
+ByTheRule(t) ==
+    ~IsRound(t) \/ (/\ txPool[t].round \in Rounds
+                    /\ txPool[t].author = Author
+                    /\ txPool[t].amount = RoundReward
+                    /\ txPool[t].to = RuleTo(txPool[t].round))
+SeenBy(p, t) == ~IsRound(t) \/ txPool[t].round \in observed[p]
+AllByTheRule(s) == \A i \in 1..Len(s) : ByTheRule(s[i])
+AllSeenBy(p, s) == \A i \in 1..Len(s) : SeenBy(p, s[i])
+SettledAgreed(l) == Cardinality(l.rounds \cap Rounds)
+
+\* A leader proposes, in order, the pending txs it would co-sign now that still apply.
+RECURSIVE ReadyTxs(_, _, _)
+ReadyTxs(p, l, s) ==
+    IF s = <<>> THEN <<>>
+    ELSE IF ByTheRule(Head(s)) /\ SeenBy(p, Head(s)) /\ Valid(l, Head(s))
+         THEN <<Head(s)>> \o ReadyTxs(p, ApplyTx(l, Head(s)), Tail(s))
+         ELSE ReadyTxs(p, l, Tail(s))
 
 RECURSIVE ApplyAll(_, _)
 ApplyAll(l, s) == IF s = <<>> THEN l ELSE ApplyAll(ApplyTx(l, Head(s)), Tail(s))
@@ -114,6 +166,22 @@ FinalPayouts(l, S) ==
                      ELSE 0]
 
 Vote(p, t, grounds) == [type |-> "SlashVote", from |-> p, target |-> t, grounds |-> grounds]
+Nack(p, n) == [type |-> "NackSn", from |-> p, n |-> n]
+\* p holds t's signed refusal of snapshot n: t is not withholding it.
+RefusedTo(p, t, n) == Nack(t, n) \in delivered[p]
+
+Prune(p, l) == SelectSeq(pending[p], LAMBDA t : t \notin l.applied)
+
+\* The messages a timeout or deadline judges: each honest party handles them before
+\* the clock moves on (messages are faster than the timeouts).
+Judged(p, m) ==
+    /\ m.from /= p
+    /\ \/ m.type \in {"Close", "Contest"}
+       \/ /\ phase[p] = "Open"
+          /\ \/ m.type = "NackSn"
+             \/ m.type = "ReqSn" /\ m.s.n = confirmed[p].n + 1 /\ proposal[p] = NoSn
+             \/ /\ m.type = "AckSn" /\ proposal[p] /= NoSn /\ m.s = proposal[p]
+                /\ m.from \notin acks[p] /\ <<m.from, m.s>> \in signed
 
 ----------------------------------------------------------------------------
 Init ==
@@ -132,10 +200,13 @@ Init ==
     /\ delivered = [p \in Parties |-> {}]
     /\ msgs = {}
     /\ signed = {}
-    /\ txPool = [t \in 1..MaxTx |-> [author |-> Pool, to |-> Pool, amount |-> 0, round |-> FALSE]]
+    /\ txPool = [t \in 1..MaxTx |-> [author |-> Pool, to |-> Pool, amount |-> 0, round |-> NoRound]]
     /\ nextTx = 1
     /\ deposits = [p \in Parties |-> [amount |-> 0, deadline |-> 0, status |-> "none"]]
     /\ now = 0
+    /\ happened = {}
+    /\ observed = [p \in Parties |-> {}]
+    /\ waiting = [p \in Parties |-> NoSn]
 
 ----------------------------------------------------------------------------
 (* Lifecycle. Commits are seen by everyone at once (they are the head's     *)
@@ -146,7 +217,7 @@ HeadInit(p) ==
     /\ phase' = [phase EXCEPT ![p] = "Initializing"]
     /\ UNCHANGED <<committed, aborted, confirmed, pending, proposal, requestedAt, acks,
                    closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
-                   nextTx, deposits, now>>
+                   nextTx, deposits, now, views>>
 
 Commit(p) ==
     /\ phase[p] = "Initializing"
@@ -158,7 +229,7 @@ Commit(p) ==
                 ELSE phase
     /\ UNCHANGED <<aborted, confirmed, pending, proposal, requestedAt, acks, closing,
                    deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-                   deposits, now>>
+                   deposits, now, views>>
 
 \* Only a party that has not committed may abort: the head can then never open.
 Abort(p) ==
@@ -169,33 +240,38 @@ Abort(p) ==
                                    ELSE phase[q]]
     /\ UNCHANGED <<committed, confirmed, pending, proposal, requestedAt, acks, closing,
                    deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-                   deposits, now>>
+                   deposits, now, views>>
 
 ----------------------------------------------------------------------------
 (* Off-chain transactions and snapshots.                                    *)
 
+\* An honest party submits a transfer of its own, or, as the scheduled author, the
+\* result of a round it observed itself, by the rule; it is pending here at once.
 NewTx(p) ==
     /\ phase[p] = "Open"
     /\ nextTx <= MaxTx
-    /\ \E to \in Parties, amount \in 1..2, round \in BOOLEAN :
-         LET tx == [author |-> p, to |-> to, amount |-> amount, round |-> round] IN
+    /\ \E tx \in (IF "transfer" \in Faults
+                  THEN [author : {p}, to : Parties \ {p}, amount : 1..2, round : {NoRound}] ELSE {})
+                 \cup {[author |-> p, to |-> RuleTo(r), amount |-> RoundReward, round |-> r] :
+                       r \in IF p = Author THEN observed[p] \ PendingLedger(p).rounds ELSE {}} :
          /\ txPool' = [txPool EXCEPT ![nextTx] = tx]
          /\ msgs' = msgs \cup {[type |-> "NewTx", from |-> p, tx |-> nextTx]}
+    /\ pending' = [pending EXCEPT ![p] = Append(@, nextTx)]
     /\ nextTx' = nextTx + 1
-    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
-                   acks, closing, deadline, votes, payouts, delivered, signed, deposits, now>>
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, signed, deposits, now, views>>
 
-\* A received transaction joins the pending list if it applies after the others.
+\* A received transaction joins the pending list if it applies after the others and
+\* its record is one this party could ever co-sign (a round not yet observed waits).
 OnNewTx(p, m) ==
     /\ m.type = "NewTx"
-    /\ m \notin delivered[p]
     /\ phase[p] = "Open"
-    /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
-    /\ pending' = IF Valid(PendingLedger(p), m.tx)
-                  THEN [pending EXCEPT ![p] = Append(@, m.tx)] ELSE pending
+    /\ Valid(PendingLedger(p), m.tx)
+    /\ ByTheRule(m.tx)
+    /\ pending' = [pending EXCEPT ![p] = Append(@, m.tx)]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, proposal, requestedAt, acks,
-                   closing, deadline, votes, payouts, msgs, signed, txPool, nextTx,
-                   deposits, now>>
+                   closing, deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
+                   deposits, now, views>>
 
 \* The leader of the next snapshot proposes it and signs it (its own AckSn).
 ReqSn(p) ==
@@ -203,9 +279,10 @@ ReqSn(p) ==
     /\ proposal[p] = NoSn
     /\ p = Leader(confirmed[p].n + 1)
     /\ \E d \in {NoDep} \cup {q \in Parties : Includable(q) /\ q \notin confirmed[p].ledger.deps} :
-         /\ pending[p] /= <<>> \/ d /= NoDep
-         /\ LET s == [n |-> confirmed[p].n + 1, txs |-> pending[p], dep |-> d,
-                      ledger |-> ApplyDeposit(ApplyAll(confirmed[p].ledger, pending[p]), d)]
+         LET txs == ReadyTxs(p, confirmed[p].ledger, pending[p]) IN
+         /\ txs /= <<>> \/ d /= NoDep
+         /\ LET s == [n |-> confirmed[p].n + 1, txs |-> txs, dep |-> d,
+                      ledger |-> ApplyDeposit(ApplyAll(confirmed[p].ledger, txs), d)]
             IN /\ proposal' = [proposal EXCEPT ![p] = s]
                /\ signed' = signed \cup {<<p, s>>}
                /\ msgs' = msgs \cup {[type |-> "ReqSn", from |-> p, s |-> s],
@@ -213,9 +290,25 @@ ReqSn(p) ==
     /\ acks' = [acks EXCEPT ![p] = {p}]
     /\ requestedAt' = [requestedAt EXCEPT ![p] = now]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
-                   payouts, delivered, txPool, nextTx, deposits, now>>
+                   payouts, delivered, txPool, nextTx, deposits, now, views>>
 
-\* A party checks the leader's request against its own confirmed ledger and signs it.
+\* The checks a request must pass before a party signs it, but for its own view of
+\* the rounds it settles.
+Checked(p, m) ==
+    /\ AllValid(confirmed[p].ledger, m.s.txs)
+    /\ AllByTheRule(m.s.txs)
+    /\ Includable(m.s.dep)
+    /\ m.s.ledger = ApplyDeposit(ApplyAll(confirmed[p].ledger, m.s.txs), m.s.dep)
+
+Sign(p, s) ==
+    /\ proposal' = [proposal EXCEPT ![p] = s]
+    /\ signed' = signed \cup {<<p, s>>}
+    /\ acks' = [acks EXCEPT ![p] = {p}]
+    /\ requestedAt' = [requestedAt EXCEPT ![p] = now]
+
+\* A party checks the leader's request against its own confirmed ledger and its own
+\* view of the rounds, and signs it; otherwise it refuses, signed (NackSn). A request
+\* that only waits for the party's own RoundFinal is kept and signed once it comes.
 OnReqSn(p, m) ==
     /\ m.type = "ReqSn"
     /\ m \notin delivered[p]
@@ -223,30 +316,70 @@ OnReqSn(p, m) ==
     /\ m.s.n = confirmed[p].n + 1
     /\ proposal[p] = NoSn
     /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
-    /\ IF /\ m.from = Leader(m.s.n)
-          /\ AllValid(confirmed[p].ledger, m.s.txs)
-          /\ Includable(m.s.dep)
-          /\ m.s.ledger = ApplyDeposit(ApplyAll(confirmed[p].ledger, m.s.txs), m.s.dep)
-       THEN /\ proposal' = [proposal EXCEPT ![p] = m.s]
-            /\ signed' = signed \cup {<<p, m.s>>}
+    /\ IF m.from /= Leader(m.s.n)
+       THEN UNCHANGED <<proposal, signed, msgs, acks, requestedAt, waiting>>
+       ELSE IF Checked(p, m) /\ AllSeenBy(p, m.s.txs)
+       THEN /\ Sign(p, m.s)
             /\ msgs' = msgs \cup {[type |-> "AckSn", from |-> p, s |-> m.s]}
-            /\ acks' = [acks EXCEPT ![p] = {p}]
-            /\ requestedAt' = [requestedAt EXCEPT ![p] = now]
-       ELSE UNCHANGED <<proposal, signed, msgs, acks, requestedAt>>
+            /\ UNCHANGED waiting
+       ELSE /\ msgs' = msgs \cup {Nack(p, m.s.n)}
+            /\ waiting' = IF Checked(p, m) THEN [waiting EXCEPT ![p] = m.s] ELSE waiting
+            /\ UNCHANGED <<proposal, signed, acks, requestedAt>>
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
-                   payouts, txPool, nextTx, deposits, now>>
+                   payouts, txPool, nextTx, deposits, now, happened, observed>>
+
+\* The party's own RoundFinal came: the request that waited for it is signed now.
+Resign(p) ==
+    /\ phase[p] = "Open"
+    /\ proposal[p] = NoSn
+    /\ waiting[p] /= NoSn
+    /\ waiting[p].n = confirmed[p].n + 1
+    /\ AllSeenBy(p, waiting[p].txs)
+    /\ Sign(p, waiting[p])
+    /\ msgs' = msgs \cup {[type |-> "AckSn", from |-> p, s |-> waiting[p]]}
+    /\ waiting' = [waiting EXCEPT ![p] = NoSn]
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
+                   payouts, delivered, txPool, nextTx, deposits, now, happened, observed>>
+
+OnNackSn(p, m) ==
+    /\ m.type = "NackSn"
+    /\ m \notin delivered[p]
+    /\ phase[p] = "Open"
+    /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, msgs, signed, txPool, nextTx,
+                   deposits, now, views>>
+
+\* A round of the agreed range happens, and each party's node tells its machine.
+RoundFinal(r) ==
+    /\ r \in Rounds \ happened
+    /\ happened' = happened \cup {r}
+    /\ observed' = [p \in Parties |-> IF p \in Late THEN observed[p] ELSE observed[p] \cup {r}]
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
+                   nextTx, deposits, now, waiting>>
+
+Observe(p, r) ==
+    /\ p \in Late
+    /\ r \in happened \ observed[p]
+    /\ observed' = [observed EXCEPT ![p] = @ \cup {r}]
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
+                   nextTx, deposits, now, happened, waiting>>
 
 \* An AckSn counts only if it signs exactly the snapshot we signed; with every
 \* party's, the snapshot is confirmed and its transactions leave the pending list.
+\* (A message whose handling would change nothing, such as an AckSn over another
+\* snapshot or a transaction that no longer applies, is left undelivered: the model
+\* records delivery only where it matters.)
 OnAckSn(p, m) ==
     /\ m.type = "AckSn"
-    /\ m \notin delivered[p]
     /\ phase[p] = "Open"
     /\ proposal[p] /= NoSn
-    /\ m.s.n = proposal[p].n
-    /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
-    /\ IF m.s = proposal[p] /\ <<m.from, m.s>> \in signed
-       THEN LET got == acks[p] \cup {m.from} IN
+    /\ m.s = proposal[p]
+    /\ m.from \notin acks[p]
+    /\ <<m.from, m.s>> \in signed
+    /\ LET got == acks[p] \cup {m.from} IN
             IF got = Parties
             THEN /\ confirmed' = [confirmed EXCEPT ![p] = proposal[p]]
                  /\ pending' = [pending EXCEPT ![p] =
@@ -257,21 +390,21 @@ OnAckSn(p, m) ==
                                 ELSE [deposits EXCEPT ![proposal[p].dep].status = "absorbed"]
             ELSE /\ acks' = [acks EXCEPT ![p] = got]
                  /\ UNCHANGED <<confirmed, pending, proposal, deposits>>
-       ELSE UNCHANGED <<confirmed, pending, proposal, acks, deposits>>
     /\ UNCHANGED <<phase, committed, aborted, requestedAt, closing, deadline, votes,
-                   payouts, msgs, signed, txPool, nextTx, now>>
+                   payouts, delivered, msgs, signed, txPool, nextTx, now, views>>
 
 ----------------------------------------------------------------------------
 (* Deposits into an open head, and the way back for one that never lands.   *)
 
 Deposit(p) ==
+    /\ "deposit" \in Faults
     /\ phase[p] = "Open"
     /\ deposits[p].status = "none"
     /\ deposits' = [deposits EXCEPT ![p] = [amount |-> 1, deadline |-> now + DepositPeriod,
                                              status |-> "pending"]]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
-                   nextTx, now>>
+                   nextTx, now, views>>
 
 SignedDeposit(q, d) == \E x \in signed : x[1] = q /\ x[2].dep = d
 
@@ -285,7 +418,7 @@ Recover(p) ==
     /\ deposits' = [deposits EXCEPT ![p].status = "recovered"]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
-                   nextTx, now>>
+                   nextTx, now, views>>
 
 ----------------------------------------------------------------------------
 (* Closing, contesting, slashing.                                           *)
@@ -299,9 +432,9 @@ Excused(closer, excuse) ==
 \* An honest party closes only after the agreed rounds, or with a majority vote
 \* against a party that withholds its signature.
 Close(p) ==
-    /\ p \in Honest
+    /\ p \in Closers
     /\ phase[p] = "Open"
-    /\ confirmed[p].ledger.rounds >= AgreedRounds \/ Excused(p, Excuse(p))
+    /\ SettledAgreed(confirmed[p].ledger) >= AgreedRounds \/ Excused(p, Excuse(p))
     /\ phase' = [phase EXCEPT ![p] = "Closed"]
     /\ closing' = [closing EXCEPT ![p] = confirmed[p]]
     /\ deadline' = [deadline EXCEPT ![p] = now + ContestationPeriod]
@@ -309,24 +442,25 @@ Close(p) ==
                            excuse |-> Excuse(p)]}
     /\ proposal' = [proposal EXCEPT ![p] = NoSn]
     /\ UNCHANGED <<committed, aborted, confirmed, pending, requestedAt, acks, votes,
-                   payouts, delivered, signed, txPool, nextTx, deposits, now>>
+                   payouts, delivered, signed, txPool, nextTx, deposits, now, views>>
 
 \* A Close on an older snapshot than ours is contested with ours; a Close before
 \* the agreed rounds, without excuse, earns the closer our slash vote.
 OnClose(p, m) ==
     /\ m.type = "Close"
     /\ m \notin delivered[p]
-    /\ phase[p] \in {"Open", "Closed"}
+    /\ phase[p] = "Open" \/ (phase[p] = "Closed" /\ now < deadline[p])
     /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
     /\ IF FullySigned(m.s)
        THEN LET newest == Newer(m.s, confirmed[p])
                 held == IF phase[p] = "Closed" THEN Newer(closing[p], newest) ELSE newest
-                early == newest.ledger.rounds < AgreedRounds /\ ~Excused(m.from, m.excuse)
+                early == SettledAgreed(newest.ledger) < AgreedRounds /\ ~Excused(m.from, m.excuse)
                 contest == IF confirmed[p].n > m.s.n
                            THEN {[type |-> "Contest", from |-> p, s |-> confirmed[p]]} ELSE {}
                 vote == IF early THEN {Vote(p, m.from, "early")} ELSE {}
             IN /\ phase' = [phase EXCEPT ![p] = "Closed"]
                /\ confirmed' = [confirmed EXCEPT ![p] = newest]
+               /\ pending' = [pending EXCEPT ![p] = Prune(p, newest.ledger)]
                /\ closing' = [closing EXCEPT ![p] = held]
                /\ deadline' = [deadline EXCEPT ![p] =
                      IF phase[p] = "Closed" /\ @ < m.at + ContestationPeriod THEN @
@@ -334,9 +468,9 @@ OnClose(p, m) ==
                /\ msgs' = msgs \cup contest \cup vote
                /\ votes' = IF early THEN [votes EXCEPT ![p][m.from] = @ \cup {p}] ELSE votes
                /\ proposal' = [proposal EXCEPT ![p] = NoSn]
-       ELSE UNCHANGED <<phase, confirmed, closing, deadline, msgs, votes, proposal>>
-    /\ UNCHANGED <<committed, aborted, pending, requestedAt, acks, payouts, signed, txPool,
-                   nextTx, deposits, now>>
+       ELSE UNCHANGED <<phase, confirmed, pending, closing, deadline, msgs, votes, proposal>>
+    /\ UNCHANGED <<committed, aborted, requestedAt, acks, payouts, signed, txPool,
+                   nextTx, deposits, now, views>>
 
 OnContest(p, m) ==
     /\ m.type = "Contest"
@@ -347,58 +481,57 @@ OnContest(p, m) ==
           /\ m.s.n > confirmed[p].n \/ (phase[p] = "Closed" /\ m.s.n > closing[p].n)
           /\ phase[p] = "Open" \/ now < deadline[p]
        THEN /\ confirmed' = [confirmed EXCEPT ![p] = Newer(m.s, @)]
+            /\ pending' = [pending EXCEPT ![p] = Prune(p, Newer(m.s, confirmed[p]).ledger)]
             /\ closing' = IF phase[p] = "Closed" THEN [closing EXCEPT ![p] = Newer(m.s, @)]
                           ELSE closing
-       ELSE UNCHANGED <<confirmed, closing>>
-    /\ UNCHANGED <<phase, committed, aborted, pending, proposal, requestedAt, acks,
-                   deadline, votes, payouts, msgs, signed, txPool, nextTx, deposits, now>>
+       ELSE UNCHANGED <<confirmed, pending, closing>>
+    /\ UNCHANGED <<phase, committed, aborted, proposal, requestedAt, acks,
+                   deadline, votes, payouts, msgs, signed, txPool, nextTx, deposits, now, views>>
 
 OnSlashVote(p, m) ==
     /\ m.type = "SlashVote"
-    /\ m \notin delivered[p]
+    /\ m.from \notin votes[p][m.target]
     /\ phase[p] \in {"Open", "Closed", "FanoutPossible"}
-    /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
     /\ votes' = [votes EXCEPT ![p][m.target] = @ \cup {m.from}]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
-                   acks, closing, deadline, payouts, msgs, signed, txPool, nextTx, deposits,
-                   now>>
+                   acks, closing, deadline, payouts, delivered, msgs, signed, txPool, nextTx,
+                   deposits, now, views>>
 
-\* Timers: a snapshot unsigned past its timeout earns the missing signers our vote;
-\* a closed head past its deadline may fan out.
+\* Timers: a snapshot unsigned past its timeout earns our vote against each party that
+\* neither signed it nor sent its signed refusal.
 Tick(p) ==
-    \/ /\ phase[p] = "Open"
-       /\ proposal[p] /= NoSn
-       /\ now >= requestedAt[p] + SignTimeout
-       /\ \E t \in Parties \ acks[p] :
-            /\ p \notin votes[p][t]
-            /\ votes' = [votes EXCEPT ![p][t] = @ \cup {p}]
-            /\ msgs' = msgs \cup {Vote(p, t, "withheld")}
-       /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
-                      acks, closing, deadline, payouts, delivered, signed, txPool, nextTx,
-                      deposits, now>>
-    \/ /\ phase[p] = "Closed"
-       /\ now >= deadline[p]
-       /\ phase' = [phase EXCEPT ![p] = "FanoutPossible"]
-       /\ UNCHANGED <<committed, aborted, confirmed, pending, proposal, requestedAt, acks,
-                      closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
-                      nextTx, deposits, now>>
+    /\ phase[p] = "Open"
+    /\ proposal[p] /= NoSn
+    /\ now >= requestedAt[p] + SignTimeout
+    /\ \E t \in Parties \ acks[p] :
+         /\ ~RefusedTo(p, t, proposal[p].n)
+         /\ p \notin votes[p][t]
+         /\ votes' = [votes EXCEPT ![p][t] = @ \cup {p}]
+         /\ msgs' = msgs \cup {Vote(p, t, "withheld")}
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, payouts, delivered, signed, txPool, nextTx,
+                   deposits, now, views>>
 
+\* A closed head past its deadline fans out. Python's Tick moves it to FanoutPossible
+\* and its Fanout event (which ticks first) to Final; the node fans out as soon as it
+\* may, so the model takes both steps at once.
 Fanout(p) ==
-    /\ phase[p] = "FanoutPossible"
+    /\ phase[p] \in {"Closed", "FanoutPossible"}
+    /\ now >= deadline[p]
     /\ phase' = [phase EXCEPT ![p] = "Final"]
     /\ payouts' = [payouts EXCEPT ![p] = FinalPayouts(closing[p].ledger, Slashed(p))]
     /\ UNCHANGED <<committed, aborted, confirmed, pending, proposal, requestedAt, acks,
                    closing, deadline, votes, delivered, msgs, signed, txPool, nextTx,
-                   deposits, now>>
+                   deposits, now, views>>
 
-\* The clock: it moves on only once every honest party handled every Close and Contest.
+\* The clock: it moves on only once every honest party handled what it judges.
 Advance ==
     /\ now < MaxTime
-    /\ \A p \in Honest : \A m \in msgs : m.type \in {"Close", "Contest"} => m \in delivered[p]
+    /\ \A p \in Honest : \A m \in msgs : Judged(p, m) => m \in delivered[p]
     /\ now' = now + 1
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
-                   nextTx, deposits>>
+                   nextTx, deposits, views>>
 
 ----------------------------------------------------------------------------
 (* A byzantine party may also close early on any fully signed snapshot, sign *)
@@ -406,14 +539,17 @@ Advance ==
 (* withhold any message simply by not taking the action that sends it.      *)
 
 ByzClose(b) ==
+    /\ "byz_close" \in Faults
+    /\ ~\E m \in msgs : m.type = "Close" /\ m.from = b  \* one close: later ones add nothing new
     /\ \E s \in KnownSnapshots :
          /\ FullySigned(s)
          /\ msgs' = msgs \cup {[type |-> "Close", from |-> b, s |-> s, at |-> now, excuse |-> {}]}
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, signed, txPool,
-                   nextTx, deposits, now>>
+                   nextTx, deposits, now, views>>
 
 ByzSign(b) ==
+    /\ "byz_sign" \in Faults
     /\ \E m \in msgs, a \in Accounts :
          /\ m.type = "ReqSn"
          /\ LET forged == [m.s EXCEPT !.ledger.bal[a] = @ + 1] IN
@@ -421,23 +557,53 @@ ByzSign(b) ==
             /\ msgs' = msgs \cup {[type |-> "AckSn", from |-> b, s |-> forged]}
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, txPool, nextTx,
-                   deposits, now>>
+                   deposits, now, views>>
+
+\* It may author any round result paying itself (any id, even outside the range, any
+\* amount), and, as leader, request a snapshot of any transaction made so far.
+ByzNewTx(b) ==
+    /\ "byz_tx" \in Faults
+    /\ nextTx <= MaxTx
+    /\ \E r \in Rounds \cup {FakeRound}, to \in {b}, amount \in 1..2 :
+         /\ txPool' = [txPool EXCEPT ![nextTx] = [author |-> b, to |-> to, amount |-> amount,
+                                                  round |-> r]]
+         /\ msgs' = msgs \cup {[type |-> "NewTx", from |-> b, tx |-> nextTx]}
+    /\ nextTx' = nextTx + 1
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, signed, deposits, now, views>>
+
+ByzReqSn(b) ==
+    /\ "byz_req" \in Faults
+    /\ phase[b] = "Open"
+    /\ b = Leader(confirmed[b].n + 1)
+    /\ \E t \in 1..(nextTx - 1) :
+         LET s == [n |-> confirmed[b].n + 1, txs |-> <<t>>, dep |-> NoDep,
+                   ledger |-> ApplyTx(confirmed[b].ledger, t)]
+         IN /\ Valid(confirmed[b].ledger, t)
+            /\ msgs' = msgs \cup {[type |-> "ReqSn", from |-> b, s |-> s]}
+            /\ signed' = signed \cup {<<b, s>>}
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, txPool, nextTx,
+                   deposits, now, views>>
 
 ByzVote(b) ==
+    /\ "byz_vote" \in Faults
     /\ \E t \in Parties \ {b}, g \in {"early", "withheld"} : msgs' = msgs \cup {Vote(b, t, g)}
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, signed, txPool,
-                   nextTx, deposits, now>>
+                   nextTx, deposits, now, views>>
 
 ----------------------------------------------------------------------------
 Next ==
     \/ \E p \in Parties :
          \/ HeadInit(p) \/ Commit(p) \/ Abort(p) \/ NewTx(p) \/ ReqSn(p)
-         \/ Deposit(p) \/ Recover(p) \/ Close(p) \/ Tick(p) \/ Fanout(p)
-    \/ \E p \in Parties, m \in msgs :
-         \/ OnNewTx(p, m) \/ OnReqSn(p, m) \/ OnAckSn(p, m)
-         \/ OnClose(p, m) \/ OnContest(p, m) \/ OnSlashVote(p, m)
-    \/ \E b \in Byzantine : ByzClose(b) \/ ByzSign(b) \/ ByzVote(b)
+         \/ Deposit(p) \/ Recover(p) \/ Close(p) \/ Tick(p) \/ Fanout(p) \/ Resign(p)
+    \/ \E p \in Parties, m \in msgs : m.from /= p /\ (  \* a party's own messages are applied as sent
+         \/ OnNewTx(p, m) \/ OnReqSn(p, m) \/ OnAckSn(p, m) \/ OnNackSn(p, m)
+         \/ OnClose(p, m) \/ OnContest(p, m) \/ OnSlashVote(p, m))
+    \/ \E r \in Rounds : RoundFinal(r)
+    \/ \E p \in Late, r \in Rounds : Observe(p, r)
+    \/ \E b \in Byzantine : ByzClose(b) \/ ByzSign(b) \/ ByzVote(b) \/ ByzNewTx(b) \/ ByzReqSn(b)
     \/ Advance
 
 Spec == Init /\ [][Next]_vars
@@ -456,6 +622,8 @@ TypeOK ==
          /\ votes[p] \in [Parties -> SUBSET Parties]
          /\ acks[p] \subseteq Parties
          /\ deposits[p].status \in {"none", "pending", "absorbed", "recovered"}
+         /\ observed[p] \subseteq happened
+    /\ happened \subseteq Rounds
 
 \* Every ledger an honest party holds contains exactly what was committed plus the
 \* deposits it absorbed, and fanout pays out that plus all escrow.
@@ -491,5 +659,18 @@ SlashNeedsMajority ==
              \A t \in Parties :
                 payouts[p][t] < closing[p].ledger.bal[t] + Escrow =>
                     Majority(VotesAgainst(t, {"early", "withheld"}) \ {t})
+
+\* Rewards are paid only for rounds that happened, that this party observed itself,
+\* in the agreed range, and only what the rule pays (issue 11, finding 2).
+RewardsOnlyByRule ==
+    \A p \in Honest :
+        \A l \in {confirmed[p].ledger} \cup (IF closing[p] /= NoSn THEN {closing[p].ledger} ELSE {}) :
+            /\ l.rounds \subseteq happened \cap observed[p]
+            /\ l.bal[Pool] = PoolBalance - RoundReward * Cardinality(l.rounds)
+
+\* No honest party is slashed: it never closes early, and it signs every snapshot in
+\* time or says, signed, why it does not.
+NoHonestSlashed ==
+    \A p, q \in Honest : ~Majority(votes[p][q])
 
 =============================================================================

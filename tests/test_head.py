@@ -442,8 +442,10 @@ def test_contests_must_be_newer_and_in_time():
     bus.flush()
     bus.now += 60_000
     bus.inject(C, HeadContest("head-1", s1.encode()), to=(B,))
+    bus.inject(C, HeadClose("head-1", s1.encode(), bus.now, []), to=(B,))  # nor a late close (TLC)
     bus.flush()
-    assert [r for _, r in bus.rejected] == ["contest_not_newer", "contest_after_deadline"]
+    assert [r for _, r in bus.rejected] == ["contest_not_newer", "contest_after_deadline",
+                                           "close_after_deadline"]
 
 
 def test_withheld_signature_times_out_into_a_slash_and_excuses_an_early_close():
