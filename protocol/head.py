@@ -378,7 +378,10 @@ class HeadParameters:
     head_id: str
     parties: tuple[str, ...]  # validators' hotkeys, sorted: the snapshot leader rotation
     contestation_period_ms: int
-    deposit_period_ms: int
+    # A deposit may be absorbed by the next deposit_period_snapshots snapshots and no
+    # later: counted in snapshot numbers, which every party agrees on, not on its own
+    # clock (issue 11, finding 6).
+    deposit_period_snapshots: int
     sign_timeout_ms: int
     agreed_rounds: int  # closing before this many RoundResults are settled is slashable
     escrow: int  # each party locks this much at commit
@@ -395,7 +398,7 @@ class HeadParameters:
             found.append("head_id is empty")
         if not self.parties or list(self.parties) != sorted(set(self.parties)):
             found.append("parties must be a non-empty sorted list without repeats")
-        if min(self.contestation_period_ms, self.deposit_period_ms, self.sign_timeout_ms) <= 0:
+        if min(self.contestation_period_ms, self.deposit_period_snapshots, self.sign_timeout_ms) <= 0:
             found.append("periods and timeouts must be positive")
         if min(self.agreed_rounds, self.escrow, self.round_limit, self.epoch_limit,
                self.round_reward, self.epoch_reward) < 0:
@@ -415,14 +418,14 @@ class HeadParameters:
 
     def to_message(self) -> HeadInit:
         return HeadInit(self.head_id, list(self.parties), self.contestation_period_ms,
-                        self.deposit_period_ms, self.sign_timeout_ms, self.agreed_rounds,
+                        self.deposit_period_snapshots, self.sign_timeout_ms, self.agreed_rounds,
                         self.escrow, self.round_limit, self.epoch_limit, self.round_reward,
                         self.epoch_reward)
 
     @classmethod
     def from_message(cls, message: HeadInit) -> "HeadParameters":
         return cls(message.head_id, tuple(message.parties), message.contestation_period_ms,
-                   message.deposit_period_ms, message.sign_timeout_ms, message.agreed_rounds,
+                   message.deposit_period_snapshots, message.sign_timeout_ms, message.agreed_rounds,
                    message.escrow, message.round_limit, message.epoch_limit,
                    message.round_reward, message.epoch_reward)
 
@@ -607,8 +610,12 @@ class Proposal:
 class DepositRecord:
     party: str
     amount: int
-    deadline_ms: int
+    last_snapshot: int  # the newest snapshot number that may absorb it
     status: str = "pending"  # pending | absorbed | recovered
+
+    def includable_in(self, number: int) -> bool:
+        """The inclusion rule, the same at every party: snapshot numbers, no clocks."""
+        return self.status == "pending" and number <= self.last_snapshot
 
 
 @dataclass
@@ -643,7 +650,6 @@ class HeadMachine:
         # reason, signature), the newest per party. They block withheld_signature votes.
         self.refusals: dict[str, tuple[int, str, bytes]] = {}
         self.deposits: dict[str, DepositRecord] = {}
-        self.signed_deposits: set[str] = set()
         self.closing: Closing | None = None
         self.votes: dict[str, dict[str, tuple[bytes, bytes]]] = {}  # target -> voter -> (tx, sig)
         self.payouts: dict[str, int] | None = None
@@ -893,8 +899,7 @@ class HeadMachine:
         if self.parameters.leader(number) != self.me:
             return []
         txs = self._ready_txs()
-        deposit_id = next((d for d, r in self.deposits.items()
-                           if r.status == "pending" and now_ms < r.deadline_ms), "")
+        deposit_id = next((d for d, r in self.deposits.items() if r.includable_in(number)), "")
         if not txs and not deposit_id:
             return []
         ledger = self._ledger_after(txs, deposit_id)
@@ -931,7 +936,13 @@ class HeadMachine:
         if self.proposal is not None and self.proposal.number == number:
             if message == self.proposal.request(self.parameters.head_id):
                 return []  # the same request again
-            raise _reject("conflicting_snapshot", f"{sender} proposed two different snapshots {number}")
+            if self.refused(self.me, number):
+                return []
+            # The leader equivocated. We signed its other request, and gossip brings this one
+            # to everyone: our signed refusal tells those who signed this one that we are not
+            # withholding (else they and the leader would outvote us; found by TLC).
+            return self._refuse(number, "conflicting_snapshot",
+                                f"{sender} proposed two different snapshots {number}")
         if number > self.confirmed.number + 1:  # we are behind: catch up, then sign it
             self.waiting = message
             return [Send(HeadSyncRequest(self.parameters.head_id, self.confirmed.number))]
@@ -991,7 +1002,7 @@ class HeadMachine:
                 raise AwaitingOwnView(f"snapshot {message.number}: {problem[1]}", reason=problem[0])
             if problem:
                 raise _reject(problem[0], f"snapshot {message.number}: {problem[1]}")
-        self._check_deposit_includable(message.deposit_id, now_ms)
+        self._check_deposit_includable(message.deposit_id, message.number)
         try:
             ledger = self._ledger_after(txs, message.deposit_id)
         except RemoteProtocolError as exc:
@@ -1007,6 +1018,8 @@ class HeadMachine:
         message, self.waiting = self.waiting, None
         if message is None or self.confirmed is None or message.number != self.confirmed.number + 1:
             return []
+        if self.proposal is not None and self.proposal.number == message.number:
+            return []  # we signed another request for this number since: never two
         try:
             return self._sign(self._checked_request(message, now_ms))
         except AwaitingOwnView as exc:
@@ -1017,13 +1030,16 @@ class HeadMachine:
         except RemoteProtocolError as exc:
             return self._refuse(message.number, exc.reason, exc.hint)
 
-    def _check_deposit_includable(self, deposit_id: str, now_ms: int) -> None:
+    def _check_deposit_includable(self, deposit_id: str, number: int) -> None:
         if not deposit_id:
             return
         record = self.deposits.get(deposit_id)
-        if record is None or record.status != "pending" or now_ms >= record.deadline_ms:
-            raise _reject("deposit_not_includable", f"deposit {deposit_id[:12]} is unknown, "
-                          "recovered, absorbed or past its deadline")
+        if record is None:  # its Deposit message has not reached us yet: wait for it
+            raise AwaitingOwnView(f"deposit {deposit_id[:12]} has not reached this party yet",
+                                  reason="deposit_not_seen")
+        if not record.includable_in(number):
+            raise _reject("deposit_not_includable", f"deposit {deposit_id[:12]} is {record.status} "
+                          f"and may be absorbed up to snapshot {record.last_snapshot}, not {number}")
 
     def _ledger_after(self, txs: tuple[tuple[bytes, bytes], ...], deposit_id: str) -> Ledger:
         assert self.confirmed is not None
@@ -1046,8 +1062,6 @@ class HeadMachine:
                 proposal.acks[party] = early  # a bad early ack is dropped; its party counts as missing
         self.early_acks = {}
         self.proposal = proposal
-        if proposal.deposit_id:
-            self.signed_deposits.add(proposal.deposit_id)
         effects: list[Effect] = [
             Send(HeadAckSn(self.parameters.head_id, number, signature)),
             SetTimer(now_ms + self.parameters.sign_timeout_ms, "snapshot_signatures")]
@@ -1215,13 +1229,14 @@ class HeadMachine:
         if deposit_id in self.deposits:
             raise HeadMisuse("this deposit was already made; use another nonce",
                              reason="duplicate_deposit")
-        deadline = event.now_ms + self.parameters.deposit_period_ms
-        self.deposits[deposit_id] = DepositRecord(self.me, event.amount, deadline)
+        assert self.confirmed is not None
+        last = self.confirmed.number + self.parameters.deposit_period_snapshots
+        self.deposits[deposit_id] = DepositRecord(self.me, event.amount, last)
         return [Send(HeadDeposit(self.parameters.head_id, deposit_id, event.amount, event.nonce,
-                                 deadline)),
+                                 last)),
                 Record("deposit", {"deposit_id": deposit_id, "party": self.me,
-                                   "amount": event.amount, "deadline_ms": deadline}),
-                SetTimer(deadline, "deposit_deadline")] + self._maybe_request(event.now_ms)
+                                   "amount": event.amount, "last_snapshot": last})
+                ] + self._maybe_request(event.now_ms)
 
     def deposit_id(self, party: str, amount: int, nonce: int) -> str:
         return _sha256(canonical(["sealmesh/head/deposit", self.parameters.head_id, party, amount,
@@ -1232,16 +1247,20 @@ class HeadMachine:
         if message.amount <= 0 or message.deposit_id != self.deposit_id(sender, message.amount,
                                                                           message.nonce):
             raise _reject("bad_deposit", "a deposit's id is the hash of its party, amount and nonce")
-        if not now_ms - CLOCK_SKEW_MS <= message.deadline_ms <= (
-                now_ms + self.parameters.deposit_period_ms + CLOCK_SKEW_MS):
-            raise _reject("bad_deposit_deadline", "a deposit's deadline is one deposit period away")
+        assert self.confirmed is not None
+        # The depositor counts from its confirmed snapshot, which may be a little behind or
+        # ahead of ours; a window further out would only keep its own funds locked longer.
+        period = self.parameters.deposit_period_snapshots
+        if not 1 <= message.last_snapshot <= self.confirmed.number + 2 * period:
+            raise _reject("bad_deposit_window", f"a deposit may be absorbed for {period} snapshots "
+                          f"from the depositor's confirmed one, not up to {message.last_snapshot}")
         if message.deposit_id in self.deposits:
             return []
         self.deposits[message.deposit_id] = DepositRecord(sender, message.amount,
-                                                          message.deadline_ms)
-        return [Record("deposit", {"deposit_id": message.deposit_id, "party": sender,
-                                   "amount": message.amount, "deadline_ms": message.deadline_ms})
-                ] + self._maybe_request(now_ms)
+                                                          message.last_snapshot)
+        return ([Record("deposit", {"deposit_id": message.deposit_id, "party": sender,
+                                    "amount": message.amount, "last_snapshot": message.last_snapshot})]
+                + self._retry_waiting(now_ms) + self._maybe_request(now_ms))
 
     def _recover(self, event: Recover) -> list[Effect]:
         self._require("Recover", local=True)
@@ -1266,15 +1285,18 @@ class HeadMachine:
             return ("not_depositor", "only the depositor recovers a deposit")
         if record.status != "pending":
             return ("deposit_" + record.status, f"deposit {deposit_id[:12]} is {record.status}")
-        if now_ms < record.deadline_ms:
-            return ("deposit_not_expired", "a deposit is recoverable only after its deadline")
-        # A snapshot we signed may still be confirmed by the others' acks: the deposit
-        # stays locked until the head is closed without it.
-        settled = self.phase in (Phase.FANOUT_POSSIBLE, Phase.FINAL)
-        if deposit_id in self.signed_deposits and not settled:
-            return ("deposit_in_signed_snapshot", "a snapshot we signed absorbs this deposit")
         if self.closing and deposit_id in self.closing.snapshot.ledger.deposits:
             return ("deposit_absorbed", "the closed snapshot absorbed this deposit")
+        if self.phase in (Phase.FANOUT_POSSIBLE, Phase.FINAL):
+            return None  # the head settled without it
+        # Each snapshot number is confirmed once, with every party's signature: once ours
+        # reaches the deposit's last snapshot without it, no snapshot can still absorb it.
+        assert self.confirmed is not None
+        if self.confirmed.number < record.last_snapshot:
+            return ("deposit_not_expired", f"deposit {deposit_id[:12]} may still be absorbed up to "
+                    f"snapshot {record.last_snapshot}; {self.confirmed.number} is confirmed")
+        if deposit_id in self.confirmed.ledger.deposits:
+            return ("deposit_absorbed", "the confirmed snapshot absorbed this deposit")
         return None
 
     def _apply_recover(self, deposit_id: str) -> list[Effect]:
@@ -1467,9 +1489,8 @@ class HeadMachine:
                 self.waiting.deposit_id, self.waiting.ledger_hash],
             "early_acks": dict(self.early_acks),
             "refusals": {p: list(r) for p, r in sorted(self.refusals.items())},
-            "deposits": [[k, r.party, r.amount, r.deadline_ms, r.status]
+            "deposits": [[k, r.party, r.amount, r.last_snapshot, r.status]
                          for k, r in self.deposits.items()],
-            "signed_deposits": sorted(self.signed_deposits),
             "closing": None if c is None else [c.snapshot.to_wire(), c.closed_at_ms, c.closer],
             "votes": {t: {v: list(x) for v, x in sorted(vs.items())}
                       for t, vs in sorted(self.votes.items())},
@@ -1502,7 +1523,6 @@ class HeadMachine:
         machine.early_acks = dict(wire["early_acks"])
         machine.refusals = {p: (r[0], r[1], r[2]) for p, r in wire.get("refusals", {}).items()}
         machine.deposits = {k: DepositRecord(p, a, d, s) for k, p, a, d, s in wire["deposits"]}
-        machine.signed_deposits = set(wire["signed_deposits"])
         if wire["closing"] is not None:
             snap, at, closer = wire["closing"]
             machine.closing = Closing(Snapshot.from_wire(snap), at, closer)

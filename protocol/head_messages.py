@@ -36,7 +36,7 @@ class HeadInit(HeadMessage):
     head_id: str
     parties: list[str]
     contestation_period_ms: int
-    deposit_period_ms: int
+    deposit_period_snapshots: int
     sign_timeout_ms: int
     agreed_rounds: int
     escrow: int
@@ -135,7 +135,12 @@ class HeadNackSn(HeadMessage):
 @message_type
 @dataclass(frozen=True)
 class HeadDeposit(HeadMessage):
-    """Deposit: an incremental commit into an open head, claimable back after deadline_ms."""
+    """Deposit: an incremental commit into an open head.
+
+    Snapshots up to last_snapshot may absorb it; once one numbered last_snapshot or later
+    is confirmed without it, the depositor may take it back (issue 11, finding 6: the
+    window is counted in snapshot numbers, so no party's clock decides inclusion).
+    """
 
     TYPE: ClassVar[str] = "head_deposit"
 
@@ -143,13 +148,13 @@ class HeadDeposit(HeadMessage):
     deposit_id: str
     amount: int
     nonce: int
-    deadline_ms: int
+    last_snapshot: int
 
 
 @message_type
 @dataclass(frozen=True)
 class HeadRecover(HeadMessage):
-    """Recover: the depositor takes back a deposit that no snapshot absorbed before its deadline."""
+    """Recover: the depositor takes back a deposit that no snapshot absorbed in its window."""
 
     TYPE: ClassVar[str] = "head_recover"
 

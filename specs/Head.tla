@@ -142,7 +142,9 @@ ApplyDeposit(l, d) ==
 
 PendingLedger(p) == ApplyAll(confirmed[p].ledger, pending[p])
 
-Includable(d) == d = NoDep \/ (deposits[d].status = "pending" /\ now < deposits[d].deadline)
+\* Deposit inclusion is counted in snapshot numbers, which every party agrees on, not
+\* by any party's clock (issue 11, finding 6): snapshots up to `last` may absorb it.
+Includable(d, n) == d = NoDep \/ (deposits[d].status = "pending" /\ n <= deposits[d].last)
 
 FullySigned(s) == s = S0 \/ (s.n > 0 /\ \A q \in Parties : <<q, s>> \in signed)
 KnownSnapshots == {x[2] : x \in signed} \cup {S0}
@@ -180,6 +182,8 @@ Judged(p, m) ==
        \/ /\ phase[p] = "Open"
           /\ \/ m.type = "NackSn"
              \/ m.type = "ReqSn" /\ m.s.n = confirmed[p].n + 1 /\ proposal[p] = NoSn
+             \/ /\ m.type = "ReqSn" /\ proposal[p] /= NoSn /\ m.s.n = proposal[p].n
+                /\ m.s /= proposal[p] /\ m.from = Leader(m.s.n)
              \/ /\ m.type = "AckSn" /\ proposal[p] /= NoSn /\ m.s = proposal[p]
                 /\ m.from \notin acks[p] /\ <<m.from, m.s>> \in signed
 
@@ -202,7 +206,7 @@ Init ==
     /\ signed = {}
     /\ txPool = [t \in 1..MaxTx |-> [author |-> Pool, to |-> Pool, amount |-> 0, round |-> NoRound]]
     /\ nextTx = 1
-    /\ deposits = [p \in Parties |-> [amount |-> 0, deadline |-> 0, status |-> "none"]]
+    /\ deposits = [p \in Parties |-> [amount |-> 0, last |-> 0, status |-> "none"]]
     /\ now = 0
     /\ happened = {}
     /\ observed = [p \in Parties |-> {}]
@@ -278,7 +282,8 @@ ReqSn(p) ==
     /\ phase[p] = "Open"
     /\ proposal[p] = NoSn
     /\ p = Leader(confirmed[p].n + 1)
-    /\ \E d \in {NoDep} \cup {q \in Parties : Includable(q) /\ q \notin confirmed[p].ledger.deps} :
+    /\ \E d \in {NoDep} \cup {q \in Parties : Includable(q, confirmed[p].n + 1)
+                                     /\ q \notin confirmed[p].ledger.deps} :
          LET txs == ReadyTxs(p, confirmed[p].ledger, pending[p]) IN
          /\ txs /= <<>> \/ d /= NoDep
          /\ LET s == [n |-> confirmed[p].n + 1, txs |-> txs, dep |-> d,
@@ -297,7 +302,7 @@ ReqSn(p) ==
 Checked(p, m) ==
     /\ AllValid(confirmed[p].ledger, m.s.txs)
     /\ AllByTheRule(m.s.txs)
-    /\ Includable(m.s.dep)
+    /\ Includable(m.s.dep, m.s.n)
     /\ m.s.ledger = ApplyDeposit(ApplyAll(confirmed[p].ledger, m.s.txs), m.s.dep)
 
 Sign(p, s) ==
@@ -340,6 +345,23 @@ Resign(p) ==
     /\ waiting' = [waiting EXCEPT ![p] = NoSn]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
                    payouts, delivered, txPool, nextTx, deposits, now, happened, observed>>
+
+\* A second, different request for the snapshot we signed: the leader equivocated. We
+\* never sign two; our signed refusal tells the parties that signed the other one that
+\* we are not withholding.
+OnConflictingReqSn(p, m) ==
+    /\ m.type = "ReqSn"
+    /\ m \notin delivered[p]
+    /\ phase[p] = "Open"
+    /\ proposal[p] /= NoSn
+    /\ m.s.n = proposal[p].n
+    /\ m.s /= proposal[p]
+    /\ m.from = Leader(m.s.n)
+    /\ delivered' = [delivered EXCEPT ![p] = @ \cup {m}]
+    /\ msgs' = msgs \cup {Nack(p, m.s.n)}
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, signed, txPool, nextTx,
+                   deposits, now, views>>
 
 OnNackSn(p, m) ==
     /\ m.type = "NackSn"
@@ -395,26 +417,30 @@ OnAckSn(p, m) ==
 
 ----------------------------------------------------------------------------
 (* Deposits into an open head, and the way back for one that never lands.   *)
+(* (A Deposit reaches every party at once here; Python's party that has not *)
+(* seen it yet refuses, signed, and signs once it comes.)                    *)
 
 Deposit(p) ==
     /\ "deposit" \in Faults
     /\ phase[p] = "Open"
-    /\ deposits[p].status = "none"
-    /\ deposits' = [deposits EXCEPT ![p] = [amount |-> 1, deadline |-> now + DepositPeriod,
+    /\ \A q \in Parties : deposits[q].status = "none"  \* one deposit per run keeps TLC quick
+    /\ deposits' = [deposits EXCEPT ![p] = [amount |-> 1, last |-> confirmed[p].n + DepositPeriod,
                                              status |-> "pending"]]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
                    nextTx, now, views>>
 
-SignedDeposit(q, d) == \E x \in signed : x[1] = q /\ x[2].dep = d
+\* Every honest party accepts the depositor's Recover by its own view: the head settled
+\* without it, or it confirmed the deposit's last snapshot without it (each number is
+\* confirmed once, with every signature, so nothing can absorb it any more).
+RecoverableAt(q, d) ==
+    /\ closing[q] = NoSn \/ d \notin closing[q].ledger.deps
+    /\ \/ phase[q] \in {"FanoutPossible", "Final"}
+       \/ confirmed[q].n >= deposits[d].last /\ d \notin confirmed[q].ledger.deps
 
 Recover(p) ==
     /\ deposits[p].status = "pending"
-    /\ now >= deposits[p].deadline
-    /\ \A q \in Honest :
-         /\ p \notin confirmed[q].ledger.deps
-         /\ \/ ~SignedDeposit(q, p)
-            \/ phase[q] \in {"FanoutPossible", "Final"} /\ p \notin closing[q].ledger.deps
+    /\ \A q \in Honest : RecoverableAt(q, p)
     /\ deposits' = [deposits EXCEPT ![p].status = "recovered"]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
@@ -559,12 +585,13 @@ ByzSign(b) ==
                    acks, closing, deadline, votes, payouts, delivered, txPool, nextTx,
                    deposits, now, views>>
 
-\* It may author any round result paying itself (any id, even outside the range, any
-\* amount), and, as leader, request a snapshot of any transaction made so far.
+\* It may author a round result paying itself (an id in the range, or outside it), and,
+\* as leader, request a snapshot of one of its own transactions (an honest leader's
+\* request of the same number makes that an equivocation).
 ByzNewTx(b) ==
     /\ "byz_tx" \in Faults
     /\ nextTx <= MaxTx
-    /\ \E r \in Rounds \cup {FakeRound}, to \in {b}, amount \in 1..2 :
+    /\ \E r \in Rounds \cup {FakeRound}, to \in {b}, amount \in {RoundReward} :
          /\ txPool' = [txPool EXCEPT ![nextTx] = [author |-> b, to |-> to, amount |-> amount,
                                                   round |-> r]]
          /\ msgs' = msgs \cup {[type |-> "NewTx", from |-> b, tx |-> nextTx]}
@@ -576,7 +603,7 @@ ByzReqSn(b) ==
     /\ "byz_req" \in Faults
     /\ phase[b] = "Open"
     /\ b = Leader(confirmed[b].n + 1)
-    /\ \E t \in 1..(nextTx - 1) :
+    /\ \E t \in {x \in 1..(nextTx - 1) : txPool[x].author = b} :
          LET s == [n |-> confirmed[b].n + 1, txs |-> <<t>>, dep |-> NoDep,
                    ledger |-> ApplyTx(confirmed[b].ledger, t)]
          IN /\ Valid(confirmed[b].ledger, t)
@@ -599,7 +626,8 @@ Next ==
          \/ HeadInit(p) \/ Commit(p) \/ Abort(p) \/ NewTx(p) \/ ReqSn(p)
          \/ Deposit(p) \/ Recover(p) \/ Close(p) \/ Tick(p) \/ Fanout(p) \/ Resign(p)
     \/ \E p \in Parties, m \in msgs : m.from /= p /\ (  \* a party's own messages are applied as sent
-         \/ OnNewTx(p, m) \/ OnReqSn(p, m) \/ OnAckSn(p, m) \/ OnNackSn(p, m)
+         \/ OnNewTx(p, m) \/ OnReqSn(p, m) \/ OnConflictingReqSn(p, m) \/ OnAckSn(p, m)
+         \/ OnNackSn(p, m)
          \/ OnClose(p, m) \/ OnContest(p, m) \/ OnSlashVote(p, m))
     \/ \E r \in Rounds : RoundFinal(r)
     \/ \E p \in Late, r \in Rounds : Observe(p, r)

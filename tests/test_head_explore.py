@@ -39,7 +39,7 @@ from protocol.head_messages import (HeadAckSn, HeadClose, HeadCommit, HeadContes
 T0 = 1_700_000_000_000
 SIGN_TIMEOUT = 10_000
 CONTESTATION = 60_000
-DEPOSIT_PERIOD = 30_000
+DEPOSIT_PERIOD = 1  # snapshots that may absorb a deposit
 ESCROW = 90
 KEYS = sorted((Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie")),
               key=lambda k: k.ss58_address)
@@ -293,8 +293,6 @@ class Explorer:
         # Every jump is at least a signature timeout long, and messages take less than
         # that: whatever was sent before the jump has been delivered (or withheld by C).
         jumps = [("sign_timeout", SIGN_TIMEOUT, True), ("deadline", CONTESTATION + 1, True)]
-        if "deposit" in self.bounds.faults:
-            jumps.append(("deposit_deadline", DEPOSIT_PERIOD, True))
         if world.in_flight:
             return
         for name, delta, guard in jumps:
@@ -404,7 +402,9 @@ CONFIGS = [
     Bounds("crash and restart mid-snapshot", agreed_rounds=0,
            txs=[(B, h.Transfer(PARTIES[B], PARTIES[A], 10, 0))],
            max_txs=1, faults=frozenset({"crash"}), closers=()),
-    Bounds("deposit absorbed or recovered after its deadline", agreed_rounds=0, txs=[],
+    # Recovery once a deposit's window of snapshots passed without it needs a snapshot
+    # without it, which this bound does not reach: test_head.py and TLC cover it.
+    Bounds("deposit absorbed, recover refused meanwhile", agreed_rounds=0, txs=[],
            max_txs=0, faults=frozenset({"deposit"})),
 ]
 
@@ -471,8 +471,10 @@ def test_tlc_finds_no_invariant_violated_in_head_cfg(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    {"Faults": '{"byz_close"}', "Late": "{}", "MaxTx": "1"},  # an early close, contested and slashed
-    {"Byzantine": "{a}"},  # the scheduled author (and first leader) is the byzantine party
-], ids=["early_close", "byzantine_author"])
+    # a deposit, absorbed or recovered by the snapshot-number rule (about 30 s)
+    {"Faults": '{"deposit"}', "Late": "{}", "MaxTx": "1"},
+    # an early close on an old snapshot, contested and slashed (about 50 s)
+    {"Faults": '{"byz_close"}', "Late": "{}", "MaxTx": "1"},
+], ids=["deposit", "early_close"])
 def test_tlc_finds_no_invariant_violated_in_larger_models(tmp_path, overrides):
     _assert_tlc_passed(run_tlc(tmp_path, overrides, timeout_s=600))

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from protocol import head as h
-from protocol.head_messages import HeadClose, HeadNewTx, HeadReqSn
+from protocol.head_messages import HeadAckSn, HeadClose, HeadDeposit, HeadNewTx, HeadReqSn
 from tests.test_head import A, B, C, ESCROW, KEYS, ROUND_REWARD, Bus, open_head, round_result
 
 KEY = {k.ss58_address: k for k in KEYS}
@@ -160,3 +160,105 @@ def test_finding2_settlement_services_refuse_a_fake_round_and_pay_the_real_one(t
     assert doc["rounds"] == [0] and doc["slashed"] == [] and doc["conserved"]
     assert doc["balances"][svc.T1] == doc["balances"][svc.T2] == svc.st.ROUND_REWARD // 2
     assert doc["balances"][B] == svc.st.OPENING_BALANCE + svc.st.ESCROW
+
+
+# --- finding 6: a snapshot leader times a deposit so an honest party is slashed ------------
+#
+# Before the fix a deposit was includable until a clock deadline the depositor chose, each
+# party judged it by its own clock, and whoever had not acked by the timeout was voted
+# against: C, leading snapshot 3, sent its request to land 3 ms before the deadline at A
+# and 3 ms after it at B; A signed, B refused (deposit_not_includable), A and C voted
+# against B, and B was slashed. Now the window is counted in snapshot numbers (the same
+# at every party), and a party that refuses says so, signed, which blocks the vote.
+
+OLD_DEPOSIT_PERIOD_MS = 30_000  # where the deposit's clock deadline used to be
+SIGN_TIMEOUT_MS = 10_000
+
+
+def _head_at_snapshot_2_with_a_deposit_by_c(hold_deposit_from: tuple[str, ...] = ()):
+    """Snapshots 1 and 2 (led by A and B) confirmed; C, who leads snapshot 3, deposits and
+    holds back the request its machine made at once, to send it at a moment of its choice."""
+    bus = open_head()
+    for author, to in ((A, C), (B, C)):
+        bus.do(author, h.NewTx(h.Transfer(author, to, 1, 0), bus.now))
+        bus.flush()
+    assert {m.confirmed.number for m in bus.machines.values()} == {2}
+    deposited_at = bus.now
+    bus.do(C, h.Deposit(200, nonce=1, now_ms=deposited_at))
+    request = next(m for _, _, m in bus.in_flight if isinstance(m, HeadReqSn))
+    c_ack = next(m for _, _, m in bus.in_flight if isinstance(m, HeadAckSn))
+    held = [x for x in bus.in_flight if x[1] in hold_deposit_from and isinstance(x[2], HeadDeposit)]
+    bus.in_flight = [x for x in bus.in_flight
+                     if not isinstance(x[2], (HeadReqSn, HeadAckSn)) and x not in held]
+    bus.flush()  # the Deposit reaches the others
+    assert request.deposit_id and bus.machines[C].deposits[request.deposit_id].last_snapshot == 4
+    return bus, request, c_ack, held, deposited_at + OLD_DEPOSIT_PERIOD_MS
+
+
+def _deliver(bus: Bus, sender: str, message, receiver: str, at_ms: int) -> None:
+    bus.now = at_ms
+    bus.do(receiver, h.Receive(sender, message, at_ms))
+
+
+def test_finding6_a_request_timed_at_the_deposit_deadline_slashes_no_one():
+    bus, request, c_ack, _, deadline = _head_at_snapshot_2_with_a_deposit_by_c()
+    _deliver(bus, C, request, A, deadline - 3)
+    _deliver(bus, C, request, B, deadline + 3)  # 6 ms later: the same snapshot numbers decide
+    bus.inject(C, c_ack)
+    bus.flush()
+    assert {m.confirmed.number for m in bus.machines.values()} == {3}  # both signed it
+    assert all(m.confirmed.ledger.deposits == (request.deposit_id,) for m in bus.machines.values())
+    assert not any(r.kind == "refused" for records in bus.records.values() for r in records)
+    bus.now = deadline + 3 + SIGN_TIMEOUT_MS
+    for party in (A, B, C):
+        bus.do(party, h.Tick(bus.now))
+    assert all(m.slashed() == [] and not m.votes for m in bus.machines.values())
+    bus.check_invariants()
+
+
+def test_finding6_a_signed_refusal_blocks_the_withheld_vote():
+    """B has not seen the deposit when the request comes: it refuses, signed, and is not
+    voted against; once the Deposit reaches it, it signs and the snapshot is confirmed."""
+    bus, request, c_ack, held, deadline = _head_at_snapshot_2_with_a_deposit_by_c(hold_deposit_from=(B,))
+    _deliver(bus, C, request, A, deadline - 3)
+    _deliver(bus, C, request, B, deadline + 3)
+    assert [(r.data["number"], r.data["reason"]) for r in bus.records[B] if r.kind == "refused"] == [
+        (3, "deposit_not_seen")]
+    bus.inject(C, c_ack)
+    bus.flush(keep=lambda s, r, m: isinstance(m, HeadAckSn) and r == C)  # C never hears A's ack
+    assert bus.machines[A].refused(B, 3)  # A holds B's signed refusal
+    bus.now = deadline + 3 + SIGN_TIMEOUT_MS
+    bus.do(A, h.Tick(bus.now))
+    bus.do(C, h.Tick(bus.now))  # C never heard A's ack: it votes against A, alone, not against B
+    bus.flush(keep=lambda s, r, m: isinstance(m, HeadAckSn) and r == C)
+    assert B not in bus.machines[A].votes and B not in bus.machines[C].votes
+    assert bus.machines[A].slashed() == [] and list(bus.machines[A].votes) == [A]
+    assert bus.machines[B].slashed() == []
+    bus.in_flight += held  # the Deposit reaches B at last: it signs what it waited for
+    bus.flush()
+    assert {m.confirmed.number for m in bus.machines.values()} == {3}
+    bus.check_invariants()
+
+
+def test_finding6_an_equivocating_leader_gets_no_honest_party_slashed():
+    """C sends two different requests for snapshot 3, one reaching A first, the other B:
+    each signs the one it got, refuses the other (signed), and neither is voted against.
+    (TLC found that without the refusal the leader and one honest party outvote the other.)"""
+    bus, request, c_ack, _, deadline = _head_at_snapshot_2_with_a_deposit_by_c()
+    raw, sig = signed(C, h.Transfer(C, A, 5, 7))
+    ledger = h.apply_tx(bus.machines[C].confirmed.ledger, h.decode_tx(raw), h.tx_id(raw))
+    other = HeadReqSn("head-1", 3, [raw], [sig], "", ledger.hash())
+    _deliver(bus, C, request, A, deadline)
+    _deliver(bus, C, other, B, deadline)
+    _deliver(bus, C, other, A, deadline)  # gossip brings each to everyone
+    _deliver(bus, C, request, B, deadline)
+    for party in (A, B):
+        assert [r.data["reason"] for r in bus.records[party] if r.kind == "refused"] == ["conflicting_snapshot"]
+    bus.inject(C, c_ack)
+    bus.flush()
+    bus.now = deadline + SIGN_TIMEOUT_MS
+    for party in (A, B):
+        bus.do(party, h.Tick(bus.now))
+    bus.flush()
+    assert bus.machines[A].slashed() == bus.machines[B].slashed() == []
+    assert not bus.machines[A].votes.get(B) and not bus.machines[B].votes.get(A)

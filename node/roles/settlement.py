@@ -58,7 +58,7 @@ POOL_SHARE = 10_000
 ROUND_REWARD = 120
 EPOCH_REWARD = 120
 SIGN_TIMEOUT_MS = 30_000  # longer than a node restart: an outage must not look like withholding
-DEPOSIT_PERIOD_MS = 60_000
+DEPOSIT_PERIOD_SNAPSHOTS = 6  # a deposit may be absorbed by the next 6 snapshots (two turns of 3 leaders)
 RESEND_MS = 2_000
 STEP_S = 0.2
 INBOX = 1024
@@ -258,7 +258,7 @@ class SettlementService(RoleService):
         return h.HeadParameters(
             head_id=f"{self.ctx.genesis.mesh_id}/head/{now}", parties=tuple(self.parties),
             contestation_period_ms=max(1, int(self.settings.contestation_period_s * 1000)),
-            deposit_period_ms=DEPOSIT_PERIOD_MS, sign_timeout_ms=SIGN_TIMEOUT_MS,
+            deposit_period_snapshots=DEPOSIT_PERIOD_SNAPSHOTS, sign_timeout_ms=SIGN_TIMEOUT_MS,
             agreed_rounds=self.settings.rounds, escrow=ESCROW,
             round_limit=self.settings.rounds, epoch_limit=self.settings.epochs,
             round_reward=ROUND_REWARD, epoch_reward=EPOCH_REWARD)
