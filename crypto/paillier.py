@@ -24,6 +24,7 @@ import msgpack
 from gmpy2 import mpz
 
 from crypto import batch_powmod
+from protocol._wire import unpack_strict  # the strict msgpack reader every peer's bytes go through
 
 DEFAULT_BITS = 2048
 SUPPORTED_BITS = (2048, 3072)
@@ -489,12 +490,15 @@ def _pack(kind: str, fields: dict[str, Any]) -> bytes:
 def _unpack(data: bytes, kind: str, names: Sequence[str]) -> dict[str, Any]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(f"{kind}: expected bytes")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, ext_hook=_ext_hook)
+    try:  # str keys, each once, no extension but our big ints (issue 11, sound today)
+        obj = unpack_strict(bytes(data), ext_hook=_ext_hook)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise DecodeError(f"{kind}: not msgpack ({exc})") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"{kind}: expected a map")
+    unknown = set(obj) - {"v", "t", *names}
+    if unknown:  # strict: another field would change the blob's id and mean nothing
+        raise DecodeError(f"{kind}: unknown fields {sorted(unknown)}")
     if obj.get("v") != WIRE_VERSION:
         raise DecodeError(f"{kind}: unknown version {obj.get('v')!r}")
     if obj.get("t") != kind:

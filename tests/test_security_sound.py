@@ -557,31 +557,10 @@ def _non_strict_variants(valid: bytes) -> dict[str, list[bytes]]:
 STRUCTURED = ["message", "envelope", "contribution", "aggregate", "partial_blob", "batch_partial", "ledger_tx",
               "keygen_frame"]
 
-_EXTRA_FIELDS_ACCEPTED = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "node/committee.py decode_aggregate / decode_partial_blob read fields with obj.get(...) and "
-    "crypto/paillier.py _unpack (decode_batch_partial) checks only for missing fields: a map with "
-    "an extra field (or a bytes key beside the str ones) is accepted and the extra ignored. "
-    "Harmless to the values decoded, but not strict, and the blob's id (its sha256) changes."))
-_KEYGEN_BYTES_KEY = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "protocol/keygen_channel.py KeygenChannel._parse builds its refusal with sorted(frame): a "
-    "frame with a bytes key beside str keys raises TypeError instead of MalformedFrame. Only "
-    "a roster member can get there (after its signature verifies); "
-    "node/keygen_transport.py SealedHTTPServer._post_handler catches RemoteProtocolError "
-    "only, so the request ends in aiohttp's 500 instead of a refusal with a reason."))
 
-
-def _strictness_case(decoder: str, variant: str):
-    marks = ()
-    if decoder in ("aggregate", "partial_blob", "batch_partial") and variant in ("extra_field", "bytes_key"):
-        marks = (_EXTRA_FIELDS_ACCEPTED,)
-    elif decoder == "keygen_frame" and variant == "bytes_key":
-        marks = (_KEYGEN_BYTES_KEY,)
-    return pytest.param(decoder, variant, marks=marks, id=f"{decoder}-{variant}")
-
-
-@pytest.mark.parametrize("decoder, variant", [
-    _strictness_case(d, v) for d in STRUCTURED
-    for v in ("extra_field", "int_key", "bytes_key", "ext_value", "timestamp_value", "trailing_bytes")])
+@pytest.mark.parametrize("variant", ["extra_field", "int_key", "bytes_key", "ext_value", "timestamp_value",
+                                     "trailing_bytes"])
+@pytest.mark.parametrize("decoder", STRUCTURED)
 def test_sound_strict_msgpack_every_network_decoder_refuses_non_strict_forms_of_valid_bytes(decoder, variant):
     decode, refusal, valid = network_decoders()[decoder]
     decode(valid)  # the control: the unchanged bytes decode
@@ -624,26 +603,13 @@ def _duplicate_last_key(raw: bytes) -> bytes:
     return packer.pack_map_header(len(pairs)) + b"".join(packer.pack(k) + packer.pack(v) for k, v in pairs)
 
 
-_DUPLICATES_ACCEPTED = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "msgpack.unpackb keeps the last of duplicated map keys and protocol/_wire.unpack_strict "
-    "does not refuse them, so this decoder accepts a map with a key twice and uses the last "
-    "value; another implementation that keeps the first would read the decoy (for a signed "
-    "body, two readings of the same signed bytes). protocol/head.decode_tx refuses it by "
-    "re-encoding and comparing."))
-
-
-@pytest.mark.parametrize("decoder", [
-    pytest.param(d, marks=() if d == "ledger_tx" else _DUPLICATES_ACCEPTED) for d in STRUCTURED])
+@pytest.mark.parametrize("decoder", STRUCTURED)
 def test_sound_strict_msgpack_duplicated_key_is_refused(decoder):
     decode, refusal, valid = network_decoders()[decoder]
     with pytest.raises(refusal):
         decode(_duplicate_last_key(valid))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "protocol/_wire.unpack_strict promises no extension types, but msgpack decodes the "
-    "timestamp extension (type -1) itself without calling ext_hook: a Timestamp object comes "
-    "back. Every decoder above then refuses it by type, so no decoder is known to accept one."))
 def test_sound_strict_msgpack_unpack_strict_refuses_the_timestamp_extension():
     with pytest.raises(ValueError):
         unpack_strict(msgpack.packb(msgpack.Timestamp(1, 0)))
@@ -684,7 +650,6 @@ class _NoStore:
 # there. A new decoder of peer bytes must use unpack_strict (this test then says so).
 LENIENT_MSGPACK_READERS = {
     "protocol/_wire.py": "unpack_strict itself",
-    "crypto/paillier.py": "peer partials: strict_map_key and its own ext_hook (big ints only)",
     "crypto/dkg.py": "this member's own key share file",
     "node/committee.py": "this node's committee files",
     "node/keygen.py": "this member's ceremony result file",
