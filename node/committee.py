@@ -260,6 +260,10 @@ def encode_aggregate(public: PublicKey, ciphertexts: Sequence[int]) -> bytes:
                          use_bin_type=True)
 
 
+_AGGREGATE_FIELDS = frozenset({"v", "kind", "ciphertexts"})  # what encode_aggregate writes
+_PARTIAL_FIELDS = frozenset({"v", "kind", "index", "aggregate", "blocks"})  # what encode_partial_blob writes
+
+
 def decode_aggregate(public: PublicKey, data: bytes, *, count: int) -> list[int]:
     try:
         obj = unpack_strict(data)
@@ -267,6 +271,9 @@ def decode_aggregate(public: PublicKey, data: bytes, *, count: int) -> list[int]
         raise BadAggregateBlob(f"aggregate is not msgpack: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("v") != WIRE_VERSION or obj.get("kind") != "aggregate":
         raise BadAggregateBlob("not an aggregate blob of a known version")
+    if set(obj) != _AGGREGATE_FIELDS:  # strict: an extra field would change the blob id and mean nothing
+        raise BadAggregateBlob(f"aggregate blob has fields {sorted(map(str, obj))}, "
+                               f"expected exactly {sorted(_AGGREGATE_FIELDS)}")
     raw, width = obj.get("ciphertexts"), public.ciphertext_bytes
     if not isinstance(raw, bytes) or len(raw) != count * width:
         raise BadAggregateBlob(f"aggregate must hold {count} ciphertexts of {width} bytes")
@@ -292,6 +299,9 @@ def decode_partial_blob(key: CommitteeKey, data: bytes, *, member_index: int, ag
         raise BadPartialBlob(f"partial blob is not msgpack: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("v") != WIRE_VERSION or obj.get("kind") != "partial":
         raise BadPartialBlob("not a partial-decryption blob of a known version")
+    if set(obj) != _PARTIAL_FIELDS:  # strict, as decode_aggregate
+        raise BadPartialBlob(f"partial blob has fields {sorted(map(str, obj))}, "
+                             f"expected exactly {sorted(_PARTIAL_FIELDS)}")
     if obj.get("index") != member_index or obj.get("aggregate") != aggregate_id:
         raise BadPartialBlob(f"blob is member {obj.get('index')!r}'s for {str(obj.get('aggregate'))[:12]}, "
                              f"expected member {member_index}'s for {aggregate_id[:12]}")
