@@ -214,7 +214,9 @@ class KeygenChannel:
         kind = frame.get("kind")
         expected = {"announce": _ANNOUNCE_KEYS, "sealed": _SEALED_KEYS}.get(kind)
         if expected is None or set(frame) != expected:
-            raise MalformedFrame(f"frame of kind {kind!r} with fields {sorted(frame)}")
+            # map() to str: unpack_strict admits str keys only, but this refusal must not
+            # itself fail on whatever keys a frame carries (issue 11, sound today)
+            raise MalformedFrame(f"frame of kind {str(kind)[:40]!r} with fields {sorted(map(str, frame))}")
         for name in ("from", "to") + (("seq",) if kind == "sealed" else ()):
             if type(frame[name]) is not int:
                 raise MalformedFrame(f"{name} must be an integer")
