@@ -51,7 +51,7 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def is_blob_id(text: object) -> bool:
-    return isinstance(text, str) and _SHA256_HEX.match(text) is not None
+    return isinstance(text, str) and _SHA256_HEX.fullmatch(text) is not None  # not "$": no trailing "\n"
 
 
 # --- phases -------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def _model(name: str) -> None:
 
 
 def _sha256(name: str, value: str) -> None:
-    _require(bool(_SHA256.match(value)), f"{name} must be 64 lowercase hex digits")
+    _require(_SHA256.fullmatch(value) is not None, f"{name} must be 64 lowercase hex digits")
 
 
 def _size(name: str, value: int, limit: int) -> None:

@@ -770,13 +770,19 @@ def test_sound_blob_ids_malformed_are_refused_by_the_blob_service_and_fetch():
     assert rejects == ["bad_request"] * len(BAD_CIDS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/storage/local.py matches ids with re.match(r'^[0-9a-f]{64}$'): '$' also matches "
-    "before a trailing newline, so 64 hex digits + '\\n' pass is_content_id / "
-    "require_content_id (the class of finding 11). No tampered bytes get through: verified() "
-    "compares the exact string, and the local file named with '\\n' does not exist."))
-def test_sound_blob_ids_a_trailing_newline_is_not_an_id():
-    assert not is_content_id(GOOD_CID + "\n")
+def test_sound_blob_ids_a_trailing_newline_is_not_an_id(tmp_path):
+    """Before: re.match("^[0-9a-f]{64}$") took 64 hex digits + "\n" ("$" matches before a
+    final newline), in the store and in the round machine's blob ids alike."""
+    from protocol.aggregation import is_blob_id
+    from protocol.challenge_messages import InvalidChallengeMessage, _sha256
+
+    for almost in (GOOD_CID + "\n", GOOD_CID + "\r\n", "\n" + GOOD_CID):
+        assert not is_content_id(almost) and not is_blob_id(almost)
+        with pytest.raises(InvalidContentId):
+            LocalBlobStore(tmp_path).get(almost)
+        with pytest.raises(InvalidChallengeMessage):
+            _sha256("key_id", almost)
+    assert is_content_id(GOOD_CID) and is_blob_id(GOOD_CID)  # the control
 
 
 def test_sound_blob_reads_another_genuine_or_truncated_blob_under_an_id_is_caught(tmp_path):

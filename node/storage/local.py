@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-_CID = re.compile(r"^[0-9a-f]{64}$")
+# fullmatch, not match with "^...$": "$" also matches before a trailing newline, so 64 hex
+# digits + "\n" would pass (issue 11, sound today: blob ids). The class is ASCII by range.
+_CID = re.compile(r"[0-9a-f]{64}")
 
 # Concrete-ML evaluation keys are ~100 MB and adapters a few hundred; 1 GiB leaves room
 # while still refusing to pull an unbounded object into memory.
@@ -89,7 +91,7 @@ def content_id(data: bytes) -> str:
 
 
 def is_content_id(cid: str) -> bool:
-    return isinstance(cid, str) and bool(_CID.match(cid))
+    return isinstance(cid, str) and _CID.fullmatch(cid) is not None
 
 
 def require_content_id(cid: str) -> str:
