@@ -25,6 +25,7 @@ from pathlib import Path
 
 from libp2p.peer.id import ID
 
+from node.files import write_atomic
 from node.mesh import derive_key_pair
 from node.presence import percentile
 from node.registry.genesis import Genesis, write_genesis
@@ -114,8 +115,9 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
         for stale in ("status.json", "ready.json"):
             (data_dir / stale).unlink(missing_ok=True)
         seed = os.urandom(32)
-        (data_dir / "node_key").write_bytes(seed)
-        os.chmod(data_dir / "node_key", 0o600)
+        # Created 0600 (write_bytes then chmod left it 0644 meanwhile, for anyone to open
+        # and keep: issue 11, sound today: 0600 key files).
+        write_atomic(data_dir / "node_key", seed, mode=0o600)
         mesh_port, api_port = ports[2 * i], ports[2 * i + 1]
         addrs.append(f"/ip4/127.0.0.1/tcp/{mesh_port}/p2p/{peer_id_from_seed(seed)}")
         members.append(Member(hotkey, frozenset({role}), STAKE[role]))

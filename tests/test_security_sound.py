@@ -385,23 +385,38 @@ def test_sound_0600_hotkey_wallet_under_umask_0(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared_testnet(tmp_path_factory):
-    """A testnet as `sealmesh testnet up` lays it out, with the mode every file had when
-    it was chmod-ed (an observer only: the real chmod runs)."""
+    """A testnet as `sealmesh testnet up` lays it out, with the mode every file had when it
+    was created with os.open (mode & ~umask), chmod-ed (its mode just before) or renamed
+    into place (its mode then): observers only, the real calls run."""
     from node.testnet import TestnetPlan, prepare
 
     root = tmp_path_factory.mktemp("sound-testnet")
-    before_chmod: dict[str, int] = {}
-    real_chmod = os.chmod
+    observed: dict[str, list[int]] = {}
+    real_chmod, real_open, real_replace = os.chmod, os.open, os.replace
+
+    def note(path, mode_: int) -> None:
+        observed.setdefault(str(path), []).append(stat.S_IMODE(mode_))
 
     def observing_chmod(path, mode_, *args, **kwargs):
-        before_chmod[str(path)] = stat.S_IMODE(os.stat(path).st_mode)
+        note(path, os.stat(path).st_mode)
         return real_chmod(path, mode_, *args, **kwargs)
+
+    def observing_open(path, flags, mode_=0o777, *args, **kwargs):
+        if flags & os.O_CREAT and not os.path.exists(path):
+            note(path, mode_ & ~0o022)
+        return real_open(path, flags, mode_, *args, **kwargs)
+
+    def observing_replace(src, dst, *args, **kwargs):
+        note(dst, os.stat(src).st_mode)
+        return real_replace(src, dst, *args, **kwargs)
 
     with umask(0o022), pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "chmod", observing_chmod)
+        patch.setattr(os, "open", observing_open)
+        patch.setattr(os, "replace", observing_replace)
         nodes = prepare(TestnetPlan(validators=2, trainers=1, miners=0, rounds=1, key_bits=BITS,
                                     directory=root))
-    return root, nodes, before_chmod
+    return root, nodes, observed
 
 
 def test_sound_0600_every_secret_file_of_a_prepared_testnet(prepared_testnet):
@@ -414,16 +429,15 @@ def test_sound_0600_every_secret_file_of_a_prepared_testnet(prepared_testnet):
     assert {str(p): mode(p) for p in secrets_} == {str(p): 0o600 for p in secrets_}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/testnet.py prepare() writes node_key with Path.write_bytes (created 0666 & ~umask, "
-    "0644 under umask 022) and chmods it to 0600 afterwards: between the two, any local user "
-    "can open the file and keep the descriptor, and so read the node's libp2p identity seed. "
-    "daemon.load_or_create_node_key does it right (write_atomic(..., mode=0o600))."))
 def test_sound_0600_testnet_node_key_is_never_readable_by_others(prepared_testnet):
-    _, _, before_chmod = prepared_testnet
-    node_keys = {p: m_ for p, m_ in before_chmod.items() if p.endswith("node_key")}
-    assert node_keys, "prepare() no longer chmods node_key: check how it is written"
-    assert all(m_ & 0o077 == 0 for m_ in node_keys.values()), node_keys
+    """Before: prepare() wrote node_key with Path.write_bytes (0644 under umask 022) and
+    chmod-ed it afterwards, so any local user could open it in between and keep the
+    descriptor: the node's libp2p identity seed. Now it is written as
+    daemon.load_or_create_node_key writes it (write_atomic, 0600 from its creation)."""
+    _, nodes, observed = prepared_testnet
+    node_keys = {p: modes for p, modes in observed.items() if re.search(r"node_key(\.\d+\.tmp)?$", p)}
+    assert len([p for p in node_keys if p.endswith("/node_key")]) == len(nodes), sorted(observed)
+    assert all(m_ & 0o077 == 0 for modes in node_keys.values() for m_ in modes), node_keys
 
 
 # =========================================================================================
