@@ -4,7 +4,8 @@ Read beside specs/SecureAggregation.tla: each public method is one of its action
 the same name in snake_case (OpenRound = open_round, ...), and the check functions at
 the bottom are its invariants, under the same names.
 
-Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED.
+Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED
+                   (DECRYPT -> BLAME -> ABORTED when the sum overflows a slot).
   COLLECT    contributions that arrive before the deadline are verified by the shell;
   AGGREGATE  at the deadline, once every received contribution has a verdict, the
              accepted ones (sorted by trainer hotkey) are aggregated and published as
@@ -12,6 +13,11 @@ Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED.
              majority of the round's validators) published identically;
   DECRYPT    t valid partial decryptions of that aggregate are combined;
   FINAL      the shell reports the new adapter id; RoundFinal is sent.
+  BLAME      the sum did not unpack at one position (SlotOverflow, issue 11 finding 5):
+             every contributor of the agreed set is asked to prove that position in
+             range (BlameRequest, SlotProof); at the blame deadline whoever failed or
+             stayed silent is named in bad_contributors and the round is aborted; the
+             named are refused as contributors for COOLDOWN_ROUNDS rounds after it.
 A committee member releases its partial decryption only for an aggregate that a quorum
 agreed on, that it recomputed itself, and that has at least the mesh's min_contributors.
 
@@ -36,11 +42,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Union
 
-from crypto.contribution import decryption_blocks
+from crypto.contribution import decryption_blocks, derive_layout
 from protocol.aggregation_messages import (
     MAX_COMMITTEE, MAX_HYPERPARAMETERS, MAX_NAME_CHARS, MAX_ROUND_CONTRIBUTORS, MAX_STATS,
-    MAX_VALIDATORS, AcceptedSet, Contribution, ContributionVerdict, PartialDecryption,
-    RoundAborted, RoundFinal, RoundOpen,
+    MAX_VALIDATORS, AcceptedSet, BlameRequest, Contribution, ContributionVerdict, PartialDecryption,
+    RoundAborted, RoundFinal, RoundOpen, SlotProof,
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages import Message, decode, encode
@@ -62,6 +68,7 @@ class Phase(str, enum.Enum):
     COLLECT = "collect"
     AGGREGATE = "aggregate"
     DECRYPT = "decrypt"
+    BLAME = "blame"  # the sum overflowed a slot: waiting for every contributor's slot proof
     FINAL = "final"
     ABORTED = "aborted"
 
@@ -163,8 +170,48 @@ class CombinePartials:
     contributors: int
 
 
+@dataclass(frozen=True)
+class BlamePosition:
+    """Where a SlotOverflow asks every contributor to prove its plaintext in range
+    (crypto.contribution.Blame, in the machine's terms)."""
+
+    plaintext_index: int
+    slot: int
+    top: bool  # the whole plaintext: every slot in range, nothing above the last
+
+    def to_state(self) -> list:
+        return [self.plaintext_index, self.slot, self.top]
+
+    @classmethod
+    def from_state(cls, raw: list) -> "BlamePosition":
+        return cls(int(raw[0]), int(raw[1]), bool(raw[2]))
+
+
+@dataclass(frozen=True)
+class VerifySlotProofBlob:
+    """Fetch the proof blob and the trainer's contribution blob, check the slot proof
+    (crypto.contribution.verify_slots, under the trainer's slot_context_for), then
+    verify_slot_proof(trainer, valid=..., reason=...)."""
+
+    trainer: str
+    proof_blob_id: str
+    contribution_blob_id: str
+    position: BlamePosition
+
+
+@dataclass(frozen=True)
+class ProveSlots:
+    """Trainer: prove `position` in range for the update this trainer sealed in the round
+    (crypto.contribution.prove_slots with the kept update and Precomputation), store the
+    encoded proof, then slot_proved(position, that blob's id)."""
+
+    round_id: int
+    aggregate_id: str
+    position: BlamePosition
+
+
 Effect = Union[Send, SetTimer, EnterPhase, Train, VerifyContributionBlob, ComputeAggregate,
-               DecryptPartial, VerifyPartialBlob, CombinePartials]
+               DecryptPartial, VerifyPartialBlob, CombinePartials, VerifySlotProofBlob, ProveSlots]
 
 
 # --- round configuration: a RoundOpen message, checked --------------------------------
@@ -477,6 +524,50 @@ def partial_coverage_problem(ro: RoundOpen, member: str, blocks: Iterable[int]) 
     return f"blocks {missing} of {member}'s are missing" if missing else None
 
 
+# --- the blame step after a slot overflow (issue 11 finding 5) -----------------------
+#
+# The contribution proof bounds plaintexts, not slots, so an accepted contribution can make
+# the decrypted sum unpackable (SlotOverflow, with its position). Every contributor of the
+# agreed set then proves that position in range with the exact slot proof; an honest one
+# always can, and if all could, no slot sum could overflow there. So whoever fails or stays
+# silent until the blame deadline is named, and only they: the round is aborted (no
+# re-aggregation without them in the same round: docs/aggregation.md) and validators refuse
+# their contributions for COOLDOWN_ROUNDS rounds.
+
+BLAME_MS = 60_000  # proofs take 2-4 s each at 2048 bits, every contributor in parallel
+MAX_BLAME_MS = 10 * 60_000
+COOLDOWN_ROUNDS = 3
+NAMED_OUT_OF_RANGE = "slot_out_of_range"  # its proof does not verify
+NAMED_SILENT = "no_slot_proof"  # no proof (or none fetchable) by the blame deadline
+
+
+@functools.lru_cache(maxsize=64)
+def _slots_per_plaintext(clip_bound: float, quant_bits: int, max_contributors: int, key_bits: int) -> int | None:
+    try:
+        return derive_layout(clip_bound, quant_bits, max_contributors, key_bits).slots_per_plaintext
+    except ValueError:
+        return None
+
+
+def blame_position_problem(ro: RoundOpen, position: BlamePosition) -> str | None:
+    """Why `position` cannot be a blamed position of this round's layout, or None."""
+    k = _slots_per_plaintext(ro.clip_bound, ro.quant_bits, ro.max_contributors, ro.key_bits)
+    if k is None:
+        return "the round's layout cannot be derived"
+    if not 0 <= position.plaintext_index < ro.ciphertexts_per_contribution:
+        return f"plaintext {position.plaintext_index} is outside 0..{ro.ciphertexts_per_contribution - 1}"
+    if not 0 <= position.slot < k or (position.top and position.slot != k - 1):
+        return f"slot {position.slot} (top={position.top}) does not fit {k} slots per plaintext"
+    return None
+
+
+def cooling_down(named_by_round: Mapping[int, Iterable[str]], round_id: int,
+                 rounds: int = COOLDOWN_ROUNDS) -> frozenset[str]:
+    """Trainers named by this validator's blame step in one of the `rounds` rounds before
+    round_id: their contributions to round_id are refused (blamed_cooling_down)."""
+    return frozenset(t for r, named in named_by_round.items() if round_id - rounds <= r < round_id for t in named)
+
+
 # --- accepted sets --------------------------------------------------------------------
 
 
@@ -610,11 +701,13 @@ class Exclusion:
 class ValidatorRound:
     """One validator's view of one round."""
 
-    def __init__(self, round_open: RoundOpen, me: str) -> None:
+    def __init__(self, round_open: RoundOpen, me: str, *, barred: Iterable[str] = ()) -> None:
+        """barred: trainers cooling down after being named (cooling_down)."""
         problem = round_open_problem(round_open)
         if problem:
             raise LocalProtocolError(f"cannot run round {round_open.round_id}: {problem}")
         self._start(round_open, me)
+        self.barred = frozenset(barred)
 
     def _start(self, round_open: RoundOpen, me: str) -> None:
         if me not in round_open.validators:
@@ -642,6 +735,14 @@ class ValidatorRound:
         self.combining: tuple[tuple[int, str], ...] = ()
         self.adapter_id = ""
         self.mean_stats: dict[str, float] = {}
+        self.barred: frozenset[str] = frozenset()
+        # the blame step (issue 11 finding 5)
+        self.blame: BlamePosition | None = None
+        self.blame_deadline_ms = 0
+        self.blame_closed = False  # the blame deadline passed: no more proofs taken
+        self.slot_proofs: dict[str, str] = {}  # contributor -> proof blob id
+        self.slot_verdicts: dict[str, str] = {}  # contributor -> "" (proven) or why not
+        self.bad_contributors: dict[str, str] = {}  # contributor -> NAMED_OUT_OF_RANGE | NAMED_SILENT
 
     @property
     def round_id(self) -> int:
@@ -674,6 +775,9 @@ class ValidatorRound:
                                       reason="late_contribution")
         if not is_blob_id(msg.blob_id):
             raise RemoteProtocolError("blob_id must be a sha256 hex id", reason="bad_blob_id")
+        if trainer in self.barred:
+            raise RemoteProtocolError(f"{trainer} was named by a blame step less than {COOLDOWN_ROUNDS} rounds ago",
+                                      reason="blamed_cooling_down")
         known = self.contributions.get(trainer)
         if known == msg.blob_id:
             return []
@@ -856,11 +960,101 @@ class ValidatorRound:
             raise LocalProtocolError(f"CombineFails in phase {self.phase.value} without a combine")
         return self._abort(f"combine_failed:{reason}"[:MAX_NAME_CHARS])
 
+    def slot_overflow(self, plaintext_index: int, slot: int, top: bool, *, now_ms: int,
+                      blame_ms: int = BLAME_MS) -> list[Effect]:
+        """SlotOverflow: the combined sum did not unpack at this position (the shell's
+        crypto.contribution.blame_for): every contributor of the agreed set is asked to
+        prove it in range before now_ms + blame_ms."""
+        if self.phase is Phase.ABORTED:
+            return []
+        if self.phase is not Phase.DECRYPT or not self.combining:
+            raise LocalProtocolError(f"SlotOverflow in phase {self.phase.value} without a combine")
+        position = BlamePosition(plaintext_index, slot, top)
+        problem = blame_position_problem(self.round_open, position)
+        if problem or not 0 < blame_ms <= MAX_BLAME_MS:
+            raise LocalProtocolError(f"SlotOverflow at a position of no blame: {problem or f'blame_ms={blame_ms}'}")
+        self.phase, self.blame, self.blame_deadline_ms = Phase.BLAME, position, now_ms + blame_ms
+        return [EnterPhase(Phase.BLAME.value), Send(self.blame_request()),
+                SetTimer("blame_deadline", self.blame_deadline_ms)]
+
+    def blame_request(self) -> BlameRequest:
+        assert self.blame is not None and self.agreed is not None
+        b = self.blame
+        return BlameRequest(self.round_id, self.agreed.aggregate_id, b.plaintext_index, b.slot, b.top)
+
+    def receive_slot_proof(self, trainer: str, msg: SlotProof) -> list[Effect]:
+        """ReceiveSlotProof: a contributor's answer to our BlameRequest; one per contributor.
+        An answer to another position or aggregate (another validator's request) is not ours."""
+        _same_round(self.round_open, msg.round_id, "SlotProof")
+        if not (is_blob_id(msg.proof_blob_id) and is_blob_id(msg.aggregate_id)):
+            raise RemoteProtocolError("proof and aggregate ids must be sha256 hex ids", reason="bad_blob_id")
+        if self.phase is not Phase.BLAME or self.blame_closed:
+            return []
+        assert self.agreed is not None
+        position = BlamePosition(msg.plaintext_index, msg.slot, msg.top)
+        if msg.aggregate_id != self.agreed.aggregate_id or position != self.blame:
+            return []
+        if trainer not in self.agreed.contributors:
+            raise RemoteProtocolError(f"{trainer} is not a contributor of round {self.round_id}'s agreed set",
+                                      reason="not_a_contributor")
+        known = self.slot_proofs.get(trainer)
+        if known == msg.proof_blob_id:
+            return []
+        if known is not None:
+            raise RemoteProtocolError(f"{trainer} sent a second, different slot proof", reason="second_slot_proof")
+        self.slot_proofs[trainer] = msg.proof_blob_id
+        return [self._verify_slot_effect(trainer)]
+
+    def verify_slot_proof(self, trainer: str, *, valid: bool, reason: str = "") -> list[Effect]:
+        """VerifySlotProof: the shell checked the proof against the trainer's contribution;
+        reason "unavailable" (the blob could not be fetched) counts as no proof."""
+        if trainer not in self.slot_proofs or trainer in self.slot_verdicts:
+            raise LocalProtocolError(f"no verification of {trainer}'s slot proof is pending")
+        if not valid and not 0 < len(reason) <= MAX_NAME_CHARS:
+            raise LocalProtocolError("an invalid slot proof needs a reason (1..64 chars)")
+        if self.phase is not Phase.BLAME:
+            return []
+        self.slot_verdicts[trainer] = "" if valid else reason
+        return self._maybe_close_blame()
+
+    def blame_deadline(self, *, now_ms: int) -> list[Effect]:
+        """BlameDeadline: no more proofs; the round ends once pending verifications are in."""
+        if self.phase is not Phase.BLAME:
+            return []
+        if now_ms < self.blame_deadline_ms:
+            raise LocalProtocolError(f"BlameDeadline at {now_ms}, before {self.blame_deadline_ms}")
+        self.blame_closed = True
+        return self._maybe_close_blame()
+
+    def _verify_slot_effect(self, trainer: str) -> VerifySlotProofBlob:
+        assert self.agreed is not None and self.blame is not None
+        blob_id = self.agreed.blob_ids[self.agreed.contributors.index(trainer)]
+        return VerifySlotProofBlob(trainer, self.slot_proofs[trainer], blob_id, self.blame)
+
+    def _maybe_close_blame(self) -> list[Effect]:
+        assert self.agreed is not None
+        contributors = self.agreed.contributors
+        answered = all(t in self.slot_verdicts for t in contributors)
+        pending = any(t in self.slot_proofs and t not in self.slot_verdicts for t in contributors)
+        if not answered and not (self.blame_closed and not pending):
+            return []
+        named = {}
+        for t in contributors:
+            verdict = self.slot_verdicts.get(t)
+            if verdict is None or verdict == "unavailable":
+                named[t] = NAMED_SILENT
+            elif verdict:
+                named[t] = NAMED_OUT_OF_RANGE
+        self.bad_contributors = named
+        # every contributor proven: the overflow is not any contribution's (our decode?)
+        return self._abort("slot_overflow_named" if named else "slot_overflow_unexplained")
+
     def final_deadline(self, *, now_ms: int) -> list[Effect]:
-        """FinalDeadline: no adapter by the final deadline, the round is aborted."""
+        """FinalDeadline: no adapter by the final deadline, the round is aborted. A blame
+        step under way is not cut short: its own deadline ends it, naming who failed."""
         if now_ms < self.round_open.final_deadline_ms:
             raise LocalProtocolError(f"FinalDeadline at {now_ms}, before {self.round_open.final_deadline_ms}")
-        if self._terminal():
+        if self._terminal() or self.phase is Phase.BLAME:
             return []
         if self.phase is Phase.DECRYPT:
             why = "combine_timeout" if self.combining else "not_enough_partials"
@@ -884,6 +1078,8 @@ class ValidatorRound:
                         if m not in self.covers_valid and m not in self.bad_covers]
             if self.combining:
                 effects.append(self._combine_effect())
+        if self.phase is Phase.BLAME:
+            effects += [self._verify_slot_effect(t) for t in sorted(self.slot_proofs) if t not in self.slot_verdicts]
         return effects
 
     # -- internals --
@@ -994,6 +1190,11 @@ class ValidatorRound:
             "covers_valid": sorted(self.covers_valid), "bad_covers": dict(sorted(self.bad_covers.items())),
             "combining": [list(p) for p in self.combining],
             "adapter_id": self.adapter_id, "mean_stats": dict(sorted(self.mean_stats.items())),
+            "barred": sorted(self.barred),
+            "blame": self.blame.to_state() if self.blame else None, "blame_deadline_ms": self.blame_deadline_ms,
+            "blame_closed": self.blame_closed, "slot_proofs": dict(sorted(self.slot_proofs.items())),
+            "slot_verdicts": dict(sorted(self.slot_verdicts.items())),
+            "bad_contributors": dict(sorted(self.bad_contributors.items())),
         }
 
     @classmethod
@@ -1019,6 +1220,11 @@ class ValidatorRound:
         machine.covers_valid, machine.bad_covers = set(s.get("covers_valid", ())), dict(s.get("bad_covers", {}))
         machine.combining = tuple((p[0], p[1]) for p in s["combining"])
         machine.adapter_id, machine.mean_stats = s["adapter_id"], dict(s["mean_stats"])
+        machine.barred = frozenset(s.get("barred", ()))
+        machine.blame = BlamePosition.from_state(s["blame"]) if s.get("blame") else None
+        machine.blame_deadline_ms, machine.blame_closed = s.get("blame_deadline_ms", 0), s.get("blame_closed", False)
+        machine.slot_proofs, machine.slot_verdicts = dict(s.get("slot_proofs", {})), dict(s.get("slot_verdicts", {}))
+        machine.bad_contributors = dict(s.get("bad_contributors", {}))
         return machine
 
 
@@ -1189,6 +1395,11 @@ class TrainerRound:
         self.adapter_id = ""
         self.included = False  # our contribution is in the final aggregate
         self.abort_reason = ""
+        # the blame step (issue 11 finding 5): one position per round validator, each
+        # position proven once and its proof re-sent to whoever asks for it again
+        self.blames_asked: dict[str, BlamePosition] = {}  # validator -> the position it asked
+        self.slot_proofs: dict[BlamePosition, str] = {}  # position -> our proof blob id
+        self.proving: dict[BlamePosition, str] = {}  # position -> aggregate id of the first request
 
     def join_round(self, validator: str, msg: RoundOpen, *, mesh: MeshRounds, now_ms: int,
                    last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
@@ -1262,9 +1473,62 @@ class TrainerRound:
             return []
         return self._abort("no_final_by_deadline")
 
+    def receive_blame_request(self, validator: str, msg: BlameRequest) -> list[Effect]:
+        """Part of ReceiveSlotProof in the spec: a round validator's aggregate overflowed at
+        msg's position; prove it in range for our contribution (ProveSlots), once per
+        position. Refused: a sender that is not a round validator, a round we did not
+        contribute to or that ended with an adapter (no overflow then), a position the
+        layout does not have, a second position from the same validator (each proof
+        costs seconds: a validator gets one)."""
+        ro = self._joined()
+        self._from_validator(ro, validator, msg.round_id, "BlameRequest")
+        if not self.blob_id:
+            raise RemoteProtocolError(f"BlameRequest for round {ro.round_id}, to which {self.me} did not contribute",
+                                      reason="not_a_contributor")
+        if self.phase is TrainerPhase.FINAL:
+            raise RemoteProtocolError(f"round {ro.round_id} ended with an adapter: nothing overflowed",
+                                      reason="round_final")
+        if not is_blob_id(msg.aggregate_id):
+            raise RemoteProtocolError("aggregate_id must be a sha256 hex id", reason="bad_blob_id")
+        position = BlamePosition(msg.plaintext_index, msg.slot, msg.top)
+        problem = blame_position_problem(ro, position)
+        if problem:
+            raise RemoteProtocolError(f"BlameRequest from {validator}: {problem}", reason="bad_blame_position")
+        asked = self.blames_asked.get(validator)
+        if asked is not None and asked != position:
+            raise RemoteProtocolError(f"{validator} already asked for {asked}; one position per validator and round",
+                                      reason="second_blame_position")
+        self.blames_asked[validator] = position
+        proof = self.slot_proofs.get(position)
+        if proof:
+            return [Send(self._slot_proof(msg.aggregate_id, position, proof))]
+        if position in self.proving:
+            return []  # being proven; the validator re-sends its request and gets it then
+        self.proving[position] = msg.aggregate_id
+        return [ProveSlots(ro.round_id, msg.aggregate_id, position)]
+
+    def slot_proved(self, position: BlamePosition, proof_blob_id: str) -> list[Effect]:
+        """The shell proved `position` and stored the proof: send it to the first asker's
+        aggregate (later askers get it from slot_proofs)."""
+        ro = self._joined()
+        if position not in self.proving:
+            raise LocalProtocolError(f"no slot proof of {position} was asked for")
+        if not is_blob_id(proof_blob_id):
+            raise LocalProtocolError(f"proof blob id {proof_blob_id!r} is not a sha256 hex id")
+        aggregate_id = self.proving.pop(position)
+        self.slot_proofs[position] = proof_blob_id
+        return [Send(self._slot_proof(aggregate_id, position, proof_blob_id))]
+
+    def _slot_proof(self, aggregate_id: str, position: BlamePosition, proof_blob_id: str) -> SlotProof:
+        return SlotProof(self._joined().round_id, aggregate_id, position.plaintext_index, position.slot,
+                         position.top, proof_blob_id)
+
     def resume_effects(self) -> list[Effect]:
         if self.phase is TrainerPhase.TRAINING and self.round_open is not None:
             return [Train(self.round_open)]
+        if self.round_open is not None:
+            return [ProveSlots(self.round_open.round_id, a, p) for p, a in sorted(
+                self.proving.items(), key=lambda item: item[0].to_state())]
         return []
 
     def _joined(self) -> RoundOpen:
@@ -1289,6 +1553,9 @@ class TrainerRound:
             "round_open": _round_open_state(self),
             "phase": self.phase.value, "blob_id": self.blob_id, "adapter_id": self.adapter_id,
             "included": self.included, "abort_reason": self.abort_reason,
+            "blames_asked": {v: p.to_state() for v, p in sorted(self.blames_asked.items())},
+            "slot_proofs": sorted([*p.to_state(), b] for p, b in self.slot_proofs.items()),
+            "proving": sorted([*p.to_state(), a] for p, a in self.proving.items()),
         }
 
     @classmethod
@@ -1301,6 +1568,9 @@ class TrainerRound:
         machine.phase = TrainerPhase(s["phase"])
         machine.blob_id, machine.adapter_id = s["blob_id"], s["adapter_id"]
         machine.included, machine.abort_reason = s["included"], s["abort_reason"]
+        machine.blames_asked = {v: BlamePosition.from_state(p) for v, p in s.get("blames_asked", {}).items()}
+        machine.slot_proofs = {BlamePosition.from_state(x[:3]): x[3] for x in s.get("slot_proofs", [])}
+        machine.proving = {BlamePosition.from_state(x[:3]): x[3] for x in s.get("proving", [])}
         return machine
 
 
@@ -1321,6 +1591,11 @@ def TypeOK(validators: Iterable[ValidatorRound], committee: Iterable[CommitteeRo
         if not v.partials_valid.isdisjoint(v.bad_partials) or not set(v.partials) >= v.partials_valid:
             return False
         if not v.covers_valid.isdisjoint(v.bad_covers) or not set(v.covers) >= v.covers_valid:
+            return False
+        if (v.phase is Phase.BLAME and (v.blame is None or not v.combining)) or not set(v.slot_proofs) >= set(
+                v.slot_verdicts):
+            return False
+        if v.bad_contributors and (v.agreed is None or not set(v.bad_contributors) <= set(v.agreed.contributors)):
             return False
     for c in committee:
         if not isinstance(c.phase, CommitteePhase):
@@ -1380,8 +1655,22 @@ def FinalContainsOnlyValidContributions(validators: Iterable[ValidatorRound],  #
                for t, b in zip(v.agreed.contributors, v.agreed.blob_ids))
 
 
+def HonestNeverNamed(validators: Iterable[ValidatorRound], honest: Iterable[str]) -> bool:  # noqa: N802
+    """No blame step names an honest contributor (it always proves in time)."""
+    honest = set(honest)
+    return all(honest.isdisjoint(v.bad_contributors) for v in validators)
+
+
+def OverflowNamesAByzantine(validators: Iterable[ValidatorRound], byzantine: Iterable[str]) -> bool:  # noqa: N802
+    """A round that ended after a blame step names at least one byzantine contributor."""
+    byzantine = set(byzantine)
+    return all(not byzantine.isdisjoint(v.bad_contributors)
+               for v in validators if v.blame is not None and v.phase is Phase.ABORTED)
+
+
 INVARIANTS = ("TypeOK", "NoDecryptionBelowMin", "JoinedOnlyMeshRounds", "OnlyAgreedAggregateDecrypted",
-              "HonestValidatorsAgreeOnAdapter", "FinalContainsOnlyValidContributions")
+              "HonestValidatorsAgreeOnAdapter", "FinalContainsOnlyValidContributions", "HonestNeverNamed",
+              "OverflowNamesAByzantine")
 
 # Each action of specs/SecureAggregation.tla and the methods that implement it; an
 # action shared by roles (JoinRound, ComputeAggregate, ...) is one method per role.
@@ -1399,6 +1688,10 @@ ACTIONS: dict[str, tuple[tuple[type, str], ...]] = {
     "VerifyPartial": ((ValidatorRound, "verify_partial"),),
     "Finalize": ((ValidatorRound, "finalize"),),
     "CombineFails": ((ValidatorRound, "combine_fails"),),
+    "SlotOverflow": ((ValidatorRound, "slot_overflow"),),
+    "ReceiveSlotProof": ((ValidatorRound, "receive_slot_proof"),),
+    "VerifySlotProof": ((ValidatorRound, "verify_slot_proof"),),
+    "BlameDeadline": ((ValidatorRound, "blame_deadline"),),
     "FinalDeadline": ((ValidatorRound, "final_deadline"), (CommitteeRound, "final_deadline"),
                       (TrainerRound, "final_deadline")),
     "ReceiveRoundFinal": ((TrainerRound, "receive_round_final"),),
@@ -1411,7 +1704,9 @@ ENVIRONMENT_ACTIONS = ("Tick", "NextRound", "Done")
 ADVERSARY_ACTIONS = ("ByzOpenRound",)
 
 __all__ = [
-    "ACTIONS", "ADVERSARY_ACTIONS", "CombinePartials", "CommitteePhase", "CommitteeRound", "ComputeAggregate",
+    "ACTIONS", "ADVERSARY_ACTIONS", "BLAME_MS", "BlamePosition", "COOLDOWN_ROUNDS", "HonestNeverNamed",
+    "NAMED_OUT_OF_RANGE", "NAMED_SILENT", "OverflowNamesAByzantine", "ProveSlots", "VerifySlotProofBlob",
+    "blame_position_problem", "cooling_down", "CombinePartials", "CommitteePhase", "CommitteeRound", "ComputeAggregate",
     "DEFAULT_HYPERPARAMETERS", "DecryptPartial", "ENVIRONMENT_ACTIONS", "Effect", "EnterPhase", "Exclusion",
     "FinalContainsOnlyValidContributions", "HonestValidatorsAgreeOnAdapter", "HyperparameterBound", "INVARIANTS",
     "JoinedOnlyMeshRounds", "MeshRounds", "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted", "OpenRefusal",

@@ -161,8 +161,49 @@ class RoundAborted(Message):
     reason: str
 
 
+@message_type
+@dataclass(frozen=True)
+class BlameRequest(Message):
+    """Issue 11 finding 5: the agreed aggregate decrypted to a slot sum out of reach
+    (SlotOverflow). Every contributor of the agreed set must prove, with the exact slot
+    proof (crypto.contribution.prove_slots), that slots 0..slot of its plaintext
+    plaintext_index were in range (top: the whole plaintext, nothing above its last
+    slot); who cannot, or does not answer, is named."""
+
+    TYPE: ClassVar[str] = "agg_blame_request"
+    CHANNEL: ClassVar[Channel] = Channel.TRAIN
+    MAX_BYTES: ClassVar[int] = 224
+    POLICY: ClassVar[SenderPolicy] = VALIDATORS_ONLY
+
+    round_id: int
+    aggregate_id: str
+    plaintext_index: int
+    slot: int
+    top: bool
+
+
+@message_type
+@dataclass(frozen=True)
+class SlotProof(Message):
+    """A contributor's answer to a BlameRequest: proof_blob_id names the encoded slot
+    proof (crypto.contribution.encode_slot_proof, 1-2 MB at 2048 bits), fetched over the
+    blob protocol like a contribution; the message never carries it."""
+
+    TYPE: ClassVar[str] = "agg_slot_proof"
+    CHANNEL: ClassVar[Channel] = Channel.TRAIN
+    MAX_BYTES: ClassVar[int] = 320
+    POLICY: ClassVar[SenderPolicy] = TRAINERS_ONLY
+
+    round_id: int
+    aggregate_id: str
+    plaintext_index: int
+    slot: int
+    top: bool
+    proof_blob_id: str
+
+
 __all__ = [
-    "AcceptedSet", "Contribution", "ContributionVerdict", "MAX_COMMITTEE", "MAX_HYPERPARAMETERS",
+    "AcceptedSet", "BlameRequest", "SlotProof", "Contribution", "ContributionVerdict", "MAX_COMMITTEE", "MAX_HYPERPARAMETERS",
     "MAX_NAME_CHARS", "MAX_ROUND_CONTRIBUTORS", "MAX_STATS", "MAX_VALIDATORS", "PartialDecryption",
     "RoundAborted", "RoundFinal", "RoundOpen",
 ]

@@ -40,11 +40,13 @@ CONSTANTS
     MaxContributors, \* the most contributions aggregated: more accepted, a draw picks these
     Opener,          \* the validator scheduled to open the rounds
     Byzantine,       \* validator keys that may gossip a RoundOpen of their choosing
+    Overflowers,     \* trainers whose verified contribution has slots out of range
     Threshold,       \* t of the t-of-n threshold key
     MaxRounds,       \* rounds explored
     NoSet            \* model value: "no set yet"
 
 ASSUME /\ Cheaters \subseteq Trainers
+       /\ Overflowers \subseteq Trainers \ Cheaters
        /\ BadMembers \subseteq Committee
        /\ MeshMinContributors \in 1..Cardinality(Trainers)
        /\ Opener \in Validators
@@ -57,7 +59,7 @@ Valid == Trainers \ Cheaters
 MaybeSet == (SUBSET Trainers) \cup {NoSet}
 Adapters == UNION {[1..n -> SUBSET Trainers] : n \in 0..MaxRounds}
 
-VPhases == {"open", "collect", "aggregate", "decrypt", "final", "aborted"}
+VPhases == {"open", "collect", "aggregate", "decrypt", "blame", "final", "aborted"}
 CPhases == {"waiting", "watch", "decrypt", "released", "aborted"}
 TPhases == {"waiting", "training", "contributed", "final", "aborted"}
 Over == {"final", "aborted"}
@@ -90,14 +92,18 @@ VARIABLES
     cConfirmed,  \* members that recomputed the agreed aggregate themselves
     honestOpen,  \* the Opener's RoundOpen is on the wire
     byzOpen,     \* the adversary's RoundOpen this round, or NoOpen
-    cMin         \* member -> the minimum of the RoundOpen it joined (0: none)
+    cMin,        \* member -> the minimum of the RoundOpen it joined (0: none)
+    vBlame,      \* validators whose combined sum overflowed a slot (they ran the blame step)
+    slotProof,   \* validator -> trainer -> "none" | "pending" | "valid" | "invalid"
+    named        \* validator -> the contributors its blame step named
 
 roundVars == <<round, base, clock>>
 trainerVars == <<tPhase, sent>>
 validatorVars == <<vPhase, status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
 openVars == <<honestOpen, byzOpen, cMin>>
 committeeVars == <<cPhase, cSeen, cAgreed, cConfirmed, openVars>>
-vars == <<roundVars, trainerVars, validatorVars, committeeVars>>
+blameVars == <<vBlame, slotProof, named>>
+vars == <<roundVars, trainerVars, validatorVars, committeeVars, blameVars>>
 
 \* The RoundOpens on the wire this round.
 OnWire == (IF honestOpen THEN {HonestOpen} ELSE {}) \cup (IF byzOpen = NoOpen THEN {} ELSE {byzOpen})
@@ -169,6 +175,9 @@ FreshRound ==
     /\ honestOpen' = FALSE
     /\ byzOpen' = NoOpen
     /\ cMin' = [c \in Committee |-> 0]
+    /\ vBlame' = {}
+    /\ slotProof' = [v \in Validators |-> [t \in Trainers |-> "none"]]
+    /\ named' = [v \in Validators |-> {}]
 
 Init ==
     /\ round = 1
@@ -192,6 +201,9 @@ Init ==
     /\ honestOpen = FALSE
     /\ byzOpen = NoOpen
     /\ cMin = [c \in Committee |-> 0]
+    /\ vBlame = {}
+    /\ slotProof = [v \in Validators |-> [t \in Trainers |-> "none"]]
+    /\ named = [v \in Validators |-> {}]
 
 -----------------------------------------------------------------------------
 (* Actions                                                                 *)
@@ -206,12 +218,14 @@ OpenRound(v) ==
     /\ honestOpen' = TRUE
     /\ UNCHANGED <<roundVars, trainerVars, cPhase, cSeen, cAgreed, cConfirmed, byzOpen, cMin>>
     /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
 \* The adversary gossips a RoundOpen naming any minimum, signed by a key it holds.
 ByzOpenRound ==
     /\ byzOpen = NoOpen
     /\ \E f \in Byzantine, n \in 1..Cardinality(Trainers) : byzOpen' = [from |-> f, min |-> n]
     /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed, cConfirmed, honestOpen, cMin>>
+    /\ UNCHANGED blameVars
 
 \* A trainer or a committee member hears a RoundOpen on the wire and joins it if it
 \* is Acceptable; any other one it refuses (nothing changes).
@@ -228,6 +242,7 @@ JoinRound(p) ==
               /\ cMin' = [cMin EXCEPT ![p] = m.min]
               /\ UNCHANGED <<trainerVars, cSeen, cAgreed, cConfirmed, honestOpen, byzOpen>>
     /\ UNCHANGED <<roundVars, validatorVars>>
+    /\ UNCHANGED blameVars
 
 \* A trainer that never takes this step dropped out.
 Contribute(t) ==
@@ -236,6 +251,7 @@ Contribute(t) ==
     /\ tPhase' = [tPhase EXCEPT ![t] = "contributed"]
     /\ sent' = sent \cup {t}
     /\ UNCHANGED <<roundVars, validatorVars, committeeVars>>
+    /\ UNCHANGED blameVars
 
 ReceiveContribution(v, t) ==
     /\ t \in sent
@@ -245,12 +261,14 @@ ReceiveContribution(v, t) ==
     /\ status' = [status EXCEPT ![v][t] = "pending"]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<vPhase, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
 VerifyContribution(v, t) ==
     /\ status[v][t] = "pending"
     /\ status' = [status EXCEPT ![v][t] = IF t \in Cheaters THEN "rejected" ELSE "accepted"]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<vPhase, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
 CloseCollection(v) ==
     /\ vPhase[v] = "collect"
@@ -258,6 +276,7 @@ CloseCollection(v) ==
     /\ vPhase' = [vPhase EXCEPT ![v] = "aggregate"]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
 \* A validator aggregates its accepted set and publishes it (then decides), or
 \* recomputes an adopted set's aggregate; a member recomputes the agreed aggregate.
@@ -285,6 +304,7 @@ ComputeAggregate(p) ==
        /\ p \notin cConfirmed
        /\ cConfirmed' = cConfirmed \cup {p}
        /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cPhase, cSeen, cAgreed, openVars>>
+    /\ UNCHANGED blameVars
 
 \* Receiver r (a validator or a member) hears validator w's AcceptedSet.
 ReceiveAcceptedSet(r, w) ==
@@ -306,6 +326,7 @@ ReceiveAcceptedSet(r, w) ==
                 /\ CommitteeDecide(r, seen)
           /\ UNCHANGED <<validatorVars, cConfirmed, openVars>>
     /\ UNCHANGED <<roundVars, trainerVars>>
+    /\ UNCHANGED blameVars
 
 \* A member that never takes this step dropped out.
 ReleasePartial(c) ==
@@ -313,6 +334,7 @@ ReleasePartial(c) ==
     /\ c \in cConfirmed
     /\ cPhase' = [cPhase EXCEPT ![c] = "released"]
     /\ UNCHANGED <<roundVars, trainerVars, validatorVars, cSeen, cAgreed, cConfirmed, openVars>>
+    /\ UNCHANGED blameVars
 
 \* A partial of another aggregate than the one v agreed on is excluded at once.
 ReceivePartial(v, c) ==
@@ -323,6 +345,7 @@ ReceivePartial(v, c) ==
     /\ partial' = [partial EXCEPT ![v][c] = IF cAgreed[c] = vAgreed[v] THEN "pending" ELSE "invalid"]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<vPhase, status, published, vSeen, vAgreed, vConfirmed, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
 \* Once t partials are valid the validator asks for a combine (the first t in
 \* committee order).
@@ -335,6 +358,7 @@ VerifyPartial(v, c) ==
                           THEN combining \cup {v} ELSE combining
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<vPhase, status, published, vSeen, vAgreed, vConfirmed, vAdapter>>
+    /\ UNCHANGED blameVars
 
 Finalize(v) ==
     /\ vPhase[v] = "decrypt"
@@ -343,6 +367,7 @@ Finalize(v) ==
     /\ vAdapter' = [vAdapter EXCEPT ![v] = Append(base, vAgreed[v])]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining>>
+    /\ UNCHANGED blameVars
 
 \* The sum did not unpack (a slot overflowed): no adapter.
 CombineFails(v) ==
@@ -351,11 +376,56 @@ CombineFails(v) ==
     /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
     /\ UNCHANGED <<roundVars, trainerVars, committeeVars>>
     /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+    /\ UNCHANGED blameVars
 
+\* Issue 11 finding 5: the sum did not unpack at one position (SlotOverflow): only a
+\* contribution with slots out of range can cause it (the contribution proof bounds the
+\* plaintext, not its slots), so an Overflower is in the set. Not every such set
+\* overflows (Finalize stays possible: values inside the decode window). The validator
+\* asks every contributor of its agreed set to prove the position in range.
+SlotOverflow(v) ==
+    /\ vPhase[v] = "decrypt"
+    /\ v \in combining
+    /\ vAgreed[v] \cap Overflowers # {}
+    /\ vPhase' = [vPhase EXCEPT ![v] = "blame"]
+    /\ vBlame' = vBlame \cup {v}
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars, slotProof, named>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+\* A contributor's slot proof reaches v (an Overflower's may never: silence).
+ReceiveSlotProof(v, t) ==
+    /\ vPhase[v] = "blame"
+    /\ t \in vAgreed[v]
+    /\ slotProof[v][t] = "none"
+    /\ slotProof' = [slotProof EXCEPT ![v][t] = "pending"]
+    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, committeeVars, vBlame, named>>
+
+\* The exact slot proof is sound and complete: an honest contributor's verifies, an
+\* Overflower's does not (it cannot prove a slot it filled out of range).
+VerifySlotProof(v, t) ==
+    /\ vPhase[v] = "blame"
+    /\ slotProof[v][t] = "pending"
+    /\ slotProof' = [slotProof EXCEPT ![v][t] = IF t \in Overflowers THEN "invalid" ELSE "valid"]
+    /\ UNCHANGED <<roundVars, trainerVars, validatorVars, committeeVars, vBlame, named>>
+
+\* The blame deadline: every contributor without a valid proof is named, the round is
+\* aborted. Timing assumption: an honest contributor's proof arrives and is verified
+\* before it (the deadline allows for a few seconds of proving; one that crashed would
+\* be named no_slot_proof, docs/aggregation.md).
+BlameDeadline(v) ==
+    /\ vPhase[v] = "blame"
+    /\ \A t \in vAgreed[v] \ Overflowers : slotProof[v][t] = "valid"
+    /\ \A t \in Trainers : slotProof[v][t] # "pending"
+    /\ named' = [named EXCEPT ![v] = {t \in vAgreed[v] : slotProof[v][t] # "valid"}]
+    /\ vPhase' = [vPhase EXCEPT ![v] = "aborted"]
+    /\ UNCHANGED <<roundVars, trainerVars, committeeVars, vBlame, slotProof>>
+    /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
+
+\* A blame step under way is not cut short by the final deadline: its own ends it.
 FinalDeadline(p) ==
     /\ clock = "expired"
     /\ \/ /\ p \in Validators
-          /\ vPhase[p] \notin Over
+          /\ vPhase[p] \notin Over \cup {"blame"}
           /\ vPhase' = [vPhase EXCEPT ![p] = "aborted"]
           /\ UNCHANGED <<trainerVars, committeeVars>>
           /\ UNCHANGED <<status, published, vSeen, vAgreed, vConfirmed, partial, combining, vAdapter>>
@@ -368,18 +438,21 @@ FinalDeadline(p) ==
           /\ tPhase' = [tPhase EXCEPT ![p] = "aborted"]
           /\ UNCHANGED <<sent, validatorVars, committeeVars>>
     /\ UNCHANGED roundVars
+    /\ UNCHANGED blameVars
 
 ReceiveRoundFinal(t, v) ==
     /\ vPhase[v] = "final"
     /\ tPhase[t] \in {"training", "contributed"}
     /\ tPhase' = [tPhase EXCEPT ![t] = "final"]
     /\ UNCHANGED <<roundVars, sent, validatorVars, committeeVars>>
+    /\ UNCHANGED blameVars
 
 ReceiveRoundAborted(t, v) ==
     /\ vPhase[v] = "aborted"
     /\ tPhase[t] \in {"training", "contributed"}
     /\ tPhase' = [tPhase EXCEPT ![t] = "aborted"]
     /\ UNCHANGED <<roundVars, sent, validatorVars, committeeVars>>
+    /\ UNCHANGED blameVars
 
 (* The environment: the clock passes the deadline, then the final deadline; *)
 (* a new round starts from the adapter of the last (or the same base).     *)
@@ -388,6 +461,7 @@ Tick ==
     /\ clock # "expired"
     /\ clock' = IF clock = "collect" THEN "closed" ELSE "expired"
     /\ UNCHANGED <<round, base, trainerVars, validatorVars, committeeVars>>
+    /\ UNCHANGED blameVars
 
 NextRound ==
     /\ round < MaxRounds
@@ -411,6 +485,9 @@ Next ==
                              \/ CloseCollection(v)
                              \/ Finalize(v)
                              \/ CombineFails(v)
+                             \/ SlotOverflow(v)
+                             \/ BlameDeadline(v)
+    \/ \E v \in Validators, t \in Trainers : ReceiveSlotProof(v, t) \/ VerifySlotProof(v, t)
     \/ \E p \in Trainers \cup Committee : JoinRound(p)
     \/ \E t \in Trainers : Contribute(t)
     \/ \E v \in Validators, t \in Trainers : ReceiveContribution(v, t) \/ VerifyContribution(v, t)
@@ -452,6 +529,9 @@ TypeOK ==
     /\ honestOpen \in BOOLEAN
     /\ byzOpen \in Opens \cup {NoOpen}
     /\ cMin \in [Committee -> 0..Cardinality(Trainers)]
+    /\ vBlame \subseteq Validators
+    /\ slotProof \in [Validators -> [Trainers -> {"none", "pending", "valid", "invalid"}]]
+    /\ named \in [Validators -> SUBSET Trainers]
 
 \* A member decrypts (recomputes for, or releases, a partial) only an aggregate of
 \* at least the MESH's minimum, whatever minimum a RoundOpen on the wire named.
@@ -476,5 +556,14 @@ HonestValidatorsAgreeOnAdapter ==
 FinalContainsOnlyValidContributions ==
     \A v \in Validators :
         vPhase[v] = "final" => vAgreed[v] \subseteq (Valid \cap sent)
+
+\* Issue 11 finding 5: no blame step names an honest contributor.
+HonestNeverNamed ==
+    \A v \in Validators : named[v] \cap (Trainers \ Overflowers) = {}
+
+\* A round that ended after a blame step names at least one byzantine contributor.
+OverflowNamesAByzantine ==
+    \A v \in Validators :
+        (vPhase[v] = "aborted" /\ v \in vBlame) => named[v] \cap Overflowers # {}
 
 =============================================================================

@@ -391,6 +391,8 @@ def check_invariants(world: World) -> None:
     assert agg.OnlyAgreedAggregateDecrypted(validators, committee)
     assert agg.HonestValidatorsAgreeOnAdapter(validators)
     assert agg.FinalContainsOnlyValidContributions(validators, valid_blobs)
+    assert agg.HonestNeverNamed(validators, [t for t in TRAINERS if t not in CHEATERS])
+    assert agg.OverflowNamesAByzantine(validators, CHEATERS)  # no overflow here: the unit tests and TLC
     adapters = {v.adapter_id for v in validators if v.phase is agg.Phase.FINAL}
     assert all(t.adapter_id in adapters for t in trainers if t.phase is agg.TrainerPhase.FINAL)
     for raw in world.nodes.values():  # persistence is exact in every reachable state

@@ -13,6 +13,10 @@ heavy work they ask for, and carries out their effects:
   combine    t batches per block -> plaintexts -> mean update -> outer step (FedAvg or
              DiLoCo) -> the new adapter, stored; every validator gets the same bytes
   final      held-out loss before/after, settlement record, status section "training"
+  blame      the sum overflowed a slot (SlotOverflow at decode, issue 11 finding 5): the
+             machine asks every contributor for a slot proof of that position; each
+             answer is fetched and checked (crypto.contribution.verify_slots) in a worker
+             thread; the machine names who failed or stayed silent and aborts the round
 
 Validator rank 0 (sorted hotkeys) opens the rounds, one after another, up to
 settings.rounds. Who may open and with which minimum, layout and hyper-parameters is
@@ -44,8 +48,8 @@ from node.blobs import BlobFetchError
 from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
 from node.settings import NodeSettings
 from protocol import aggregation as agg
-from protocol.aggregation_messages import (AcceptedSet, Contribution, ContributionVerdict, PartialDecryption,
-                                           RoundAborted, RoundFinal, RoundOpen)
+from protocol.aggregation_messages import (AcceptedSet, BlameRequest, Contribution, ContributionVerdict,
+                                           PartialDecryption, RoundAborted, RoundFinal, RoundOpen, SlotProof)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.membership import Role
 from protocol.messages import Channel, Message
@@ -85,6 +89,9 @@ class RoundConfig:
     outer_lr: float = 1.0  # FedAvg 1.0 = the average model; DiLoCo's paper uses 0.7
     outer_momentum: float = 0.9
     cover_wait_s: float = 5.0  # how long a member waits to learn who is gone before decrypting
+    # After a slot overflow: how long contributors have to answer with a slot proof (2-4 s
+    # of proving at 2048 bits, plus fetching); who has not by then is named no_slot_proof.
+    blame_s: float = 60.0
     resend_s: float = 3.0  # gossip may drop: round messages are re-sent this often
     # Threads for this node's partial decryption and combining (0: one per core). Local:
     # not part of RoundOpen.
@@ -94,13 +101,15 @@ class RoundConfig:
         if self.outer not in ("fedavg", "diloco"):
             raise RoundConfigError(f"outer must be fedavg or diloco, got {self.outer!r}")
         positive = ("collect_s", "decrypt_s", "steps", "lr", "batch_size", "block_len", "clip_bound",
-                    "max_contributors", "min_contributors", "outer_lr", "resend_s")
+                    "max_contributors", "min_contributors", "outer_lr", "resend_s", "blame_s")
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise RoundConfigError(f"{name} must be a positive number, got {value!r}")
         if self.min_contributors > self.max_contributors:
             raise RoundConfigError("min_contributors must not exceed max_contributors")
+        if 1000 * self.blame_s > agg.MAX_BLAME_MS:
+            raise RoundConfigError(f"blame_s must be at most {agg.MAX_BLAME_MS // 1000} s, got {self.blame_s!r}")
         if not isinstance(self.crypto_threads, int) or isinstance(self.crypto_threads, bool) \
                 or self.crypto_threads < 0:
             raise RoundConfigError(f"crypto_threads must be an integer >= 0, got {self.crypto_threads!r}")
@@ -373,6 +382,8 @@ class RoundsService(GuardedWork, RoleService):
             v = slot.validator
             if v.phase is agg.Phase.COLLECT:
                 self._start(self._timer, slot, "validator", "close_collection", slot.ro.deadline_ms)
+            if v.phase is agg.Phase.BLAME:
+                self._start(self._timer, slot, "validator", "blame_deadline", v.blame_deadline_ms)
             if not slot.terminal():
                 self._start(self._timer, slot, "validator", "final_deadline", slot.ro.final_deadline_ms)
             else:
@@ -467,6 +478,10 @@ class RoundsService(GuardedWork, RoleService):
             await self._feed(slot, "committee", lambda c: c.receive_accepted_set(sender, message))
         elif isinstance(message, PartialDecryption):
             await self._feed(slot, "validator", lambda v: v.receive_partial(sender, message))
+        elif isinstance(message, SlotProof):
+            await self._feed(slot, "validator", lambda v: v.receive_slot_proof(sender, message))
+        elif isinstance(message, BlameRequest):  # another validator's blame step: its trainers answer it
+            slot.shell.setdefault("blames_heard", {})[sender] = [message.plaintext_index, message.slot, message.top]
         elif isinstance(message, ContributionVerdict):
             slot.shell["verdicts"].setdefault(sender, {})[message.trainer] = message.reason or "accepted"
         elif isinstance(message, RoundFinal):
@@ -476,6 +491,11 @@ class RoundsService(GuardedWork, RoleService):
 
     def _last_round_id(self) -> int | None:
         return max(self.slots, default=None)
+
+    def _cooling_down(self, round_id: int) -> frozenset[str]:
+        """Trainers our blame steps named in the rounds just before (agg.cooling_down)."""
+        return agg.cooling_down({r: s.validator.bad_contributors for r, s in self.slots.items() if s.validator},
+                                round_id)
 
     async def _join(self, sender: str, ro: RoundOpen) -> None:
         known = self.slots.get(ro.round_id)
@@ -491,7 +511,7 @@ class RoundsService(GuardedWork, RoleService):
         last = self._last_round_id()
         agg.check_round_open(self.mesh, sender, ro, now_ms=now_ms(), last_round_id=last, expected_base=expected_base)
         slot = RoundSlot(ro)
-        slot.validator = agg.ValidatorRound(ro, self.me)
+        slot.validator = agg.ValidatorRound(ro, self.me, barred=self._cooling_down(ro.round_id))
         slot.alive.update({sender, self.me})
         self.slots[ro.round_id] = slot
         if self.key.share is not None:
@@ -556,6 +576,8 @@ class RoundsService(GuardedWork, RoleService):
                 self._start(self._verify_partial, slot, effect)
             elif isinstance(effect, agg.CombinePartials):
                 self._start(self._combine, slot, effect)
+            elif isinstance(effect, agg.VerifySlotProofBlob):
+                self._start(self._verify_slot_proof, slot, effect)
             else:
                 raise LocalProtocolError(f"no shell for effect {effect!r}")
 
@@ -605,6 +627,8 @@ class RoundsService(GuardedWork, RoleService):
             out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.released_blob_id))
             if c.cover_blob_id:
                 out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.cover_blob_id, cover=True))
+        if v.phase is agg.Phase.BLAME:
+            out.append(v.blame_request())
         if v.phase is agg.Phase.FINAL:
             out.append(RoundFinal(slot.round_id, slot.ro.base_adapter_id, v.adapter_id, v.agreed.aggregate_id,
                                   list(v.agreed.contributors), dict(v.mean_stats)))
@@ -800,6 +824,7 @@ class RoundsService(GuardedWork, RoleService):
     async def _combine(self, slot: RoundSlot, effect: agg.CombinePartials) -> None:
         """Wait until every block has t valid batches, then combine, decode, step, store."""
         from crypto import packing, paillier
+        from crypto.contribution import decode_sum
 
         ro, v = slot.ro, slot.validator
         cs = self._aggregate(slot, effect.aggregate_id)
@@ -827,30 +852,85 @@ class RoundsService(GuardedWork, RoleService):
             plaintexts = await trio.to_thread.run_sync(
                 cm.combine_blocks, self.key, cs, blocks, batches, chosen, self._context(slot, effect.aggregate_id),
                 self.config.threads)
+            mean = await trio.to_thread.run_sync(decode_sum, plaintexts, adapter_values(ro), effect.contributors,
+                                                 layout_of(ro))
+        except packing.SlotOverflow as exc:  # a contribution's slots were out of range: find whose
+            await self._blame(slot, exc)
+            return
+        except (paillier.PaillierError, packing.PackingError, ValueError) as exc:
+            await self._combine_failed(slot, exc)
+            return
+        try:
             base_data = await self._fetch(ro.base_adapter_id, list(ro.validators), max_bytes=64 << 20,
                                           until_ms=ro.final_deadline_ms)
-            adapter, stats = await trio.to_thread.run_sync(
-                self._apply_mean, slot, plaintexts, effect.contributors, base_data)
+            adapter, stats = await trio.to_thread.run_sync(self._apply_mean, slot, mean, base_data)
         except (paillier.PaillierError, packing.PackingError, ValueError) as exc:
-            why = getattr(exc, "reason", type(exc).__name__)
-            log.error("phase=combine-failed round=%d: %s", slot.round_id, exc)
-            await self._feed(slot, "validator", lambda m: m.combine_fails(str(why)))
+            await self._combine_failed(slot, exc)
             return
         adapter_id = self.ctx.store.put(adapter)
         slot.shell["seconds"]["combine"] = round((now_ms() - started) / 1000, 3)
         slot.shell["partials_used"] = {str(b): [index[i] for i in members] for b, members in chosen.items()}
         await self._feed(slot, "validator", lambda m: m.finalize(adapter_id, stats))
 
-    def _apply_mean(self, slot: RoundSlot, plaintexts: list[int], contributors: int,
-                    base_data: bytes) -> tuple[bytes, dict[str, float]]:
-        """Worker thread: the mean update from the plaintexts, applied by the outer optimizer."""
-        from crypto.contribution import decode_sum
+    async def _combine_failed(self, slot: RoundSlot, exc: Exception) -> None:
+        why = getattr(exc, "reason", type(exc).__name__)
+        log.error("phase=combine-failed round=%d: %s", slot.round_id, exc)
+        await self._feed(slot, "validator", lambda m: m.combine_fails(str(why)))
+
+    async def _blame(self, slot: RoundSlot, overflow) -> None:
+        """Issue 11 finding 5: the position the overflow names goes to the machine, which
+        asks every contributor to prove it in range (BlameRequest)."""
+        from crypto.contribution import blame_for
+
+        blame = blame_for(overflow, layout_of(slot.ro))
+        log.warning("phase=slot-overflow round=%d blame=%s: %s", slot.round_id, blame, overflow)
+        if blame is None:  # no position to ask about: nobody can be named
+            await self._combine_failed(slot, overflow)
+            return
+        await self._feed(slot, "validator", lambda m: m.slot_overflow(
+            blame.plaintext_index, blame.slot, blame.top, now_ms=now_ms(), blame_ms=int(1000 * self.config.blame_s)))
+
+    async def _verify_slot_proof(self, slot: RoundSlot, effect: agg.VerifySlotProofBlob) -> None:
+        """Fetch a contributor's slot proof and its contribution; check the proof (worker thread)."""
+        from crypto import contribution
+
+        ro, p = slot.ro, effect.position
+        blame = contribution.Blame(p.plaintext_index, p.slot, p.top)
+        reason = ""
+        try:
+            holders = [effect.trainer, *ro.validators]
+            until = slot.validator.blame_deadline_ms
+            proof_data = await self._fetch(effect.proof_blob_id, holders, max_bytes=64 << 20, until_ms=until)
+            item_data = await self._fetch(effect.contribution_blob_id, holders, max_bytes=ro.max_contribution_bytes,
+                                          until_ms=until)
+        except BlobFetchError as exc:
+            reason = "unavailable"
+            log.warning("phase=blame round=%d trainer=%s proof unavailable: %s", ro.round_id,
+                        self.ctx.genesis.name_of(effect.trainer), exc)
+        else:
+            def check() -> None:
+                proof = contribution.decode_slot_proof(proof_data)
+                item = contribution.decode(self.key.public, item_data, max_ciphertexts=ro.ciphertexts_per_contribution)
+                context = contribution.slot_context_for(self.key.public, self.ctx.genesis.mesh_id, ro.round_id,
+                                                        effect.trainer, blame)
+                contribution.verify_slots(self.key.public, layout_of(ro), item, blame, proof, context)
+
+            try:
+                await trio.to_thread.run_sync(check)
+            except contribution.InvalidContribution as exc:
+                reason = exc.reason
+                log.warning("phase=blame round=%d trainer=%s slot proof refused: %s", ro.round_id,
+                            self.ctx.genesis.name_of(effect.trainer), exc)
+        await self._feed(slot, "validator", lambda v: v.verify_slot_proof(effect.trainer, valid=not reason,
+                                                                          reason=reason))
+
+    def _apply_mean(self, slot: RoundSlot, mean, base_data: bytes) -> tuple[bytes, dict[str, float]]:
+        """Worker thread: the mean update applied to the base adapter by the outer optimizer."""
         from training import DiLoCoOuter, FedAvg
         from training.adapter import vector_to_adapter_bytes
 
         ro, c = slot.ro, self.config
         vector_layout, base_vector = vector_of_adapter(base_data)
-        mean = decode_sum(plaintexts, adapter_values(ro), contributors, layout_of(ro))
         if c.outer == "diloco":
             outer = DiLoCoOuter(c.outer_lr, c.outer_momentum)
             state = self.states.directory / f"outer-{ro.base_adapter_id}.safetensors"
@@ -911,7 +991,8 @@ class RoundsService(GuardedWork, RoleService):
                "contributors": list(v.agreed.contributors) if v.agreed and v.phase is agg.Phase.FINAL else [],
                "rejected": [{"trainer": e.trainer, "blob_id": e.blob_id, "reason": e.reason,
                              "evidence_id": e.evidence_id} for e in v.exclusions()],
-               "aborted": v.abort_reason, "eval": dict(slot.shell["evaluation"])}
+               "aborted": v.abort_reason, "bad_contributors": dict(v.bad_contributors),
+               "eval": dict(slot.shell["evaluation"])}
         try:
             result = record(doc)
             if inspect.isawaitable(result):
@@ -956,6 +1037,8 @@ def round_summary(slot: RoundSlot) -> dict[str, Any]:
                      for e in v.exclusions()],
         "partials_valid": sorted(v.partials_valid), "bad_partials": dict(v.bad_partials),
         "covers_valid": sorted(v.covers_valid), "bad_covers": dict(v.bad_covers),
+        "bad_contributors": dict(v.bad_contributors),
+        "blame": v.blame.to_state() if v.blame else None,
         "cover_blocks": shell.get("cover_blocks"),
         "partials_used": shell["partials_used"], "committee_phase": c.phase.value if c else None,
         "decrypted_blocks": shell.get("decrypted_blocks"), "alive_members": shell.get("alive_members"),

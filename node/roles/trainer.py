@@ -5,6 +5,12 @@ On a RoundOpen: fetch the round's base adapter, train K steps on this trainer's 
 (crypto.contribution.precompute), then seal the delta under the committee key, store the
 blob and publish its id. Nothing but the sealed, proven update leaves the node.
 
+Until a round is final the trainer keeps, in memory only, the update it sealed and the
+randomizers that encrypted it (at most MAX_KEPT_ROUNDS rounds): if the round's sum
+overflows a slot, a round validator's BlameRequest asks every contributor to prove the
+position in range (crypto.contribution.prove_slots; issue 11 finding 5), and a trainer
+that cannot answer is named like one that cheated. The machine decides whom to answer.
+
 The demo data is the repository's corpus, split by trainer (sorted hotkeys from the
 genesis file), so every trainer holds a different shard. behaviour "cheat" (sealmesh
 testnet --fault) tampers one ciphertext after proving: valid encoding, bad proof;
@@ -13,7 +19,9 @@ validators must exclude it with evidence.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import trio
@@ -25,7 +33,7 @@ from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, ada
                                load_training_model, members_with, mesh_rounds, vector_of_adapter)
 from node.settings import NodeSettings
 from protocol import aggregation as agg
-from protocol.aggregation_messages import ContributionVerdict, RoundAborted, RoundFinal, RoundOpen
+from protocol.aggregation_messages import BlameRequest, ContributionVerdict, RoundAborted, RoundFinal, RoundOpen
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.membership import Role
 from protocol.messages import Channel, Message
@@ -34,6 +42,7 @@ from training.privacy import PrivacyConfig, privacy_report, privatize
 log = logging.getLogger("sealmesh.trainer")
 
 RESEND_S = 3.0
+MAX_KEPT_ROUNDS = 3  # rounds whose sealed update is kept for a blame step, newest first
 BEHAVIOURS = ("honest", "cheat")
 
 
@@ -76,6 +85,8 @@ class TrainerService(GuardedWork, RoleService):
         self.blocks: dict[int, Any] = {}  # block_len -> token blocks of our shard
         self.errors: list[str] = []
         self.privacy = privacy_config(settings)
+        # round -> (sealed update, its Precomputation's randomizers): secrets, memory only
+        self.kept: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
 
     def on_message(self, sender: str, message: Message, received_ms: int) -> None:
         self.inbox.put(sender, message, received_ms)
@@ -128,19 +139,28 @@ class TrainerService(GuardedWork, RoleService):
 
     async def _inbox_loop(self) -> None:
         async for sender, message, _ in self.inbox.receive:
-            round_id = getattr(message, "round_id", -1)
-            if isinstance(message, RoundOpen):
-                await self._join(sender, message)
-            elif round_id not in self.machines:
-                continue
-            elif isinstance(message, RoundFinal):
-                await self._feed(round_id, lambda m: m.receive_round_final(sender, message))
-            elif isinstance(message, RoundAborted):
-                await self._feed(round_id, lambda m: m.receive_round_aborted(sender, message))
-            elif isinstance(message, ContributionVerdict) and message.trainer == self.me:
-                self.shell[round_id].setdefault("verdicts", {})[sender] = message.reason or "accepted"
-                self._persist(round_id)
+            await self._handle(sender, message)
             self.report()
+
+    async def _handle(self, sender: str, message: Message) -> None:
+        round_id = getattr(message, "round_id", -1)
+        if isinstance(message, RoundOpen):
+            await self._join(sender, message)
+        elif round_id not in self.machines:
+            if isinstance(message, BlameRequest):
+                self.ctx.metrics.reject("round", "not_a_contributor")
+                log.warning("round=%d BlameRequest refused reason=not_a_contributor", round_id)
+        elif isinstance(message, RoundFinal):
+            await self._feed(round_id, lambda m: m.receive_round_final(sender, message))
+            if self.machines[round_id].phase is agg.TrainerPhase.FINAL:
+                self.kept.pop(round_id, None)  # an adapter came out: no blame step can follow
+        elif isinstance(message, RoundAborted):
+            await self._feed(round_id, lambda m: m.receive_round_aborted(sender, message))
+        elif isinstance(message, BlameRequest):
+            await self._feed(round_id, lambda m: m.receive_blame_request(sender, message))
+        elif isinstance(message, ContributionVerdict) and message.trainer == self.me:
+            self.shell[round_id].setdefault("verdicts", {})[sender] = message.reason or "accepted"
+            self._persist(round_id)
 
     async def _join(self, sender: str, ro: RoundOpen) -> None:
         """A round gets a machine (and a state file) only once the machine joined it: a
@@ -191,6 +211,8 @@ class TrainerService(GuardedWork, RoleService):
                          f" reason={effect.reason}" if effect.reason else "")
             elif isinstance(effect, agg.Train):
                 self._start(self._train, round_id, effect.round_open)
+            elif isinstance(effect, agg.ProveSlots):
+                self._start(self._prove_slots, round_id, effect)
             else:
                 raise LocalProtocolError(f"no trainer shell for effect {effect!r}")
 
@@ -259,32 +281,76 @@ class TrainerService(GuardedWork, RoleService):
                 both.start_soon(precompute)
                 both.start_soon(train)
         update = results["update"]
+        shell.update(first_loss=update.first_loss, last_loss=update.last_loss, train_loss=update.train_loss)
+        await self._seal_and_contribute(round_id, ro, update.delta, results["pre"], started_ms=started)
+
+    async def _seal_and_contribute(self, round_id: int, ro: RoundOpen, delta, pre, *, started_ms: int) -> None:
+        """Seal `delta` with the precomputation, keep what a blame step needs, store, contribute."""
+        from crypto import contribution
+
+        shell, layout = self.shell[round_id], layout_of(ro)
         t0 = now_ms()
         context = contribution.context_for(self.key.public, self.ctx.genesis.mesh_id, round_id, self.me)
 
         self._warn_if_noise_clipped(round_id, layout.clip_bound)
 
-        def seal() -> bytes:
+        def seal() -> tuple[bytes, Any]:
             # DP before quantize/pack/encrypt: the per-value clip and quantization are post-processing
-            sealed_delta = privatize(update.delta, self.privacy)
-            item = contribution.seal(self.key.public, layout, sealed_delta, context, precomputed=results["pre"])
+            sealed_delta = privatize(delta, self.privacy)
+            item = contribution.seal(self.key.public, layout, sealed_delta, context, precomputed=pre)
             if self.settings.behaviour == "cheat":
                 item = tamper(self.key.public, item)
-            return contribution.encode(self.key.public, item)
+            return contribution.encode(self.key.public, item), sealed_delta
 
-        blob = await trio.to_thread.run_sync(seal)
+        blob, sealed_delta = await trio.to_thread.run_sync(seal)
         blob_id = self.ctx.store.put(blob)
-        shell.update(seal_s=round((now_ms() - t0) / 1000, 3), work_s=round((now_ms() - started) / 1000, 3),
-                     first_loss=update.first_loss, last_loss=update.last_loss, train_loss=update.train_loss,
+        self._keep(round_id, sealed_delta, pre)
+        shell.update(seal_s=round((now_ms() - t0) / 1000, 3), work_s=round((now_ms() - started_ms) / 1000, 3),
                      ciphertexts=ro.ciphertexts_per_contribution, size=len(blob), behaviour=self.settings.behaviour)
         if self.privacy.enabled:  # recorded before the blob is published: a released round always counts
             shell["dp_noise_multiplier"] = self.privacy.noise_multiplier
             self._persist(round_id)
             self._log_privacy(round_id)
         log.info("phase=sealed round=%d blob=%s bytes=%d loss %.4f -> %.4f%s", round_id, blob_id[:12], len(blob),
-                 update.first_loss, update.last_loss, " (tampered)" if self.settings.behaviour == "cheat" else "")
+                 shell.get("first_loss", float("nan")), shell.get("last_loss", float("nan")),
+                 " (tampered)" if self.settings.behaviour == "cheat" else "")
         await self._feed(round_id, lambda m: m.contribute(blob_id, ciphertext_count=ro.ciphertexts_per_contribution,
                                                           size_bytes=len(blob), now_ms=now_ms()))
+
+    # -- the blame step (issue 11 finding 5) --
+
+    def _keep(self, round_id: int, sealed_delta, pre) -> None:
+        """What prove_slots needs until the round is final: the sealed update and the
+        randomizers (the subset-proof masks are spent and dropped). Bounded: the oldest
+        round goes first."""
+        self.kept[round_id] = (sealed_delta, dataclasses.replace(pre, subsets=[]))
+        self.kept.move_to_end(round_id)
+        while len(self.kept) > MAX_KEPT_ROUNDS:
+            self.kept.popitem(last=False)
+
+    async def _prove_slots(self, round_id: int, effect: agg.ProveSlots) -> None:
+        from crypto import contribution
+
+        kept = self.kept.get(round_id)
+        ro = self.machines[round_id].round_open
+        if kept is None or ro is None:  # restarted, or the round fell out of the bound
+            self.errors.append(f"round {round_id}: a blame step asks for a slot proof; the sealed update is gone")
+            log.error("round=%d cannot answer the blame step: the sealed update is not kept", round_id)
+            return
+        p = effect.position
+        blame = contribution.Blame(p.plaintext_index, p.slot, p.top)
+        t0 = now_ms()
+
+        def prove() -> bytes:
+            context = contribution.slot_context_for(self.key.public, self.ctx.genesis.mesh_id, round_id, self.me,
+                                                    blame)
+            proof = contribution.prove_slots(self.key.public, layout_of(ro), kept[0], kept[1], blame, context)
+            return contribution.encode_slot_proof(proof)
+
+        blob_id = self.ctx.store.put(await trio.to_thread.run_sync(prove))
+        self.shell[round_id].setdefault("slot_proofs", {})[str(p.to_state())] = round((now_ms() - t0) / 1000, 3)
+        log.info("phase=slot-proof round=%d position=%s blob=%s", round_id, p.to_state(), blob_id[:12])
+        await self._feed(round_id, lambda m: m.slot_proved(p, blob_id))
 
     async def _fetch_base(self, ro: RoundOpen):
         until = ro.deadline_ms
