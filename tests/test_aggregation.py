@@ -700,3 +700,78 @@ def test_the_cfg_checks_exactly_the_python_invariants():
     assert names == set(agg.INVARIANTS)
     for name in agg.INVARIANTS:
         assert re.search(rf"^{name} ==", tla, re.M) and callable(getattr(agg, name))
+
+
+# --- the blame step after a slot overflow (issue 11 finding 5) ------------------------------
+
+
+def _overflowing_round():
+    ro = make_open()
+    v = agg.ValidatorRound(ro, V1)
+    collect(v, [T1, T2, T3])
+    own = close_and_publish(v)
+    v.receive_accepted_set(V2, own)
+    for member in (C1, C2):
+        v.receive_partial(member, PartialDecryption(ro.round_id, own.aggregate_id, h(f"partial:{member}")))
+        v.verify_partial(member, valid=True, blocks=ALL_BLOCKS)
+    assert v.combining
+    return ro, v, own
+
+
+def test_finding5_an_overflow_names_who_fails_or_stays_silent_and_no_one_else():
+    ro, v, own = _overflowing_round()
+    effects = v.slot_overflow(0, 3, False, now_ms=15_000, blame_ms=5_000)
+    (request,) = sent(effects, agg.BlameRequest)
+    assert v.phase is Phase.BLAME and (request.plaintext_index, request.slot, request.top) == (0, 3, False)
+    assert of(effects, agg.SetTimer) == [agg.SetTimer("blame_deadline", 20_000)]
+    assert v.final_deadline(now_ms=20_000) == [] and v.phase is Phase.BLAME  # the blame deadline ends it
+    answer = lambda t: agg.SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h(f"proof:{t}"))  # noqa: E731
+    (verify,) = of(v.receive_slot_proof(T1, answer(T1)), agg.VerifySlotProofBlob)
+    assert verify.contribution_blob_id == h(f"blob:{T1}") and verify.position == agg.BlamePosition(0, 3, False)
+    v.receive_slot_proof(T2, answer(T2))
+    other = agg.SlotProof(ro.round_id, own.aggregate_id, 1, 3, False, h("proof:other"))
+    assert v.receive_slot_proof(T3, other) == []  # an answer to another position is not ours
+    with pytest.raises(RemoteProtocolError, match="second_slot_proof|different"):
+        v.receive_slot_proof(T2, agg.SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h("again")))
+    assert v.verify_slot_proof(T1, valid=True) == []
+    assert v.verify_slot_proof(T2, valid=False, reason="bad_slot_proof") == []
+    assert v.blame_deadline(now_ms=20_000)
+    assert v.phase is Phase.ABORTED and v.abort_reason == "slot_overflow_named"
+    assert v.bad_contributors == {T2: agg.NAMED_OUT_OF_RANGE, T3: agg.NAMED_SILENT}
+    assert agg.HonestNeverNamed([v], [T1]) and agg.OverflowNamesAByzantine([v], [T2, T3])
+    assert not agg.HonestNeverNamed([v], [T1, T3])
+    again = agg.ValidatorRound.from_state(msgpack.unpackb(msgpack.packb(v.to_state()), raw=False))
+    assert again.to_state() == v.to_state()
+    # the named are refused as contributors for the next COOLDOWN_ROUNDS rounds
+    barred = agg.cooling_down({ro.round_id: v.bad_contributors}, ro.round_id + 1)
+    assert barred == {T2, T3} and agg.cooling_down({ro.round_id: v.bad_contributors}, ro.round_id + 4) == set()
+    nxt = agg.ValidatorRound(make_open(round_id=ro.round_id + 1), V1, barred=barred)
+    nxt.open_round(now_ms=1_000)
+    with pytest.raises(RemoteProtocolError, match="blame"):
+        nxt.receive_contribution(T2, contribution(T2, nxt.round_open), now_ms=1_000)
+
+
+def test_finding5_a_trainer_answers_a_blame_only_from_a_round_validator_for_its_own_contribution():
+    ro = make_open()
+    t = agg.TrainerRound(T1)
+    join(t, ro)
+    request = agg.BlameRequest(ro.round_id, h("agg"), 0, 3, False)
+    with pytest.raises(RemoteProtocolError, match="not_a_contributor|did not contribute"):
+        t.receive_blame_request(V1, request)
+    t.contribute(h("mine"), ciphertext_count=ro.ciphertexts_per_contribution, size_bytes=4096, now_ms=1_000)
+    with pytest.raises(RemoteProtocolError) as info:
+        t.receive_blame_request("someone", request)
+    assert info.value.reason == "not_a_round_validator"
+    with pytest.raises(RemoteProtocolError) as info:
+        t.receive_blame_request(V1, agg.BlameRequest(ro.round_id, h("agg"), ro.ciphertexts_per_contribution, 0, False))
+    assert info.value.reason == "bad_blame_position"
+    (prove,) = of(t.receive_blame_request(V1, request), agg.ProveSlots)
+    assert prove.position == agg.BlamePosition(0, 3, False) and t.resume_effects() == [prove]
+    (answer,) = sent(t.slot_proved(prove.position, h("proof")), agg.SlotProof)
+    assert answer.proof_blob_id == h("proof") and answer.aggregate_id == h("agg")
+    assert sent(t.receive_blame_request(V2, request), agg.SlotProof) == [answer]  # proven once, re-sent
+    with pytest.raises(RemoteProtocolError) as info:  # each validator gets one position per round
+        t.receive_blame_request(V1, agg.BlameRequest(ro.round_id, h("agg"), 1, 3, False))
+    assert info.value.reason == "second_blame_position"
+    again = agg.TrainerRound.from_state(msgpack.unpackb(msgpack.packb(t.to_state()), raw=False))
+    assert again.to_state() == t.to_state()
