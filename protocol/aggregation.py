@@ -760,9 +760,17 @@ class ValidatorRound:
         if now_ms >= self.round_open.deadline_ms:
             raise LocalProtocolError(f"round {self.round_id} opened at {now_ms}, after its deadline")
         self.phase = Phase.COLLECT
-        return [Send(self.round_open), EnterPhase(Phase.COLLECT.value),
+        # only the scheduled opener announces: every other node refuses a RoundOpen from
+        # anyone else (round_open_refusal, not_the_scheduled_opener)
+        announce = [Send(self.round_open)] if self.is_opener else []
+        return [*announce, EnterPhase(Phase.COLLECT.value),
                 SetTimer("close_collection", self.round_open.deadline_ms),
                 SetTimer("final_deadline", self.round_open.final_deadline_ms)]
+
+    @property
+    def is_opener(self) -> bool:
+        """This validator is the round's scheduled opener (rank 0 of its sorted validators)."""
+        return self.me == sorted(self.round_open.validators)[0]
 
     def receive_contribution(self, trainer: str, msg: Contribution, *, now_ms: int) -> list[Effect]:
         """ReceiveContribution: one per trainer, before the deadline, of the announced shape."""

@@ -209,7 +209,7 @@ Init ==
 (* Actions                                                                 *)
 
 \* The Opener opens and gossips HonestOpen; another validator opens once it has
-\* joined that RoundOpen (its re-gossip is the same message, idempotent).
+\* joined that RoundOpen and does not gossip it again (only the Opener's counts).
 OpenRound(v) ==
     /\ vPhase[v] = "open"
     /\ clock = "collect"

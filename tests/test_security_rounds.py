@@ -31,7 +31,7 @@ from node.registry.genesis import Genesis
 from node.roles import rounds
 from node.roles.trainer import TrainerService
 from protocol import aggregation as agg
-from protocol.aggregation_messages import AcceptedSet, Contribution, RoundOpen
+from protocol.aggregation_messages import AcceptedSet, Contribution, RoundOpen, SlotProof
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
 
@@ -265,12 +265,20 @@ class Wire:
     """Gossip between the honest nodes' real shells (each node's _handle), in order."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, rounds.RoundsService] = {}
+        self.nodes: dict[str, rounds.RoundsService | TrainerService] = {}
+        self.refused: list[tuple[str, str, str]] = []
 
     async def publish(self, sender: str, message) -> None:
         for me, node in self.nodes.items():
-            if me != sender:
-                await node._handle(sender, message, 0)
+            if me == sender:
+                continue
+            try:  # as each node's inbox loop: a refusal is counted there, the others still hear it
+                if isinstance(node, TrainerService):
+                    await node._handle(sender, message)
+                else:
+                    await node._handle(sender, message, 0)
+            except RemoteProtocolError as exc:
+                self.refused.append((me, sender, exc.reason))
 
 
 def member_shell(tmp_path, genesis, keys, me: str, wire: Wire, store: SharedStore, nursery) -> rounds.RoundsService:
@@ -425,3 +433,145 @@ def test_finding8_colluders_who_contribute_first_no_longer_choose_the_set(keys):
     assert agg.draw_contributors(ro, accepted) == agg.draw_contributors(ro, dict(reversed(accepted.items())))
     assert agg.draw_contributors(ro, {t: h(t) for t in first_come[:3]}) == sorted(first_come[:3])
     assert agg.candidate_limit(ro) == 12
+
+
+# --- finding 5: a contribution whose slots overflow is named by the round ---------------------
+
+HONEST_TRAINERS = ["5Trainer-h1", "5Trainer-h2", "5Trainer-h3"]
+OVERFLOWER = "5Trainer-overflow"
+
+
+def overflowing_blob(public, layout, sender: str, slot: int, code: int, mesh_id: str) -> tuple[bytes, list, list]:
+    """The attacker's own packing: 0.0 everywhere but `code` in `slot`, every plaintext below
+    2^plaintext_bits, so the real subset-range prover proves it and validators accept it.
+    Returns (blob, plaintexts, rhos)."""
+    from crypto import djn, subset_range
+
+    k, w = layout.slots_per_plaintext, layout.slot_bits
+    codes = [layout.offset] * VALUES
+    codes[slot] = code
+    codes += [0] * (-len(codes) % k)
+    plaintexts = [sum(c << (w * i) for i, c in enumerate(codes[j:j + k])) for j in range(0, len(codes), k)]
+    randomizers = [djn.randomizer(public.n) for _ in plaintexts]
+    cs = [djn.encrypt(public.n, m, hh) for m, (_, hh) in zip(plaintexts, randomizers)]
+    rhos = [rho for rho, _ in randomizers]
+    context = contribution.context_for(public, mesh_id, 0, sender)
+    proof = subset_range.prove(public.n, cs, plaintexts, rhos, layout.plaintext_bits, context)
+    item = contribution.Contribution(VALUES, tuple(int(c) for c in cs), proof)
+    return contribution.encode(public, item), plaintexts, rhos
+
+
+def blame_trainer_shell(tmp_path, genesis, key, me: str, wire: Wire, store: SharedStore, nursery) -> TrainerService:
+    """The node's TrainerService with real sealing, keeping and slot proving; its gossip goes
+    over `wire`, its blobs to the shared store."""
+    from collections import OrderedDict
+
+    from training.privacy import PrivacyConfig
+
+    service = trainer_shell(tmp_path, genesis, key, me)
+
+    async def publish(message):
+        await wire.publish(me, message)
+
+    service.ctx = SimpleNamespace(genesis=genesis, publish=publish, store=store,
+                                  metrics=SimpleNamespace(reject=lambda *a: None), report=lambda *a: None)
+    service.settings = SimpleNamespace(behaviour="honest")
+    service.privacy = PrivacyConfig()
+    service.kept = OrderedDict()
+    service.nursery = nursery
+    wire.nodes[me] = service
+    return service
+
+
+@pytest.mark.parametrize("answer", ["forged_proof", "silent"])
+def test_finding5_an_overflowing_contribution_is_named_by_the_round(tmp_path, keys, answer):
+    """Three honest trainers (real TrainerService: seal, keep, prove) and an attacker whose
+    own packing puts 300000 in slot 3 (in range for the subset proof, out of reach for any 4
+    honest codes). Three validators run the whole round through their real shells: verify,
+    agree, decrypt partials, combine; decode raises SlotOverflow at slot 3, the blame step
+    asks every contributor for a slot proof, the honest trainers' proofs verify, the
+    attacker's best answer (an in-range proof of another ciphertext) does not, and an
+    attacker that stays silent is named when the blame window closes. Every validator names
+    the attacker alone (slot_out_of_range, or no_slot_proof) and aborts slot_overflow_named;
+    the attacker is barred from the next rounds."""
+    members = [Member(v, frozenset({Role.VALIDATOR})) for v in VALIDATORS]
+    members += [Member(t, frozenset({Role.TRAINER})) for t in (*HONEST_TRAINERS, OVERFLOWER)]
+    genesis = Genesis("security-mesh", tuple(members))
+    public = keys[0].public
+    ro = round_open(keys[0])
+    layout = rounds.layout_of(ro)
+    reach = 4 * ((1 << layout.quant_bits) - 1) - 3 * layout.offset  # what the attacker must pass
+    code = 300_000
+    assert reach < code < 1 << layout.slot_bits  # overflows the sum, never carries by itself
+    blob, plaintexts, rhos = overflowing_blob(public, layout, OVERFLOWER, 3, code, genesis.mesh_id)
+    updates = {t: np.random.default_rng(i).uniform(-0.01, 0.01, VALUES).astype(np.float32)
+               for i, t in enumerate(HONEST_TRAINERS)}
+    store, wire = SharedStore(), Wire()
+    attacker_blob_id = store.put(blob)
+
+    async def attacker_answers(validators):
+        """The attacker's best answer: an in-range slot proof, for a ciphertext not its own."""
+        from crypto import djn, subset_range
+
+        await _until(lambda: all(v.slots[0].validator.phase is agg.Phase.BLAME for v in validators), "the blame step")
+        b = validators[0].slots[0].validator.blame
+        blame = contribution.Blame(b.plaintext_index, b.slot, b.top)
+        honest_m = plaintexts[b.plaintext_index] - (code - layout.offset << (layout.slot_bits * 3))
+        rho, hh = djn.randomizer(public.n)
+        context = contribution.slot_context_for(public, genesis.mesh_id, 0, OVERFLOWER, blame)
+        proof = subset_range.prove_slots(public.n, int(djn.encrypt(public.n, honest_m, hh)), honest_m, rho,
+                                         contribution.slot_shape(layout), blame.slot, context, top=blame.top)
+        proof_id = store.put(contribution.encode_slot_proof(proof))
+        agreed = validators[0].slots[0].validator.agreed
+        await wire.publish(OVERFLOWER, SlotProof(0, agreed.aggregate_id, b.plaintext_index, b.slot, b.top, proof_id))
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            validators = [member_shell(tmp_path, genesis, keys, me, wire, store, nursery) for me in VALIDATORS]
+            for v in validators:
+                del v._combine  # the real combine: decode, SlotOverflow, the blame step
+                v.config = rounds.RoundConfig(cover_wait_s=0.3, crypto_threads=1,
+                                              blame_s=60 if answer == "forged_proof" else 3)
+                v.ctx.service = lambda name: None
+            trainers = [blame_trainer_shell(tmp_path, genesis, keys[0], t, wire, store, nursery)
+                        for t in HONEST_TRAINERS]
+            for v in validators:
+                await v._join(OPENER, ro)
+            for t in trainers:
+                await t._join(OPENER, ro)
+                assert t.started[0] == "_train"  # training itself is not what this test runs
+                t._start = TrainerService._start.__get__(t)
+            for t in trainers:
+                pre = contribution.precompute(public, layout, VALUES)
+                await t._seal_and_contribute(0, ro, updates[t.me], pre, started_ms=int(time.time() * 1000))
+            await wire.publish(OVERFLOWER, Contribution(0, attacker_blob_id, ro.ciphertexts_per_contribution,
+                                                        len(blob)))
+            await _until(lambda: all(len(v.slots[0].validator.accepted) == 4 for v in validators),
+                         "all four verified", timeout_s=90)
+            for v in validators:
+                await v._feed(v.slots[0], "validator", lambda m: m.close_collection(now_ms=ro.deadline_ms))
+            if answer == "forged_proof":
+                nursery.start_soon(attacker_answers, validators)
+            await _until(lambda: all(v.slots[0].validator.phase is agg.Phase.ABORTED for v in validators),
+                         "the round named and aborted", timeout_s=150)
+            nursery.cancel_scope.cancel()
+        return validators, trainers
+
+    validators, trainers = trio.run(scenario)
+    for v in validators:
+        machine = v.slots[0].validator
+        assert list(machine.agreed.contributors) == sorted([*HONEST_TRAINERS, OVERFLOWER])  # the attacker got in
+        assert machine.abort_reason == "slot_overflow_named"
+        assert machine.blame == agg.BlamePosition(0, 3, False)
+        honest_verdicts = {t: "" for t in HONEST_TRAINERS}  # each honest proof verified
+        if answer == "forged_proof":
+            assert machine.bad_contributors == {OVERFLOWER: agg.NAMED_OUT_OF_RANGE}  # the attacker alone
+            assert machine.slot_verdicts == {**honest_verdicts, OVERFLOWER: "bad_slot_proof"}
+        else:
+            assert machine.bad_contributors == {OVERFLOWER: agg.NAMED_SILENT}
+            assert machine.slot_verdicts == honest_verdicts
+        assert OVERFLOWER in v._cooling_down(1) and not set(HONEST_TRAINERS) & v._cooling_down(1)
+        assert v.errors == []
+    for t in trainers:
+        assert list(t.shell[0].get("slot_proofs", {})) == [str(agg.BlamePosition(0, 3, False).to_state())]
+        assert t.errors == []

@@ -619,7 +619,7 @@ class RoundsService(GuardedWork, RoleService):
     def _still_needed(self, slot: RoundSlot) -> list[Message]:
         v, c = slot.validator, slot.committee
         out: list[Message] = []
-        if v.phase is agg.Phase.COLLECT:
+        if v.phase is agg.Phase.COLLECT and v.is_opener:  # nobody else's RoundOpen counts
             out.append(slot.ro)
         if v.published is not None:
             out.append(v.published.to_message(slot.round_id))
