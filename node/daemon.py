@@ -321,9 +321,8 @@ def gossip_validator(channel: Channel, verifier: EnvelopeVerifier, *, mesh_id: s
     receiver (its clock, its replay cache): protocol/inbound.py forwarder_is_at_fault."""
     def validate(from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
         try:
-            verified = open_gossip(data, channel=channel, verifier=verifier, now_ms=now_ms(),
-                                   max_bytes=max_bytes)
-            _check_binding(verified.message, from_peer, mesh_id)
+            open_gossip(data, channel=channel, verifier=verifier, now_ms=now_ms(), max_bytes=max_bytes,
+                        from_peer=from_peer, mesh_id=mesh_id)
         except RemoteProtocolError as exc:
             on_reject(exc.reason)
             log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",
@@ -336,19 +335,6 @@ def gossip_validator(channel: Channel, verifier: EnvelopeVerifier, *, mesh_id: s
 
 _AUTH_REASONS = {"unknown_signer", "signer_not_allowed", "wrong_recipient", "stale_timestamp",
                  "future_timestamp", "replay", "replay_quota", "bad_signature", "malformed_envelope"}
-
-
-class PeerBindingError(RemoteProtocolError):
-    reason = "peer_binding"
-
-
-def _check_binding(message: Message, from_peer: str, mesh_id: str) -> None:
-    """An announcement must come from the peer id it claims, for this mesh."""
-    if isinstance(message, Announce):
-        if message.peer_id != from_peer:
-            raise PeerBindingError(f"announce claims peer {message.peer_id} but was published by {from_peer}")
-        if message.mesh_id != mesh_id:
-            raise PeerBindingError(f"announce for mesh {message.mesh_id!r}, this is {mesh_id!r}")
 
 
 def _rejected_counts(metrics: NodeMetrics) -> dict[str, int]:

@@ -298,8 +298,12 @@ class EnvelopeVerifier:
         broadcast=True for gossip (signed-for must be empty), False for a request that
         came to this node directly (signed-for must be this node)."""
         member = self.preflight(envelope, now_ms=now_ms, policy=policy, broadcast=broadcast)
-        self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
+        self.spend(envelope, now_ms=now_ms)
         return member
+
+    def spend(self, envelope: Envelope, *, now_ms: int) -> None:
+        """Record the uuid of an envelope preflight() passed: from now on it is a replay."""
+        self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
 
     def preflight(self, envelope: Envelope, *, now_ms: int, policy: SenderPolicy,
                   broadcast: bool) -> Member:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from protocol.epistula import Envelope, EnvelopeVerifier, Signer, seal
+from protocol.errors import RemoteProtocolError
 from protocol.membership import Member
-from protocol.messages import Channel, Message, MessageError, OversizedMessage, WrongChannel, decode, encode
+from protocol.messages import Announce, Channel, Message, MessageError, OversizedMessage, WrongChannel, decode, encode
 
 
 @dataclass(frozen=True)
@@ -37,27 +38,56 @@ def forwarder_is_at_fault(reason: str) -> bool:
     return reason not in RECEIVER_DEPENDENT_REASONS
 
 
+class PeerBindingError(RemoteProtocolError):
+    reason = "peer_binding"
+
+
+class GossipOnly(MessageError):
+    reason = "gossip_only"
+
+
+def check_peer_binding(message: Message, from_peer: str, mesh_id: str) -> None:
+    """An announcement must come from the peer id it claims, for this mesh."""
+    if isinstance(message, Announce):
+        if message.peer_id != from_peer:
+            raise PeerBindingError(f"announce claims peer {message.peer_id} but was published by {from_peer}")
+        if message.mesh_id != mesh_id:
+            raise PeerBindingError(f"announce for mesh {message.mesh_id!r}, this is {mesh_id!r}")
+
+
 def open_gossip(raw: bytes, *, channel: Channel, verifier: EnvelopeVerifier, now_ms: int,
-                max_bytes: int) -> Verified:
+                max_bytes: int, from_peer: str | None = None, mesh_id: str = "") -> Verified:
     """Verify a gossip payload received on `channel`; raises RemoteProtocolError.
 
     Gossip is signed for no one: a signed-for (even this node's own hotkey) is refused,
-    so no node relays a message its neighbours would refuse as addressed to someone else."""
+    so no node relays a message its neighbours would refuse as addressed to someone else.
+    With from_peer (the pubsub publisher), a peer-bound message must name that peer and
+    this mesh; the uuid is spent only once everything passed, so a member re-publishing
+    another's genuine Announce under its own peer id does not burn it (a replay refusal
+    of the genuine copy would follow otherwise)."""
     if len(raw) > max_bytes:
         raise OversizedMessage(f"gossip payload of {len(raw)} bytes is over the {max_bytes}-byte limit")
     envelope = Envelope.from_gossip_bytes(raw)
     message = decode(envelope.body, channel=channel)
     if not message.BROADCAST:
         raise WrongChannel(f"{message.TYPE} is sent on a direct stream, not on gossip")
-    member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=True)
+    member = verifier.preflight(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=True)
+    if from_peer is not None:
+        check_peer_binding(message, from_peer, mesh_id)
+    elif message.PEER_BOUND:
+        raise GossipOnly(f"{message.TYPE} is bound to its publisher; opened without one")
+    verifier.spend(envelope, now_ms=now_ms)
     return Verified(member, envelope, message)
 
 
 def open_request(headers: Mapping[str, str], body: bytes, *, verifier: EnvelopeVerifier,
                  now_ms: int) -> Verified:
-    """Verify an Epistula-signed request addressed to this node (never broadcast)."""
+    """Verify an Epistula-signed request addressed to this node (never broadcast). A
+    peer-bound message (Announce) is refused: only gossip knows who published it."""
     envelope = Envelope.from_headers(headers, body)
     message = decode(body)
+    if message.PEER_BOUND:
+        raise GossipOnly(f"{message.TYPE} is accepted on gossip only, where its publisher's peer id is known")
     member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
     return Verified(member, envelope, message)
 
@@ -68,6 +98,8 @@ def open_direct(raw: bytes, *, verifier: EnvelopeVerifier, now_ms: int, max_byte
         raise OversizedMessage(f"request of {len(raw)} bytes is over the {max_bytes}-byte limit")
     envelope = Envelope.from_gossip_bytes(raw)
     message = decode(envelope.body)
+    if message.PEER_BOUND:
+        raise GossipOnly(f"{message.TYPE} is accepted on gossip only, where its publisher's peer id is known")
     member = verifier.verify(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=False)
     return Verified(member, envelope, message)
 

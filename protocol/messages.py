@@ -61,6 +61,9 @@ class Message:
     MAX_BYTES: ClassVar[int]
     POLICY: ClassVar[SenderPolicy] = SenderPolicy()
     BROADCAST: ClassVar[bool] = True  # sent on a gossip topic with an empty signed-for
+    # Bound to the libp2p peer that published it on gossip (protocol/inbound.py
+    # check_peer_binding): it means nothing off gossip, so a direct request carrying it is refused.
+    PEER_BOUND: ClassVar[bool] = False
 
 
 _REGISTRY: dict[str, type[Message]] = {}
@@ -117,6 +120,7 @@ class Announce(Message):
     TYPE: ClassVar[str] = "announce"
     CHANNEL: ClassVar[Channel] = Channel.MEMBERSHIP
     MAX_BYTES: ClassVar[int] = 4096
+    PEER_BOUND: ClassVar[bool] = True
 
     mesh_id: str
     peer_id: str
