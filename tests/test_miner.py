@@ -239,3 +239,44 @@ def test_http_endpoints_answer_signed_frames(bundle, tmp_path, clients):
     verified, _ = open_frame(body[4:], verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR.ss58_address),
                              now_ms=now_ms(), expect=(Refused,))
     assert verified.message.reason == "not_ready" and verified.message.ref == CID
+
+
+STRANGER = Hotkey.from_uri("//Stranger")
+
+
+@pytest.mark.parametrize("signer, reason", [(STRANGER, "unknown_signer"), (TRAINER, "signer_not_allowed")],
+                         ids=["stranger", "trainer"])
+def test_finding9_miner_http_refuses_a_strangers_large_body(bundle, tmp_path, signer, reason):
+    """Issue 11 finding 9 on the HTTP endpoints: a stranger (or a member that may not
+    challenge) announces a 40 MB AddKey and sends its envelope only. Before the fix the
+    miner read the whole body first (request.read(), up to the request cap) and only then
+    looked at the signer; now the answer is 401 after the envelope, with the body unsent."""
+    import socket
+
+    from node.roles.miner import MinerHttp
+
+    miner = make_miner(bundle, tmp_path)
+    declared = 40 << 20
+    from protocol.challenge_messages import pack_frame
+    from protocol.inbound import seal_message
+
+    envelope = seal_message(signer, AddKey("digits", "cd" * 32, declared), now_ms=now_ms(),
+                            signed_for=MINER.ss58_address).to_gossip_bytes()
+    head = pack_frame(envelope)  # prefix + envelope: the 40 MB never follow
+
+    def send_envelope_only(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"POST /add_key HTTP/1.1\r\nHost: miner\r\nContent-Length: {len(head) + declared}\r\n"
+                      "\r\n".encode() + head)
+            return s.recv(65536)  # the answer, while 40 MB are still "to come"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(MinerHttp(miner, "127.0.0.1", 0).serve)
+            answer = await trio.to_thread.run_sync(send_envelope_only, port)
+            nursery.cancel_scope.cancel()
+        return answer
+
+    answer = trio.run(main)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert miner.refused[reason] == 1

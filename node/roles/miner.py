@@ -33,9 +33,10 @@ from node.mesh import request_started_ms
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
 from protocol.challenge import MinerKeyring
-from protocol.challenge_messages import (FHE_PROTOCOL, MAX_REQUEST_BYTES, AddKey, ChallengeRequest,
-                                         ChallengeResponse, KeyAdded, ModelOffer, Refused, StreamMessage,
-                                         open_frame, seal_frame)
+from protocol.challenge_messages import (FHE_PROTOCOL, MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES, AddKey, BadFrame,
+                                         ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, Refused,
+                                         StreamMessage, open_frame, seal_frame)
+from protocol.inbound import admit_stream_envelope
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Role
 from protocol.messages import Channel
@@ -132,6 +133,21 @@ class MinerService(RoleService):
     async def handle_stream(self, peer_id: str, raw: bytes) -> bytes:
         return await self.handle_frame(raw, arrived_ms=request_started_ms())
 
+    async def admit_envelope(self, envelope: bytes, arrived_ms: int) -> int:
+        """The payload length a request's envelope signs for, judged before its payload is
+        read (MinerHttp; the libp2p stream does the same in node/mesh.py)."""
+        if self.ctx is None:
+            raise RemoteProtocolError("the miner has not started", reason="not_ready")
+        return admit_stream_envelope(envelope, verifier=self.ctx.verifier, now_ms=arrived_ms,
+                                     expect=(AddKey, ChallengeRequest))
+
+    def refuse_unverifiable(self, reason: str, hint: str) -> None:
+        """Count and log a request refused before anyone could be answered."""
+        self._refuse_count(reason)
+        if self.ctx is not None:
+            self.ctx.metrics.reject("fhe", reason)
+        log.warning("refused fhe request reason=%s: %s", reason, hint)
+
     async def handle_frame(self, raw: bytes, *, arrived_ms: int | None = None) -> bytes:
         """One request frame in, one signed answer frame out (empty when the request is
         not even verifiable: there is nobody to sign an answer for).
@@ -147,9 +163,7 @@ class MinerService(RoleService):
             verified, payload = open_frame(raw, verifier=ctx.verifier, now_ms=checked_at,
                                            expect=(AddKey, ChallengeRequest))
         except RemoteProtocolError as exc:
-            self._refuse_count(exc.reason)
-            ctx.metrics.reject("fhe", exc.reason)
-            log.warning("refused fhe request reason=%s: %s", exc.reason, exc.hint)
+            self.refuse_unverifiable(exc.reason, exc.hint)
             return b""
         requester, request = verified.member.hotkey, verified.message
         try:
@@ -270,12 +284,33 @@ class MinerHttp:
         token = trio.lowlevel.current_trio_token()
         bound, stop = threading.Event(), {}
 
-        async def answer(request: web.Request) -> bytes:
-            arrived = now_ms()  # headers are in; the body may take a while
-            body = await request.read()
+        async def on_trio(fn, *args):
             loop = asyncio.get_running_loop()
-            handle = functools.partial(self.miner.handle_frame, body, arrived_ms=arrived)
-            return await loop.run_in_executor(None, lambda: trio.from_thread.run(handle, trio_token=token))
+            return await loop.run_in_executor(None, lambda: trio.from_thread.run(fn, *args, trio_token=token))
+
+        async def answer(request: web.Request) -> bytes:
+            """The frame read envelope first (issue 11 finding 9): a stranger, a member that
+            may not send it, a stale or replayed envelope, or a payload over the type's
+            limit is refused having sent its envelope only, never its 40 MB body."""
+            arrived = now_ms()  # headers are in; the body may take a while
+            try:
+                prefix = await request.content.readexactly(4)
+                length = int.from_bytes(prefix, "big")
+                if length > MAX_ENVELOPE_BYTES:
+                    raise BadFrame(f"envelope length {length} is over {MAX_ENVELOPE_BYTES}")
+                envelope = await request.content.readexactly(length)
+                declared = await on_trio(self.miner.admit_envelope, envelope, arrived)
+                payload = await request.content.readexactly(declared)
+                if await request.content.read(1):
+                    raise BadFrame(f"the body runs past the {declared} payload bytes its envelope signs for")
+            except asyncio.IncompleteReadError as exc:
+                self.miner.refuse_unverifiable("bad_frame", f"the body ended after {len(exc.partial)} bytes")
+                return b""
+            except RemoteProtocolError as exc:
+                self.miner.refuse_unverifiable(exc.reason, exc.hint)
+                return b""
+            return await on_trio(functools.partial(self.miner.handle_frame, prefix + envelope + payload,
+                                                   arrived_ms=arrived))
 
         async def add_key(request: web.Request) -> web.Response:
             frame = await answer(request)
