@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "postgresql://user@host/db)")
     node.add_argument("--model", type=Path, help="base model directory (Hugging Face layout, local files "
                                                  "only); default: the built-in tiny model")
+    node.add_argument("--announce-addr", action="append", dest="announce_addrs", metavar="MULTIADDR",
+                      help="address others dial to reach this node, e.g. /ip4/203.0.113.7/tcp/9000 "
+                           "(repeatable; needed when listening on 0.0.0.0 or behind a forwarded port)")
+    node.add_argument("--data", type=Path, help="trainer: your training text, a .txt, a .jsonl of "
+                                                '{"text": ...} lines, or a folder of them; it never leaves '
+                                                "this machine")
+    node.add_argument("--eval-data", type=Path, help="validator: held-out text (same formats as --data) "
+                                                     "for the eval loss it reports")
+    node.add_argument("--rounds", type=int, help="opening validator: training rounds to run (default 0: "
+                                                 "until stopped)")
+    node.add_argument("--epochs", type=int, help="validator: FHE challenge epochs to run (default 0: none)")
+    node.add_argument("--keep-rounds", type=int, help="rounds of state, blobs and status kept (default 20)")
+    node.add_argument("--insecure-small-committee", action="store_true", default=None,
+                      help="accept a committee of fewer than 3 members or threshold 1, which can "
+                           "decrypt single updates (test meshes only)")
 
     testnet = commands.add_parser("testnet", help="run a local test mesh of OS processes")
     testnet_commands = testnet.add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
@@ -179,6 +194,9 @@ def _node(args: argparse.Namespace) -> int:
         "bootstrap": tuple(args.bootstrap) if args.bootstrap else None,
         "log_level": args.log_level, "storage": args.storage, "settlement": args.settlement,
         "hydra_url": args.hydra_url, "db": args.db, "model": args.model,
+        "announce_addrs": tuple(args.announce_addrs) if args.announce_addrs else None,
+        "data": args.data, "eval_data": args.eval_data, "rounds": args.rounds, "epochs": args.epochs,
+        "keep_rounds": args.keep_rounds, "insecure_small_committee": args.insecure_small_committee,
     }
     try:
         settings = load_settings(args.config, overrides)

@@ -51,8 +51,21 @@ class NodeSettings:
     contestation_period_s: float = 600.0
     db: str | None = None  # validator history; default sqlite:///DATA_DIR/history.sqlite
     model: Path | None = None  # base model directory (Hugging Face layout); None: built-in tiny model
-    rounds: int = 0  # training rounds a validator opens (0: none)
+    # Addresses others dial to reach this node (listening on 0.0.0.0, or behind a forwarded
+    # port); empty: the listen address, when it is not a wildcard.
+    announce_addrs: tuple[str, ...] = ()
+    rounds: int = 0  # training rounds the opening validator opens (0: until stopped)
     epochs: int = 0  # FHE challenge epochs a validator runs (0: none)
+    keep_rounds: int = 20  # rounds whose state files, blobs and /status entries are kept
+    # Trainer: its own training text (.txt, .jsonl {"text": ...}, or a folder of them);
+    # validator: its held-out text for the eval loss. Required outside `sealmesh testnet`.
+    data: Path | None = None
+    eval_data: Path | None = None
+    # `sealmesh testnet` only: train and evaluate on the shipped demo corpus.
+    demo_corpus: bool = False
+    # A committee of fewer than 3 members or threshold 1 can decrypt single updates: refused
+    # unless this is set (and then logged at every start).
+    insecure_small_committee: bool = False
     # Demo fault injection for `sealmesh testnet`: "honest", or a misbehaviour the mesh must
     # survive ("garbage" or "slow" miner, "cheat" trainer, "close-early" validator: closes the
     # settlement head before the agreed rounds). Never set on a real node.
@@ -71,7 +84,7 @@ class NodeSettings:
 
 
 _FIELDS = {f.name: f for f in fields(NodeSettings)}
-_PATHS = {"data_dir", "wallet_path", "genesis", "model"}
+_PATHS = {"data_dir", "wallet_path", "genesis", "model", "data", "eval_data"}
 
 
 def load_settings(config: Path | None, overrides: dict[str, Any]) -> NodeSettings:
@@ -111,6 +124,7 @@ def _coerce(values: dict[str, Any]) -> NodeSettings:
         raise SettingsError(f"unknown role {values['role']!r}; use trainer, validator or miner") from None
     for name in _PATHS & set(values):
         values[name] = Path(values[name])
-    if "bootstrap" in values:
-        values["bootstrap"] = tuple(values["bootstrap"])
+    for name in ("bootstrap", "announce_addrs"):
+        if name in values:
+            values[name] = tuple(values[name])
     return NodeSettings(**values)

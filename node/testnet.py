@@ -137,6 +137,7 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
         with open(node.data_dir / "node.toml", "a") as f:
             f.write(f"bootstrap = {json.dumps(extra)}\n")
             f.write(f'behaviour = "{faults.get(node.name, "honest")}"\n')
+            f.write("demo_corpus = true\n")  # the testnet trains and evaluates on the shipped corpus
             if node.role is Role.VALIDATOR:
                 f.write(f"rounds = {plan.rounds if plan.trainers else 0}\nepochs = {plan.epochs}\n")
     for module in testnet_modules():
