@@ -198,12 +198,15 @@ def _node(args: argparse.Namespace) -> int:
         "data": args.data, "eval_data": args.eval_data, "rounds": args.rounds, "epochs": args.epochs,
         "keep_rounds": args.keep_rounds, "insecure_small_committee": args.insecure_small_committee,
     }
+    from node.addresses import AddressError, check_announce_addr
     try:
         settings = load_settings(args.config, overrides)
+        for addr in settings.announce_addrs:
+            check_announce_addr(addr)
         _setup_logging(settings.log_level)
         hotkey = load_hotkey(settings.wallet_name, settings.hotkey, settings.wallet_path)
         genesis = _registry(settings)
-    except (SettingsError, WalletError, GenesisError, ConnectionError) as exc:
+    except (SettingsError, WalletError, GenesisError, AddressError, ConnectionError) as exc:
         raise UserError(str(exc)) from exc
     if genesis.directory.member(hotkey.ss58_address) is None:
         raise UserError(f"hotkey {hotkey.ss58_address} is not a member of mesh {genesis.mesh_id!r}; "

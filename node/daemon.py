@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import trio
 
+from node.addresses import announced_addrs
 from node.api import ApiServer
 from node.files import write_atomic
 from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, BlobService, handle_probe
@@ -76,6 +77,7 @@ class Node:
         self.services: list[RoleService] = services_for(settings)
         self.store: BlobStore | None = None
         self.role_context: RoleContext | None = None
+        self.addrs: list[str] = []  # announced: set once the mesh listens
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] = {}
 
@@ -89,6 +91,8 @@ class Node:
                  self.hotkey.ss58_address, self.genesis.mesh_id)
         async with Mesh.open(self._mesh_config(), load_or_create_node_key(data_dir)) as mesh:
             self.mesh = mesh
+            # what others dial: --announce-addr, else the listen addresses, wildcards expanded
+            self.addrs = announced_addrs(mesh.listen_addrs, self.settings.announce_addrs, mesh.peer_id)
             self._serve_streams(mesh, data_dir)
             try:
                 async with trio.open_nursery() as nursery:
@@ -137,7 +141,7 @@ class Node:
         self._refresh_status()
         write_atomic(self.settings.data_dir / "ready.json", json.dumps(self._ready_doc()).encode())
         log.info("phase=ready peer_id=%s addrs=%s api_port=%d", self.mesh.peer_id,
-                 self.mesh.listen_addrs, self.api_port)
+                 self.addrs, self.api_port)
         nursery.start_soon(self._announce_loop)
         nursery.start_soon(self._status_loop)
         if self.settings.role.value == "validator":
@@ -159,7 +163,7 @@ class Node:
     def _ready_doc(self) -> dict[str, Any]:
         assert self.mesh is not None
         return {"hotkey": self.hotkey.ss58_address, "peer_id": self.mesh.peer_id,
-                "addrs": self.mesh.listen_addrs, "api_port": self.api_port, "pid": os.getpid()}
+                "addrs": self.addrs, "api_port": self.api_port, "pid": os.getpid()}
 
     # --- inbound ---------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class Node:
         """Announce often until every member is heard, then rarely (for late joiners)."""
         assert self.mesh is not None
         while True:
-            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id, self.mesh.listen_addrs,
+            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id, self.addrs,
                                         [self.settings.role.value], self.started_ms))
             fast = not self.presence.heard_everyone()
             await trio.sleep(self.settings.announce_interval_s * (1 if fast else 10))
