@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 import trio
 
@@ -31,6 +31,7 @@ from protocol.messages import Channel, Message
 log = logging.getLogger("sealmesh.roles")
 
 StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -52,7 +53,11 @@ class RoleContext:
     publish: Callable[[Message], Awaitable[None]]
     peer_of: Callable[[str], str | None]  # hotkey -> libp2p peer id, once announced
     services: dict[str, "RoleService"] = field(default_factory=dict)  # by name, this node's
+    # hotkey -> when (ms) any verified message of it last came, None if never: who is live
+    # is protocol/liveness.py live_members over these
+    last_seen: Callable[[str], int | None] = lambda hotkey: None
     _sections: dict[str, Any] = field(default_factory=dict)
+    _problems: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def report(self, section: str, doc: dict[str, Any]) -> None:
@@ -67,6 +72,19 @@ class RoleContext:
     def sections(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._sections)
+
+    def set_problem(self, problem: str, fix: str) -> None:
+        """Something keeps a role of this node from working: shown on /status under "problems"."""
+        with self._lock:
+            self._problems.setdefault(problem, {"problem": problem, "fix": fix, "since_ms": now_ms()})
+
+    def clear_problem(self, problem: str) -> None:
+        with self._lock:
+            self._problems.pop(problem, None)
+
+    def problems(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(p) for p in self._problems.values()]
 
     async def fetch(self, cid: str, holders: list[str], *, max_bytes: int, timeout_s: float = 120) -> bytes:
         """The blob `cid`: from our store, else from the first holder (hotkey) that has it.
@@ -91,6 +109,29 @@ class RoleContext:
             self.store.put(data)
             return data
         raise BlobFetchError("unavailable", f"blob {cid[:12]} not found at {len(holders)} holders: {errors}")
+
+
+async def remind(ctx: RoleContext, problem: str, fix: str, *, every_s: float = 60.0,
+                 retry: Callable[[], T] | None = None,
+                 still: type[BaseException] | tuple[type[BaseException], ...] = Exception) -> T:
+    """Say what keeps a role from working and how to fix it, until it is fixed: a WARNING
+    now and every `every_s`, and the problem on /status. An operator who missed the first
+    line of a long log still sees it. Each time, `retry()` is tried; once it no longer
+    raises `still`, the problem is cleared and its result returned, so the role goes on
+    without a restart. Without `retry`, it reminds until the node stops."""
+    ctx.set_problem(problem, fix)  # kept if the node stops first: the final status shows it
+    while True:
+        log.warning("problem: %s; fix: %s", problem, fix)
+        await trio.sleep(every_s)
+        if retry is None:
+            continue
+        try:
+            result = retry()
+        except still:
+            continue
+        ctx.clear_problem(problem)
+        log.info("fixed: %s", problem)
+        return result
 
 
 class RoleService:

@@ -45,7 +45,7 @@ import trio
 
 from node import committee as cm
 from node.blobs import BlobFetchError
-from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
+from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms, remind
 from node.settings import NodeSettings
 from protocol import aggregation as agg
 from protocol.aggregation_messages import (AcceptedSet, BlameRequest, Contribution, ContributionVerdict,
@@ -336,7 +336,13 @@ class RoundsService(GuardedWork, RoleService):
                 raise  # told to run rounds without a key: the message says how to get one
             ctx.report(REPORT_SECTION, {"role": "validator", "done": True, "disabled": str(exc)})
             task_status.started()
-            return
+            task_status = trio.TASK_STATUS_IGNORED  # started already: the nursery below must not say so again
+            self.key = await remind(
+                ctx, f"validator: rounds disabled: {exc}",
+                f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
+                "deals them; else `sealmesh committee keygen`); rounds start once they load",
+                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me),
+                still=cm.CommitteeKeyError)
         self.validators = members_with(ctx.genesis, Role.VALIDATOR)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
         self.mesh = mesh_rounds(ctx.genesis, self.key)

@@ -28,7 +28,7 @@ import trio
 
 from node import committee as cm
 from node.blobs import BlobFetchError
-from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms
+from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms, remind
 from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, adapter_values, layout_of,
                                load_training_model, members_with, mesh_rounds, vector_of_adapter)
 from node.settings import NodeSettings
@@ -96,11 +96,15 @@ class TrainerService(GuardedWork, RoleService):
         self.me = ctx.hotkey.ss58_address
         try:
             self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR)
-        except cm.CommitteeKeyError as exc:  # no committee yet: nothing to train for
-            log.warning("training disabled: %s", exc)
+        except cm.CommitteeKeyError as exc:  # no committee yet: nothing to train for, until it comes
             ctx.report(REPORT_SECTION, {"role": "trainer", "disabled": str(exc)})
             task_status.started()
-            return
+            task_status = trio.TASK_STATUS_IGNORED  # started already: the nursery below must not say so again
+            self.key = await remind(
+                ctx, f"trainer: training disabled: {exc}",
+                f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
+                "deals them; else `sealmesh committee keygen`); training starts once they load",
+                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR), still=cm.CommitteeKeyError)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
         self.mesh = mesh_rounds(ctx.genesis, self.key)  # who may open a round, with which bounds
         self.index = shard_index(self.trainers, self.me)
