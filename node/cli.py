@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="committee Paillier key size (1024 only for quick local runs)")
     from node.head_cli import add_head_commands
     add_head_commands(commands)  # sealmesh head status|close|fanout
+    from node.mesh_files import add_mesh_commands
+    add_mesh_commands(commands)  # sealmesh mesh init|add-member|add-bootstrap|show
 
     fhe = commands.add_parser("fhe", help="FHE inference: compile zoo models into bundles")
     fhe_commands = fhe.add_subparsers(dest="fhe_command", required=True, metavar="ACTION")
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "head":
             from node.head_cli import run_head
             return run_head(args)
+        if args.command == "mesh":
+            from node.mesh_files import run_mesh
+            return run_mesh(args)
         if args.command == "testnet":
             from node.testnet import TestnetPlan, run_testnet
             plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,
