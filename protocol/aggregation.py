@@ -398,6 +398,16 @@ def round_id_problem(round_id: int, last_round_id: int | None, max_gap: int) -> 
     return None
 
 
+def open_wait_reason(live_trainers: int, policy: RoundPolicy) -> str | None:
+    """Why the opener should not open the next round now (None: open it). Fewer live
+    trainers than the minimum can only end in below_min_contributors: waiting costs
+    nothing, a round that must abort costs every validator a deadline."""
+    if live_trainers < policy.min_contributors:
+        return (f"{live_trainers} trainer(s) live, a round needs {policy.min_contributors}: "
+                "waiting for more to be heard")
+    return None
+
+
 def expected_base_adapter(finals: Mapping[int, str], round_id: int, initial_adapter_id: str) -> str:
     """The base a round starts from: the adapter of the last round before it that ended
     with one here, else the mesh's initial adapter (the honest opener's rule)."""
@@ -1177,6 +1187,17 @@ class ValidatorRound:
 
     # -- persistence --
 
+    def blob_ids(self) -> frozenset[str]:
+        """Every blob this round produced or fetched (not its base adapter, an earlier
+        round's): what retention may delete once the round is old (protocol/retention.py)."""
+        ids = set(self.contributions.values()) | {evidence for _, evidence in self.rejected.values()}
+        for view in (self.published, self.agreed):
+            if view is not None:
+                ids |= set(view.blob_ids) | {view.aggregate_id}
+        ids |= {b for _, b in self.partials.values()} | {b for _, b in self.covers.values()}
+        ids |= set(self.slot_proofs.values()) | {self.adapter_id}
+        return frozenset(i for i in ids if i)
+
     def to_state(self) -> dict:
         """A msgpack-able snapshot; from_state(to_state()) continues where this left off."""
         return {
@@ -1360,6 +1381,10 @@ class CommitteeRound:
     def _abort(self, reason: str) -> list[Effect]:
         self.phase, self.abort_reason = CommitteePhase.ABORTED, reason
         return [EnterPhase(CommitteePhase.ABORTED.value, reason)]
+
+    def blob_ids(self) -> frozenset[str]:
+        """Our partial and cover blobs (see ValidatorRound.blob_ids)."""
+        return frozenset(i for i in (self.released_blob_id, self.cover_blob_id) if i)
 
     def to_state(self) -> dict:
         return {
@@ -1554,6 +1579,10 @@ class TrainerRound:
     def _abort(self, reason: str) -> list[Effect]:
         self.phase, self.abort_reason = TrainerPhase.ABORTED, reason
         return [EnterPhase(TrainerPhase.ABORTED.value, reason)]
+
+    def blob_ids(self) -> frozenset[str]:
+        """Our contribution and slot proofs (see ValidatorRound.blob_ids)."""
+        return frozenset(i for i in (self.blob_id, *self.slot_proofs.values()) if i)
 
     def to_state(self) -> dict:
         return {

@@ -51,6 +51,7 @@ from protocol import aggregation as agg
 from protocol.aggregation_messages import (AcceptedSet, BlameRequest, Contribution, ContributionVerdict,
                                            PartialDecryption, RoundAborted, RoundFinal, RoundOpen, SlotProof)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.liveness import live_members, liveness_window_ms
 from protocol.membership import Role
 from protocol.messages import Channel, Message
 
@@ -93,6 +94,8 @@ class RoundConfig:
     # of proving at 2048 bits, plus fetching); who has not by then is named no_slot_proof.
     blame_s: float = 60.0
     resend_s: float = 3.0  # gossip may drop: round messages are re-sent this often
+    # The opener opens a round at most this often (0: the next as soon as one ends).
+    round_period_s: float = 0.0
     # Threads for this node's partial decryption and combining (0: one per core). Local:
     # not part of RoundOpen.
     crypto_threads: int = 0
@@ -225,6 +228,9 @@ class StateFiles:
     def save(self, round_id: int, doc: dict) -> None:
         cm.write_atomic(self.path(round_id), msgpack.packb(doc, use_bin_type=True))
 
+    def delete(self, round_id: int) -> None:
+        self.path(round_id).unlink(missing_ok=True)
+
     def load_all(self) -> dict[int, dict]:
         docs = {}
         for path in sorted(self.directory.glob(f"{self.kind}-*.msgpack")):
@@ -316,6 +322,7 @@ class RoundsService(GuardedWork, RoleService):
         self.model_ready = trio.Event()
         self.model_lock = trio.Lock()
         self.model = self.tokenizer = self.heldout = None
+        self.eval_status: str | None = None  # where the held-out loss comes from, or why there is none
         self.initial_adapter_id: str | None = None
         self.evaluations: dict[str, float] = {}  # adapter id -> held-out loss
         self.errors: list[str] = []
@@ -330,7 +337,8 @@ class RoundsService(GuardedWork, RoleService):
         self.me = ctx.hotkey.ss58_address
         self.config = load_round_config(self.settings.data_dir)
         try:
-            self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me)
+            self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me,
+                                          insecure_small_committee=self.settings.insecure_small_committee)
         except cm.CommitteeKeyError as exc:
             if self.settings.rounds:
                 raise  # told to run rounds without a key: the message says how to get one
@@ -341,7 +349,8 @@ class RoundsService(GuardedWork, RoleService):
                 ctx, f"validator: rounds disabled: {exc}",
                 f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
                 "deals them; else `sealmesh committee keygen`); rounds start once they load",
-                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me),
+                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me, insecure_small_committee=
+                                                self.settings.insecure_small_committee),
                 still=cm.CommitteeKeyError)
         self.validators = members_with(ctx.genesis, Role.VALIDATOR)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
@@ -361,23 +370,56 @@ class RoundsService(GuardedWork, RoleService):
             await self._resume()
             nursery.start_soon(self._inbox_loop)
             nursery.start_soon(self._resend_loop)
-            if self.opener:
+            if self.opener and self.trainers:  # a mesh without trainers has nothing to train
                 nursery.start_soon(self._open_rounds)
 
     async def _load_model(self) -> None:
-        from training import demo_split, token_blocks
+        """The model and the held-out blocks. Without usable eval data the validator still
+        runs rounds (aggregation needs none) and reports no eval loss, saying why once."""
+        from training import DataError
         from training.adapter import adapter_bytes
 
         def load():
             tokenizer, model = load_training_model(self.settings)
-            heldout = token_blocks(tokenizer, demo_split(max(1, len(self.trainers))).heldout,
-                                   self.config.block_len)
-            return tokenizer, model, heldout, adapter_bytes(model)
+            return tokenizer, model, adapter_bytes(model)
 
-        self.tokenizer, self.model, self.heldout, initial = await trio.to_thread.run_sync(load)
+        self.tokenizer, self.model, initial = await trio.to_thread.run_sync(load)
+        try:
+            self.heldout, source = await trio.to_thread.run_sync(self._heldout_blocks)
+        except DataError as exc:
+            self.eval_status = f"eval data unusable: {exc}"
+            log.error("no eval loss: %s; fix: correct it (or pass another --eval-data PATH) and restart; rounds go "
+                      "on without an eval loss", exc)
+        else:
+            if self.heldout is None:
+                self.eval_status = "no --eval-data"
+                log.warning('no eval loss: no --eval-data; fix: pass --eval-data PATH (a .txt or .jsonl file, or a '
+                            'folder of them) or set eval_data = "PATH" in node.toml; rounds go on without an eval loss')
+            else:
+                self.eval_status = f"{source}: {len(self.heldout)} blocks of {self.config.block_len}"
+        self.report()
         self.initial_adapter_id = self.ctx.store.put(initial)
         log.info("phase=model-ready initial_adapter=%s", self.initial_adapter_id[:12])
         self.model_ready.set()
+
+    def _heldout_blocks(self):
+        """Worker thread: (token blocks, where from) of the held-out text: --eval-data; in
+        `sealmesh testnet` (demo_corpus) without it, the demo corpus's held-out texts; else
+        (None, None). DataError naming the data when it is unusable or too short."""
+        from training import DataError, demo_split, load_texts, token_blocks
+
+        if self.settings.eval_data is not None:
+            source = f"eval data {self.settings.eval_data}"
+            texts = load_texts(self.settings.eval_data)
+        elif self.settings.demo_corpus:
+            source = "demo corpus held-out"
+            texts = demo_split(max(1, len(self.trainers))).heldout
+        else:
+            return None, None
+        try:
+            return token_blocks(self.tokenizer, texts, self.config.block_len), source
+        except DataError as exc:
+            raise DataError(f"{source}: {exc}", reason=exc.reason) from exc
 
     async def _resume(self) -> None:
         for round_id, doc in self.states.load_all().items():
@@ -411,13 +453,33 @@ class RoundsService(GuardedWork, RoleService):
     # -- opening rounds (rank 0) --
 
     async def _open_rounds(self) -> None:
+        """Open round after round (settings.rounds of them, 0: until stopped), each once
+        enough trainers are live (agg.open_wait_reason), at most one per round_period_s."""
         await self.model_ready.wait()
-        for round_id in range(self.settings.rounds):
-            if round_id not in self.slots:
-                while not all(self.ctx.peer_of(t) for t in self.trainers):
-                    await trio.sleep(0.2)
-                await self._open(round_id)
+        for slot in sorted(self.slots.values(), key=lambda s: s.round_id):  # resumed rounds end first
+            await slot.ended.wait()
+        round_id = max(self.slots) + 1 if self.slots else 0
+        while not self.settings.rounds or round_id < self.settings.rounds:
+            opened = trio.current_time()
+            await self._wait_for_live_trainers()
+            await self._open(round_id)
             await self.slots[round_id].ended.wait()
+            round_id += 1
+            await trio.sleep_until(opened + self.config.round_period_s)
+
+    def _live_trainers(self) -> set[str]:
+        seen = {t: self.ctx.last_seen(t) for t in self.trainers}
+        window = liveness_window_ms(self.settings.announce_interval_s)
+        return live_members({t: s for t, s in seen.items() if s is not None}, now_ms(), window)
+
+    async def _wait_for_live_trainers(self) -> None:
+        said = None
+        while (why := agg.open_wait_reason(len(self._live_trainers()), self.mesh.policy)) is not None:
+            if why != said:  # once per change, not every poll
+                log.info("phase=waiting-for-trainers %s", why)
+                self.report(waiting=why)
+                said = why
+            await trio.sleep(0.5)
 
     def _base_adapter_id(self, round_id: int) -> str:
         finals = {r: s.validator.adapter_id for r, s in self.slots.items()
@@ -594,10 +656,38 @@ class RoundsService(GuardedWork, RoleService):
                  f" reason={effect.reason}" if effect.reason else "")
         if role == "validator" and slot.terminal():
             slot.ended.set()
-            if effect.phase == agg.Phase.FINAL.value:
-                self._start(self._after_final, slot)
-            else:
-                self._start(self._record_settlement, slot)
+            self._start(self._finish, slot)
+
+    async def _finish(self, slot: RoundSlot) -> None:
+        """An ended round: evaluate a final one, hand it to settlement, then forget what
+        the newest keep_rounds rounds no longer need."""
+        if slot.validator.phase is agg.Phase.FINAL:
+            await self._after_final(slot)  # records it too
+        else:
+            await self._record_settlement(slot)
+        self._retain()
+
+    def _retain(self) -> None:
+        from protocol.retention import RoundRecord, retention_plan
+
+        records = []
+        for round_id, slot in self.slots.items():
+            v = slot.validator
+            own = v.blob_ids() | (slot.committee.blob_ids() if slot.committee else frozenset())
+            records.append(RoundRecord(round_id, slot.terminal(), own, slot.ro.base_adapter_id,
+                                       v.adapter_id if v.phase is agg.Phase.FINAL else ""))
+        plan = retention_plan(records, self.settings.keep_rounds, pinned=[self.initial_adapter_id or ""])
+        for round_id in plan.drop_rounds:
+            del self.slots[round_id]
+            self.states.delete(round_id)
+        for cid in plan.delete_blobs:
+            self.ctx.store.delete(cid)
+            (self.states.directory / f"outer-{cid}.safetensors").unlink(missing_ok=True)  # DiLoCo state
+            self.evaluations.pop(cid, None)
+        self.aggregates = {k: a for k, a in self.aggregates.items() if a not in plan.delete_blobs}
+        if plan.drop_rounds:
+            log.info("phase=retention dropped rounds=%s deleted_blobs=%d keep_rounds=%d",
+                     list(plan.drop_rounds), len(plan.delete_blobs), self.settings.keep_rounds)
 
     async def _publish(self, message: Message) -> None:
         try:
@@ -955,13 +1045,15 @@ class RoundsService(GuardedWork, RoleService):
 
     # -- after the round --
 
-    async def _loss_of(self, adapter_id: str, holders: list[str], until_ms: int) -> float:
+    async def _loss_of(self, adapter_id: str, holders: list[str], until_ms: int) -> float | None:
         from training import evaluate
         from training.adapter import load_adapter_bytes
 
         if adapter_id not in self.evaluations:
             data = await self._fetch(adapter_id, holders, max_bytes=64 << 20, until_ms=until_ms)
             await self.model_ready.wait()
+            if self.heldout is None:  # no usable eval data: no eval loss (eval_status says why)
+                return None
             async with self.model_lock:
                 def run() -> float:
                     load_adapter_bytes(self.model, data)
@@ -979,8 +1071,9 @@ class RoundsService(GuardedWork, RoleService):
             evaluation["before"] = await self._loss_of(ro.base_adapter_id, list(ro.validators), until)
             evaluation["after"] = await self._loss_of(v.adapter_id, list(ro.validators), until)
             slot.shell["seconds"]["evaluate"] = round((now_ms() - started) / 1000, 3)
-            log.info("phase=evaluated round=%d loss_before=%.4f loss_after=%.4f adapter=%s", slot.round_id,
-                     evaluation["before"], evaluation["after"], v.adapter_id[:12])
+            if evaluation["after"] is not None:
+                log.info("phase=evaluated round=%d loss_before=%.4f loss_after=%.4f adapter=%s", slot.round_id,
+                         evaluation["before"], evaluation["after"], v.adapter_id[:12])
             self._persist(slot)
         await self._record_settlement(slot)
         self.report()
@@ -1011,19 +1104,26 @@ class RoundsService(GuardedWork, RoleService):
 
     # -- status --
 
-    def report(self) -> None:
-        rounds = [round_summary(slot) for _, slot in sorted(self.slots.items())]
-        wanted = range(self.settings.rounds)
-        done = all(r in self.slots and self.slots[r].terminal()
-                   and (self.slots[r].validator.phase is agg.Phase.ABORTED
-                        or "after" in self.slots[r].shell["evaluation"]) for r in wanted)
+    def report(self, *, waiting: str | None = None) -> None:
+        if waiting is not None:
+            self.waiting = waiting
+        rounds = [round_summary(slot) for _, slot in sorted(self.slots.items())]  # the kept ones only
+        ended = {r for r, s in self.slots.items() if s.terminal() and (
+            s.validator.phase is agg.Phase.ABORTED or "after" in s.shell["evaluation"])}
+        # done: every planned round ended; a mesh without trainers plans none; rounds = 0
+        # (until stopped) is never done
+        # (retention drops only ended rounds: one below the oldest kept has ended)
+        trainers, oldest = getattr(self, "trainers", None), min(self.slots, default=0)
+        done = not trainers or (self.settings.rounds > 0 and all(
+            r in ended or r < oldest for r in range(self.settings.rounds)))
         share = self.key.share if hasattr(self, "key") else None
         self.ctx.report(REPORT_SECTION, {
             "role": "validator", "done": done, "rounds_planned": self.settings.rounds, "opener": self.opener,
             "committee": {"member": share is not None, "index": share.index if share else None,
                           "threshold": self.key.threshold, "size": len(self.key.members)},
-            "outer": self.config.outer, "rounds": rounds, "errors": self.errors[-20:],
-            "inbox_dropped": self.inbox.dropped})
+            "outer": self.config.outer, "eval": self.eval_status, "rounds": rounds, "errors": self.errors[-20:],
+            "inbox_dropped": self.inbox.dropped, "waiting": getattr(self, "waiting", None),
+            "keep_rounds": self.settings.keep_rounds})
 
 
 def round_summary(slot: RoundSlot) -> dict[str, Any]:
