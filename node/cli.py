@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_head_commands(commands)  # sealmesh head status|close|fanout
     from node.mesh_files import add_mesh_commands
     add_mesh_commands(commands)  # sealmesh mesh init|add-member|add-bootstrap|show
+    from node.status_cli import add_status_command
+    add_status_command(commands)  # sealmesh status [--api URL | --data-dir DIR] [--json]
 
     fhe = commands.add_parser("fhe", help="FHE inference: compile zoo models into bundles")
     fhe_commands = fhe.add_subparsers(dest="fhe_command", required=True, metavar="ACTION")
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mesh":
             from node.mesh_files import run_mesh
             return run_mesh(args)
+        if args.command == "status":
+            from node.status_cli import run_status
+            return run_status(args)
         if args.command == "testnet":
             from node.testnet import TestnetPlan, run_testnet
             plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,

@@ -28,6 +28,7 @@ from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, Bl
 from node.mesh import EnvelopeFirst, Mesh, MeshConfig, StreamRefused, ValidationResult
 from node.metrics import NodeMetrics
 from node.presence import Presence
+from protocol.liveness import liveness_window_ms
 from node.registry.genesis import Genesis
 from node.settings import NodeSettings
 from node.roles import RoleContext, RoleService, services_for
@@ -69,7 +70,10 @@ class Node:
         self.verifier = EnvelopeVerifier(genesis.directory, hotkey.ss58_address,
                                          window_ms=settings.epistula_window_ms)
         self.metrics = NodeMetrics()
-        self.presence = Presence(hotkey.ss58_address, frozenset(m.hotkey for m in genesis.members))
+        self.presence = Presence(hotkey.ss58_address, frozenset(m.hotkey for m in genesis.members),
+                                 window_ms=liveness_window_ms(settings.announce_interval_s),
+                                 names=dict(genesis.names),
+                                 roles={m.hotkey: sorted(r.value for r in m.roles) for m in genesis.members})
         self.mesh: Mesh | None = None
         self.api_port: int | None = None
         self.started_ms = now_ms()
@@ -154,7 +158,8 @@ class Node:
             settings=self.settings, hotkey=self.hotkey, genesis=self.genesis, mesh=self.mesh,
             store=self.store, verifier=self.verifier, metrics=self.metrics,
             data_dir=self.settings.data_dir / "roles", publish=self.publish,
-            peer_of=self.presence.peer_of.get, services={s.name: s for s in self.services})
+            peer_of=self.presence.peer_of.get, services={s.name: s for s in self.services},
+            last_seen=self.presence.last_seen.get)
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services:
             log.info("phase=role-start service=%s", service.name)
@@ -183,6 +188,7 @@ class Node:
             self._dispatch(envelope.signed_by, message, gossip.received_ms)
 
     def _dispatch(self, sender: str, message: Message, received_ms: int) -> None:
+        self.presence.on_heard(sender, received_ms)  # any verified message says the sender is live
         if isinstance(message, Announce):
             if self.presence.on_announce(sender, message):
                 log.info("heard member=%s (%s) peer_id=%s", self.genesis.name_of(sender),
@@ -268,6 +274,7 @@ class Node:
         self.metrics.peers.set(len(peers))
         doc = {
             "hotkey": self.hotkey.ss58_address,
+            "name": self.genesis.name_of(self.hotkey.ss58_address),
             "role": self.settings.role.value,
             "mesh_id": self.genesis.mesh_id,
             "peer_id": mesh.peer_id if mesh else None,
@@ -275,11 +282,14 @@ class Node:
             "topics": [f"/sealmesh/{self.genesis.mesh_id}/1/{c.value}" for c in Channel],
             "api_port": self.api_port,
             "uptime_s": round((now_ms() - self.started_ms) / 1000, 3),
-            "presence": self.presence.snapshot(with_samples=with_samples),
+            "presence": self.presence.snapshot(now_ms(), with_samples=with_samples),
             "membership_views": dict(self.membership_views),
             "rejected": _rejected_counts(self.metrics),
             "mesh_stats": dict([*_flatten_stats(mesh.stats), *_flatten_stats(mesh.stream_stats)]) if mesh else {},
             "sections": self.role_context.sections() if self.role_context else {},
+            # what keeps a role of this node from working, and how to fix it (roles/base.py remind)
+            "problems": self.role_context.problems() if self.role_context else [],
+            "addrs": list(getattr(self, "addrs", None) or (mesh.listen_addrs if mesh else [])),
         }
         with self._status_lock:
             self._status = doc

@@ -1,7 +1,9 @@
-"""What a node has heard: signed announcements (hotkey <-> peer id) and pings.
+"""What a node has heard: signed announcements (hotkey <-> peer id), pings, and when
+each member was last heard at all (any verified message), which says who is live.
 
 Plain bookkeeping owned by the trio loop; `snapshot()` is what /status and the
-status file show, and what `sealmesh testnet` checks.
+status file show, and what `sealmesh testnet` checks. The liveness rule itself is
+protocol/liveness.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Mapping
 
+from protocol.liveness import MIN_WINDOW_MS, is_live
 from protocol.messages import Announce, Ping
 
 
@@ -23,6 +27,18 @@ class Presence:
     duplicate_pings: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     pings_sent: int = 0
+    window_ms: int = MIN_WINDOW_MS  # heard within this long: alive (protocol/liveness.py)
+    names: Mapping[str, str] = field(default_factory=dict)  # hotkey -> human name (genesis)
+    roles: Mapping[str, list[str]] = field(default_factory=dict)  # hotkey -> roles (genesis)
+    last_seen: dict[str, int] = field(default_factory=dict)  # hotkey -> ms of its latest verified message
+
+    def on_heard(self, hotkey: str, at_ms: int) -> None:
+        """Any verified message of `hotkey` (announce, ping, role message) arrived at `at_ms`."""
+        if at_ms > self.last_seen.get(hotkey, -1):
+            self.last_seen[hotkey] = at_ms
+
+    def alive(self, now_ms: int) -> set[str]:
+        return {h for h in self.others if is_live(self.last_seen.get(h), now_ms, self.window_ms)}
 
     def on_announce(self, hotkey: str, announce: Announce) -> bool:
         """Record a verified announcement; True if the hotkey is newly heard."""
@@ -46,12 +62,17 @@ class Presence:
     def heard_everyone(self) -> bool:
         return self.others <= set(self.peer_of)
 
-    def snapshot(self, *, with_samples: bool = False) -> dict:
+    def snapshot(self, now_ms: int, *, with_samples: bool = False) -> dict:
         """Counts for /status; the raw latency samples only when asked (the final status
-        file), since /status is polled and the list grows with every ping."""
+        file), since /status is polled and the list grows with every ping. "heard": the
+        members alive now; "missing": those never heard or gone (not heard for window_ms)."""
+        alive = self.alive(now_ms)
         doc = {
-            "heard": sorted(self.peer_of),
-            "missing": sorted(self.others - set(self.peer_of)),
+            "heard": sorted(alive),
+            "missing": sorted(self.others - alive),
+            "gone": sorted(h for h in self.others - alive if h in self.last_seen),
+            "window_s": self.window_ms / 1000,
+            "members": [self._member(h, now_ms, h in alive) for h in sorted(self.others)],
             "pings_sent": self.pings_sent,
             "pings_received": {h: len(s) for h, s in sorted(self.pings_from.items())},
             "duplicate_pings": self.duplicate_pings,
@@ -61,6 +82,13 @@ class Presence:
         if with_samples:
             doc["latencies_ms"] = list(self.latencies_ms)
         return doc
+
+    def _member(self, hotkey: str, now_ms: int, alive: bool) -> dict:
+        seen = self.last_seen.get(hotkey)
+        return {"name": self.names.get(hotkey, hotkey[:8]), "hotkey": hotkey,
+                "roles": list(self.roles.get(hotkey, [])), "alive": alive,
+                "last_seen_s": None if seen is None else round(max(0, now_ms - seen) / 1000, 1),
+                "peer_id": self.peer_of.get(hotkey)}
 
 
 def percentile(values: list[float], q: float) -> float | None:
