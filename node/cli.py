@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     committee_commands.add_parser(
         "keygen", help="dealer-free key ceremony (TNO distributed key generation), one member per "
                        "process or --local N (sealmesh committee keygen --help for its flags)")
+    from node.committee_cli import add_deal_command
+    add_deal_command(committee_commands)  # sealmesh committee deal
     return parser
 
 
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from node.status_cli import run_status
             return run_status(args)
+        if args.command == "committee":
+            from node.committee_cli import run_committee_deal
+            return run_committee_deal(args)
         if args.command == "testnet":
             from node.testnet import TestnetPlan, run_testnet
             plan = TestnetPlan(trainers=args.trainers, validators=args.validators, miners=args.miners,

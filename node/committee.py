@@ -10,9 +10,11 @@ A node's committee directory (DATA_DIR/committee) holds:
     public.msgpack   the public key and the members' verification keys
     share.msgpack    0600, members only: this member's secret share
 
-`sealmesh testnet` deals the key (crypto.paillier.deal) and writes these files; a real
-deployment runs the dealer-free ceremony (`sealmesh committee keygen`, node/keygen.py)
-whose member_key.msgpack is read here as well. Everything else in this module is the
+`sealmesh testnet` and `sealmesh committee deal` (node/committee_cli.py) deal the key
+(crypto.paillier.deal) and write these files; the dealer-free ceremony (`sealmesh
+committee keygen`, node/keygen.py) writes them too, keeping its member_key.msgpack as
+the share. A committee that can decrypt single updates (protocol/committee_rules.py)
+loads only when the node's settings say insecure_small_committee, with a warning. Everything else in this module is the
 shell's side of threshold decryption: which positions of the aggregate each member
 decrypts (crypto.contribution.decryption_blocks, plus cover for members that are gone),
 and the wire form of aggregates and partial-decryption blobs.
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -33,6 +36,7 @@ from crypto.contribution import DecryptionBlock, decryption_blocks
 from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, VerificationKeys
 from node.files import write_atomic
 from protocol.aggregation import RoundPolicy
+from protocol.committee_rules import committee_size_problem
 from protocol._wire import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -42,6 +46,8 @@ PUBLIC_FILE = "public.msgpack"
 SHARE_FILE = "share.msgpack"
 KEYGEN_FILE = "member_key.msgpack"  # node/keygen.py's result, when the ceremony made the key
 WIRE_VERSION = 1
+
+log = logging.getLogger("sealmesh.committee")
 
 
 class CommitteeKeyError(LocalProtocolError):
@@ -105,12 +111,14 @@ def save_committee(directory: Path, key: CommitteeKey) -> None:
     write_atomic(directory / INFO_FILE, json.dumps(info, indent=1).encode())
 
 
-def load_committee(directory: Path, me: str | None = None) -> CommitteeKey:
-    """The committee key, with our share when `me` is a member; CommitteeKeyError says why not."""
+def load_committee(directory: Path, me: str | None = None, *,
+                   insecure_small_committee: bool = False) -> CommitteeKey:
+    """The committee key, with our share when `me` is a member; CommitteeKeyError says why not.
+    A committee that can decrypt single updates loads only with insecure_small_committee."""
     info_path = directory / INFO_FILE
     if not info_path.exists():
-        raise CommitteeKeyError(f"{info_path} not found: deal the key (sealmesh testnet does) or run "
-                                "`sealmesh committee keygen` and copy committee.json beside its result")
+        raise CommitteeKeyError(f"{info_path} not found: copy the directory that `sealmesh committee deal` "
+                                f"or `sealmesh committee keygen` wrote for this node to {directory}")
     try:
         info = json.loads(info_path.read_text())
         members, threshold = tuple(info["members"]), int(info["threshold"])
@@ -133,7 +141,21 @@ def load_committee(directory: Path, me: str | None = None) -> CommitteeKey:
                                     f"of-{share.n_parties} key, committee.json says otherwise")
         if vks.key_of(share.index) != share.v_i:
             raise CommitteeKeyError(f"{directory}: our share does not match its verification key")
+    _check_size(directory, len(members), threshold, insecure_small_committee)
     return CommitteeKey(public, vks, threshold, members, share, scale, policy)
+
+
+def _check_size(directory: Path, members: int, threshold: int, allowed: bool) -> None:
+    """Refuse (or, when the operator allowed it, warn at every start about) a committee
+    whose members can decrypt single updates."""
+    problem = committee_size_problem(members, threshold)
+    if problem is None:
+        return
+    if not allowed:
+        raise CommitteeKeyError(f"{directory}: {problem}; use a committee of 3+ members with threshold 2+, "
+                                "or set insecure_small_committee = true (--insecure-small-committee) "
+                                "on a test mesh")
+    log.warning("INSECURE committee (%s): %s; allowed by insecure_small_committee", directory, problem)
 
 
 def _load_public(directory: Path) -> tuple[PublicKey, VerificationKeys, int]:
@@ -142,7 +164,7 @@ def _load_public(directory: Path) -> tuple[PublicKey, VerificationKeys, int]:
         if not (directory / PUBLIC_FILE).exists() and keygen.exists():
             raw = msgpack.unpackb(keygen.read_bytes(), raw=False)
             public = paillier.decode_public_key(raw["public_key"])
-            scale = int.from_bytes(bytes.fromhex(raw["plaintext_scale"]), "big", signed=True)
+            scale = _ceremony_scale(raw)
         else:
             raw = msgpack.unpackb((directory / PUBLIC_FILE).read_bytes(), raw=False)
             public = paillier.decode_public_key(raw["public_key"])
@@ -170,14 +192,45 @@ def _load_share(directory: Path, public: PublicKey) -> KeyShare:
     return share
 
 
-def deal_committee(members: Sequence[str], key_bits: int) -> list[CommitteeKey]:
-    """A trusted dealer's key for `members` (sorted order is share order), t = majority:
-    one CommitteeKey per member, each holding only its own share. For test meshes."""
+def _ceremony_scale(raw: Mapping) -> int:
+    return int.from_bytes(bytes.fromhex(raw["plaintext_scale"]), "big", signed=True)
+
+
+def deal_committee(members: Sequence[str], key_bits: int, threshold: int | None = None) -> list[CommitteeKey]:
+    """A trusted dealer's key for `members` (sorted order is share order), t = majority
+    unless given: one CommitteeKey per member, each holding only its own share. The
+    dealer saw every share: for meshes that accept a trusted dealer."""
     ordered = tuple(sorted(members))
-    t = majority(len(ordered))
+    t = majority(len(ordered)) if threshold is None else threshold
     public, shares, vks = paillier.deal(key_bits, t, len(ordered),
                                         allow_weak=key_bits not in paillier.SUPPORTED_BITS)
     return [CommitteeKey(public, vks, t, ordered, share) for share in shares]
+
+
+def public_part(key: CommitteeKey) -> CommitteeKey:
+    """What trainers and everyone outside the committee get: the same key, no share."""
+    return replace(key, share=None)
+
+
+def save_ceremony_committee(directory: Path, members: Sequence[str],
+                            round_policy: RoundPolicy = RoundPolicy()) -> CommitteeKey:
+    """Complete a finished ceremony's member directory for the node: committee.json and
+    public.msgpack in this module's format beside member_key.msgpack, which stays the
+    share (it is read as the share when share.msgpack is absent). `members`: the
+    ceremony's roster, in --members order (member i holds share i). Returns the key."""
+    try:
+        raw = msgpack.unpackb((directory / KEYGEN_FILE).read_bytes(), raw=False)
+        public = paillier.decode_public_key(raw["public_key"])
+        vks = paillier.decode_verification_keys(public, raw["verification_keys"])
+        threshold, scale = int(raw["threshold"]), _ceremony_scale(raw) % public.n
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CommitteeKeyError(f"{directory}: no finished ceremony result ({exc})") from exc
+    if vks.n_parties != len(members):
+        raise CommitteeKeyError(f"{directory}: the ceremony made {vks.n_parties} shares, "
+                                f"the roster names {len(members)} members")
+    key = CommitteeKey(public, vks, threshold, tuple(members), None, scale, round_policy)
+    save_committee(directory, key)
+    return key
 
 
 # --- who decrypts what -------------------------------------------------------------------
@@ -350,5 +403,5 @@ __all__ = [
     "blocks_to_decrypt", "combine_blocks", "cover", "cover_for_missing", "deal_committee", "decode_aggregate",
     "decode_partial_blob",
     "encode_aggregate", "encode_partial_blob", "load_committee", "majority", "partial_context", "public_key_id",
-    "save_committee", "write_atomic",
+    "public_part", "save_ceremony_committee", "save_committee", "write_atomic",
 ]

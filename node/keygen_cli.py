@@ -4,6 +4,10 @@ One member:   --index I --members SS58@host:port,... --wallet-name W [--hotkey H
               --threshold T --bits B --out DIR
 All, locally: --local N --threshold T --bits B --out DIR   (DIR/member-1 .. member-N)
 
+A finished member's DIR is a complete committee directory (committee.json with the
+round policy, public.msgpack, member_key.msgpack as the share): copy it to that
+validator's <node data dir>/committee. DIR/public (no share) goes to every trainer.
+
 Exit status: 0 finished (or already finished), 1 the ceremony failed (the state file and
 the log say why), 2 bad usage, 130 stopped by SIGINT/SIGTERM.
 """
@@ -15,6 +19,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+PUBLIC_DIR = "public"  # in each member's --out: the committee files without a share
 
 EXAMPLES = """\
 examples:
@@ -50,6 +56,12 @@ def build_keygen_parser(prog: str = "sealmesh committee keygen") -> argparse.Arg
     parser.add_argument("--bits", type=int, default=2048, help="modulus size (default %(default)s)")
     parser.add_argument("--out", type=Path, required=True,
                         help="directory for state.json and the key files (0600)")
+    parser.add_argument("--min-contributors", type=int,
+                        help="committee.json's round policy: fewest updates a round decrypts the sum "
+                             "of (default 2); the same on every member")
+    parser.add_argument("--max-contributors", type=int,
+                        help="committee.json's round policy: most updates per round (default 16); "
+                             "the same on every member")
     parser.add_argument("--allow-weak", action="store_true",
                         help="admit key sizes below 2048 bits (tests and measurements only)")
     parser.add_argument("--timeout", type=float, default=7200.0,
@@ -81,8 +93,9 @@ def keygen_main(argv: list[str] | None = None) -> int:
     from node import keygen
 
     try:
+        policy = _round_policy(args)
         if args.local is not None:
-            return _run_local(args)
+            return _run_local(args, policy)
         if not args.members:
             parser.error("--index needs --members SS58@host:port,...")
         hotkeys, members = keygen.parse_members(args.members)
@@ -97,14 +110,46 @@ def keygen_main(argv: list[str] | None = None) -> int:
             stall_timeout_s=args.stall_timeout, join_timeout_s=args.join_timeout,
             heartbeat_s=args.heartbeat, batch_size=args.batch_size, restart=args.restart)
         summary = keygen.run_member(settings)
+        summary = {**summary, **_write_committee(settings.out_dir, hotkeys, policy)}
     except keygen.CeremonyInterrupted as exc:
         print(f"keygen: {exc}", file=sys.stderr)
         return 130
     except (keygen.KeygenError, DkgError) as exc:
         print(f"keygen: {exc} [{exc.reason}]", file=sys.stderr)
         return 2 if exc.reason in ("usage", "parameters") else 1
-    print(json.dumps(keygen.describe(summary), sort_keys=True))
+    print(json.dumps({**keygen.describe(summary), "committee_dir": summary["committee_dir"],
+                      "public_dir": summary["public_dir"]}, sort_keys=True))
     return 0
+
+
+def _round_policy(args: argparse.Namespace):
+    from node import keygen
+    from protocol.aggregation import RoundPolicy
+
+    defaults = RoundPolicy()
+    policy = RoundPolicy(
+        min_contributors=defaults.min_contributors if args.min_contributors is None else args.min_contributors,
+        max_contributors=defaults.max_contributors if args.max_contributors is None else args.max_contributors)
+    if policy.problem():
+        raise keygen.KeygenError(f"round policy: {policy.problem()} (--min-contributors, --max-contributors)",
+                                 reason="usage")
+    return policy
+
+
+def _write_committee(member_dir: Path, hotkeys, policy) -> dict[str, str]:
+    """The node's committee files beside a finished ceremony's result, and DIR/public for
+    everyone outside the committee; the same files `sealmesh committee deal` writes."""
+    from node import committee as cm
+
+    try:
+        key = cm.save_ceremony_committee(member_dir, hotkeys, policy)
+        cm.save_committee(member_dir / PUBLIC_DIR, cm.public_part(key))
+    except cm.CommitteeKeyError as exc:
+        from node import keygen
+        raise keygen.KeygenError(str(exc), reason="result") from exc
+    print(f"keygen: copy {member_dir} to this validator's <node data dir>/{cm.COMMITTEE_DIR}; "
+          f"{member_dir / PUBLIC_DIR} (no share) to every trainer's", file=sys.stderr)
+    return {"committee_dir": str(member_dir), "public_dir": str(member_dir / PUBLIC_DIR)}
 
 
 def _load_hotkey(args: argparse.Namespace):
@@ -128,7 +173,7 @@ def _listen(text: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _run_local(args: argparse.Namespace) -> int:
+def _run_local(args: argparse.Namespace, policy) -> int:
     from node import keygen as kg
 
     if args.members:
@@ -145,6 +190,11 @@ def _run_local(args: argparse.Namespace) -> int:
             "modulus_bits")
     report = {"ok": result["ok"], "failed": result["failed"],
               "members": {i: {k: s.get(k) for k in keys} for i, s in result["members"].items()}}
+    if result["ok"]:  # the roster: member I's hotkey holds share I
+        hotkeys = [kg.local_hotkey(local.out_dir, i).ss58_address for i in range(1, n + 1)]
+        for i in range(1, n + 1):
+            report["members"][i]["committee_dir"] = _write_committee(
+                kg.member_dir(local.out_dir, i), hotkeys, policy)["committee_dir"]
     print(json.dumps(report, sort_keys=True))
     return 0 if result["ok"] else 1
 

@@ -31,6 +31,7 @@ from node.presence import percentile
 from node.registry.genesis import Genesis, write_genesis
 from node.roles import testnet_modules
 from node.wallet import create_hotkey
+from protocol.committee_rules import committee_size_problem
 from protocol.membership import Member, Role
 
 BOOTSTRAP_PEERS = 3  # genesis lists this many nodes; each node also dials 2 random others
@@ -138,6 +139,8 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
             f.write(f"bootstrap = {json.dumps(extra)}\n")
             f.write(f'behaviour = "{faults.get(node.name, "honest")}"\n')
             f.write("demo_corpus = true\n")  # the testnet trains and evaluates on the shipped corpus
+            if committee_size_problem(plan.validators, plan.validators // 2 + 1):  # the committee dealt below
+                f.write("insecure_small_committee = true\n")  # a local test mesh: its nodes may load it
             if node.role is Role.VALIDATOR:
                 f.write(f"rounds = {plan.rounds if plan.trainers else 0}\nepochs = {plan.epochs}\n")
     for module in testnet_modules():

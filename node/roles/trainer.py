@@ -95,7 +95,8 @@ class TrainerService(GuardedWork, RoleService):
         self.ctx = ctx
         self.me = ctx.hotkey.ss58_address
         try:
-            self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR)
+            self.key = cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR,
+                                          insecure_small_committee=self.settings.insecure_small_committee)
         except cm.CommitteeKeyError as exc:  # no committee yet: nothing to train for, until it comes
             ctx.report(REPORT_SECTION, {"role": "trainer", "disabled": str(exc)})
             task_status.started()
@@ -104,7 +105,8 @@ class TrainerService(GuardedWork, RoleService):
                 ctx, f"trainer: training disabled: {exc}",
                 f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
                 "deals them; else `sealmesh committee keygen`); training starts once they load",
-                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR), still=cm.CommitteeKeyError)
+                retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, insecure_small_committee=
+                                                self.settings.insecure_small_committee), still=cm.CommitteeKeyError)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
         self.mesh = mesh_rounds(ctx.genesis, self.key)  # who may open a round, with which bounds
         self.index = shard_index(self.trainers, self.me)
