@@ -214,10 +214,13 @@ def _node(args: argparse.Namespace) -> int:
         "keep_rounds": args.keep_rounds, "insecure_small_committee": args.insecure_small_committee,
     }
     from node.addresses import AddressError, check_announce_addr
+    from node.registry.genesis import check_bootstrap_addr
     try:
         settings = load_settings(args.config, overrides)
         for addr in settings.announce_addrs:
             check_announce_addr(addr)
+        for addr in settings.bootstrap:  # a bad one was a 60-line traceback from the dialler
+            check_bootstrap_addr(addr)
         _setup_logging(settings.log_level)
         hotkey = load_hotkey(settings.wallet_name, settings.hotkey, settings.wallet_path)
         genesis = _registry(settings)

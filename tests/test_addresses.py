@@ -54,3 +54,10 @@ def test_the_node_command_refuses_a_wildcard_announce_addr_in_one_line(tmp_path,
     code = main(["node", "--role", "trainer", "--data-dir", str(tmp_path), "--announce-addr", "/ip4/0.0.0.0/tcp/1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("sealmesh: error: --announce-addr")
+
+
+def test_the_node_command_refuses_a_bootstrap_without_peer_id_in_one_line(tmp_path, capsys):
+    """Before: `--bootstrap /ip4/10.88.0.1/tcp/9000` ended in a 60-line traceback from the dialler."""
+    code = main(["node", "--role", "trainer", "--data-dir", str(tmp_path), "--bootstrap", "/ip4/10.88.0.1/tcp/9000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "/p2p/" in err[0] and err[0].startswith("sealmesh: error:")

@@ -39,7 +39,7 @@ def _genesis_doc(**over):
     from crypto.identity import Hotkey
     doc = {"mesh_id": "m1", "members": [
         {"hotkey": Hotkey.from_uri("//Alice").ss58_address, "roles": ["validator"], "stake": 5,
-         "name": "v0"}], "bootstrap": ["/ip4/127.0.0.1/tcp/1/p2p/x"]}
+         "name": "v0"}], "bootstrap": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"]}
     doc.update(over)
     return doc
 

@@ -93,7 +93,7 @@ def validator_shell(tmp_path, genesis, key: cm.CommitteeKey, me: str) -> rounds.
     """The node's RoundsService as run() leaves it, without a network or a model: its
     RoundOpen handling (_join) and the machines it feeds are the real ones."""
     service = rounds.RoundsService.__new__(rounds.RoundsService)
-    service.settings, service.me, service.key = SimpleNamespace(rounds=1), me, mesh_key(key)
+    service.settings, service.me, service.key = SimpleNamespace(rounds=1, keep_rounds=20), me, mesh_key(key)
     service.ctx = _ctx(genesis, [])
     service.validators = rounds.members_with(genesis, Role.VALIDATOR)
     service.trainers = rounds.members_with(genesis, Role.TRAINER)
@@ -259,6 +259,9 @@ class SharedStore:
 
     def get(self, cid: str) -> bytes:
         return self.blobs[cid]
+
+    def delete(self, cid: str) -> bool:
+        return self.blobs.pop(cid, None) is not None
 
 
 class Wire:
@@ -475,7 +478,7 @@ def blame_trainer_shell(tmp_path, genesis, key, me: str, wire: Wire, store: Shar
 
     service.ctx = SimpleNamespace(genesis=genesis, publish=publish, store=store,
                                   metrics=SimpleNamespace(reject=lambda *a: None), report=lambda *a: None)
-    service.settings = SimpleNamespace(behaviour="honest")
+    service.settings = SimpleNamespace(behaviour="honest", keep_rounds=20)
     service.privacy = PrivacyConfig()
     service.kept = OrderedDict()
     service.nursery = nursery

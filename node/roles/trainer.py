@@ -11,8 +11,11 @@ overflows a slot, a round validator's BlameRequest asks every contributor to pro
 position in range (crypto.contribution.prove_slots; issue 11 finding 5), and a trainer
 that cannot answer is named like one that cheated. The machine decides whom to answer.
 
-The demo data is the repository's corpus, split by trainer (sorted hotkeys from the
-genesis file), so every trainer holds a different shard. behaviour "cheat" (sealmesh
+A trainer trains on its own text (`--data`, training.load_texts), read on this node and
+kept in memory here: nothing of it is published, stored for others or reported, only
+the sealed update trained on it. Without --data it refuses to train and says so every
+minute, except in `sealmesh testnet` (demo_corpus), where each trainer takes its shard of
+the shipped corpus (split by sorted hotkeys of the genesis file). behaviour "cheat" (sealmesh
 testnet --fault) tampers one ciphertext after proving: valid encoding, bad proof;
 validators must exclude it with evidence.
 """
@@ -29,14 +32,15 @@ import trio
 from node import committee as cm
 from node.blobs import BlobFetchError
 from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms, remind
-from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, StateFiles, adapter_values, layout_of,
-                               load_training_model, members_with, mesh_rounds, vector_of_adapter)
+from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, RoundConfig, StateFiles, adapter_values,
+                               layout_of, load_training_model, members_with, mesh_rounds, vector_of_adapter)
 from node.settings import NodeSettings
 from protocol import aggregation as agg
 from protocol.aggregation_messages import BlameRequest, ContributionVerdict, RoundAborted, RoundFinal, RoundOpen
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.membership import Role
 from protocol.messages import Channel, Message
+from training.errors import DataError
 from training.privacy import PrivacyConfig, privacy_report, privatize
 
 log = logging.getLogger("sealmesh.trainer")
@@ -44,6 +48,10 @@ log = logging.getLogger("sealmesh.trainer")
 RESEND_S = 3.0
 MAX_KEPT_ROUNDS = 3  # rounds whose sealed update is kept for a blame step, newest first
 BEHAVIOURS = ("honest", "cheat")
+
+
+# A round in one of these is over for this trainer: retention may drop it once old.
+TERMINAL_PHASES = frozenset({agg.TrainerPhase.FINAL, agg.TrainerPhase.ABORTED, agg.TrainerPhase.MISSED})
 
 
 class TrainerUsageError(LocalProtocolError):
@@ -69,9 +77,31 @@ def round_seed(round_id: int, index: int) -> int:
     return 1_000_003 * round_id + index
 
 
+def training_texts(settings: NodeSettings, trainers: int, index: int) -> tuple[list[str], str]:
+    """(texts, where they come from) that this trainer trains on: its own --data; without
+    one, in `sealmesh testnet` only (demo_corpus), its shard of the shipped corpus.
+    DataError when there is none or it is unusable."""
+    from training import demo_split, load_texts
+
+    if settings.data is not None:
+        return load_texts(settings.data), f"data {settings.data}"
+    if settings.demo_corpus:
+        return list(demo_split(trainers).shards[index]), f"demo corpus shard {index} of {trainers}"
+    raise DataError("no training data", reason="no_data")
+
+
+def data_fix(settings: NodeSettings) -> str:
+    if settings.data is None:
+        return ('pass --data PATH (a .txt or .jsonl file, or a folder of them) or set data = "PATH" in node.toml, '
+                "then restart the node")
+    return f"correct the data at {settings.data} (or pass another --data PATH); training starts once it loads"
+
+
 class TrainerService(GuardedWork, RoleService):
     name = "trainer"
     channels = frozenset({Channel.TRAIN})
+    disabled: str | None = None  # why this trainer does not train now (no or bad data), for its status
+    data_source: str | None = None
 
     def __init__(self, settings: NodeSettings) -> None:
         if settings.behaviour not in BEHAVIOURS:
@@ -82,7 +112,8 @@ class TrainerService(GuardedWork, RoleService):
         self.shell: dict[int, dict[str, Any]] = {}
         self.model_ready = trio.Event()
         self.model = self.tokenizer = None
-        self.blocks: dict[int, Any] = {}  # block_len -> token blocks of our shard
+        self.texts: list[str] = []  # our own training text: memory only, never sent
+        self.blocks: dict[int, Any] = {}  # block_len -> token blocks of our texts
         self.errors: list[str] = []
         self.privacy = privacy_config(settings)
         # round -> (sealed update, its Precomputation's randomizers): secrets, memory only
@@ -110,6 +141,16 @@ class TrainerService(GuardedWork, RoleService):
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
         self.mesh = mesh_rounds(ctx.genesis, self.key)  # who may open a round, with which bounds
         self.index = shard_index(self.trainers, self.me)
+
+        def texts() -> tuple[list[str], str]:
+            return training_texts(self.settings, len(self.trainers), self.index)
+
+        try:
+            self.texts, self.data_source = await trio.to_thread.run_sync(texts)
+        except DataError as exc:  # said now and every minute; the node and its other roles go on
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            self.texts, self.data_source = await self._until_data(exc, retry=texts)
         self.states = StateFiles(ctx.data_dir / STATE_DIR, "trainer")
         self.train_lock = trio.Lock()  # one round's training at a time: one model
         self.report()
@@ -128,18 +169,44 @@ class TrainerService(GuardedWork, RoleService):
             nursery.start_soon(self._resend_loop)
 
     async def _load_model(self) -> None:
+        """The model, then our texts as token blocks of the default block_len: too little
+        text is found at start, not at the first round."""
         self.tokenizer, self.model = await trio.to_thread.run_sync(load_training_model, self.settings)
-        log.info("phase=model-ready shard=%d of %d", self.index, len(self.trainers))
+        block_len = RoundConfig().block_len
+        try:
+            blocks = await trio.to_thread.run_sync(self._data_blocks, block_len)
+        except DataError as exc:
+            blocks = await self._until_data(exc, retry=lambda: self._reload_data(block_len))
+        log.info("phase=model-ready %s: %d texts, %d blocks of %d tokens", self.data_source, len(self.texts),
+                 len(blocks), block_len)
         self.model_ready.set()
 
-    def _shard_blocks(self, block_len: int):
-        """Worker thread: our shard of the demo corpus as token blocks."""
-        from training import demo_split, token_blocks
+    def _data_blocks(self, block_len: int):
+        """Worker thread: our texts as token blocks; DataError, naming the data, if too short."""
+        from training import token_blocks
 
         if block_len not in self.blocks:
-            texts = demo_split(len(self.trainers)).shards[self.index]
-            self.blocks[block_len] = token_blocks(self.tokenizer, texts, block_len)
+            try:
+                self.blocks[block_len] = token_blocks(self.tokenizer, self.texts, block_len)
+            except DataError as exc:
+                raise DataError(f"{self.data_source}: {exc}", reason=exc.reason) from exc
         return self.blocks[block_len]
+
+    def _reload_data(self, block_len: int):
+        self.texts, self.data_source = training_texts(self.settings, len(self.trainers), self.index)
+        self.blocks.clear()
+        return self._data_blocks(block_len)
+
+    async def _until_data(self, problem: DataError, *, retry):
+        """No training (RoundOpens are ignored) until `retry()` loads usable data: the
+        problem and its fix in the log and in our status section now and every minute."""
+        self.disabled = f"{problem}; fix: {data_fix(self.settings)}"
+        self.report()
+        result = await remind(self.ctx, f"trainer: training disabled: {problem}", data_fix(self.settings),
+                              retry=retry, still=DataError)
+        self.disabled = None
+        self.report()
+        return result
 
     # -- gossip --
 
@@ -172,6 +239,8 @@ class TrainerService(GuardedWork, RoleService):
         """A round gets a machine (and a state file) only once the machine joined it: a
         refused RoundOpen (agg.round_open_refusal: not the scheduled opener, an unexpected
         round id, another minimum, unbounded steps...) leaves nothing behind."""
+        if self.disabled:  # no usable data: the reminder says so every minute
+            return
         machine = self.machines.get(ro.round_id) or agg.TrainerRound(self.me)
         last = max((r for r, m in self.machines.items() if m.round_open is not None), default=None)
         try:
@@ -200,7 +269,30 @@ class TrainerService(GuardedWork, RoleService):
             return
         self._persist(round_id)
         await self._apply(round_id, effects)
+        if machine.phase in TERMINAL_PHASES:
+            self._retain()
         self.report()
+
+    def _retain(self) -> None:
+        """Keep the newest keep_rounds rounds (protocol/retention.py): older state files,
+        our contributions, slot proofs and fetched base adapters go."""
+        from protocol.retention import RoundRecord, retention_plan
+
+        records = [RoundRecord(r, m.phase in TERMINAL_PHASES, m.blob_ids(),
+                               m.round_open.base_adapter_id if m.round_open else "",
+                               m.adapter_id if m.phase is agg.TrainerPhase.FINAL else "")
+                   for r, m in self.machines.items()]
+        plan = retention_plan(records, self.settings.keep_rounds)
+        for round_id in plan.drop_rounds:
+            del self.machines[round_id]
+            self.shell.pop(round_id, None)
+            self.kept.pop(round_id, None)
+            self.states.delete(round_id)
+        for cid in plan.delete_blobs:
+            self.ctx.store.delete(cid)
+        if plan.drop_rounds:
+            log.info("phase=retention dropped rounds=%s deleted_blobs=%d", list(plan.drop_rounds),
+                     len(plan.delete_blobs))
 
     def _persist(self, round_id: int) -> None:
         self.states.save(round_id, {"machine": self.machines[round_id].to_state(), "shell": self.shell[round_id]})
@@ -275,7 +367,7 @@ class TrainerService(GuardedWork, RoleService):
                 from training import local_train
 
                 def run():
-                    blocks = self._shard_blocks(int(hyper["block_len"]))
+                    blocks = self._data_blocks(int(hyper["block_len"]))
                     return local_train(self.model, base, blocks, steps=int(hyper["steps"]), lr=float(hyper["lr"]),
                                        batch_size=int(hyper["batch_size"]), seed=round_seed(round_id, self.index))
 
@@ -407,6 +499,7 @@ class TrainerService(GuardedWork, RoleService):
                            **{k: shell[k] for k in ("train_s", "precompute_s", "seal_s", "work_s", "first_loss",
                                                     "last_loss", "verdicts") if k in shell}})
         self.ctx.report(REPORT_SECTION, {"role": "trainer", "behaviour": self.settings.behaviour,
+                                         "disabled": self.disabled, "data": self.data_source,
                                          "shard": getattr(self, "index", None), "rounds": rounds,
                                          "privacy": self.privacy_status(), "errors": self.errors[-20:]})
 
@@ -421,4 +514,5 @@ def make_service(settings: NodeSettings) -> TrainerService | None:
     return TrainerService(settings) if settings.role is Role.TRAINER else None
 
 
-__all__ = ["TrainerService", "make_service", "privacy_config", "round_seed", "shard_index", "tamper"]
+__all__ = ["TrainerService", "data_fix", "make_service", "privacy_config", "round_seed", "shard_index", "tamper",
+           "training_texts"]
