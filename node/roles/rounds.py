@@ -347,8 +347,8 @@ class RoundsService(GuardedWork, RoleService):
             task_status = trio.TASK_STATUS_IGNORED  # started already: the nursery below must not say so again
             self.key = await remind(
                 ctx, f"validator: rounds disabled: {exc}",
-                f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
-                "deals them; else `sealmesh committee keygen`); rounds start once they load",
+                f"put this node's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (`sealmesh "
+                "committee deal` or `sealmesh committee keygen` writes them); rounds start once they load",
                 retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, self.me, insecure_small_committee=
                                                 self.settings.insecure_small_committee),
                 still=cm.CommitteeKeyError)

@@ -134,8 +134,8 @@ class TrainerService(GuardedWork, RoleService):
             task_status = trio.TASK_STATUS_IGNORED  # started already: the nursery below must not say so again
             self.key = await remind(
                 ctx, f"trainer: training disabled: {exc}",
-                f"put the mesh's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (sealmesh testnet "
-                "deals them; else `sealmesh committee keygen`); training starts once they load",
+                f"put this node's committee files in {self.settings.data_dir / cm.COMMITTEE_DIR} (`sealmesh "
+                "committee deal` or `sealmesh committee keygen` writes them); training starts once they load",
                 retry=lambda: cm.load_committee(self.settings.data_dir / cm.COMMITTEE_DIR, insecure_small_committee=
                                                 self.settings.insecure_small_committee), still=cm.CommitteeKeyError)
         self.trainers = members_with(ctx.genesis, Role.TRAINER)
