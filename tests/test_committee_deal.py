@@ -157,12 +157,20 @@ def test_the_rule_itself():
 
 def finished_ceremony(tmp_path: Path) -> tuple[list, list[str], str]:
     """Three members' finished ceremony results on disk, as node/keygen.py's _save leaves
-    them (TNO replayed in process: tests/test_keygen.py), each with a btcli wallet."""
-    from test_keygen import _fake_output, convert, simulate_tno
+    them, each with a btcli wallet. TNO's output is made up without TNO (whose import
+    alone takes seconds): degree-2t integer shares of Δ²·φ·β as the product of two
+    degree-t sharings, θ = Δ³·φ·β mod N; the rest is our conversion (tests/test_keygen.py)."""
+    from test_keygen import _fake_output, _prime_3_mod_4, convert
     from crypto import dkg
 
     params = dkg.CeremonyParameters(3, 2, 512)
-    modulus, tno_shares, theta = simulate_tno(params)
+    p, q = _prime_3_mod_4(256), _prime_3_mod_4(256)
+    modulus, phi, beta = p * q, (p - 1) * (q - 1), secrets.randbelow(p * q)
+    points, t = range(1, 4), params.corruption_threshold
+    lam_sharing = dkg._integer_shamir(phi, t, points, params.delta, modulus)
+    beta_sharing = dkg._integer_shamir(beta, t, points, params.delta, modulus)
+    tno_shares = {i: lam_sharing[i] * beta_sharing[i] for i in points}
+    theta = params.delta ** 3 * phi * beta % modulus
     public, shares, vks, scale = convert(params, modulus, tno_shares, theta)
     ceremony = {"public": public, "shares": shares, "vks": vks, "scale": scale, "tno_shares": tno_shares,
                 "theta": theta}
@@ -201,3 +209,18 @@ def test_the_ceremony_writes_a_directory_the_node_loads_without_hand_edits(tmp_p
     assert json.loads((tmp_path / "m1" / cm.INFO_FILE).read_text()) == \
         json.loads((tmp_path / "m3" / "public" / cm.INFO_FILE).read_text())
     decrypts_with(keys, public, alive=[2, 3])
+
+
+@pytest.mark.parametrize("validators, flagged", [(2, True), (3, False)])
+def test_testnet_allows_its_small_committee_and_only_that(tmp_path, validators, flagged):
+    from node import testnet
+    from node.settings import load_settings
+
+    nodes = testnet.prepare(testnet.TestnetPlan(trainers=1, validators=validators, miners=0, key_bits=1024,
+                                                directory=tmp_path / "tn"))
+    for node in nodes:
+        settings = load_settings(node.data_dir / "node.toml", {})
+        assert settings.insecure_small_committee is flagged
+        key = cm.load_committee(node.data_dir / cm.COMMITTEE_DIR, node.hotkey,
+                                insecure_small_committee=settings.insecure_small_committee)
+        assert len(key.members) == validators
