@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "TrainingUsageError": "training.errors", "AdapterRejected": "training.errors",
+    "DataError": "training.errors",
     "VectorLayout": "training.vector", "check_vector": "training.vector",
     "content_id": "training.vector",
     "TinyModelSpec": "training.model", "BaseModel": "training.model",
@@ -28,7 +29,7 @@ _EXPORTS = {
     "OuterOptimizer": "training.outer", "FedAvg": "training.outer",
     "DiLoCoOuter": "training.outer", "fedavg": "training.outer",
     "EvalResult": "training.evaluation", "evaluate": "training.evaluation",
-    "read_local_texts": "training.data", "split_texts": "training.data",
+    "load_texts": "training.data", "read_local_texts": "training.data", "split_texts": "training.data",
     "demo_split": "training.data", "write_demo_shards": "training.data",
     "token_blocks": "training.data", "DEMO_CORPUS": "training.data",
 }

@@ -1,5 +1,7 @@
-"""Local text data: a trainer's own JSONL/.txt files, the shipped demo corpus and its
-deterministic split into trainer shards plus a held-out set, and token blocks.
+"""Local text data: a member's own .txt/.jsonl files (`load_texts`), the shipped demo
+corpus and its deterministic split into trainer shards plus a held-out set, and token
+blocks. A member's texts are read on its own node and never leave it: only the sealed
+update trained on them does (node/roles/trainer.py).
 
 A text's place in the split is decided by sha256 of the text alone, so every node
 computes the same shards and held-out set without coordination, and adding a line to
@@ -10,21 +12,93 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from training.errors import TrainingUsageError
+from training.errors import DataError, TrainingUsageError
 
 DEMO_CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 HELDOUT_ONE_IN = 10  # ~10% of demo texts are held out for evaluation
 
 
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """A member's own texts (`--data`, `--eval-data`), in a stable order.
+
+    - a .txt file: documents separated by one or more blank lines (a file without blank
+      lines is one document; line breaks inside a document are kept);
+    - a .jsonl file: one object {"text": "..."} per line (blank lines skipped);
+    - a folder: every .txt and .jsonl file under it, recursively, sorted by path; hidden
+      files and folders (a name starting with ".") and other suffixes are skipped.
+
+    Texts that are empty or only whitespace are dropped. DataError (naming the path and
+    what to do) for a missing path, a folder without data files, a file that is not
+    UTF-8, a bad .jsonl line (with its number), or nothing but empty texts."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: give a .txt or .jsonl file, or a folder of them",
+                        reason="no_data")
+    files = _data_files(path) if path.is_dir() else [path]
+    texts = [text for file in files for text in _read_data_file(file)]
+    if not texts:
+        raise DataError(f"{path} holds only empty texts: add text", reason="no_text")
+    return texts
+
+
+def _data_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix in DATA_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"{folder} holds no .txt or .jsonl files: put your text there, or point to a file",
+                        reason="no_data")
+    return files
+
+
+def _read_data_file(file: Path) -> list[str]:
+    if file.suffix not in DATA_SUFFIXES:
+        raise DataError(f"{file}: data files must end in .txt or .jsonl", reason="bad_data_format")
+    try:
+        content = file.read_bytes().decode("utf-8-sig")  # a BOM some editors write is not text
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text (bad byte at offset {exc.start}): convert it to UTF-8 "
+                        "or move it out of the data", reason="not_utf8") from exc
+    if file.suffix == ".jsonl":
+        return [text for text in _jsonl_texts(file, content) if text.strip()]
+    documents = (block.strip() for block in _BLANK_LINES.split(content))
+    return [document for document in documents if document]
+
+
+def _jsonl_texts(file: Path, content: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{number}: not JSON ({exc.msg}); each line must be {{\"text\": \"...\"}}",
+                            reason="bad_data_format") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{file}:{number}: each line must be an object with a string field \"text\"",
+                            reason="bad_data_format")
+        texts.append(record["text"])
+    return texts
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
 def read_local_texts(path: str | Path) -> list[str]:
-    """Texts from a .jsonl file ({"text": ...} per line), a .txt file (one text per
-    non-empty line), or a directory of those (sorted by name)."""
+    """The demo corpus format: texts from a .jsonl file ({"text": ...} per line), a .txt
+    file (one text per non-empty line), or a directory of those (sorted by name). A
+    member's own data goes through `load_texts`."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt"))
@@ -103,7 +177,8 @@ def _write_jsonl(path: Path, texts: Sequence[str]) -> Path:
 
 
 def token_blocks(tokenizer, texts: Sequence[str], block_len: int = 64) -> torch.Tensor:
-    """Texts joined with EOS and cut into [n, block_len] int64 blocks (tail dropped)."""
+    """Texts joined with EOS and cut into [n, block_len] int64 blocks (tail dropped);
+    DataError when they make not even one block."""
     if block_len < 2:
         raise TrainingUsageError(f"block_len must be >= 2, got {block_len}",
                                  reason="bad_hyperparameter")
@@ -113,6 +188,6 @@ def token_blocks(tokenizer, texts: Sequence[str], block_len: int = 64) -> torch.
         ids.append(tokenizer.eos_token_id)
     count = len(ids) // block_len
     if count == 0:
-        raise TrainingUsageError(f"{len(ids)} tokens make no block of {block_len}; give "
-                                 "more text or a shorter block_len", reason="not_enough_data")
+        raise DataError(f"{len(ids)} tokens, fewer than one block of {block_len}: add text",
+                        reason="not_enough_data")
     return torch.tensor(ids[:count * block_len], dtype=torch.long).view(count, block_len)
