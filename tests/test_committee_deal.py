@@ -155,7 +155,7 @@ def test_the_rule_itself():
 # --- the ceremony writes the same directory ---------------------------------------------
 
 
-def finished_ceremony(tmp_path: Path) -> tuple[list, list[str], str]:
+def finished_ceremony(tmp_path: Path, local: bool = False) -> tuple[list, list[str], str]:
     """Three members' finished ceremony results on disk, as node/keygen.py's _save leaves
     them, each with a btcli wallet. TNO's output is made up without TNO (whose import
     alone takes seconds): degree-2t integer shares of Δ²·φ·β as the product of two
@@ -174,14 +174,18 @@ def finished_ceremony(tmp_path: Path) -> tuple[list, list[str], str]:
     public, shares, vks, scale = convert(params, modulus, tno_shares, theta)
     ceremony = {"public": public, "shares": shares, "vks": vks, "scale": scale, "tno_shares": tno_shares,
                 "theta": theta}
-    wallets = [create_hotkey(f"member-{i}", "default", tmp_path / "wallets") for i in (1, 2, 3)]
+    if local:  # `--local 3 --out tmp_path`: its own wallets, member-I directories
+        wallets = [keygen.local_hotkey(tmp_path, i) for i in (1, 2, 3)]
+    else:
+        wallets = [create_hotkey(f"member-{i}", "default", tmp_path / "wallets") for i in (1, 2, 3)]
     roster = [w.ss58_address for w in wallets]
     members_arg = ",".join(f"{h}@127.0.0.1:{8800 + i}" for i, h in enumerate(roster, start=1))
     for i in (1, 2, 3):
+        out_dir = keygen.member_dir(tmp_path, i) if local else tmp_path / f"m{i}"
         settings = keygen.KeygenSettings(index=i, members=tuple(("127.0.0.1", 8800 + j) for j in (1, 2, 3)),
-                                         threshold=2, bits=512, out_dir=tmp_path / f"m{i}", hotkeys=tuple(roster),
+                                         threshold=2, bits=512, out_dir=out_dir, hotkeys=tuple(roster),
                                          hotkey=wallets[i - 1], allow_weak=True)
-        settings.out_dir.mkdir()
+        settings.out_dir.mkdir(exist_ok=True)
         keygen._save(settings, _fake_output(ceremony, i), keygen.Progress())
         keygen.write_state(settings.out_dir, {**keygen._new_state(settings), "status": "finished",
                                               "finished_at": 1.0})
@@ -224,3 +228,19 @@ def test_testnet_allows_its_small_committee_and_only_that(tmp_path, validators, 
         key = cm.load_committee(node.data_dir / cm.COMMITTEE_DIR, node.hotkey,
                                 insecure_small_committee=settings.insecure_small_committee)
         assert len(key.members) == validators
+
+
+@pytest.mark.slow  # three member processes: about 9 s on a busy 2-core machine
+def test_a_local_ceremony_writes_every_member_a_committee_directory(tmp_path, capsys):
+    _, roster, _ = finished_ceremony(tmp_path, local=True)
+    argv = ["--local", "3", "--threshold", "2", "--bits", "512", "--allow-weak", "--out", str(tmp_path),
+            "--heartbeat", "0.5", "--log-level", "ERROR"]
+    assert keygen_main(argv) == 0  # each member process finds its ceremony finished
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    for i in (1, 2, 3):
+        directory = keygen.member_dir(tmp_path, i)
+        assert report["members"][str(i)]["committee_dir"] == str(directory)
+        key = cm.load_committee(directory, roster[i - 1])
+        assert key.share.index == i and key.members == tuple(roster)
+        assert cm.load_committee(directory / "public", TRAINER).share is None
