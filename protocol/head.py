@@ -48,6 +48,7 @@ from protocol.head_messages import (HeadAbort, HeadAckSn, HeadClose, HeadCommit,
 POOL = "reward_pool"  # the ledger account rewards are paid from; not an SS58 address
 CLOCK_SKEW_MS = 8_000  # a Close stamped further from our clock is refused (Epistula's window)
 MAX_SNAPSHOT_TXS = 1000
+VIEWS_KEPT = 2 * rules.RECORD_WINDOW  # own views of rounds (epochs) kept before pruning old ones
 SLASH_GROUNDS = ("early_close", "withheld_signature")
 
 Verify = Callable[[str, bytes, bytes], bool]
@@ -160,8 +161,22 @@ class SlashVote:
     evidence: int  # the snapshot number the grounds refer to
 
 
-Tx = Union[RoundResult, ScoreReport, Transfer, SlashVote]
-TX_KINDS: dict[str, type] = {c.KIND: c for c in (RoundResult, ScoreReport, Transfer, SlashVote)}
+@dataclass(frozen=True)
+class Withdraw:
+    """A party takes `amount` of its own balance out of the open head (Hydra's decommit):
+    the value leaves the ledger into `withdrawn`, paid out by the node once a snapshot
+    confirms it. `withdrawn_before` is what the author had withdrawn until now: it makes
+    each withdraw apply at most once without keeping its id."""
+
+    KIND: ClassVar[str] = "withdraw"
+    author: str
+    amount: int
+    withdrawn_before: int
+
+
+Tx = Union[RoundResult, ScoreReport, Transfer, SlashVote, Withdraw]
+TX_KINDS: dict[str, type] = {c.KIND: c for c in (RoundResult, ScoreReport, Transfer, SlashVote,
+                                                  Withdraw)}
 
 
 def encode_tx(tx: Tx) -> bytes:
@@ -215,6 +230,9 @@ def _check_tx_shape(tx: Tx) -> None:
     elif isinstance(tx, Transfer):
         if tx.amount <= 0 or not tx.recipient or tx.recipient == POOL:
             raise _reject("malformed_tx", "a transfer moves a positive amount to a named account")
+    elif isinstance(tx, Withdraw):
+        if tx.amount <= 0 or tx.author == POOL:
+            raise _reject("malformed_tx", "a withdraw takes a positive amount of the author's own")
     elif tx.grounds not in SLASH_GROUNDS or tx.target == tx.author:
         raise _reject("malformed_tx", f"a slash vote names another party and one of {SLASH_GROUNDS}")
 
@@ -224,33 +242,60 @@ def _check_tx_shape(tx: Tx) -> None:
 
 @dataclass(frozen=True)
 class Ledger:
-    """The head's off-chain state: balances plus what was recorded, for duplicate checks."""
+    """The head's off-chain state: balances, what left the head by Withdraw, and what was
+    recorded, kept bounded so that a snapshot's size does not grow with the head's history
+    (issue 12): settled rounds and epochs as a watermark plus a window (head_rules)."""
 
     balances: dict[str, int]
-    applied: tuple[str, ...] = ()  # tx ids, in the order applied
-    rounds: tuple[int, ...] = ()
-    epochs: tuple[int, ...] = ()
+    # Ids of applied Transfers: the only kind that nothing else refuses a replay of (a
+    # Transfer's nonce lets one payment be made twice). Records are refused by their
+    # window, Withdraws by withdrawn_before; the node itself never sends a Transfer.
+    applied: tuple[str, ...] = ()
+    rounds_below: int = 0  # every round under it is settled or skipped for good
+    rounds_recent: tuple[int, ...] = ()  # settled rounds >= rounds_below, sorted
+    rounds_settled: int = 0  # how many RoundResults were settled, ever
+    epochs_below: int = 0
+    epochs_recent: tuple[int, ...] = ()
+    epochs_settled: int = 0
     deposits: tuple[str, ...] = ()  # absorbed deposit ids
     deposited: int = 0  # value that entered after the head opened
+    withdrawn: dict[str, int] = field(default_factory=dict)  # party -> value it took out, ever
 
     @property
     def total(self) -> int:
         return sum(self.balances.values())
 
+    @property
+    def withdrawn_total(self) -> int:
+        return sum(self.withdrawn.values())
+
+    @property
+    def rounds(self) -> tuple[int, ...]:
+        """The settled rounds this ledger still names (those of its window)."""
+        return self.rounds_recent
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        return self.epochs_recent
+
     def to_wire(self) -> dict[str, Any]:
         return {"balances": dict(self.balances), "applied": list(self.applied),
-                "rounds": list(self.rounds), "epochs": list(self.epochs),
-                "deposits": list(self.deposits), "deposited": self.deposited}
+                "rounds": [self.rounds_below, list(self.rounds_recent), self.rounds_settled],
+                "epochs": [self.epochs_below, list(self.epochs_recent), self.epochs_settled],
+                "deposits": list(self.deposits), "deposited": self.deposited,
+                "withdrawn": dict(self.withdrawn)}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "Ledger":
-        shape = {"balances": dict[str, int], "applied": list[str], "rounds": list[int],
-                 "epochs": list[int], "deposits": list[str], "deposited": int}
+        shape = {"balances": dict[str, int], "applied": list[str], "rounds": list,
+                 "epochs": list, "deposits": list[str], "deposited": int,
+                 "withdrawn": dict[str, int]}
         if not isinstance(wire, dict) or set(wire) != set(shape) or not all(
                 _conforms(wire[k], hint) for k, hint in shape.items()):
             raise _reject("malformed_snapshot", f"a ledger has exactly the fields {sorted(shape)}")
-        return cls(dict(wire["balances"]), tuple(wire["applied"]), tuple(wire["rounds"]),
-                   tuple(wire["epochs"]), tuple(wire["deposits"]), wire["deposited"])
+        rounds, epochs = (_window_from_wire(wire[k], k) for k in ("rounds", "epochs"))
+        return cls(dict(wire["balances"]), tuple(wire["applied"]), *rounds, *epochs,
+                   tuple(wire["deposits"]), wire["deposited"], dict(wire["withdrawn"]))
 
     def hash(self) -> str:
         return self._hash
@@ -260,30 +305,60 @@ class Ledger:
         return _sha256(canonical(self.to_wire()))
 
 
+def _window_from_wire(wire: Any, what: str) -> tuple[int, tuple[int, ...], int]:
+    """[below, recent, settled]: recent sorted, inside [below, below + RECORD_WINDOW)."""
+    ok = (isinstance(wire, list) and len(wire) == 3 and _conforms(wire[0], int)
+          and _conforms(wire[1], list[int]) and _conforms(wire[2], int))
+    if ok:
+        below, recent, settled = wire[0], tuple(wire[1]), wire[2]
+        ok = (list(recent) == sorted(set(recent)) and settled >= len(recent)
+              and all(below <= r < below + rules.RECORD_WINDOW for r in recent))
+    if not ok:
+        raise _reject("malformed_snapshot", f"a ledger's {what} are [below, sorted recent ids "
+                      f"within {rules.RECORD_WINDOW} of below, settled count]")
+    return below, recent, settled
+
+
 def apply_tx(ledger: Ledger, tx: Tx, txid: str) -> Ledger:
     """The ledger after `tx`, or RemoteProtocolError with the reason it cannot apply."""
-    if txid in ledger.applied:
-        raise _reject("duplicate_tx", f"transaction {txid[:12]} was already applied")
     balances = dict(ledger.balances)
-    if isinstance(tx, RoundResult) and tx.round in ledger.rounds:
-        raise _reject("round_already_recorded", f"round {tx.round} is already settled")
-    if isinstance(tx, ScoreReport) and tx.epoch in ledger.epochs:
-        raise _reject("epoch_already_recorded", f"epoch {tx.epoch} is already settled")
-    if isinstance(tx, (RoundResult, ScoreReport)):
+    if isinstance(tx, RoundResult):
+        problem = rules.window_problem(ledger.rounds_below, ledger.rounds_recent, tx.round, "round")
+        if problem:
+            raise _reject(*problem)
         _pay_from_pool(balances, tx.rewards)
-        if isinstance(tx, RoundResult):
-            return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
-                           rounds=tuple(sorted(ledger.rounds + (tx.round,))))
-        return replace(ledger, balances=balances, applied=ledger.applied + (txid,),
-                       epochs=tuple(sorted(ledger.epochs + (tx.epoch,))))
+        below, recent = rules.settle_in_window(ledger.rounds_below, ledger.rounds_recent, tx.round)
+        return replace(ledger, balances=balances, rounds_below=below, rounds_recent=recent,
+                       rounds_settled=ledger.rounds_settled + 1)
+    if isinstance(tx, ScoreReport):
+        problem = rules.window_problem(ledger.epochs_below, ledger.epochs_recent, tx.epoch, "epoch")
+        if problem:
+            raise _reject(*problem)
+        _pay_from_pool(balances, tx.rewards)
+        below, recent = rules.settle_in_window(ledger.epochs_below, ledger.epochs_recent, tx.epoch)
+        return replace(ledger, balances=balances, epochs_below=below, epochs_recent=recent,
+                       epochs_settled=ledger.epochs_settled + 1)
     if isinstance(tx, Transfer):
-        if balances.get(tx.author, 0) < tx.amount:
-            raise _reject("insufficient_funds", f"{tx.author} holds {balances.get(tx.author, 0)}, "
-                          f"cannot send {tx.amount}")
-        balances[tx.author] -= tx.amount
+        if txid in ledger.applied:
+            raise _reject("duplicate_tx", f"transaction {txid[:12]} was already applied")
+        _take(balances, tx.author, tx.amount, f"send {tx.amount}")
         balances[tx.recipient] = balances.get(tx.recipient, 0) + tx.amount
         return replace(ledger, balances=balances, applied=ledger.applied + (txid,))
+    if isinstance(tx, Withdraw):
+        before = ledger.withdrawn.get(tx.author, 0)
+        if tx.withdrawn_before != before:
+            raise _reject("stale_withdraw", f"{tx.author} has withdrawn {before} so far, not "
+                          f"{tx.withdrawn_before}: this withdraw was applied or overtaken")
+        _take(balances, tx.author, tx.amount, f"withdraw {tx.amount}")
+        return replace(ledger, balances=balances,
+                       withdrawn={**ledger.withdrawn, tx.author: before + tx.amount})
     raise _reject("not_a_ledger_tx", "slash votes act on escrow, not on the ledger")
+
+
+def _take(balances: dict[str, int], who: str, amount: int, what: str) -> None:
+    if balances.get(who, 0) < amount:
+        raise _reject("insufficient_funds", f"{who} holds {balances.get(who, 0)}, cannot {what}")
+    balances[who] -= amount
 
 
 def _pay_from_pool(balances: dict[str, int], rewards: dict[str, int]) -> None:
@@ -658,6 +733,9 @@ class HeadMachine:
         # records we co-sign must match it (head_rules).
         self.observed_rounds: dict[int, list[Any]] = {}
         self.observed_epochs: dict[int, dict[str, float]] = {}
+        # Views under these were pruned (_prune_views): the records they judged are settled.
+        self.views_pruned_rounds = 0
+        self.views_pruned_epochs = 0
         self._pending_ledger: Ledger | None = None  # derived: confirmed ledger + pending txs
 
     # -- entry point ------------------------------------------------------------------
@@ -853,6 +931,12 @@ class HeadMachine:
     def _record_problem(self, tx: Tx) -> tuple[str, str] | None:
         """Why we would not co-sign this RoundResult or ScoreReport (head_rules); None
         for a record we agree with and for every other kind of transaction."""
+        ledger = self.confirmed.ledger if self.confirmed is not None else None
+        if isinstance(tx, RoundResult) and ledger is not None and tx.round < ledger.rounds_below:
+            # Checked first: its own view may be pruned, and it must not wait for one.
+            return rules.window_problem(ledger.rounds_below, (), tx.round, "round")
+        if isinstance(tx, ScoreReport) and ledger is not None and tx.epoch < ledger.epochs_below:
+            return rules.window_problem(ledger.epochs_below, (), tx.epoch, "epoch")
         if isinstance(tx, RoundResult):
             return rules.round_result_problem(tx, self.parameters, self.observed_rounds)
         if isinstance(tx, ScoreReport):
@@ -1113,9 +1197,10 @@ class HeadMachine:
                                                            "party": record.party,
                                                            "amount": record.amount}))
         self.confirmed = snapshot
-        for txid in snapshot.ledger.applied:
+        for txid in snapshot.tx_ids + snapshot.ledger.applied:
             self.pending.pop(txid, None)
-        self._rebuild_pending()
+        self._prune_views()
+        self._rebuild_pending()  # drops what a skipped-over snapshot settled (Sync)
         if self.proposal is not None and self.proposal.number <= snapshot.number:
             self.proposal = None
         self.early_acks = {}
@@ -1142,15 +1227,32 @@ class HeadMachine:
 
     def _observe_round(self, event: ObserveRound) -> list[Effect]:
         limit = None if self.params is None else self.params.round_limit
-        self._keep_view(self.observed_rounds, event.round,
-                        rules.round_view(event.adapter_id, event.contributors), "round", limit)
+        below = self.confirmed.ledger.rounds_below if self.confirmed else 0
+        if event.round >= below:  # a view of a round that can no longer settle is not kept
+            self._keep_view(self.observed_rounds, event.round,
+                            rules.round_view(event.adapter_id, event.contributors), "round", limit)
         return self._after_own_view(event.now_ms)
 
     def _observe_epoch(self, event: ObserveEpoch) -> list[Effect]:
         limit = None if self.params is None else self.params.epoch_limit
         scores = {k: float(v) for k, v in sorted(event.scores.items())}
-        self._keep_view(self.observed_epochs, event.epoch, scores, "epoch", limit)
+        if event.epoch >= (self.confirmed.ledger.epochs_below if self.confirmed else 0):
+            self._keep_view(self.observed_epochs, event.epoch, scores, "epoch", limit)
         return self._after_own_view(event.now_ms)
+
+    def _prune_views(self) -> None:
+        """Forget our views of records under the confirmed window, which can never be
+        co-signed again, once more than VIEWS_KEPT are held: the state stays bounded
+        (issue 12). Until then RewardsOnlyByRule can still check every settled record."""
+        assert self.confirmed is not None
+        ledger = self.confirmed.ledger
+        for seen, below, attr in ((self.observed_rounds, ledger.rounds_below, "views_pruned_rounds"),
+                                  (self.observed_epochs, ledger.epochs_below, "views_pruned_epochs")):
+            if len(seen) <= VIEWS_KEPT:
+                continue
+            for number in [n for n in seen if n < below]:
+                del seen[number]
+            setattr(self, attr, max(getattr(self, attr), below))
 
     @staticmethod
     def _keep_view(seen: dict[int, Any], number: int, view: Any, what: str, limit: int | None) -> None:
@@ -1313,7 +1415,9 @@ class HeadMachine:
             raise HeadMisuse("the head is already closed", reason="wrong_phase")
         assert self.confirmed is not None
         excuse = self._excuse()
-        done = rules.settled_agreed_rounds(self.confirmed.ledger.rounds, self.parameters.round_limit)
+        # The ledger keeps a count, not every id; each counted round was in the agreed
+        # range, as every party checked it (head_rules) before signing its snapshot.
+        done = self.confirmed.ledger.rounds_settled
         if done < self.parameters.agreed_rounds and not excuse:
             raise HeadMisuse(
                 f"{done} of the agreed {self.parameters.agreed_rounds} rounds are settled; closing "
@@ -1361,7 +1465,7 @@ class HeadMachine:
         assert self.confirmed is not None
         newest = max(self.confirmed, snapshot, key=lambda s: s.number)
         effects: list[Effect] = []
-        done = rules.settled_agreed_rounds(newest.ledger.rounds, self.parameters.round_limit)
+        done = newest.ledger.rounds_settled
         if done < self.parameters.agreed_rounds and not self._excused(message.excuse, sender):
             effects += self._cast_vote(sender, "early_close", snapshot.number)
         if snapshot.number > self.confirmed.number:
@@ -1498,6 +1602,7 @@ class HeadMachine:
             "early": [list(e) for e in self.early],
             "observed_rounds": [[r, v] for r, v in sorted(self.observed_rounds.items())],
             "observed_epochs": [[e, v] for e, v in sorted(self.observed_epochs.items())],
+            "views_pruned": [self.views_pruned_rounds, self.views_pruned_epochs],
         }
 
     @classmethod
@@ -1531,6 +1636,7 @@ class HeadMachine:
         machine.early = [(sender, raw) for sender, raw in wire["early"]]
         machine.observed_rounds = {r: list(v) for r, v in wire.get("observed_rounds", [])}
         machine.observed_epochs = {e: dict(v) for e, v in wire.get("observed_epochs", [])}
+        machine.views_pruned_rounds, machine.views_pruned_epochs = wire.get("views_pruned", [0, 0])
         if machine.confirmed is not None:
             machine._rebuild_pending()
         return machine
@@ -1586,6 +1692,11 @@ def _settled_records(tx: Tx, txid: str, number: int) -> list[Effect]:
         return [Record("score_report", {"epoch": tx.epoch, "scores": dict(tx.scores),
                                         "rewards": dict(tx.rewards), "author": tx.author,
                                         "tx_id": txid, "snapshot": number})]
+    if isinstance(tx, Withdraw):
+        # What the node pays out: the amount left the head's ledger with this snapshot.
+        return [Record("withdrawn", {"party": tx.author, "amount": tx.amount,
+                                     "withdrawn_total": tx.withdrawn_before + tx.amount,
+                                     "tx_id": txid, "snapshot": number})]
     return []
 
 
@@ -1648,14 +1759,15 @@ def TypeOK(m: HeadMachine) -> bool:
 
 
 def ValueConserved(m: HeadMachine) -> bool:
-    """Every ledger holds exactly what was committed plus what it absorbed; fanout pays
-    out the closed ledger plus all escrow."""
+    """Every ledger holds exactly what was committed plus what it absorbed, less what
+    left it by Withdraw; fanout pays out the closed ledger plus all escrow."""
     ledgers = [s.ledger for s in (m.confirmed, m.closing and m.closing.snapshot) if s]
     if m.proposal is not None:
         ledgers.append(m.proposal.ledger)
     if m.confirmed is not None:
         ledgers.append(m.pending_ledger)
-    if any(ledger.total != m.committed_total + ledger.deposited for ledger in ledgers):
+    if any(ledger.total + ledger.withdrawn_total != m.committed_total + ledger.deposited
+           for ledger in ledgers):
         return False
     if any(ledger.deposited != sum(m.deposits[d].amount for d in ledger.deposits)
            for ledger in ledgers if all(d in m.deposits for d in ledger.deposits)):
@@ -1688,10 +1800,19 @@ def NoDoubleSpend(m: HeadMachine) -> bool:
     if m.confirmed is not None:
         ledgers.append(m.pending_ledger)
     for ledger in ledgers:
-        if any(v < 0 for v in ledger.balances.values()):
+        if any(v < 0 for v in ledger.balances.values()) or any(
+                v < 0 for v in ledger.withdrawn.values()):
             return False
-        for seq in (ledger.applied, ledger.rounds, ledger.epochs, ledger.deposits):
+        for seq in (ledger.applied, ledger.deposits):
             if len(set(seq)) != len(seq):
+                return False
+        for below, recent, settled in ((ledger.rounds_below, ledger.rounds_recent, ledger.rounds_settled),
+                                       (ledger.epochs_below, ledger.epochs_recent, ledger.epochs_settled)):
+            # A window names each settled id once, above its watermark, and counts no
+            # more settlements than the ids it has passed or names.
+            if list(recent) != sorted(set(recent)) or any(r < below for r in recent):
+                return False
+            if not len(recent) <= settled <= below + len(recent):
                 return False
         if any(m.deposits.get(d) and m.deposits[d].status == "recovered" for d in ledger.deposits):
             return False
@@ -1717,20 +1838,35 @@ def SlashNeedsMajority(m: HeadMachine) -> bool:
 def RewardsOnlyByRule(m: HeadMachine) -> bool:
     """Every round and epoch a ledger settled happened (this party observed it itself) and
     is in the agreed range, and the pool paid out exactly what the reward rule gives them:
-    no party can pay the pool to itself (issue 11, finding 2)."""
+    no party can pay the pool to itself (issue 11, finding 2).
+
+    A ledger names only the records of its window (issue 12). While no record was skipped
+    and no view pruned, the settled ones are exactly range(below) plus the window, and
+    the pool is checked to the unit; past that, the window's records are checked."""
     if m.params is None or m.confirmed is None:
         return True
     p = m.params
     initial_pool = sum(pool for _, _, pool in m.commits.values())
     for ledger in [s.ledger for s in (m.confirmed, m.closing and m.closing.snapshot) if s]:
-        if not all(0 <= r < p.round_limit and r in m.observed_rounds for r in ledger.rounds):
+        rounds, epochs = ledger.rounds_recent, ledger.epochs_recent
+        if not all(0 <= r < p.round_limit and r in m.observed_rounds for r in rounds):
             return False
-        if not all(0 <= e < p.epoch_limit and e in m.observed_epochs for e in ledger.epochs):
+        if not all(0 <= e < p.epoch_limit and e in m.observed_epochs for e in epochs):
+            return False
+        exact = (m.views_pruned_rounds == m.views_pruned_epochs == 0
+                 and ledger.rounds_settled == ledger.rounds_below + len(rounds)
+                 and ledger.epochs_settled == ledger.epochs_below + len(epochs))
+        if not exact:
+            continue
+        all_rounds = list(range(ledger.rounds_below)) + list(rounds)
+        all_epochs = list(range(ledger.epochs_below)) + list(epochs)
+        if not all(r in m.observed_rounds for r in all_rounds) or not all(
+                e in m.observed_epochs for e in all_epochs):
             return False
         paid = sum(sum(rules.round_rewards(m.observed_rounds[r][1], p.round_reward).values())
-                   for r in ledger.rounds)
+                   for r in all_rounds)
         paid += sum(sum(rules.epoch_rewards(m.observed_epochs[e], p.epoch_reward).values())
-                    for e in ledger.epochs)
+                    for e in all_epochs)
         if ledger.balances.get(POOL, 0) != initial_pool - paid:
             return False
     return True
@@ -1755,7 +1891,7 @@ __all__ = [
     "Abort", "AwaitingOwnView", "CLOCK_SKEW_MS", "Close", "Commit", "Deposit", "Effect", "Event", "Fanout",
     "HeadMachine", "HeadMisuse", "HeadParameters", "INVARIANTS", "Init", "Ledger", "NewTx",
     "ObserveEpoch", "ObserveRound", "POOL", "Phase", "Receive", "Record", "Recover", "Restart", "RoundResult", "ScoreReport",
-    "Send", "SetTimer", "SlashVote", "Snapshot", "TRANSITIONS", "Tick", "Transfer", "Tx",
+    "Send", "SetTimer", "SlashVote", "VIEWS_KEPT", "Withdraw", "Snapshot", "TRANSITIONS", "Tick", "Transfer", "Tx",
     "apply_deposit", "apply_tx", "canonical", "decode_tx", "encode_tx", "final_payouts",
     "snapshot_problem", "tx_id", "tx_signing_payload", "violated_invariants",
     "ContestEndsOnNewestConfirmed", "NoDoubleSpend", "OnlyFullySignedSnapshotCloses",

@@ -105,6 +105,41 @@ def score_report_problem(tx: Any, parameters: Any, observed: Mapping[int, dict[s
     return None
 
 
+# --- the settled-record window (issue 12: storage per event must not grow with history) ---
+#
+# A ledger does not keep every settled round (or epoch) id. It keeps a watermark `below`
+# (every id under it is settled or skipped for good) and the settled ids at or above it,
+# all inside [below, below + RECORD_WINDOW). Records may settle out of order inside the
+# window; one older than the window is refused, so a replayed old result never pays twice.
+RECORD_WINDOW = 64
+# The round_limit (and epoch_limit) of a head that runs until it is stopped (settings
+# rounds = 0): far above any id a mesh reaches, and below msgpack's signed 64-bit range.
+OPEN_ENDED = 2**62
+
+
+def window_problem(below: int, recent: Sequence[int], number: int, what: str
+                   ) -> tuple[str, str] | None:
+    """Why `number` cannot settle in a window (below, recent); None when it can."""
+    if number < below:
+        return (f"{what}_too_old", f"{what} {number} is older than the settled window, which "
+                f"starts at {below}: it was settled or skipped for good")
+    if number in recent:
+        return (f"{what}_already_recorded", f"{what} {number} is already settled")
+    return None
+
+
+def settle_in_window(below: int, recent: Sequence[int], number: int,
+                     window: int = RECORD_WINDOW) -> tuple[int, tuple[int, ...]]:
+    """The window after settling `number` (window_problem must be None): the watermark
+    moves past a contiguous settled prefix, and jumps (skipping for good the ids it passes)
+    when `number` is `window` or more ahead of it, so at most `window` ids are ever kept."""
+    kept = set(recent) | {number}
+    below = max(below, number - window + 1)
+    while below in kept:
+        below += 1
+    return below, tuple(sorted(r for r in kept if r >= below))
+
+
 def settled_agreed_rounds(rounds: Sequence[int], round_limit: int) -> int:
     """The rounds that count toward the agreed count before a close: only ids in the agreed
     range, so no record of a round that cannot have happened makes a close look due."""
@@ -112,6 +147,7 @@ def settled_agreed_rounds(rounds: Sequence[int], round_limit: int) -> int:
 
 
 __all__ = [
-    "NOT_OBSERVED", "epoch_rewards", "round_result_problem", "round_rewards", "round_view",
-    "scheduled_author", "score_report_problem", "settled_agreed_rounds", "split_reward",
+    "NOT_OBSERVED", "OPEN_ENDED", "RECORD_WINDOW", "epoch_rewards", "round_result_problem", "round_rewards", "round_view",
+    "scheduled_author", "score_report_problem", "settle_in_window", "settled_agreed_rounds",
+    "split_reward", "window_problem",
 ]

@@ -247,7 +247,9 @@ def test_ledger_rules_conserve_value_and_refuse_double_spends():
     after = h.apply_tx(ledger, pay, "t1")
     assert after.balances == {A: 10, h.POOL: 10, C: 30} and after.total == ledger.total
     vectors = [
-        (after, pay, "t1", "duplicate_tx"),
+        # a record's replay is refused by its round (its id is not kept), a transfer's by its id
+        (h.apply_tx(after, h.Transfer(A, B, 1, 0), "t0"), h.Transfer(A, B, 1, 0), "t0", "duplicate_tx"),
+        (after, pay, "t1", "round_already_recorded"),
         (after, pay, "t2", "round_already_recorded"),
         (after, h.RoundResult(B, 2, "ad", [C], {C: 11}), "t3", "insufficient_pool"),
         (after, h.Transfer(A, B, 11, 0), "t4", "insufficient_funds"),

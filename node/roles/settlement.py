@@ -63,7 +63,7 @@ RESEND_MS = 2_000
 STEP_S = 0.2
 INBOX = 1024
 COMMANDS_DIR = "settlement-commands"  # `sealmesh head close|fanout` drop a file here
-COMMANDS = ("close", "fanout")
+COMMANDS = ("close", "fanout", "withdraw")
 
 
 def now_ms() -> int:
@@ -254,13 +254,31 @@ class SettlementService(RoleService):
         if time.monotonic() - self._reported_at > 1.0:
             self.report()
 
+    @property
+    def continuous(self) -> bool:
+        """rounds = 0: rounds until the node is stopped. The head then settles any round
+        id, is never due to close, and stays open and recording until an operator closes
+        it (`sealmesh head close`); members take out what they earned by `head withdraw`.
+
+        A mesh whose genesis has no trainer can run no round at all: there rounds = 0 is
+        the fixed count 0 (`sealmesh testnet` with trainers=0), due to close once the
+        node's other roles are done, as before."""
+        if self.settings.rounds != 0:
+            return False
+        genesis = getattr(getattr(self, "ctx", None), "genesis", None)
+        return genesis is None or any(Role.TRAINER in m.roles for m in genesis.members)
+
     def _parameters(self, now: int) -> h.HeadParameters:
+        if self.continuous:
+            agreed, round_limit = 0, rules.OPEN_ENDED
+            epoch_limit = self.settings.epochs or rules.OPEN_ENDED
+        else:  # a fixed count (`sealmesh testnet`, tests): due to close after it
+            agreed, round_limit, epoch_limit = self.settings.rounds, self.settings.rounds, self.settings.epochs
         return h.HeadParameters(
             head_id=f"{self.ctx.genesis.mesh_id}/head/{now}", parties=tuple(self.parties),
             contestation_period_ms=max(1, int(self.settings.contestation_period_s * 1000)),
             deposit_period_snapshots=DEPOSIT_PERIOD_SNAPSHOTS, sign_timeout_ms=SIGN_TIMEOUT_MS,
-            agreed_rounds=self.settings.rounds, escrow=ESCROW,
-            round_limit=self.settings.rounds, epoch_limit=self.settings.epochs,
+            agreed_rounds=agreed, escrow=ESCROW, round_limit=round_limit, epoch_limit=epoch_limit,
             round_reward=ROUND_REWARD, epoch_reward=EPOCH_REWARD)
 
     async def _repeat_initializing(self) -> None:
@@ -291,7 +309,7 @@ class SettlementService(RoleService):
                 and own[0] == m.confirmed.number + 1 and now_ms() - self._resent_at > RESEND_MS):
             self._resent_at = now_ms()  # our signed refusal, repeated like an AckSn
             await self.ctx.publish(HeadNackSn(m.parameters.head_id, *own))
-        if self.is_author() and self.finished():
+        if self.is_author() and not self.continuous and self.finished():
             log.info("phase=settle-close snapshot=%d", m.confirmed.number if m.confirmed else 0)
             await self._apply("close", lambda now: head.handle(h.Close(now)))
 
@@ -325,8 +343,10 @@ class SettlementService(RoleService):
 
     def finished(self) -> bool:
         """Every other role of this node is done, the agreed records are confirmed, and
-        nothing is pending: time for rank 0 to close."""
+        nothing is pending: time for rank 0 to close. Never in continuous mode."""
         m = self.head.machine  # type: ignore[union-attr]
+        if self.continuous:
+            return False
         others = [doc for name, doc in self.ctx.sections().items() if name != REPORT_SECTION]
         if any(not (isinstance(doc, dict) and doc.get("done") is True) for doc in others):
             return False
@@ -334,7 +354,7 @@ class SettlementService(RoleService):
             return False
         epochs = self.settings.epochs if self.ctx.service("challenger") is not None else 0
         ledger = m.confirmed.ledger
-        return len(ledger.rounds) >= m.parameters.agreed_rounds and len(ledger.epochs) >= epochs
+        return ledger.rounds_settled >= m.parameters.agreed_rounds and ledger.epochs_settled >= epochs
 
     async def _close_early(self) -> None:
         """Fault injection ("close-early"): close on the opening snapshot before the agreed
@@ -355,17 +375,23 @@ class SettlementService(RoleService):
         folder = self.ctx.data_dir / COMMANDS_DIR
         for path in sorted(folder.glob("*.request")):
             command = path.stem
+            try:
+                request = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                request = {}
             path.unlink(missing_ok=True)
-            result = await self._command(command)
+            result = await self._command(command, request if isinstance(request, dict) else {})
             tmp = folder / f"{command}.result.tmp"
             tmp.write_text(json.dumps(result))
             tmp.replace(folder / f"{command}.result")
 
-    async def _command(self, command: str) -> dict[str, Any]:
+    async def _command(self, command: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         head = self.head
         assert head is not None
         if command not in COMMANDS:
             return {"ok": False, "reason": "unknown_command", "error": f"use one of {COMMANDS}"}
+        if command == "withdraw":
+            return await self._withdraw((request or {}).get("amount"))
         event = h.Close if command == "close" else h.Fanout
         async with self._lock:
             try:
@@ -376,6 +402,29 @@ class SettlementService(RoleService):
             await self._publish(outbound)
         self.report()
         return {"ok": True, "state": head.machine.phase.value}
+
+    async def _withdraw(self, amount: Any) -> dict[str, Any]:
+        """`sealmesh head withdraw --amount X`: take X of our balance out of the open head.
+        It is a transaction like any other: paid out (a "withdrawn" record in head.sqlite)
+        once a snapshot that every party signed confirms it."""
+        head = self.head
+        assert head is not None
+        if type(amount) is not int or amount <= 0:
+            return {"ok": False, "reason": "bad_amount", "error": "--amount is a positive whole number"}
+        m = head.machine
+        async with self._lock:
+            try:
+                before = m.pending_ledger.withdrawn.get(self.me, 0) if m.confirmed else 0
+                tx = h.Withdraw(self.me, amount, before)
+                outbound = await trio.to_thread.run_sync(lambda: head.handle(h.NewTx(tx, now_ms())))
+            except LocalProtocolError as exc:
+                return {"ok": False, "reason": getattr(exc, "reason", "refused"), "error": str(exc),
+                        "state": m.phase.value}
+            await self._publish(outbound)
+        self.report()
+        return {"ok": True, "state": m.phase.value, "amount": amount, "tx_id": h.tx_id(h.encode_tx(tx)),
+                "withdrawn_before": before,
+                "note": "paid out once a snapshot confirms it: see `sealmesh head status`"}
 
     # -- status ----------------------------------------------------------------------------
 
@@ -415,7 +464,11 @@ def section_of(head: EmbeddedHead, parties: list[str], me: str, *, behaviour: st
     doc = head.status()
     ledger = m.confirmed.ledger if m.confirmed else None
     deposits = m.committed_total + m.escrow_total + (ledger.deposited if ledger else 0)
+    # What left the head by Withdraw was paid out while it stayed open (issue 12).
+    paid_ledger = m.closing.snapshot.ledger if m.closing and m.payouts is not None else ledger
+    withdrawn = dict(paid_ledger.withdrawn) if paid_ledger else {}
     held = sum(doc["balances"].values()) + (0 if m.payouts is not None else m.escrow_total)
+    held += sum(withdrawn.values())
     final = m.phase is h.Phase.FINAL
     doc.update({
         "done": final or misbehaved, "role": "validator", "behaviour": behaviour, "me": me,
@@ -426,10 +479,24 @@ def section_of(head: EmbeddedHead, parties: list[str], me: str, *, behaviour: st
         "conserved": bool(doc["conserved"] and (
             (m.confirmed is None and m.payouts is None) or held == deposits)),
         "slashed": m.slashed(), "queued": queued, "pending_txs": len(m.pending),
-        "rounds": list(ledger.rounds) if ledger else [], "epochs": list(ledger.epochs) if ledger else [],
+        "rounds": _named_settled(ledger.rounds_below, ledger.rounds_recent, ledger.rounds_settled)
+        if ledger else [],
+        "epochs": _named_settled(ledger.epochs_below, ledger.epochs_recent, ledger.epochs_settled)
+        if ledger else [],
+        "rounds_settled": ledger.rounds_settled if ledger else 0,
+        "epochs_settled": ledger.epochs_settled if ledger else 0,
+        "withdrawn": withdrawn, "continuous": bool(m.params and m.params.agreed_rounds == 0
+                                                   and m.params.round_limit == rules.OPEN_ENDED),
         "rejected": dict(rejected or {}), "errors": list(errors or []),
     })
     return doc
+
+
+def _named_settled(below: int, recent: tuple[int, ...], settled: int) -> list[int]:
+    """The settled ids worth naming in a status: the window's, and, while nothing was
+    skipped, the last ones under the watermark; at most 2 windows, whatever the history."""
+    under = range(max(0, below - rules.RECORD_WINDOW), below) if settled == below + len(recent) else ()
+    return list(under) + list(recent)
 
 
 class HydraSettlementService(RoleService):
