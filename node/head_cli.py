@@ -1,10 +1,12 @@
-"""`sealmesh head status|close|fanout`: the operator's view of a validator's settlement head.
+"""`sealmesh head status|close|fanout|withdraw`: the operator's view of a validator's settlement head.
 
 `status` reads the validator's head.sqlite read-only (the node may be running: SQLite
-WAL lets a reader in beside the writer). `close` and `fanout` ask the running node: they
-drop a request file in DATA_DIR/roles/settlement-commands/, which the settlement service
-picks up within a fraction of a second and answers with a result file. Whoever can
-write the node's data dir may command its head; nothing is opened on the network.
+WAL lets a reader in beside the writer). `close`, `fanout` and `withdraw` ask the running
+node: they drop a request file in DATA_DIR/roles/settlement-commands/, which the
+settlement service picks up within a fraction of a second and answers with a result
+file. Whoever can write the node's data dir may command its head; nothing is opened on
+the network. `withdraw --amount X` takes X of this validator's balance out of the open
+head (Hydra's decommit): paid out once a snapshot confirms it, the head stays open.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import msgpack
 from protocol import head as h
 
 COMMANDS_DIR = "settlement-commands"  # node/roles/settlement.py watches it
-REPORTED = ("round_result", "score_report", "slashed", "closed", "contested", "fanout")
+REPORTED = ("round_result", "score_report", "withdrawn", "slashed", "closed", "contested", "fanout")
 
 
 class HeadCliError(Exception):
@@ -40,6 +42,22 @@ def add_head_commands(commands: argparse._SubParsersAction) -> None:
         action = actions.add_parser(name, help=f"ask the running node to {text}")
         action.add_argument("--data-dir", type=Path, required=True, help="the validator's data dir")
         action.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the node")
+    withdraw = actions.add_parser("withdraw", help="ask the running node to take part of its balance "
+                                  "out of the open head, without closing it")
+    withdraw.add_argument("--amount", type=_positive_amount, required=True,
+                          help="ledger units to take out (at most this validator's balance)")
+    withdraw.add_argument("--data-dir", type=Path, required=True, help="the validator's data dir")
+    withdraw.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the node")
+
+
+def _positive_amount(text: str) -> int:
+    try:
+        amount = int(text)
+    except ValueError:
+        amount = 0
+    if amount <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of ledger units")
+    return amount
 
 
 def run_head(args: argparse.Namespace) -> int:
@@ -48,7 +66,8 @@ def run_head(args: argparse.Namespace) -> int:
             doc = read_head(find_head(args.data_dir))
             print(json.dumps(doc, indent=2) if args.json else format_status(doc))
             return 0
-        result = ask_node(args.data_dir, args.head_command, timeout_s=args.timeout)
+        payload = {"amount": args.amount} if args.head_command == "withdraw" else {}
+        result = ask_node(args.data_dir, args.head_command, timeout_s=args.timeout, payload=payload)
     except HeadCliError as exc:
         print(f"sealmesh head: error: {exc}", file=sys.stderr)
         return 2
@@ -98,6 +117,7 @@ def read_head(path: Path) -> dict[str, Any]:
         "closed_snapshot": machine.closing.snapshot.number if machine.closing else None,
         "contestation_deadline_ms": machine.deadline_ms(),
         "balances": dict(balances), "escrow": machine.escrow_total,
+        "withdrawn": dict(confirmed.ledger.withdrawn) if confirmed else {},
         "slashed": machine.slashed(),
         "invariants_violated": h.violated_invariants(machine) if machine.params else [],
         "records": [{"kind": kind, "at_ms": at, **msgpack.unpackb(data, raw=False)}
@@ -112,6 +132,8 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"{doc['contestation_deadline_ms']} ms")
     for who, amount in doc["balances"].items():
         lines.append(f"  {who:<50} {amount:>12}")
+    for who, amount in doc.get("withdrawn", {}).items():
+        lines.append(f"  withdrawn by {who}: {amount}")
     for record in doc["records"]:
         what = {k: v for k, v in record.items() if k not in ("kind", "at_ms")}
         lines.append(f"  {record['kind']}: {json.dumps(what, sort_keys=True)}")
@@ -122,14 +144,18 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ask_node(data_dir: Path, command: str, *, timeout_s: float) -> dict[str, Any]:
+def ask_node(data_dir: Path, command: str, *, timeout_s: float,
+             payload: dict[str, Any] | None = None) -> dict[str, Any]:
     folder = Path(data_dir).expanduser() / "roles" / COMMANDS_DIR
     if not folder.is_dir():
         raise HeadCliError(f"{folder} does not exist; is {data_dir} a validator's data dir whose "
                            "settlement service has started?")
     result = folder / f"{command}.result"
     result.unlink(missing_ok=True)
-    (folder / f"{command}.request").write_text(json.dumps({"at_ms": time.time_ns() // 1_000_000}))
+    request = {"at_ms": time.time_ns() // 1_000_000, **(payload or {})}
+    tmp = folder / f"{command}.request.tmp"  # written whole, then renamed: never read half-written
+    tmp.write_text(json.dumps(request))
+    tmp.replace(folder / f"{command}.request")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if result.exists():

@@ -344,9 +344,9 @@ class SettlementService(RoleService):
     def finished(self) -> bool:
         """Every other role of this node is done, the agreed records are confirmed, and
         nothing is pending: time for rank 0 to close. Never in continuous mode."""
-        m = self.head.machine  # type: ignore[union-attr]
         if self.continuous:
             return False
+        m = self.head.machine  # type: ignore[union-attr]
         others = [doc for name, doc in self.ctx.sections().items() if name != REPORT_SECTION]
         if any(not (isinstance(doc, dict) and doc.get("done") is True) for doc in others):
             return False
