@@ -55,7 +55,10 @@ def sh(*argv: str, **kwargs) -> str:
 
 def node_status(lan: netns.Lan, name: str, data_dir: Path) -> dict:
     """GET /status inside the node's machine (the API listens on its loopback)."""
-    port = json.loads((data_dir / "ready.json").read_text())["api_port"]
+    try:
+        port = json.loads((data_dir / "ready.json").read_text())["api_port"]
+    except (FileNotFoundError, ValueError):  # not up yet (ready.json is written atomically)
+        return {}
     code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
             f"'http://127.0.0.1:{port}/status', timeout=5).read().decode())")
     done = lan.run(name, [sys.executable, "-c", code], capture_output=True, text=True, timeout=20)

@@ -575,6 +575,12 @@ class RoundsService(GuardedWork, RoleService):
         if self.initial_adapter_id is None:  # cannot check the base yet: the opener re-sends it
             log.info("round=%d RoundOpen heard before our model is ready; waiting for a re-send", ro.round_id)
             return
+        if any(r < ro.round_id and not s.terminal() for r, s in self.slots.items()):
+            # the base it must name is the adapter of a round still ending here: judge it once
+            # that round ended (the opener re-sends its RoundOpen while collecting)
+            log.debug("round=%d RoundOpen heard before an earlier round ended here; waiting for a re-send",
+                      ro.round_id)
+            return
         expected_base = self._base_adapter_id(ro.round_id)
         last = self._last_round_id()
         agg.check_round_open(self.mesh, sender, ro, now_ms=now_ms(), last_round_id=last, expected_base=expected_base)
@@ -601,7 +607,7 @@ class RoundsService(GuardedWork, RoleService):
 
     async def _feed(self, slot: RoundSlot, role: str, event: Callable[[Any], list]) -> None:
         machine = slot.validator if role == "validator" else slot.committee
-        if machine is None:
+        if machine is None or self.slots.get(slot.round_id) is not slot:  # dropped by retention: a late timer
             return
         try:
             effects = event(machine)

@@ -225,7 +225,8 @@ class TrainerService(GuardedWork, RoleService):
                 log.warning("round=%d BlameRequest refused reason=not_a_contributor", round_id)
         elif isinstance(message, RoundFinal):
             await self._feed(round_id, lambda m: m.receive_round_final(sender, message))
-            if self.machines[round_id].phase is agg.TrainerPhase.FINAL:
+            machine = self.machines.get(round_id)  # retention may have dropped it just now
+            if machine is None or machine.phase is agg.TrainerPhase.FINAL:
                 self.kept.pop(round_id, None)  # an adapter came out: no blame step can follow
         elif isinstance(message, RoundAborted):
             await self._feed(round_id, lambda m: m.receive_round_aborted(sender, message))
@@ -256,7 +257,9 @@ class TrainerService(GuardedWork, RoleService):
         self.report()
 
     async def _feed(self, round_id: int, event) -> None:
-        machine = self.machines[round_id]
+        machine = self.machines.get(round_id)
+        if machine is None:  # a round retention dropped (its timer or a late re-send): nothing to do
+            return
         try:
             effects = event(machine)
         except RemoteProtocolError as exc:
