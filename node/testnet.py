@@ -291,8 +291,8 @@ def build_report(plan: TestnetPlan, nodes: list[NodeProcess], complete: bool, du
             problems.append(f"{node.name}: no status (see {node.data_dir / 'node.log'})")
             continue
         presence = status["presence"]
-        for hotkey in presence["missing"]:
-            problems.append(f"{node.name} never heard {hotkeys.get(hotkey, hotkey)}")
+        for hotkey in presence["missing"]:  # never heard, or gone (not heard within the liveness window)
+            problems.append(f"{node.name} did not hear {hotkeys.get(hotkey, hotkey)} at the end (never, or gone)")
         for other in nodes:
             if other is node:
                 continue
