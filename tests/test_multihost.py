@@ -30,7 +30,7 @@ from tests import netns
 
 SEALMESH = str(Path(sys.executable).with_name("sealmesh"))
 VALIDATORS, TRAINERS = ["v1", "v2", "v3"], ["t1", "t2"]
-KEEP_ROUNDS = 4
+KEEP_ROUNDS = int(os.environ.get("SEALMESH_MULTIHOST_KEEP", "4"))  # a large value measures growth without retention
 ROUNDS_JSON = {"collect_s": 12.0, "first_round_extra_s": 25.0, "decrypt_s": 90.0, "steps": 10}
 
 WORDS = ("the cat dog bird fish sees eats likes finds a small big red blue green quick slow "
@@ -83,7 +83,6 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.slow
 def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_path):
     root = tmp_path
     wallets = root / "wallets"
@@ -191,14 +190,15 @@ def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_pa
     assert len(done) >= 3, rounds_of(final_status)
     losses = [(r["loss_before"], r["loss_after"]) for r in sorted(done, key=lambda r: r["round"])]
     assert losses[-1][1] < losses[0][0], losses  # eval loss on the validator's own eval text fell
-    for name, (files, _) in growth[10].items():
-        assert files <= KEEP_ROUNDS + 2, (name, files)  # the newest rounds, the newest final, one running
-    for name in data_dirs:
-        assert growth[10][name][1] <= growth[5][name][1] * 1.5 + (4 << 20), (name, growth)
+    print("multihost:", json.dumps({"timings": timings, "growth": growth, "losses": losses}))
+    if KEEP_ROUNDS < 10:
+        for name, (files, _) in growth[10].items():
+            assert files <= KEEP_ROUNDS + 2, (name, files)  # the newest rounds, the newest final, one running
+        for name in data_dirs:
+            assert growth[10][name][1] <= growth[5][name][1] * 1.5 + (4 << 20), (name, growth)
     for name, d in data_dirs.items():  # nothing any node stored, served or wrote holds a marker
         for path in d.rglob("*"):
             if path.is_file():
                 data = path.read_bytes()
                 for marker in markers.values():
                     assert marker.encode() not in data, (name, path)
-    print("multihost:", json.dumps({"timings": timings, "growth": growth, "losses": losses}))
