@@ -1,4 +1,5 @@
-"""The node's HTTP API: /health, /status, /metrics, and Epistula-signed POST /v1/message.
+"""The node's HTTP API: /health, /status, /metrics, Epistula-signed POST /v1/message, and
+the status page at / (static files of node/static/, which draw /status in the browser).
 
 Bridge choice: aiohttp runs on its own thread with its own asyncio loop; the node's
 trio loop stays pure trio. Why not trio-asyncio in the same thread: libp2p's trio tasks
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
 import trio
@@ -25,6 +27,8 @@ from node.metrics import NodeMetrics
 log = logging.getLogger("sealmesh.api")
 
 MAX_REQUEST_BYTES = 1024 * 1024
+STATIC_DIR = Path(__file__).parent / "static"  # shipped as package data (pyproject.toml)
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 # (headers, body) -> (http status, json body); runs on the trio loop.
 RequestHandler = Callable[[Mapping[str, str], bytes], Awaitable[tuple[int, dict[str, Any]]]]
@@ -35,6 +39,7 @@ class ApiServer:
                  metrics: NodeMetrics, on_message: RequestHandler) -> None:
         self.host, self.port = host, port
         self._status, self._metrics, self._on_message = status, metrics, on_message
+        metrics.watch_status(status)  # rounds, FHE and head families come from /status
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -70,6 +75,8 @@ class ApiServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/health", self._health)
         app.router.add_get("/status", self._status_handler)
         app.router.add_get("/metrics", self._metrics_handler)
@@ -84,6 +91,12 @@ class ApiServer:
             await self._stop.wait()
         finally:
             await runner.cleanup()
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return _static_file("index.html")
+
+    async def _static(self, request: web.Request) -> web.Response:
+        return _static_file(request.match_info["name"])
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -109,3 +122,12 @@ class ApiServer:
                                                trio_token=self._trio_token))
         return web.json_response(payload, status=status)
 
+
+
+def _static_file(name: str) -> web.Response:
+    """One file of node/static/ by its bare name: no paths, so nothing else is reachable."""
+    path = STATIC_DIR / name
+    if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+        raise web.HTTPNotFound(text=f"no such file: {name}")
+    return web.Response(body=path.read_bytes(), content_type=STATIC_TYPES[path.suffix], charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
