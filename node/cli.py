@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_commands(commands)  # sealmesh mesh init|add-member|add-bootstrap|show
     from node.status_cli import add_status_command
     add_status_command(commands)  # sealmesh status [--api URL | --data-dir DIR] [--json]
+    from node.report_html import add_report_command
+    add_report_command(commands)  # sealmesh report DATA_DIR_OR_REPORT_JSON [--out report.html]
 
     fhe = commands.add_parser("fhe", help="FHE inference: compile zoo models into bundles")
     fhe_commands = fhe.add_subparsers(dest="fhe_command", required=True, metavar="ACTION")
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mesh":
             from node.mesh_files import run_mesh
             return run_mesh(args)
+        if args.command == "report":
+            from node.report_html import run_report
+            return run_report(args)
         if args.command == "status":
             from node.status_cli import run_status
             return run_status(args)

@@ -28,6 +28,7 @@ from libp2p.peer.id import ID
 from node.files import write_atomic
 from node.mesh import derive_key_pair
 from node.presence import percentile
+from node.report_html import write_report_html
 from node.registry.genesis import Genesis, write_genesis
 from node.roles import testnet_modules
 from node.wallet import create_hotkey
@@ -87,6 +88,7 @@ def run_testnet(plan: TestnetPlan) -> int:
         signal.signal(signal.SIGTERM, previous)
     report = build_report(plan, nodes, complete, time.monotonic() - started)
     (plan.directory / "report.json").write_text(json.dumps(report, indent=2))
+    write_report_html(plan.directory / "report.json")  # report.html beside it, with plots
     g = report["gossip"]
     print(f"testnet: {'OK' if report['ok'] else 'INCOMPLETE'}: gossip delivered {g['delivered']}/"
           f"{g['expected']} p50={g['p50_ms']} ms p99={g['p99_ms']} ms; rejected {report['rejected']}; "
