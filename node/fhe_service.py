@@ -58,10 +58,15 @@ class FheConfig:
     validator_key_bytes: int | None = None  # None: max_keys_per_validator keys of the circuit
     max_concurrency: int = 1  # FHE runs at once (each uses every core it can get)
     max_pending: int = 8  # challenges queued or running; more are refused as "busy"
-    max_challenges_per_epoch: int = 8  # per validator, on the miner's side
+    max_challenges_per_epoch: int = 8  # per validator in any quota_window_s, on the miner's side
+    quota_window_s: float = 60.0  # the miner's own clock: a requester's epoch field never resets it
     slow_delay_s: float = 8.0  # behaviour "slow": sleep this long before answering
     offer_interval_s: float = 2.0  # ModelOffer gossip period (rarer once validators used us)
-    http_port: int | None = None  # Brainlock-shaped /add_key and /compute; None: no HTTP server
+    http_port: int | None = None  # sealmesh's signed frames over HTTP /add_key and /compute; None: off
+    # The Brainlock subnet's own HTTP protocol (node/roles/brainlock_http.py); None: off
+    brainlock_port: int | None = None
+    brainlock_max_iterations: int = 10  # chained circuit runs per /compute (the subnet sends 5-10)
+    brainlock_uploads_per_signer: int = 1  # request bodies one validator may send at once
 
     def __post_init__(self) -> None:
         if self.challenges_per_miner < 1 or self.iterations < 1 or self.max_concurrency < 1 or self.max_pending < 1:
@@ -72,6 +77,10 @@ class FheConfig:
                 raise FheSettingsError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.max_keys_per_validator < 1 or (self.validator_key_bytes is not None and self.validator_key_bytes < 1):
             raise FheSettingsError("max_keys_per_validator and validator_key_bytes must be >= 1")
+        if not (math.isfinite(self.quota_window_s) and self.quota_window_s > 0):
+            raise FheSettingsError(f"quota_window_s must be a positive number of seconds, got {self.quota_window_s!r}")
+        if self.brainlock_max_iterations < 1 or self.brainlock_uploads_per_signer < 1:
+            raise FheSettingsError("brainlock_max_iterations and brainlock_uploads_per_signer must be >= 1")
         if not (math.isfinite(self.slow_delay_s) and self.slow_delay_s >= 0):
             raise FheSettingsError("slow_delay_s must be >= 0")
 

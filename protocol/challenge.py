@@ -37,6 +37,9 @@ from protocol.scoring import WINDOW, MinerScore, Outcome, WindowEntry, score_win
 # lets a few PBS land off by one); garbage sits near 0. The argmax must agree as well.
 DEFAULT_MIN_COSINE = 0.85
 MAX_ITERATIONS = 4  # circuit runs per challenge (a load challenge); fhe.engine's default bound
+# The miner's quota window: `max_challenges_per_epoch` per validator in any this many
+# seconds of the miner's clock (validator epochs have no fixed length; a minute holds one).
+DEFAULT_QUOTA_WINDOW_S = 60.0
 
 
 # --- epoch plan: pure functions -----------------------------------------------------
@@ -439,6 +442,9 @@ class TooManyChallenges(KeyringError):
 
 
 class StaleEpoch(KeyringError):
+    """No longer raised: the quota follows the miner's clock, not the request's epoch
+    (issue 13). Kept so that code naming the label still imports."""
+
     reason = "stale_epoch"
 
 
@@ -463,20 +469,30 @@ class MinerKeyring:
     A key runs only for the validator that uploaded it (KeysUsedOnlyByOwner): another
     validator naming it is refused, so nobody can spend a miner's time under someone
     else's key, and a miner's honest work is always attributable. Each validator gets at
-    most `max_challenges_per_epoch` evaluations per epoch of at most `max_iterations` circuit
-    runs each (IterationsBounded), and at most `max_keys` keys are held (oldest goes first).
+    most `max_challenges_per_epoch` evaluations in any `window_s` seconds of the miner's
+    own clock, of at most `max_iterations` circuit runs each (IterationsBounded), and at
+    most `max_keys` keys are held (oldest goes first).
+
+    The quota is counted on the miner's clock, never on the epoch a request names (issue
+    13): the epoch is the requester's own field, and a count that reset whenever it rose
+    let a validator buy a fresh quota with every request (and, by naming epoch 2**62,
+    lock itself out of every normal epoch). A sliding window has no boundary to straddle
+    either: no 2x burst at the turn of a window. In specs/FheChallenge.tla the epoch of
+    Evaluate was always the mesh's, never the requester's: the window is that clock.
 
     fhe.engine.FheEngine checks ownership again when it runs; this keyring answers first,
-    with the epoch quota the engine does not know. Unlike the engine it binds a key id to
-    one owner only: a second validator uploading the same bytes is refused.
+    with the quota the engine does not know. Unlike the engine it binds a key id to one
+    owner only: a second validator uploading the same bytes is refused.
     """
 
     max_challenges_per_epoch: int
     max_iterations: int = MAX_ITERATIONS
     max_keys: int = 64
+    window_s: float = DEFAULT_QUOTA_WINDOW_S
     bindings: dict[str, KeyBinding] = field(default_factory=dict)  # key id -> binding, oldest first
     used_by: dict[str, set[str]] = field(default_factory=dict)  # key id -> validators it ran for
-    evaluations: dict[str, tuple[int, int]] = field(default_factory=dict)  # validator -> (epoch, count)
+    # validator -> the miner-clock times of its counted evaluations within the window, oldest first
+    evaluations: dict[str, deque[float]] = field(default_factory=dict)
 
     def add_key(self, owner: str, key_id: str, *, model: str) -> None:
         """AddKey: bind `key_id` (sha256 of the key bytes, checked by the caller) to `owner`."""
@@ -492,12 +508,20 @@ class MinerKeyring:
             del self.bindings[oldest]
             del self.used_by[oldest]
 
-    def evaluate(self, requester: str, key_id: str, *, model: str, epoch: int, iterations: int = 1) -> KeyBinding:
-        """Evaluate: may `requester` run `model` under `key_id` now? Counts the run if so."""
-        if iterations < 1:
-            raise BadIterations(f"iterations must be at least 1, got {iterations}")
-        if iterations > self.max_iterations:
-            raise TooManyIterations(f"{iterations} iterations asked, {self.max_iterations} allowed")
+    def check_iterations(self, iterations: int, limit: int | None = None) -> None:
+        """The iteration bound, judged after the request's signature (a signed refusal)."""
+        limit = self.max_iterations if limit is None else limit
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise BadIterations(f"iterations must be at least 1, got {iterations!r}")
+        if iterations > limit:
+            raise TooManyIterations(f"{iterations} iterations asked, {limit} allowed")
+
+    def evaluate(self, requester: str, key_id: str, *, model: str, now: float, iterations: int = 1,
+                 max_iterations: int | None = None) -> KeyBinding:
+        """Evaluate: may `requester` run `model` under `key_id` at the miner's time `now`
+        (seconds)? Counts the run if so. `max_iterations`: a stricter or looser bound for
+        this call (the HTTP route chains up to its own bound), else the keyring's."""
+        self.check_iterations(iterations, max_iterations)
         binding = self.bindings.get(key_id)
         if binding is None:
             raise UnknownKey(f"no key {key_id[:16]} here: upload it with add_key first")
@@ -505,16 +529,22 @@ class MinerKeyring:
             raise KeyNotOwned(f"key {key_id[:16]} was uploaded by another validator")
         if binding.model != model:
             raise KeyModelMismatch(f"key {key_id[:16]} is for {binding.model}, not {model}")
-        last_epoch, count = self.evaluations.get(requester, (epoch, 0))
-        if epoch < last_epoch:
-            raise StaleEpoch(f"epoch {epoch} is before epoch {last_epoch} of this validator")
-        if epoch > last_epoch:
-            count = 0
-        if count >= self.max_challenges_per_epoch:
-            raise TooManyChallenges(f"{count} challenges in epoch {epoch} already: the limit")
-        self.evaluations[requester] = (epoch, count + 1)
+        recent = self._recent(requester, now)
+        if len(recent) >= self.max_challenges_per_epoch:
+            wait = recent[0] + self.window_s - now
+            raise TooManyChallenges(f"{len(recent)} challenges in the last {self.window_s:g} s already: "
+                                    f"the limit; retry in {max(wait, 0.0):.0f} s")
+        recent.append(float(now))
         self.used_by[key_id].add(requester)
         return binding
+
+    def _recent(self, requester: str, now: float) -> deque[float]:
+        """The requester's counted evaluations within (now - window_s, now]. One stamped
+        after `now` (the miner's clock stepped back) stays counted: that errs toward refusing."""
+        recent = self.evaluations.setdefault(requester, deque())
+        while recent and recent[0] <= now - self.window_s:
+            recent.popleft()
+        return recent
 
     def forget_all(self) -> None:
         """A restart without persisted keys: validators learn it from UnknownKey."""
@@ -522,12 +552,13 @@ class MinerKeyring:
         self.used_by.clear()
 
     def clone(self) -> "MinerKeyring":
-        return MinerKeyring(self.max_challenges_per_epoch, self.max_iterations, self.max_keys, dict(self.bindings),
-                            {k: set(users) for k, users in self.used_by.items()}, dict(self.evaluations))
+        return MinerKeyring(self.max_challenges_per_epoch, self.max_iterations, self.max_keys, self.window_s,
+                            dict(self.bindings), {k: set(users) for k, users in self.used_by.items()},
+                            {v: deque(times) for v, times in self.evaluations.items()})
 
     def snapshot(self) -> tuple:
         return (tuple(self.bindings.items()), tuple(sorted((k, tuple(sorted(v))) for k, v in self.used_by.items())),
-                tuple(sorted(self.evaluations.items())))
+                tuple(sorted((v, tuple(times)) for v, times in self.evaluations.items())))
 
 
 # --- invariants: the same names as in specs/FheChallenge.tla --------------------------------
@@ -599,13 +630,13 @@ def IterationsBounded(machines: Iterable[ChallengeMachine],  # noqa: N802
     for ring in keyrings:
         if ring.max_iterations > MAX_ITERATIONS:
             return False
-        if any(count > ring.max_challenges_per_epoch for _, count in ring.evaluations.values()):
+        if any(len(times) > ring.max_challenges_per_epoch for times in ring.evaluations.values()):
             return False
     return True
 
 
 __all__ = [
-    "BadIterations", "ChallengeConfig", "ChallengeMachine", "ChallengePhase", "ChallengeRecord",
+    "BadIterations", "ChallengeConfig", "DEFAULT_QUOTA_WINDOW_S", "ChallengeMachine", "ChallengePhase", "ChallengeRecord",
     "Effect", "EpochPhase", "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding",
     "KeyIdTaken", "KeyModelMismatch", "KeyNotOwned", "KeyringError", "KeysUsedOnlyByOwner",
     "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome", "SendChallenge", "StaleEpoch",

@@ -18,7 +18,9 @@ ChallengeResponse + encrypted result, or Refused with the refusal's reason label
 
 Every field is bounded (checked when a message is built, so also when one is decoded:
 a peer's message that breaks a bound is an InvalidChallengeMessage), which is what
-keeps each MAX_BYTES honest; tests/test_challenge.py builds the largest of each.
+keeps each MAX_BYTES honest; tests/test_challenge.py builds the largest of each. Those
+are wire bounds, judged before the signature; what the miner allows (how many
+iterations) is its policy, judged after it, so it can answer with a signed Refused.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ MAX_PEER_ID_CHARS = 64
 MAX_EVAL_KEY_BYTES = 512 * 1024 * 1024  # digits-cnn: 39 MB; cnv-cifar10: about 314 MB
 MAX_CIPHERTEXT_BYTES = 1024 * 1024  # digits-cnn: 1.8 KB; cnv-cifar10: at most 78 KB
 MAX_RESULT_BYTES = 4 * 1024 * 1024  # digits-cnn: 164 KB
+# What a ChallengeRequest's iterations may say on the wire. The miner's own bound
+# (MinerKeyring.max_iterations, at most MAX_ITERATIONS) is policy, judged once the request's
+# signature holds, so a validator asking for more hears a signed too_many_iterations
+# instead of an unsigned nothing (issue 13). A uint16, so MAX_BYTES stays honest.
+MAX_WIRE_ITERATIONS = 0xFFFF
 # Epistula's envelope around a body: version, timestamp, uuid, two SS58 addresses and a
 # signature, as a msgpack map; 344 bytes measured at the largest timestamp.
 ENVELOPE_OVERHEAD = 352
@@ -242,7 +249,9 @@ class ChallengeRequest(StreamMessage):
         _require(self.epoch >= 0, "epoch must be >= 0")
         _model(self.model)
         _sha256("key_id", self.key_id)
-        _require(1 <= self.iterations <= MAX_ITERATIONS, f"iterations must lie in 1..{MAX_ITERATIONS}")
+        # Only the wire range here: 0 and values over the miner's bound decode, so that the
+        # keyring refuses them with a signed, reasoned answer (bad_iterations, too_many_iterations).
+        _require(0 <= self.iterations <= MAX_WIRE_ITERATIONS, f"iterations must lie in 0..{MAX_WIRE_ITERATIONS}")
         _sha256("input_sha256", self.input_sha256)
         _size("input_bytes", self.input_bytes, MAX_CIPHERTEXT_BYTES)
 
@@ -384,7 +393,7 @@ def open_frame(raw: bytes, *, verifier: EnvelopeVerifier, now_ms: int,
 
 __all__ = [
     "AddKey", "BadFrame", "ChallengeRequest", "ChallengeResponse", "FHE_PROTOCOL", "InvalidChallengeMessage",
-    "KeyAdded", "MAX_CIPHERTEXT_BYTES", "MAX_ENVELOPE_BYTES", "MAX_EVAL_KEY_BYTES", "MAX_REQUEST_BYTES",
+    "KeyAdded", "MAX_CIPHERTEXT_BYTES", "MAX_WIRE_ITERATIONS", "MAX_ENVELOPE_BYTES", "MAX_EVAL_KEY_BYTES", "MAX_REQUEST_BYTES",
     "MAX_RESPONSE_BYTES", "MAX_RESULT_BYTES", "ModelOffer", "PayloadMismatch", "REQUESTS", "RESPONSES",
     "Refused", "STREAM_MESSAGES", "ScoreReport", "StreamMessage", "UnexpectedMessage", "check_payload", "open_frame",
     "pack_frame", "seal_frame", "unpack_frame",

@@ -10,7 +10,7 @@ from protocol.challenge import (
     MAX_ITERATIONS, TIMEOUT_REASON, UNKNOWN_KEY, BadIterations, ChallengeConfig, ChallengeMachine,
     ChallengePhase, EpochPhase,
     ExactlyOneOutcome, GossipScore, IterationsBounded, KeyIdTaken, KeyModelMismatch, KeyNotOwned,
-    KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, StaleEpoch, TooManyChallenges,
+    KeysUsedOnlyByOwner, MinerKeyring, RecordOutcome, SendChallenge, TooManyChallenges,
     TooManyIterations, TypeOK,
     UnknownKey, UploadKey, assign_miners, challenge_id, epoch_order, judge,
 )
@@ -229,44 +229,65 @@ def test_keyring_runs_a_key_only_for_its_owner():
     ring = MinerKeyring(max_challenges_per_epoch=2)
     ring.add_key(V1, "k1", model="cnn")
     ring.add_key(V1, "k1", model="cnn")  # idempotent
-    assert ring.evaluate(V1, "k1", model="cnn", epoch=1).owner == V1
+    assert ring.evaluate(V1, "k1", model="cnn", now=1.0).owner == V1
     with pytest.raises(KeyNotOwned) as info:
-        ring.evaluate(V2, "k1", model="cnn", epoch=1)
+        ring.evaluate(V2, "k1", model="cnn", now=1.0)
     assert info.value.reason == "foreign_key" and isinstance(info.value, RemoteProtocolError)
     with pytest.raises(KeyIdTaken):
         ring.add_key(V2, "k1", model="cnn")
     with pytest.raises(UnknownKey) as unknown:
-        ring.evaluate(V2, "k2", model="cnn", epoch=1)
+        ring.evaluate(V2, "k2", model="cnn", now=1.0)
     assert unknown.value.reason == UNKNOWN_KEY
     with pytest.raises(KeyModelMismatch):
-        ring.evaluate(V1, "k1", model="mlp", epoch=1)
+        ring.evaluate(V1, "k1", model="mlp", now=1.0)
     assert ring.used_by["k1"] == {V1} and KeysUsedOnlyByOwner([ring])
 
 
-def test_keyring_bounds_evaluations_per_validator_and_epoch():
-    ring = MinerKeyring(max_challenges_per_epoch=2)
+def test_keyring_bounds_evaluations_per_validator_and_window():
+    ring = MinerKeyring(max_challenges_per_epoch=2, window_s=60.0)
     ring.add_key(V1, "k1", model="cnn")
-    ring.evaluate(V1, "k1", model="cnn", epoch=4)
-    ring.evaluate(V1, "k1", model="cnn", epoch=4)
+    ring.add_key(V2, "k2", model="cnn")
+    ring.evaluate(V1, "k1", model="cnn", now=1000.0)
+    ring.evaluate(V1, "k1", model="cnn", now=1030.0)
     with pytest.raises(TooManyChallenges):
-        ring.evaluate(V1, "k1", model="cnn", epoch=4)
-    ring.evaluate(V1, "k1", model="cnn", epoch=5)  # a new epoch starts a new count
-    with pytest.raises(StaleEpoch):
-        ring.evaluate(V1, "k1", model="cnn", epoch=4)
+        ring.evaluate(V1, "k1", model="cnn", now=1059.0)
+    ring.evaluate(V2, "k2", model="cnn", now=1059.0)  # another validator's quota is its own
+    ring.evaluate(V1, "k1", model="cnn", now=1060.0)  # the first left the window
+    with pytest.raises(TooManyChallenges):
+        ring.evaluate(V1, "k1", model="cnn", now=1089.0)  # sliding: the 1030 one still counts
+    ring.evaluate(V1, "k1", model="cnn", now=1090.0)
     assert IterationsBounded([], [ring])
+
+
+def test_issue13_the_requester_cannot_reset_its_quota():
+    """Issue 13: the epoch was the requester's field and a rising one reset the count (8
+    challenges, refused, epoch+1 accepted, epoch 2**62 accepted, then StaleEpoch for every
+    normal epoch). The keyring no longer takes an epoch: only the miner's clock counts."""
+    import inspect
+
+    assert "epoch" not in inspect.signature(MinerKeyring.evaluate).parameters
+    ring = MinerKeyring(max_challenges_per_epoch=8)
+    ring.add_key(V1, "k1", model="cnn")
+    for i in range(8):
+        ring.evaluate(V1, "k1", model="cnn", now=500.0 + i)
+    for _ in range(3):  # whatever the next requests say, within the window they are refused
+        with pytest.raises(TooManyChallenges):
+            ring.evaluate(V1, "k1", model="cnn", now=510.0)
+    # Once the window passed, the validator is served again (no lock-out).
+    ring.evaluate(V1, "k1", model="cnn", now=561.0)
 
 
 def test_keyring_bounds_iterations_per_challenge():
     ring = MinerKeyring(max_challenges_per_epoch=5, max_iterations=2)
     ring.add_key(V1, "k1", model="cnn")
-    ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=2)
+    ring.evaluate(V1, "k1", model="cnn", now=1.0, iterations=2)
     with pytest.raises(TooManyIterations) as info:
-        ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=3)
+        ring.evaluate(V1, "k1", model="cnn", now=1.0, iterations=3)
     assert info.value.reason == "too_many_iterations"
     with pytest.raises(BadIterations) as bad:
-        ring.evaluate(V1, "k1", model="cnn", epoch=1, iterations=0)
+        ring.evaluate(V1, "k1", model="cnn", now=1.0, iterations=0)
     assert bad.value.reason == "bad_iterations"
-    assert ring.evaluations[V1] == (1, 1)  # refused runs are not counted
+    assert list(ring.evaluations[V1]) == [1.0]  # refused runs are not counted
     assert IterationsBounded([], [ring])
 
 
@@ -276,7 +297,7 @@ def test_keyring_holds_at_most_max_keys():
         ring.add_key(V1, f"k{i}", model="cnn")
     assert list(ring.bindings) == ["k1", "k2"]
     with pytest.raises(UnknownKey):
-        ring.evaluate(V1, "k0", model="cnn", epoch=1)
+        ring.evaluate(V1, "k0", model="cnn", now=1.0)
     ring.forget_all()
     assert not ring.bindings
 
@@ -287,7 +308,7 @@ import msgpack  # noqa: E402
 
 from crypto.identity import Hotkey  # noqa: E402
 from protocol.challenge_messages import (  # noqa: E402
-    ENVELOPE_OVERHEAD, FHE_PROTOCOL, MAX_CIPHERTEXT_BYTES, MAX_ENVELOPE_BYTES, MAX_EVAL_KEY_BYTES,
+    ENVELOPE_OVERHEAD, FHE_PROTOCOL, MAX_CIPHERTEXT_BYTES, MAX_ENVELOPE_BYTES, MAX_EVAL_KEY_BYTES, MAX_WIRE_ITERATIONS,
     MAX_RESULT_BYTES, STREAM_MESSAGES, AddKey, BadFrame, ChallengeRequest, ChallengeResponse,
     InvalidChallengeMessage, KeyAdded, ModelOffer, PayloadMismatch, Refused, ScoreReport, UnexpectedMessage,
     open_frame, pack_frame, seal_frame, unpack_frame,
@@ -312,7 +333,7 @@ def largest_messages():
         ScoreReport(BIG, VALIDATOR_KEY.ss58_address, 1.5e300, 40, 39, 1 / 40, 1e300),
         AddKey("a" * 64, SHA, MAX_EVAL_KEY_BYTES),
         KeyAdded(SHA),
-        ChallengeRequest(CID, BIG, "a" * 64, SHA, MAX_ITERATIONS, SHA, MAX_CIPHERTEXT_BYTES),
+        ChallengeRequest(CID, BIG, "a" * 64, SHA, MAX_WIRE_ITERATIONS, SHA, MAX_CIPHERTEXT_BYTES),
         ChallengeResponse(CID, SHA, MAX_RESULT_BYTES, BIG),
         Refused(ChallengeRequest.TYPE, SHA, "r" * 48, "\u00e9" * 128),  # 256 bytes of UTF-8
     ]
@@ -356,7 +377,9 @@ def test_message_field_rules():
     with pytest.raises(InvalidChallengeMessage, match="protocol"):
         ModelOffer("digits-cnn", SHA, "12D3KooW", "/other/1", 1, 0)
     with pytest.raises(InvalidChallengeMessage, match="iterations"):
-        ChallengeRequest(CID, 1, "digits-cnn", SHA, MAX_ITERATIONS + 1, SHA, 10)
+        ChallengeRequest(CID, 1, "digits-cnn", SHA, MAX_WIRE_ITERATIONS + 1, SHA, 10)
+    # Over the miner's bound but within the wire's: decodes, so the miner can refuse it signed.
+    assert ChallengeRequest(CID, 1, "digits-cnn", SHA, MAX_ITERATIONS + 1, SHA, 10).iterations == MAX_ITERATIONS + 1
     with pytest.raises(InvalidChallengeMessage, match="SS58"):
         ScoreReport(1, "not-an-address", 1.0, 1, 1, 0.0, 1.0)
     with pytest.raises(InvalidChallengeMessage, match="failure_rate"):

@@ -167,7 +167,7 @@ def _miner_side(world: World, v: str, cid: str, miner: str, refusals: Counter) -
 
         def evaluate(w: World) -> None:
             try:
-                w.rings[miner].evaluate(v, KEY_OF[v], model=MODEL, epoch=w.machines[v].epoch)
+                w.rings[miner].evaluate(v, KEY_OF[v], model=MODEL, now=_miner_clock(w, miner, v))
                 w.miner_did[cid] = "computed"
             except KeyringError as exc:
                 refusals[type(exc).__name__] += 1
@@ -189,12 +189,18 @@ def _miner_side(world: World, v: str, cid: str, miner: str, refusals: Counter) -
         yield f"Error({v},{miner},{reason})", lambda w: w.machines[v].error(cid, reason=reason, now=1.0)
 
 
+def _miner_clock(w: World, miner: str, v: str) -> float:
+    """The miner's clock at v's challenge: one quota window per epoch, as the spec's
+    global epoch (the miner counts on its own clock, never on the request's epoch)."""
+    return w.machines[v].epoch * w.rings[miner].window_s
+
+
 def _foreign(w: World, v: str, cid: str, miner: str, other: str, refusals: Counter) -> None:
     """The miner tries v's challenge under `other`'s key: its keyring must refuse and stay
     unchanged; a miner that computes anyway hands v garbage."""
     before = w.rings[miner].snapshot()
     try:
-        w.rings[miner].evaluate(v, KEY_OF[other], model=MODEL, epoch=w.machines[v].epoch)
+        w.rings[miner].evaluate(v, KEY_OF[other], model=MODEL, now=_miner_clock(w, miner, v))
     except (KeyNotOwned, UnknownKey) as exc:
         refusals[type(exc).__name__] += 1
     else:

@@ -151,8 +151,11 @@ def test_bad_requests_are_refused_and_disturb_nothing(bundle, tmp_path, clients)
         == "capnp_segment_count"
     big = os.urandom(miner.engine.max_ciphertext_bytes + 1)
     assert refused(ask(miner, VALIDATOR, request(clients, key_id, big), big)[0]) == "oversized_input"
-    # The epoch quota of 2 is spent (both malformed ones counted): the next is refused.
+    # The quota of 2 is spent (both malformed ones counted): the next is refused.
     assert refused(ask(miner, VALIDATOR, request(clients, key_id, ciphertext), ciphertext)[0]) == "too_many_challenges"
+    # A quota window later (the miner's clock; the request's epoch no longer resets it).
+    stamps = miner.keyring.evaluations[VALIDATOR.ss58_address]
+    stamps.extend([t - miner.keyring.window_s for t in [stamps.popleft() for _ in range(len(stamps))]])
     # Too many iterations for this miner's bound (a stricter miner than the protocol's).
     miner.keyring.max_iterations = 1
     assert refused(ask(miner, VALIDATOR, request(clients, key_id, ciphertext, epoch=1, iterations=2),
@@ -280,3 +283,39 @@ def test_finding9_miner_http_refuses_a_strangers_large_body(bundle, tmp_path, si
     answer = trio.run(main)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     assert miner.refused[reason] == 1
+
+
+def test_issue13_out_of_range_fields_get_a_signed_reasoned_refusal(bundle, tmp_path, clients):
+    """Issue 13: a validly signed request with iterations=5 (over the miner's bound) or 0
+    was refused while decoding, before its signature was looked at, so the miner answered
+    nothing (HTTP 401) and the keyring's too_many_iterations could never be sent. Now the
+    wire bound is wide and the miner's bound is judged after the signature: signed Refused."""
+    miner = make_miner(bundle, tmp_path)
+    trio.run(miner._load)
+    keys = clients.evaluation_keys()
+    assert isinstance(ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0], KeyAdded)
+    key_id = hashlib.sha256(keys).hexdigest()
+    for iterations, reason in ((MAX_ITERATIONS + 1, "too_many_iterations"), (0, "bad_iterations"),
+                               (1000, "too_many_iterations")):
+        answer, _ = ask(miner, VALIDATOR, request(clients, key_id, b"x", iterations=iterations), b"x")
+        assert refused(answer) == reason and answer.ref == CID
+    assert miner.served == {"fhe_add_key": 1}
+
+
+def test_issue13_a_rising_epoch_field_does_not_reset_the_quota(bundle, tmp_path, clients):
+    """Issue 13: 2 challenges, refused, then epoch+1 accepted and epoch 2**62 accepted (the
+    count reset whenever the requester's epoch rose). The miner counts on its own clock."""
+    miner = make_miner(bundle, tmp_path, max_challenges_per_epoch=2)
+    trio.run(miner._load)
+    keys = clients.evaluation_keys()
+    assert isinstance(ask(miner, VALIDATOR, AddKey.for_keys("digits-cnn", keys), keys)[0], KeyAdded)
+    key_id = hashlib.sha256(keys).hexdigest()
+    junk = b"\x01" * 64  # refused by the engine after the quota counted it: no circuit run
+    for epoch in (0, 1):
+        assert refused(ask(miner, VALIDATOR, request(clients, key_id, junk, epoch=epoch), junk)[0]) \
+            == "capnp_segment_count"
+    for epoch in (2, 2**62):
+        assert refused(ask(miner, VALIDATOR, request(clients, key_id, junk, epoch=epoch), junk)[0]) \
+            == "too_many_challenges"
+    # Another validator's quota is its own (it owns no key here: refused further on).
+    assert refused(ask(miner, OTHER_VALIDATOR, request(clients, key_id, junk, epoch=0), junk)[0]) == "foreign_key"

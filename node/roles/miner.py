@@ -67,7 +67,7 @@ class MinerService(RoleService):
             import fhe.engine  # noqa: F401
             from concrete.ml.deployment import FHEModelServer  # noqa: F401
         self.behaviour = settings.behaviour
-        self.keyring = MinerKeyring(self.config.max_challenges_per_epoch)
+        self.keyring = MinerKeyring(self.config.max_challenges_per_epoch, window_s=self.config.quota_window_s)
         self.engine: Any = None  # fhe.engine.FheEngine once loaded
         self.manifest: Any = None
         self.ctx: RoleContext | None = None
@@ -93,6 +93,10 @@ class MinerService(RoleService):
         async with trio.open_nursery() as nursery:
             if self.config.http_port is not None:
                 await nursery.start(MinerHttp(self, self.settings.api_host, self.config.http_port).serve)
+            if self.config.brainlock_port is not None:
+                from node.roles.brainlock_http import BrainlockHttp
+
+                await nursery.start(BrainlockHttp(self, self.settings.api_host, self.config.brainlock_port).serve)
             nursery.start_soon(self._offer_loop)
 
     async def _load(self) -> None:
@@ -107,7 +111,7 @@ class MinerService(RoleService):
             max_iterations=self.keyring.max_iterations, max_keys_per_owner=self.config.max_keys_per_validator,
             owner_key_bytes=self.config.validator_key_bytes))
         # The engine's per-validator quotas decide which keys go; the keyring follows it
-        # (_forget_evicted_keys) and must never evict on its own, across validators.
+        # (forget_evicted_keys) and must never evict on its own, across validators.
         smallest_key = max(1, self.engine.evaluation_key_bytes - 4096)
         self.keyring.max_keys = max(self.keyring.max_keys, self.engine.key_cache_bytes // smallest_key + 1)
         self.garbage_bytes = result_bytes_estimate(bundle / SERVER_ZIP)
@@ -195,7 +199,7 @@ class MinerService(RoleService):
         if bound is not None and bound.owner != owner:
             raise Refusal("key_id_taken", f"key {request.key_id[:16]} belongs to another validator")
         key_id = await self.engine.add_key_async(owner, key_bytes)  # checks size and format first
-        self._forget_evicted_keys()  # the upload may have dropped the owner's own older keys
+        self.forget_evicted_keys()  # the upload may have dropped the owner's own older keys
         if key_id != request.key_id:  # open_frame checked the sha256; the engine names keys the same way
             raise Refusal("payload_mismatch", "key id is not the sha256 of the keys")
         self.keyring.add_key(owner, key_id, model=request.model)
@@ -208,8 +212,9 @@ class MinerService(RoleService):
             raise Refusal("unknown_model", f"this miner serves {self.manifest.model}, not {request.model}")
         if self.pending >= self.config.max_pending:
             raise Refusal("busy", f"{self.pending} challenges queued or running; retry later")
-        self._forget_evicted_keys()
-        self.keyring.evaluate(requester, request.key_id, model=request.model, epoch=request.epoch,
+        self.forget_evicted_keys()
+        # The miner's clock, never request.epoch: that is the requester's to choose (issue 13).
+        self.keyring.evaluate(requester, request.key_id, model=request.model, now=time.time(),
                               iterations=request.iterations)
         self.pending += 1
         started = time.monotonic()
@@ -228,7 +233,7 @@ class MinerService(RoleService):
                  request.iterations, elapsed)
         return ChallengeResponse.for_result(request.challenge_id, result, int(elapsed * 1000)), result
 
-    def _forget_evicted_keys(self) -> None:
+    def forget_evicted_keys(self) -> None:
         """Keys the engine no longer holds leave the keyring too, so their owner hears
         unknown_key and uploads again. The engine's per-validator quotas choose them."""
         held = set(self.engine.key_ids())
