@@ -64,10 +64,10 @@ def augment_digit(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return np.clip(noisy, 0.0, 1.0).astype(np.float32), how
 
 
-def cifar_like_image(rng: np.random.Generator) -> np.ndarray:
-    """A 3x32x32 image in [-1, 1) with natural-image structure: a smooth colour
+def cifar_like_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A 3 x size x size image in [-1, 1) with natural-image structure: a smooth colour
     gradient, a few soft blobs and fine noise (CIFAR itself is not downloaded)."""
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1.0)
     base = rng.uniform(-0.6, 0.6, size=(3, 1, 1))
     slope = rng.uniform(-0.5, 0.5, size=(3, 2, 1, 1))
     image = base + slope[:, 0] * yy + slope[:, 1] * xx
@@ -91,8 +91,8 @@ def draw_challenge_input(model: str, seed: int | bytes | str,
     """The challenge input for `model` keyed by `seed`.
 
     source "real": an augmented digits test image (digits-cnn) or a CIFAR-like image
-    (cnv-cifar10, which has no bundled data); "synthetic": uniform noise in the
-    model's input range.
+    (cnv-cifar10 and the synthetic CNVs, which have no bundled data); "synthetic":
+    uniform noise in the model's input range.
     """
     spec = get_model(model)
     rng = rng_from_seed(seed)
@@ -111,4 +111,5 @@ def draw_challenge_input(model: str, seed: int | bytes | str,
     if source == "synthetic":
         return ChallengeInput(model, synthetic_image(spec.input_shape, -1.0, 1.0 - 2.0**-7, rng),
                               None, "uniform[-1,1)")
-    return ChallengeInput(model, cifar_like_image(rng), None, "cifar-like")
+    # cnv-cifar10 and the synthetic CNVs: 3 x size x size inputs in [-1, 1).
+    return ChallengeInput(model, cifar_like_image(rng, spec.input_shape[-1]), None, "cifar-like")

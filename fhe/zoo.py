@@ -1,12 +1,16 @@
 """The model zoo: which networks miners may serve, how each is built, and its defaults.
 
-Two models:
+Four models:
 - `digits-cnn`: a tiny CNN on sklearn's bundled 8x8 digits; weights ship in
   fhe/data/digits_cnn.safetensors (made by `train_digits_cnn(seed=0)`), so every node
   compiles the same bytes. Post-training quantization via compile_torch_model.
 - `cnv-cifar10`: the CNV 2W2A network of Umuroglu et al. (FINN) as brevitas writes it,
   with Concrete-ML's FHE-friendly change (average pooling followed by a requantizer
   instead of max pooling). Quantization-aware: compiled with compile_brevitas_qat_model.
+- `synthetic-cnv`: the Brainlock subnet's "synthetic CNV", one CNV block whose output has
+  its input's shape (3x32x32), so a challenge can chain iterations. Its checkpoint is the
+  subnet's torch file `{"state_dict": ...}`, read with weights_only=True.
+- `synthetic-cnv-tiny`: the same block on 3x8x8, which compiles and runs in seconds.
 
 Weights come from a safetensors state_dict (never pickle) or, for CNV, a seeded random
 initialisation when no checkpoint is given.
@@ -72,6 +76,9 @@ class ModelSpec:
     build: Callable[[Path | None], nn.Module]  # checkpoint path or None -> eval-mode model
     calibration_inputs: Callable[[], np.ndarray]  # float32, (n, *input_shape)
     description: str
+    # None: a classifier with num_classes logits. Otherwise the shape of one output (no
+    # batch axis); num_classes is then its element count, as the manifest records it.
+    output_shape: tuple[int, ...] | None = None
 
 
 # --------------------------------------------------------------------------- digits
@@ -252,6 +259,143 @@ def _cnv_calibration() -> np.ndarray:
     return np.stack([cifar_like_image(np.random.default_rng(seed)) for seed in range(100)])
 
 
+# --------------------------------------------------------------------------- synthetic CNV
+
+
+SYNTHETIC_CNV_INIT_SEED = 42  # the subnet's seed for its un-checkpointed model
+SYNTHETIC_CNV_CHANNELS = 3
+SYNTHETIC_CNV_RANGE = (-1.0, 1.0 - 2.0**-7)  # Q1.7: what the input quantizer represents
+
+
+class SyntheticCnv(nn.Module):
+    """The Brainlock subnet's "synthetic CNV": brevitas' bnn_pynq CNV cut to one block.
+
+    features.0: QuantIdentity, `in_bits` over [-1, 1) (Q1.7, power-of-two scale)
+    features.1: QuantConv2d 3x3, stride 1, padding 1, channels -> channels, no bias
+    features.2: BatchNorm2d(eps=1e-4)
+    features.3: QuantIdentity over [-1, 1) (power-of-two scale)
+
+    Padding 1 and equal channel counts keep the output shape equal to the input shape, so
+    each iteration's output can be the next one's input. The subnet's output quantizer
+    takes `weight_bit_width` as its bit width (its `act_bit_width` goes unused); we keep
+    that, because validators score against the subnet's model, not its docstring.
+    """
+
+    def __init__(self, weight_bits: int = 4, act_bits: int = 2, in_bits: int = 8,
+                 channels: int = SYNTHETIC_CNV_CHANNELS) -> None:
+        super().__init__()
+        from brevitas.core.restrict_val import RestrictValueType
+        from brevitas.nn import QuantConv2d, QuantIdentity
+        from brevitas_examples.bnn_pynq.models.common import CommonActQuant, CommonWeightQuant
+
+        low, high = SYNTHETIC_CNV_RANGE
+        self.act_bits = act_bits  # recorded, unused: see the class docstring
+        self.features = nn.ModuleList([
+            QuantIdentity(act_quant=CommonActQuant, return_quant_tensor=True, bit_width=in_bits,
+                          min_val=low, max_val=high, narrow_range=False,
+                          restrict_scaling_type=RestrictValueType.POWER_OF_TWO),
+            QuantConv2d(kernel_size=3, stride=1, padding=1, in_channels=channels,
+                        out_channels=channels, bias=False, weight_quant=CommonWeightQuant,
+                        weight_bit_width=weight_bits),
+            nn.BatchNorm2d(channels, eps=1e-4),
+            QuantIdentity(act_quant=CommonActQuant, bit_width=weight_bits, min_val=low,
+                          max_val=high, restrict_scaling_type=RestrictValueType.POWER_OF_TWO),
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.features:
+            x = module(x)
+        return x
+
+
+def seeded_synthetic_cnv() -> SyntheticCnv:
+    """The subnet's model without a checkpoint: seed 42, then PyTorch's default init
+    (kaiming-uniform, a = sqrt(5), for the conv; BatchNorm weight 1, bias 0)."""
+    torch.manual_seed(SYNTHETIC_CNV_INIT_SEED)
+    return SyntheticCnv().eval()
+
+
+def load_synthetic_cnv_checkpoint(path: Path) -> SyntheticCnv:
+    """A SyntheticCnv with the weights of the subnet's checkpoint at `path`.
+
+    The file is a torch file holding {"state_dict": {...}} with brevitas' keys
+    features.0 .. features.3. It is read with weights_only=True: tensors and plain
+    containers only, so a pickled object is refused instead of run. Every key of our
+    model must be there with our shape and a finite value; no other key may be.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"checkpoint {path} does not exist", reason="missing_checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ZooError(
+            f"checkpoint {path} is not a weights-only torch file ({str(exc).splitlines()[0]}); "
+            "it must hold only tensors: {'state_dict': model.state_dict()}",
+            reason="bad_checkpoint") from exc
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ZooError(f"checkpoint {path} holds no 'state_dict' dict; save it as "
+                       "torch.save({'state_dict': model.state_dict()}, path)",
+                       reason="bad_checkpoint")
+    model = SyntheticCnv()
+    _check_state_dict(path, checkpoint["state_dict"], model.state_dict())
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval()
+
+
+def _check_state_dict(path: Path, state: dict, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse with one line naming what is wrong: load_state_dict's own errors list
+    everything at once, and strict=False (the subnet's choice) would ignore a typo."""
+    unknown = sorted(set(state) - set(expected), key=str)
+    missing = sorted(set(expected) - set(state))
+    if unknown or missing:
+        raise ZooError(f"checkpoint {path} does not fit the synthetic CNV: unknown keys "
+                       f"{unknown or 'none'}, missing keys {missing or 'none'}",
+                       reason="checkpoint_mismatch")
+    for key, ours in expected.items():
+        theirs = state[key]
+        if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != tuple(ours.shape):
+            shape = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise ZooError(f"checkpoint {path}: {key} has shape {shape}, the synthetic CNV "
+                           f"needs {tuple(ours.shape)}", reason="checkpoint_mismatch")
+        if ours.is_floating_point() and not (theirs.is_floating_point()
+                                             and bool(torch.isfinite(theirs).all())):
+            raise ZooError(f"checkpoint {path}: {key} must be finite floating point values",
+                           reason="checkpoint_mismatch")
+
+
+def _build_synthetic_cnv(checkpoint: Path | None) -> nn.Module:
+    return seeded_synthetic_cnv() if checkpoint is None else load_synthetic_cnv_checkpoint(checkpoint)
+
+
+def synthetic_cnv_calibration(size: int, n: int = 100, seed: int = 0) -> np.ndarray:
+    """Uniform noise over the input quantizer's range, from a fixed seed: every node gets
+    the same bytes, and the range (not CIFAR's pixel statistics, which the subnet used)
+    is what fixes a QAT model's input quantizer. Chained iterations feed the model its
+    own outputs, which also lie in this range."""
+    low, high = SYNTHETIC_CNV_RANGE
+    rng = np.random.default_rng(seed)
+    return rng.uniform(low, high, size=(n, SYNTHETIC_CNV_CHANNELS, size, size)).astype(np.float32)
+
+
+# The subnet's compile.py: compile_brevitas_qat_model(n_bits={"model_inputs": 8,
+# "model_outputs": 8}, rounding_threshold_bits={"method": APPROXIMATE, "n_bits": 6},
+# p_error=float(os.environ.get("P_ERROR", 0.01))).
+SYNTHETIC_CNV_SETTINGS = CompileSettings(
+    n_bits=None, rounding_threshold_bits=6, rounding_method="approximate", p_error=0.01, io_bits=8)
+
+
+def _synthetic_cnv_spec(name: str, size: int, description: str) -> ModelSpec:
+    shape = (SYNTHETIC_CNV_CHANNELS, size, size)
+    return ModelSpec(
+        name=name, input_shape=shape, num_classes=int(np.prod(shape)),
+        quantization="brevitas_qat", defaults=SYNTHETIC_CNV_SETTINGS,
+        build=_build_synthetic_cnv, calibration_inputs=lambda: synthetic_cnv_calibration(size),
+        description=description, output_shape=shape)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -315,6 +459,12 @@ ZOO: dict[str, ModelSpec] = {
         calibration_inputs=_cnv_calibration,
         description="CNV 2W2A (brevitas/FINN) for CIFAR-10 (3x32x32, values in [-1, 1))",
     ),
+    "synthetic-cnv": _synthetic_cnv_spec(
+        "synthetic-cnv", 32,
+        "Brainlock's synthetic CNV: one 3x3 conv block, 3x32x32 in and out, values in [-1, 1)"),
+    "synthetic-cnv-tiny": _synthetic_cnv_spec(
+        "synthetic-cnv-tiny", 8,
+        "the synthetic CNV on 3x8x8 (tests and quick meshes), values in [-1, 1)"),
 }
 
 

@@ -63,7 +63,7 @@ def digits_compiled(tmp_path_factory):
 
 
 def test_zoo_names_and_unknown_model():
-    assert set(ZOO) == {"digits-cnn", "cnv-cifar10"}
+    assert set(ZOO) == {"digits-cnn", "cnv-cifar10", "synthetic-cnv", "synthetic-cnv-tiny"}
     with pytest.raises(ZooError) as info:
         get_model("resnet-9000")
     assert info.value.reason == "unknown_model"
