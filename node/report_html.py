@@ -48,6 +48,9 @@ def load(path: Path) -> tuple[dict[str, Any], list[float], str, dict[str, str]]:
     for status_path in sorted((path.parent / "nodes").glob("*/status.json")):
         status = _read_json(status_path)
         latencies.extend((status.get("presence") or {}).get("latencies_ms") or [])
+        for member in (status.get("presence") or {}).get("members") or []:
+            if isinstance(member, dict) and member.get("hotkey") and member.get("name"):
+                names[member["hotkey"]] = member["name"]
         if status.get("hotkey") and status.get("name"):
             names[status["hotkey"]] = status["name"]
     return report, latencies, f"testnet {path.parent.name}", names
