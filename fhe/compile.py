@@ -65,6 +65,18 @@ def compile_quantized_module(name: str, settings: CompileSettings,
         torch.set_num_threads(threads)
 
 
+def _configuration(spec):
+    """A model whose output is shaped like its input is run chained (each iteration's
+    encrypted output is the next one's input). Concrete only accepts an output back as an
+    input when the circuit is composable; otherwise it refuses ("incompatible type info":
+    the input is encoded at the accumulator's width, the output at its own)."""
+    if spec.output_shape is None or spec.output_shape != spec.input_shape:
+        return None
+    from concrete.fhe import Configuration
+
+    return Configuration(composable=True)
+
+
 def _compile(spec, settings: CompileSettings, model, calibration):
     if spec.quantization == "brevitas_qat":
         from concrete.ml.torch.compile import compile_brevitas_qat_model
@@ -72,7 +84,7 @@ def _compile(spec, settings: CompileSettings, model, calibration):
         n_bits = ({"model_inputs": settings.io_bits, "model_outputs": settings.io_bits}
                   if settings.n_bits is None else settings.n_bits)
         module = compile_brevitas_qat_model(
-            model, calibration, n_bits=n_bits,
+            model, calibration, n_bits=n_bits, configuration=_configuration(spec),
             rounding_threshold_bits=settings.rounding_argument(), p_error=settings.p_error)
     else:
         from concrete.ml.torch.compile import compile_torch_model

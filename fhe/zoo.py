@@ -387,6 +387,25 @@ SYNTHETIC_CNV_SETTINGS = CompileSettings(
     n_bits=None, rounding_threshold_bits=6, rounding_method="approximate", p_error=0.01, io_bits=8)
 
 
+def chained_reference(quantized_module, x: np.ndarray, iterations: int) -> list[np.ndarray]:
+    """The clear outputs of `iterations` chained runs, as a miner computes them encrypted.
+
+    A chained run feeds the circuit its own output integers as input integers; nothing
+    requantizes in between. So iteration k+1 sees output_k * output_scale / input_scale,
+    which is output_k only when both quantizers agree (the subnet's 8-bit-weight variant:
+    both 8-bit Q1.7). With 4-bit weights the output quantizer's step is 1/8 and the
+    input's 1/128: each chained input is a sixteenth of the previous output. The
+    validator's reference must therefore chain integers too (Concrete-ML's fhe="disable"
+    path), not call the torch model on its own output.
+    """
+    q = quantized_module.quantize_input(np.asarray(x, dtype=np.float32))
+    outputs = []
+    for _ in range(iterations):
+        q = quantized_module.quantized_forward(q, fhe="disable")
+        outputs.append(np.asarray(quantized_module.dequantize_output(q)))
+    return outputs
+
+
 def _synthetic_cnv_spec(name: str, size: int, description: str) -> ModelSpec:
     shape = (SYNTHETIC_CNV_CHANNELS, size, size)
     return ModelSpec(
