@@ -158,7 +158,8 @@ def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_pa
             killed_in = wait_for("t1 contributing to a collecting round", t1_in_collect, 240, 1)
             lan.stop("t1", sig=signal.SIGKILL)
             lan.start("t1", command("t1"), logs["t1"], env)
-            wait_for("t1 back", lambda: node_status(lan, "t1", data_dirs["t1"]).get("uptime_s") is not None, 240)
+            wait_for("t1 back, its model loaded", lambda: node_status(lan, "t1", data_dirs["t1"]).get(
+                "sections", {}).get("training", {}).get("model_ready"), 240)
             back_at = max([r["round"] for r in rounds_of(opener())], default=killed_in)
 
             def t1_included_again():

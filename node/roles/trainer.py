@@ -503,6 +503,7 @@ class TrainerService(GuardedWork, RoleService):
                                                     "last_loss", "verdicts") if k in shell}})
         self.ctx.report(REPORT_SECTION, {"role": "trainer", "behaviour": self.settings.behaviour,
                                          "disabled": self.disabled, "data": self.data_source,
+                                         "model_ready": self.model_ready.is_set(),
                                          "shard": getattr(self, "index", None), "rounds": rounds,
                                          "privacy": self.privacy_status(), "errors": self.errors[-20:]})
 
