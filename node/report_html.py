@@ -46,7 +46,10 @@ def load(path: Path) -> tuple[dict[str, Any], list[float], str, dict[str, str]]:
     latencies: list[float] = []
     names: dict[str, str] = {}
     for status_path in sorted((path.parent / "nodes").glob("*/status.json")):
-        status = _read_json(status_path)
+        try:
+            status = _read_json(status_path)
+        except ReportError:  # one node's bad file costs its samples, not the report
+            continue
         latencies.extend((status.get("presence") or {}).get("latencies_ms") or [])
         for member in (status.get("presence") or {}).get("members") or []:
             if isinstance(member, dict) and member.get("hotkey") and member.get("name"):

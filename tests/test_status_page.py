@@ -128,3 +128,45 @@ def test_static_files_stay_small():
     total = sum(p.stat().st_size for p in STATIC_DIR.iterdir() if p.is_file())
     print(f"status page size: {total} bytes")
     assert total < 20_000
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_chromium_renders_the_page_of_a_real_node_process(tmp_path):
+    """`sealmesh node` processes (a validator and a trainer of a 1+1 test mesh): once the
+    validator has a round, its own API serves the page Chromium renders."""
+    import time
+
+    from node.testnet import TestnetPlan, prepare
+    from tests.nodes import _spawn, _stop_all, http_get, wait_ready
+
+    nodes = prepare(TestnetPlan(validators=1, trainers=1, miners=0, pings=0, rounds=1, key_bits=1024,
+                                directory=tmp_path / "tn"))
+    validator, trainer = nodes
+    for node in nodes:
+        node.process = _spawn(node)
+    shot = ARTIFACTS / "status-page-real-node.png"
+    try:
+        for node in nodes:
+            wait_ready(node, timeout_s=180)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            doc = json.loads(http_get(validator.api_port, "/status")[1])
+            rounds = (doc.get("sections", {}).get("training") or {}).get("rounds") or []
+            alive = [m for m in doc["presence"]["members"] if m["alive"]]
+            if rounds and alive:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"no round or no live member after 180 s: {doc.get('sections')}")
+        url = f"http://127.0.0.1:{validator.api_port}/"
+        text = visible_text(chromium(url))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        chromium(url, screenshot=shot)
+    finally:
+        _stop_all(nodes)
+    assert "sealmesh testnet: validator validator-0" in text
+    assert "trainer-0" in text and "1 of 1 others alive" in text
+    assert re.search(r"current round 0: phase \w+|no round open; last was round 0", text), text
+    assert shot.stat().st_size > 20_000
+    print(f"status page of a real node, screenshot: {shot}")

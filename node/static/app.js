@@ -116,7 +116,7 @@ function drawTraining(doc, name) {
     "contributors" in r ? (r.contributors || []).map(name).join(", ") || "none"
       : r.included == null ? "-" : r.included ? "included" : "not included",
     "loss_before" in r ? `${num(r.loss_before, 4)} → ${num(r.loss_after, 4)}` : `${num(r.first_loss, 4)} → ${num(r.last_loss, 4)}`,
-    r.seconds ? secs(Object.values(r.seconds).reduce((a, b) => a + b, 0)) : "-",
+    r.seconds && Object.keys(r.seconds).length ? secs(Object.values(r.seconds).reduce((a, b) => a + b, 0)) : "-",
   ]);
   $("training").replaceChildren(head, lossChart(rounds),
     table(["round", "phase", s.role === "validator" ? "contributors" : "contribution", "loss", "took"], rows));
