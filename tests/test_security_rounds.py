@@ -578,3 +578,19 @@ def test_finding5_an_overflowing_contribution_is_named_by_the_round(tmp_path, ke
     for t in trainers:
         assert list(t.shell[0].get("slot_proofs", {})) == [str(agg.BlamePosition(0, 3, False).to_state())]
         assert t.errors == []
+
+
+def test_a_round_open_heard_before_the_previous_round_ended_here_waits_for_its_resend(tmp_path, keys, genesis):
+    """Seen on five machines: validator v3 heard RoundOpen 1 while its round 0 was still
+    combining, judged its base against the initial adapter and refused it
+    wrong_base_adapter. Now it waits; the opener's re-send is judged once round 0 ended."""
+    async def scenario():
+        service = validator_shell(tmp_path, genesis, keys[1], VALIDATORS[1])
+        await service._join(OPENER, round_open(keys[0]))
+        nxt = round_open(keys[0], round_id=1, base_adapter_id=h("round 0's adapter"))
+        await service._join(OPENER, nxt)  # no refusal raised, nothing kept
+        assert list(service.slots) == [0]
+        return service
+
+    service = trio.run(scenario)
+    assert service.slots[0].validator.phase is agg.Phase.COLLECT
