@@ -30,26 +30,43 @@
 (* is in range, it pays RoundReward to RuleTo(r) (the reward rule) and it  *)
 (* observed the round itself; otherwise, or while it has not observed it, *)
 (* it sends a signed refusal (NackSn), which blocks the withheld vote.     *)
+(*                                                                          *)
+(* A head that keeps going (issue 12). The ledger does not keep every      *)
+(* settled round: a watermark `below` (every round under it settled or     *)
+(* skipped for good) and the settled ids `recent` inside [below, below +   *)
+(* Window), with a count `settled`; a round under the watermark is refused *)
+(* (round_too_old) and one in `recent` is already recorded. `rounds` is a  *)
+(* ghost (all rounds ever settled, for the invariants; the Python ledger   *)
+(* does not keep it), and `applied` is the model's identity of applied txs *)
+(* that pending lists are pruned of: neither refuses a replayed round or   *)
+(* withdraw, which only the window and `before` do. Withdraw (Hydra's      *)
+(* decommit): a party takes part of its balance out of the open head; the *)
+(* value leaves the ledger into `wd`, and each withdraw names what its     *)
+(* author had withdrawn `before`, so it applies once.                      *)
 (***************************************************************************)
 EXTENDS Integers, FiniteSets, Sequences
 
 CONSTANTS Parties, Byzantine, InitBalance, PoolBalance, Escrow, MaxTx,
           AgreedRounds, RoundLimit, RoundReward, SignTimeout, ContestationPeriod,
-          DepositPeriod, MaxTime, Late, Closers, Faults
+          DepositPeriod, MaxTime, Late, Closers, Faults, Window, Withdrawers
 
 ASSUME Byzantine \subseteq Parties
 ASSUME 2 * Cardinality(Byzantine) < Cardinality(Parties)
 ASSUME AgreedRounds <= RoundLimit
+ASSUME Window \in Nat \ {0}
 \* Which environment and byzantine actions a model run explores (each config picks a
 \* few, so that TLC finishes): deposit, byz_close, byz_sign, byz_vote, byz_tx, byz_req.
 \* transfer: honest parties also pay each other; deposit: they deposit and recover.
 ASSUME Faults \subseteq {"transfer", "deposit", "byz_close", "byz_sign", "byz_vote", "byz_tx",
                          "byz_req"}
+\* Withdrawers: the honest parties that take part of their balance out of the open head.
+ASSUME Withdrawers \subseteq Parties \ Byzantine
 \* Late: the parties whose own RoundFinal comes at a time of its own (the others learn a
 \* round as it happens); Closers: the honest parties that may close.
 ASSUME Late \subseteq Parties /\ Closers \subseteq Parties \ Byzantine
 
 Pool == "pool"
+Out == "out"  \* where a Withdraw sends value: out of the head
 NoDep == "nodep"
 Accounts == Parties \cup {Pool}
 Phases == {"Idle", "Initializing", "Open", "Closed", "FanoutPossible", "Final"}
@@ -75,7 +92,8 @@ SumOver(f, S) == IF S = {} THEN 0
 Total(bal) == SumOver(bal, Accounts)
 
 L0 == [bal |-> [a \in Accounts |-> IF a = Pool THEN PoolBalance ELSE InitBalance],
-       applied |-> {}, count |-> 0, rounds |-> {}, deposited |-> 0, deps |-> {}]
+       applied |-> {}, count |-> 0, rounds |-> {}, deposited |-> 0, deps |-> {},
+       below |-> 0, recent |-> {}, settled |-> 0, wd |-> [q \in Parties |-> 0]]
 S0 == [n |-> 0, txs |-> <<>>, dep |-> NoDep, ledger |-> L0]
 NoSn == [n |-> -1, txs |-> <<>>, dep |-> NoDep, ledger |-> L0]
 CommittedTotal == N * InitBalance + PoolBalance
@@ -94,19 +112,42 @@ views == <<happened, observed, waiting>>
 (* Ledger rules: every transaction conserves value.                         *)
 
 IsRound(t) == txPool[t].round /= NoRound
+IsWithdraw(t) == txPool[t].to = Out
 
+MaxOf(S) == CHOOSE x \in S : \A y \in S : y <= x
+\* head_rules.settle_in_window: the watermark jumps so that r is inside the window,
+\* then moves past the contiguous settled prefix.
+SettleIn(below, recent, r) ==
+    LET kept == recent \cup {r}
+        b0 == IF r - Window + 1 > below THEN r - Window + 1 ELSE below
+        b1 == CHOOSE x \in b0..(MaxOf(kept) + 1) :
+                x \notin kept /\ \A y \in b0..(x - 1) : y \in kept
+    IN [below |-> b1, recent |-> {y \in kept : y >= b1}]
+
+\* A round is refused by the window alone, a withdraw by `before` alone (no id is kept
+\* for them); only a transfer by its id.
 Valid(l, t) ==
-    /\ t \notin l.applied
-    /\ IF IsRound(t) THEN txPool[t].round \notin l.rounds /\ l.bal[Pool] >= txPool[t].amount
-                     ELSE l.bal[txPool[t].author] >= txPool[t].amount
+    LET tx == txPool[t] IN
+    IF IsRound(t) THEN /\ tx.round >= l.below /\ tx.round \notin l.recent
+                       /\ l.bal[Pool] >= tx.amount
+    ELSE IF IsWithdraw(t) THEN l.bal[tx.author] >= tx.amount /\ l.wd[tx.author] = tx.before
+    ELSE t \notin l.applied /\ l.bal[tx.author] >= tx.amount
 
 ApplyTx(l, t) ==
     LET tx == txPool[t]
-        from == IF IsRound(t) THEN Pool ELSE tx.author
-    IN [l EXCEPT !.bal = [@ EXCEPT ![from] = @ - tx.amount, ![tx.to] = @ + tx.amount],
-                 !.applied = @ \cup {t},
-                 !.count = @ + 1,
-                 !.rounds = IF IsRound(t) THEN @ \cup {tx.round} ELSE @]
+        w == IF IsRound(t) THEN SettleIn(l.below, l.recent, tx.round)
+             ELSE [below |-> l.below, recent |-> l.recent]
+    IN IF IsWithdraw(t)
+       THEN [l EXCEPT !.bal = [@ EXCEPT ![tx.author] = @ - tx.amount],
+                      !.wd = [@ EXCEPT ![tx.author] = @ + tx.amount],
+                      !.applied = @ \cup {t}, !.count = @ + 1]
+       ELSE LET from == IF IsRound(t) THEN Pool ELSE tx.author IN
+            [l EXCEPT !.bal = [@ EXCEPT ![from] = @ - tx.amount, ![tx.to] = @ + tx.amount],
+                      !.applied = @ \cup {t},
+                      !.count = @ + 1,
+                      !.rounds = IF IsRound(t) THEN @ \cup {tx.round} ELSE @,
+                      !.below = w.below, !.recent = w.recent,
+                      !.settled = IF IsRound(t) THEN @ + 1 ELSE @]
 
 \* The record rules (head_rules.round_result_problem): what any party can check, and
 \* what only a party that observed the round itself can.
@@ -118,7 +159,9 @@ ByTheRule(t) ==
 SeenBy(p, t) == ~IsRound(t) \/ txPool[t].round \in observed[p]
 AllByTheRule(s) == \A i \in 1..Len(s) : ByTheRule(s[i])
 AllSeenBy(p, s) == \A i \in 1..Len(s) : SeenBy(p, s[i])
-SettledAgreed(l) == Cardinality(l.rounds \cap Rounds)
+\* The ledger counts settlements, as protocol/head.py does; each was in range, as every
+\* party checked before signing (RewardsOnlyByRule).
+SettledAgreed(l) == l.settled
 
 \* A leader proposes, in order, the pending txs it would co-sign now that still apply.
 RECURSIVE ReadyTxs(_, _, _)
@@ -204,7 +247,8 @@ Init ==
     /\ delivered = [p \in Parties |-> {}]
     /\ msgs = {}
     /\ signed = {}
-    /\ txPool = [t \in 1..MaxTx |-> [author |-> Pool, to |-> Pool, amount |-> 0, round |-> NoRound]]
+    /\ txPool = [t \in 1..MaxTx |-> [author |-> Pool, to |-> Pool, amount |-> 0, round |-> NoRound,
+                                     before |-> 0]]
     /\ nextTx = 1
     /\ deposits = [p \in Parties |-> [amount |-> 0, last |-> 0, status |-> "none"]]
     /\ now = 0
@@ -255,8 +299,13 @@ NewTx(p) ==
     /\ phase[p] = "Open"
     /\ nextTx <= MaxTx
     /\ \E tx \in (IF "transfer" \in Faults
-                  THEN [author : {p}, to : Parties \ {p}, amount : 1..2, round : {NoRound}] ELSE {})
-                 \cup {[author |-> p, to |-> RuleTo(r), amount |-> RoundReward, round |-> r] :
+                  THEN [author : {p}, to : Parties \ {p}, amount : 1..2, round : {NoRound},
+                        before : {0}] ELSE {})
+                 \cup (IF p \in Withdrawers /\ PendingLedger(p).bal[p] >= 1
+                      THEN {[author |-> p, to |-> Out, amount |-> 1, round |-> NoRound,
+                             before |-> PendingLedger(p).wd[p]]} ELSE {})
+                 \cup {[author |-> p, to |-> RuleTo(r), amount |-> RoundReward, round |-> r,
+                        before |-> 0] :
                        r \in IF p = Author THEN observed[p] \ PendingLedger(p).rounds ELSE {}} :
          /\ txPool' = [txPool EXCEPT ![nextTx] = tx]
          /\ msgs' = msgs \cup {[type |-> "NewTx", from |-> p, tx |-> nextTx]}
@@ -593,7 +642,7 @@ ByzNewTx(b) ==
     /\ nextTx <= MaxTx
     /\ \E r \in Rounds \cup {FakeRound}, to \in {b}, amount \in {RoundReward} :
          /\ txPool' = [txPool EXCEPT ![nextTx] = [author |-> b, to |-> to, amount |-> amount,
-                                                  round |-> r]]
+                                                  round |-> r, before |-> 0]]
          /\ msgs' = msgs \cup {[type |-> "NewTx", from |-> b, tx |-> nextTx]}
     /\ nextTx' = nextTx + 1
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
@@ -654,12 +703,16 @@ TypeOK ==
     /\ happened \subseteq Rounds
 
 \* Every ledger an honest party holds contains exactly what was committed plus the
-\* deposits it absorbed, and fanout pays out that plus all escrow.
+\* deposits it absorbed, less what was withdrawn (committed + deposits = ledger +
+\* withdrawn), and fanout pays out the ledger plus all escrow.
+Withdrawn(l) == SumOver(l.wd, Parties)
 ValueConserved ==
     \A p \in Honest :
-        /\ Total(confirmed[p].ledger.bal) = CommittedTotal + confirmed[p].ledger.deposited
+        /\ Total(confirmed[p].ledger.bal) + Withdrawn(confirmed[p].ledger)
+             = CommittedTotal + confirmed[p].ledger.deposited
         /\ closing[p] /= NoSn =>
-             Total(closing[p].ledger.bal) = CommittedTotal + closing[p].ledger.deposited
+             Total(closing[p].ledger.bal) + Withdrawn(closing[p].ledger)
+               = CommittedTotal + closing[p].ledger.deposited
         /\ (phase[p] = "Final" /\ ~aborted) =>
              Total(payouts[p]) = Total(closing[p].ledger.bal) + N * Escrow
 
@@ -676,6 +729,10 @@ NoDoubleSpend ==
                    \cup (IF closing[p] /= NoSn THEN {closing[p].ledger} ELSE {}) :
             /\ \A a \in Accounts : l.bal[a] >= 0
             /\ l.count = Cardinality(l.applied)
+            \* The window settles no round twice: each settlement added a new id.
+            /\ l.settled = Cardinality(l.rounds)
+            /\ l.recent \subseteq l.rounds /\ \A r \in l.recent : l.below <= r /\ r < l.below + Window
+            /\ \A q \in Parties : l.wd[q] >= 0
             /\ \A d \in Parties : deposits[d].status = "recovered" => d \notin l.deps
 
 \* Escrow is forfeited only by a party that a strict majority voted against, by

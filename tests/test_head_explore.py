@@ -475,6 +475,8 @@ def test_tlc_finds_no_invariant_violated_in_head_cfg(tmp_path, capsys):
     {"Faults": '{"deposit"}', "Late": "{}", "MaxTx": "1"},
     # an early close on an old snapshot, contested and slashed (about 50 s)
     {"Faults": '{"byz_close"}', "Late": "{}", "MaxTx": "1"},
-], ids=["deposit", "early_close"])
+    # b withdraws from the open head while c authors and requests (issue 12; ~2-4 min)
+    {"Withdrawers": "{b}", "Late": "{}"},
+], ids=["deposit", "early_close", "withdraw"])
 def test_tlc_finds_no_invariant_violated_in_larger_models(tmp_path, overrides):
     _assert_tlc_passed(run_tlc(tmp_path, overrides, timeout_s=600))
