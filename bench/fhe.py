@@ -16,6 +16,18 @@ Measures, on this machine and in this process:
 
 Goal: overhead_pct <= 5. Last line:
     fhe model=NAME miner_s=x bare_s=y overhead_pct=z
+
+Chainable models (synthetic-cnv, synthetic-cnv-tiny: output shaped like the input) take
+another path, `--iterations` (default 5) chained runs per challenge:
+- bare: FHEModelServer.run on the serialized input, then on its own serialized output,
+  and so on, as a Brainlock miner streams one chunk per iteration;
+- miner: the miner's FheEngine (fhe/engine.py, what MinerService calls) with the same
+  iteration count, timed whole and divided by it. The engine (today) re-runs the same
+  input instead of chaining; the circuit and its cost per run are the same.
+Per iteration, the chained outputs are decrypted and compared with the clear integer
+chain (fhe.zoo.chained_reference). Their results (tens of MB at 32x32) are above the
+libp2p challenge's MAX_RESULT_BYTES, so no libp2p path is timed for them. Last line:
+    fhe-chain model=NAME iterations=N miner_iter_s=x bare_iter_s=y ratio=z
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--runs", type=int, default=6, help="challenges through each path")
     parser.add_argument("--bundle", type=Path, help="reuse this compiled bundle (no compile timing)")
+    parser.add_argument("--iterations", type=int, default=5, help="chained runs (chainable models)")
     return parser.parse_args()
 
 
@@ -134,8 +147,94 @@ async def bench(args: argparse.Namespace, bundle: Path, work: Path) -> dict[str,
             "miner_s": miner_s, "bare_s": bare_s}
 
 
+
+
+def bench_chained(args: argparse.Namespace, bundle: Path, work: Path) -> dict[str, object]:
+    """Chained iterations: the miner's FheEngine beside bare FHEModelServer.run, per run
+    alternating which goes first so load drift hits both."""
+    from concrete.ml.common.serialization.loaders import loads
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    from fhe.bundle import REFERENCE_JSON, cosine_similarity, load_manifest
+    from fhe.engine import FheEngine
+    from fhe.inputs import draw_challenge_input
+    from fhe.zoo import chained_reference
+
+    manifest = load_manifest(bundle)
+    client = FHEModelClient(str(bundle), key_dir=None)
+    started = time.monotonic()
+    client.generate_private_and_evaluation_keys()
+    eval_keys = client.get_serialized_evaluation_keys()
+    keygen_s = time.monotonic() - started
+    bare_server = FHEModelServer(str(bundle))
+    started = time.monotonic()
+    engine = FheEngine(bundle, manifest.server_sha256, max_iterations=args.iterations,
+                       timeout_s=3600.0, key_cache_bytes=4 * len(eval_keys))
+    key_id = engine.add_key(VALIDATOR.ss58_address, eval_keys)
+    engine_load_s = time.monotonic() - started  # includes deriving the key layout (a child keygen)
+    module = loads((bundle / REFERENCE_JSON).read_text())
+    miner_iter_s: list[float] = []
+    bare_iter_s: list[float] = []
+    agreement: list[list[float]] = []
+    sizes: dict[str, int] = {}
+    for i in range(args.runs):
+        x = draw_challenge_input(args.model, 1000 + i).image[None]
+        ciphertext = client.quantize_encrypt_serialize(x)
+        sizes["ciphertext_bytes"] = len(ciphertext)
+
+        def bare() -> None:
+            value, outputs = ciphertext, []
+            for _ in range(args.iterations):
+                started = time.monotonic()
+                value = bare_server.run(value, eval_keys)
+                bare_iter_s.append(time.monotonic() - started)
+                outputs.append(value)
+            sizes["result_bytes"] = len(value)
+            expected = chained_reference(module, x, args.iterations)
+            decrypted = [client.deserialize_decrypt_dequantize(out) for out in outputs]
+            agreement.append([round(float(np.isclose(d, e).mean()), 3) for d, e in zip(decrypted, expected)])
+            print(f"run {i}: chained exact fraction per iteration {agreement[-1]}, cosine of the first "
+                  f"{cosine_similarity(decrypted[0], expected[0]):.4f}", file=sys.stderr)
+
+        def miner() -> None:
+            started = time.monotonic()
+            engine.run(VALIDATOR.ss58_address, key_id, ciphertext, iterations=args.iterations)
+            miner_iter_s.append((time.monotonic() - started) / args.iterations)
+
+        for run in ((bare, miner) if i % 2 == 0 else (miner, bare)):
+            run()
+    return {"keygen_s": keygen_s, "eval_key_bytes": len(eval_keys), "engine_load_s": engine_load_s,
+            "miner_iter_s": miner_iter_s, "bare_iter_s": bare_iter_s, "agreement": agreement,
+            "pbs": manifest.pbs_count, **sizes}
+
+
+def main_chained(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # compile: see fhe/compile.py
+    with tempfile.TemporaryDirectory(prefix="bench-fhe-") as tmp:
+        work = Path(tmp)
+        bundle, compile_s = prepare(args, work)
+        r = bench_chained(args, bundle, work)
+    miner_s, bare_s = statistics.median(r["miner_iter_s"]), statistics.median(r["bare_iter_s"])
+    print(f"compile_s={'reused' if compile_s is None else f'{compile_s:.2f}'} keygen_s={r['keygen_s']:.2f} "
+          f"eval_key_bytes={r['eval_key_bytes']} engine_load_s={r['engine_load_s']:.2f} pbs={r['pbs']} "
+          f"ciphertext_bytes={r['ciphertext_bytes']} result_bytes={r['result_bytes']} cores={os.cpu_count()} "
+          f"load1={os.getloadavg()[0]:.1f}")
+    print("per-iteration miner_s:", " ".join(f"{t:.3f}" for t in r["miner_iter_s"]))
+    print("per-iteration bare_s: ", " ".join(f"{t:.3f}" for t in r["bare_iter_s"]))
+    print(f"fhe-chain model={args.model} iterations={args.iterations} miner_iter_s={miner_s:.3f} "
+          f"bare_iter_s={bare_s:.3f} ratio={miner_s / bare_s:.3f}")
+
+
 def main() -> None:
     args = parse_args()
+    from fhe.zoo import get_model
+
+    spec = get_model(args.model)
+    if spec.output_shape is not None and spec.output_shape == spec.input_shape:
+        main_chained(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-fhe-") as tmp:
         work = Path(tmp)
         bundle, compile_s = prepare(args, work)
