@@ -507,11 +507,26 @@ class Mesh:
         if not connected:
             logger.warning("bootstrap peer %s unreachable after %.0fs", addr, self.config.bootstrap_timeout_s)
         initial_phase_done(connected)
-        # Keep the mesh attached to its bootstrap peers if a connection drops.
+        # Keep the mesh attached to its bootstrap peers if a connection drops, or if it is
+        # up without a pubsub stream: under load py-libp2p's protocol negotiation can time
+        # out (seen on a 2-core machine: "/meshsub/1.2.0 ... response timed out after 10s")
+        # and is never retried, leaving a connected peer that gossips nothing to us.
+        without_pubsub = 0
         while True:
             await trio.sleep(self.config.bootstrap_recheck_s)
-            if not self._host.get_network().get_connections(info.peer_id) and not self._is_banned(info.peer_id):
+            if self._is_banned(info.peer_id):
+                continue
+            if not self._host.get_network().get_connections(info.peer_id):
                 await self._dial_with_backoff(info, self.config.bootstrap_recheck_s)
+                continue
+            without_pubsub = 0 if info.peer_id in self._pubsub.peers else without_pubsub + 1
+            if without_pubsub >= 2:  # two rechecks in a row: reconnect, so pubsub negotiates again
+                logger.warning("bootstrap peer %s is connected without a pubsub stream; reconnecting",
+                               info.peer_id)
+                with contextlib.suppress(Exception):
+                    await self._host.disconnect(info.peer_id)
+                await self._dial_with_backoff(info, self.config.bootstrap_recheck_s)
+                without_pubsub = 0
 
     async def _dial_with_backoff(self, info, budget_s: float) -> bool:  # type: ignore[no-untyped-def]
         deadline = trio.current_time() + budget_s
