@@ -336,3 +336,31 @@ def test_library_defaults_lose_a_burst() -> None:
 
     trio.run(main)
     assert got[1] < BURST / 2 and got[2] < BURST / 2, got
+
+
+def test_a_bootstrap_peer_connected_without_pubsub_is_reconnected(caplog) -> None:
+    """Under load py-libp2p's /meshsub negotiation can time out and is never retried: the
+    peer stays connected and gossips nothing. The bootstrap recheck reconnects such a peer.
+    Here the bootstrap peer is a bare libp2p host that never speaks pubsub at all."""
+    import logging
+
+    import multiaddr
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    connects = []
+
+    async def main() -> None:
+        host = new_host(key_pair=create_new_key_pair(b"\x07" * 32))
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            addr = str(host.get_addrs()[0])
+            config = MeshConfig("m", bootstrap=(addr,), bootstrap_recheck_s=0.3)
+            async with Mesh.open(config, b"\x08" * 32) as mesh:
+                for _ in range(20):
+                    await trio.sleep(0.2)
+                    connects.append(host.get_id() in [p for p in mesh._host.get_connected_peers()])
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    assert any("without a pubsub stream; reconnecting" in r.getMessage() for r in caplog.records)
+    assert connects[-1]  # and it is connected again afterwards
