@@ -66,7 +66,7 @@ class FheConfig:
     # The Brainlock subnet's own HTTP protocol (node/roles/brainlock_http.py); None: off
     brainlock_port: int | None = None
     brainlock_max_iterations: int = 10  # chained circuit runs per /compute (the subnet sends 5-10)
-    brainlock_uploads_per_signer: int = 1  # request bodies one validator may send at once
+    uploads_per_signer: int = 1  # HTTP request bodies one validator may send at once (both servers)
     brainlock_min_stake: float = 0.0  # besides the validator role (the subnet asks 10k TAO of the chain)
 
     def __post_init__(self) -> None:
@@ -80,8 +80,8 @@ class FheConfig:
             raise FheSettingsError("max_keys_per_validator and validator_key_bytes must be >= 1")
         if not (math.isfinite(self.quota_window_s) and self.quota_window_s > 0):
             raise FheSettingsError(f"quota_window_s must be a positive number of seconds, got {self.quota_window_s!r}")
-        if self.brainlock_max_iterations < 1 or self.brainlock_uploads_per_signer < 1 or self.brainlock_min_stake < 0:
-            raise FheSettingsError("brainlock_max_iterations and brainlock_uploads_per_signer must be >= 1, "
+        if self.brainlock_max_iterations < 1 or self.uploads_per_signer < 1 or self.brainlock_min_stake < 0:
+            raise FheSettingsError("brainlock_max_iterations and uploads_per_signer must be >= 1, "
                                    "brainlock_min_stake >= 0")
         if not (math.isfinite(self.slow_delay_s) and self.slow_delay_s >= 0):
             raise FheSettingsError("slow_delay_s must be >= 0")

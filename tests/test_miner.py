@@ -319,3 +319,64 @@ def test_issue13_a_rising_epoch_field_does_not_reset_the_quota(bundle, tmp_path,
             == "too_many_challenges"
     # Another validator's quota is its own (it owns no key here: refused further on).
     assert refused(ask(miner, OTHER_VALIDATOR, request(clients, key_id, junk, epoch=0), junk)[0]) == "foreign_key"
+
+
+def test_issue13_miner_http_refuses_junk_unread_and_one_upload_per_signer(bundle, tmp_path):
+    """Issue 13: a 256 MiB junk POST to /add_key (first 4 bytes ffffffff) was read before
+    any check. It is refused on its first 4 bytes, and the connection is closed instead of
+    the rest being read and discarded. A validator's second upload while its first is in
+    flight is refused too (busy_signer), another validator's is not."""
+    import socket
+    import time
+
+    from node.roles.miner import MinerHttp
+    from protocol.challenge_messages import pack_frame
+    from protocol.inbound import seal_message
+
+    miner = make_miner(bundle, tmp_path)
+    http = MinerHttp(miner, "127.0.0.1", 0)
+
+    def upload_head(port: int, signer: Hotkey, declared: int, keys: bytes | None = None) -> socket.socket:
+        message = AddKey("digits-cnn", "cd" * 32, declared) if keys is None else AddKey.for_keys("digits-cnn", keys)
+        envelope = seal_message(signer, message, now_ms=now_ms(), signed_for=MINER.ss58_address).to_gossip_bytes()
+        head = pack_frame(envelope)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(f"POST /add_key HTTP/1.1\r\nHost: miner\r\nContent-Length: {len(head) + declared}\r\n"
+                  "\r\n".encode() + head)
+        return s
+
+    def scenario(port: int):
+        # 5 s: before the fix aiohttp read on and discarded the junk for 10 s before closing.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"POST /add_key HTTP/1.1\r\nHost: miner\r\nContent-Length: {256 << 20}\r\n\r\n".encode()
+                      + b"\xff\xff\xff\xff")
+            junk_answer, rest = s.recv(65536), b""
+            while chunk := s.recv(65536):  # closed by the miner, with 256 MiB still unsent
+                rest += chunk
+        held = upload_head(port, VALIDATOR, 40 << 20)
+        deadline = time.monotonic() + 10
+        while VALIDATOR.ss58_address not in http.uploading and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = upload_head(port, VALIDATOR, 40 << 20)
+        busy_answer = second.recv(65536)
+        second.close()
+        other = upload_head(port, OTHER_VALIDATOR, 1000, b"k" * 1000)
+        other.sendall(b"k" * 1000)
+        other_answer = other.recv(65536)
+        other.close()
+        held.close()
+        return junk_answer, rest, busy_answer, other_answer
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(http.serve)
+            answers = await trio.to_thread.run_sync(scenario, port)
+            nursery.cancel_scope.cancel()
+        return answers
+
+    junk_answer, rest, busy_answer, other_answer = trio.run(main)
+    assert junk_answer.startswith(b"HTTP/1.1 401") and rest == b"", junk_answer[:200]
+    assert miner.refused["bad_frame"] >= 1  # the junk, and the held upload once it hung up
+    assert busy_answer.startswith(b"HTTP/1.1 401") and miner.refused["busy_signer"] == 1
+    # Another validator is not held back by it: its upload is read and answered (signed, not ready).
+    assert other_answer.startswith(b"HTTP/1.1 200"), other_answer[:200]

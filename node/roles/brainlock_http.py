@@ -419,7 +419,7 @@ class BrainlockHttp:
             if route == "/get_client":
                 await on_trio(self.verify_body, envelope, hashlib.sha256(b"").hexdigest(), arrived)
                 return signer, b""
-            if self.uploading[signer] >= self.miner.config.brainlock_uploads_per_signer:
+            if self.uploading[signer] >= self.miner.config.uploads_per_signer:
                 raise BrainlockRefusal("busy_signer", f"{self.uploading[signer]} uploads of yours are in "
                                                       "flight; send one at a time")
             if sum(self.uploading.values()) >= MAX_UPLOADS_AT_ONCE:

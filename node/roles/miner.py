@@ -36,6 +36,7 @@ from protocol.challenge import MinerKeyring
 from protocol.challenge_messages import (FHE_PROTOCOL, MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES, AddKey, BadFrame,
                                          ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, Refused,
                                          StreamMessage, open_frame, seal_frame)
+from protocol.epistula import Envelope
 from protocol.inbound import admit_stream_envelope
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Role
@@ -279,6 +280,7 @@ class MinerHttp:
 
     def __init__(self, miner: MinerService, host: str, port: int) -> None:
         self.miner, self.host, self.port = miner, host, port
+        self.uploading: Counter[str] = Counter()  # signer -> bodies being read; on the aiohttp thread
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         import asyncio
@@ -298,6 +300,7 @@ class MinerHttp:
             may not send it, a stale or replayed envelope, or a payload over the type's
             limit is refused having sent its envelope only, never its 40 MB body."""
             arrived = now_ms()  # headers are in; the body may take a while
+            signer = None
             try:
                 prefix = await request.content.readexactly(4)
                 length = int.from_bytes(prefix, "big")
@@ -305,15 +308,29 @@ class MinerHttp:
                     raise BadFrame(f"envelope length {length} is over {MAX_ENVELOPE_BYTES}")
                 envelope = await request.content.readexactly(length)
                 declared = await on_trio(self.miner.admit_envelope, envelope, arrived)
+                signer = Envelope.from_gossip_bytes(envelope).signed_by  # admitted: well-formed
+                if self.uploading[signer] >= self.miner.config.uploads_per_signer:
+                    signer = None
+                    raise RemoteProtocolError("an upload of this signer is in flight; send one at a time",
+                                              reason="busy_signer")
+                self.uploading[signer] += 1
                 payload = await request.content.readexactly(declared)
                 if await request.content.read(1):
                     raise BadFrame(f"the body runs past the {declared} payload bytes its envelope signs for")
             except asyncio.IncompleteReadError as exc:
                 self.miner.refuse_unverifiable("bad_frame", f"the body ended after {len(exc.partial)} bytes")
                 return b""
+            except ConnectionError as exc:  # the peer hung up mid-body
+                self.miner.refuse_unverifiable("bad_frame", f"the connection broke off: {exc}")
+                return b""
             except RemoteProtocolError as exc:
                 self.miner.refuse_unverifiable(exc.reason, exc.hint)
                 return b""
+            finally:
+                if signer is not None:
+                    self.uploading[signer] -= 1
+                    if not self.uploading[signer]:
+                        del self.uploading[signer]
             return await on_trio(functools.partial(self.miner.handle_frame, prefix + envelope + payload,
                                                    arrived_ms=arrived))
 
@@ -334,10 +351,13 @@ class MinerHttp:
             return response
 
         async def main() -> None:
-            app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+            # Bodies are read from request.content as the envelope allows, never request.read():
+            # client_max_size does not apply, keep it small. lingering_time 0: a refused body
+            # is not read on and discarded for 10 s (issue 13); the connection closes instead.
+            app = web.Application(client_max_size=1 << 20)
             app.router.add_post("/add_key", add_key)
             app.router.add_post("/compute", compute)
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, lingering_time=0)
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
