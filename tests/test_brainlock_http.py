@@ -474,3 +474,24 @@ def test_add_key_refusals_and_one_upload_per_signer(miner_server, uid):
     assert not server.uploading
     assert add_key(port, b"k" * 1000).reason == "malformed_key"  # the slot came back
     assert server.refused["short_body"] >= 1
+
+
+def test_a_miner_still_loading_answers_not_ready(tmp_path):
+    settings = NodeSettings(role=Role.MINER, data_dir=tmp_path)
+    miner = MinerService(settings, FheConfig(model=MODEL, serve=False))
+    metrics = NodeMetrics()
+    miner.ctx = RoleContext(settings=settings, hotkey=MINER, genesis=None, mesh=None, store=None,
+                            verifier=EnvelopeVerifier(DIRECTORY, MINER.ss58_address), metrics=metrics,
+                            data_dir=tmp_path, publish=None, peer_of=lambda hotkey: None)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(BrainlockHttp(miner, "127.0.0.1", 0).serve)
+            answers = [await trio.to_thread.run_sync(lambda: call(port, "GET", "/get_client")),
+                       await trio.to_thread.run_sync(lambda: add_key(port, b"k" * 10))]
+            nursery.cancel_scope.cancel()
+        return answers
+
+    for answer in trio.run(main):
+        assert (answer.status, answer.reason) == (503, "not_ready")
+    assert rejected(metrics, "not_ready") == 2

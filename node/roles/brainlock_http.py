@@ -405,6 +405,8 @@ class BrainlockHttp:
             passed; raises RemoteProtocolError. Nothing of the body is read before the
             headers, the length and the signer passed."""
             arrived = now_ms()
+            if self.miner.engine is None:  # the limits come from the loaded circuit
+                raise BrainlockRefusal("not_ready", "the miner is still loading its circuit; retry shortly")
             envelope = Envelope.from_headers(request.headers, b"")  # MalformedEnvelope
             if route != "/get_client":
                 form_boundary(request.headers.get("Content-Type", ""))
