@@ -834,6 +834,14 @@ class Mesh:
         # on the error frame) or the grace is over, not at once.
         await _reset_quietly(stream)
 
+    def allow_redial(self, peer_id: str) -> None:
+        """Let the next request dial `peer_id` again now. py-libp2p 0.8.1 refuses to dial a
+        peer for 60 s after one failed dial (swarm.py _NegativePeerCache); a caller that
+        retries a restarting peer on its own backoff (node/blobs.py) clears that first."""
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(ID.from_base58(peer_id))
+
     async def request(
         self, peer_id: str, protocol_id: str, payload: bytes, max_response_bytes: int, timeout_s: float = 30
     ) -> bytes:

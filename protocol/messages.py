@@ -81,6 +81,7 @@ def message_type(cls: type[Message]) -> type[Message]:
 # them here, once, lets any decoder know every type whatever the caller imported.
 PROTOCOL_MESSAGE_MODULES = (
     "protocol.aggregation_messages",
+    "protocol.blob_messages",
     "protocol.challenge_messages",
     "protocol.head_messages",
 )

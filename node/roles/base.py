@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 import trio
 
-from node.blobs import BlobFetchError, fetch_blob
+from node.blobs import BlobFetchError, Holder, fetch_from_holders, partial_dir_for
 from node.mesh import Mesh
 from node.metrics import NodeMetrics
 from node.registry.genesis import Genesis
@@ -87,7 +87,9 @@ class RoleContext:
             return [dict(p) for p in self._problems.values()]
 
     async def fetch(self, cid: str, holders: list[str], *, max_bytes: int, timeout_s: float = 120) -> bytes:
-        """The blob `cid`: from our store, else from the first holder (hotkey) that has it.
+        """The blob `cid`: from our store, else from the holders (hotkeys) that have it, in
+        chunks from all of them at once when it is big (node/blobs.py fetch_from_holders:
+        `timeout_s` bounds a one-chunk blob; a bigger one's deadline scales with its size).
 
         A fetched blob is verified (sha256) and kept in our store, so it is served onward.
         """
@@ -95,20 +97,12 @@ class RoleContext:
             return self.store.get(cid)
         except StorageError:
             pass
-        errors = []
-        for holder in holders:
-            peer = self.peer_of(holder)
-            if peer is None or holder == self.hotkey.ss58_address:
-                continue
-            try:
-                data = await fetch_blob(self.mesh, self.hotkey, peer_id=peer, peer_hotkey=holder, cid=cid,
-                                        max_bytes=max_bytes, timeout_s=timeout_s)
-            except Exception as exc:  # a peer can fail in many ways (refusal, stream reset, timeout)
-                errors.append(f"{holder[:8]}: {exc}")
-                continue
-            self.store.put(data)
-            return data
-        raise BlobFetchError("unavailable", f"blob {cid[:12]} not found at {len(holders)} holders: {errors}")
+        peers = [Holder(peer, holder) for holder in holders
+                 if (peer := self.peer_of(holder)) is not None and holder != self.hotkey.ss58_address]
+        data = await fetch_from_holders(self.mesh, self.hotkey, cid=cid, holders=peers, max_bytes=max_bytes,
+                                        partial_dir=partial_dir_for(self.store, self.data_dir), timeout_s=timeout_s)
+        self.store.put(data)
+        return data
 
 
 async def remind(ctx: RoleContext, problem: str, fix: str, *, every_s: float = 60.0,

@@ -159,6 +159,16 @@ class LocalBlobStore:
             raise BlobNotFound(f"no blob {cid} in {self.root}", cid=cid) from None
         return verified(cid, data)
 
+    def read_range(self, cid: str, offset: int, length: int) -> bytes:
+        """`length` bytes of blob `cid` from `offset`, unverified: the caller checks them
+        (a chunk against its manifest hash), so serving a chunk does not hash the whole."""
+        try:
+            with self._path(cid).open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {cid} in {self.root}", cid=cid) from None
+
     def has(self, cid: str) -> bool:
         return self._path(cid).exists()
 
@@ -168,3 +178,50 @@ class LocalBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+class PartialBlobFile:
+    """A blob being fetched chunk by chunk: `<dir>/<cid>`, the bytes so far at their
+    offsets (a sparse file of the blob's size), and `<dir>/<cid>.manifest`, the manifest
+    they are checked against. Which chunks are done is not recorded: on open each chunk
+    on disk is hashed against the manifest, so a torn write or a crash mid-chunk only
+    costs that chunk (docs/storage.md "Chunked transfers")."""
+
+    def __init__(self, directory: Path, cid: str, size: int, manifest: bytes) -> None:
+        require_content_id(cid)
+        self.directory, self.cid, self.size, self.manifest = Path(directory), cid, size, manifest
+        self.path = self.directory / cid
+        self.manifest_path = self.directory / f"{cid}.manifest"
+        self._fd: int | None = None
+
+    def open(self) -> bool:
+        """Open for writing; True if a partial file of the same manifest was kept (resume)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            resumed = self.manifest_path.read_bytes() == self.manifest and self.path.stat().st_size == self.size
+        except FileNotFoundError:
+            resumed = False
+        if not resumed:
+            self.discard()
+            self.manifest_path.write_bytes(self.manifest)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, self.size)
+        return resumed
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self._fd is not None, "open() first"
+        return os.pread(self._fd, length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert self._fd is not None, "open() first"
+        os.pwrite(self._fd, data, offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        self.close()
+        for path in (self.path, self.manifest_path):
+            path.unlink(missing_ok=True)
