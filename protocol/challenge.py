@@ -82,6 +82,24 @@ def judge(argmax_agrees: bool, cosine: float, min_cosine: float) -> Outcome:
     return Outcome.OK if argmax_agrees and cosine >= min_cosine else Outcome.WRONG
 
 
+# Brainlock's streaming check (its validator, issue 13): the first 20 % of the chunks of a
+# chained /compute must have arrived by 70 % of the total time; a miner that computes
+# everything and then sends it all at once fails it. Recorded as an error outcome.
+STREAM_EARLY_FRACTION = 0.2
+STREAM_DEADLINE_FRACTION = 0.7
+LATE_STREAM = "late_stream"
+
+
+def streamed_in_time(arrivals: Sequence[float], total: float) -> bool:
+    """Whether chunks arriving at `arrivals` (seconds from the send, in order) over a
+    response of `total` seconds pass the subnet's check: the first ceil(20 %) of them
+    (at least one) by 70 % of the total. No chunk at all fails."""
+    if not arrivals:
+        return False
+    early = max(1, math.ceil(STREAM_EARLY_FRACTION * len(arrivals)))
+    return arrivals[early - 1] <= STREAM_DEADLINE_FRACTION * total
+
+
 # --- effects: what the shell must do --------------------------------------------------
 
 
@@ -637,10 +655,10 @@ def IterationsBounded(machines: Iterable[ChallengeMachine],  # noqa: N802
 
 __all__ = [
     "BadIterations", "ChallengeConfig", "DEFAULT_QUOTA_WINDOW_S", "ChallengeMachine", "ChallengePhase", "ChallengeRecord",
-    "Effect", "EpochPhase", "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding",
+    "Effect", "EpochPhase", "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding", "LATE_STREAM",
     "KeyIdTaken", "KeyModelMismatch", "KeyNotOwned", "KeyringError", "KeysUsedOnlyByOwner",
     "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome", "SendChallenge", "StaleEpoch",
-    "TIMEOUT_REASON", "TRANSITIONS", "TooManyChallenges", "TooManyIterations", "TypeOK",
+    "TIMEOUT_REASON", "TRANSITIONS", "streamed_in_time", "TooManyChallenges", "TooManyIterations", "TypeOK",
     "UNKNOWN_KEY", "UnknownKey", "UploadKey", "assign_miners", "challenge_id", "epoch_order",
     "judge",
 ]

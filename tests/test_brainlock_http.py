@@ -319,6 +319,19 @@ def test_a_brainlock_validator_runs_its_whole_flow(miner_server, bundle, validat
     assert all(same >= 0.8 and diff <= 1 for _, same, diff, *_ in report)
     assert server.served["compute"] >= 1 and miner.keyring.evaluations[VALIDATOR.ss58_address]
 
+    # sealmesh's own validator over the same protocol (BrainlockClient): its own client
+    # checked against /get_client, the same keys give the same uid, 2 chained iterations.
+    from node.roles.brainlock_http import BrainlockClient
+
+    sealmesh = BrainlockClient(VALIDATOR, MINER.ss58_address, "127.0.0.1", port)
+    assert sealmesh.client_zip_matches((bundle / CLIENT_ZIP).read_bytes())
+    assert not sealmesh.client_zip_matches(b"another client")
+    assert sealmesh.add_key(keys) == uid
+    result = sealmesh.compute(uid, validator_client.quantize_encrypt_serialize(x), 2, max_chunk_bytes=4 << 20)
+    assert len(result.chunks) == 2 and result.arrivals_s[0] < result.total_s
+    second = np.asarray(validator_client.deserialize_decrypt_dequantize(result.chunks[1]))
+    assert np.mean(np.isclose(second, circuit_chain[1])) >= 0.8
+
 
 # --- bad input on every route ----------------------------------------------------------
 
@@ -495,3 +508,20 @@ def test_a_miner_still_loading_answers_not_ready(tmp_path):
     for answer in trio.run(main):
         assert (answer.status, answer.reason) == (503, "not_ready")
     assert rejected(metrics, "not_ready") == 2
+
+
+def test_sealmesh_client_hears_each_refusal_as_its_label(miner_server, uid, ciphertext):
+    from node.fhe_service import ExchangeError
+    from node.roles.brainlock_http import BrainlockClient
+
+    _, _, port, _ = miner_server
+    client = BrainlockClient(VALIDATOR, MINER.ss58_address, "127.0.0.1", port)
+    for call_it, reason in ((lambda: client.add_key(b"k" * 1000), "malformed_key"),
+                            (lambda: client.compute("nope", ciphertext, 5, max_chunk_bytes=1 << 22), "unknown_uid"),
+                            (lambda: client.compute(uid, ciphertext, 11, max_chunk_bytes=1 << 22),
+                             "too_many_iterations"),
+                            (lambda: BrainlockClient(STRANGER, MINER.ss58_address, "127.0.0.1", port)
+                             .client_zip_matches(b""), "unknown_signer")):
+        with pytest.raises(ExchangeError) as info:
+            call_it()
+        assert info.value.reason == reason

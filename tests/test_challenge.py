@@ -277,6 +277,16 @@ def test_issue13_the_requester_cannot_reset_its_quota():
     ring.evaluate(V1, "k1", model="cnn", now=561.0)
 
 
+def test_brainlocks_streaming_check():
+    from protocol.challenge import streamed_in_time
+
+    assert streamed_in_time([1.0, 2.0, 3.0, 4.0, 5.0], 5.0)  # one chunk per iteration as it is done
+    assert not streamed_in_time([4.9, 4.9, 4.95, 5.0, 5.0], 5.0)  # all at the end
+    assert streamed_in_time([3.5, 4.9, 5.0, 5.0, 5.0], 5.0)  # the first 20 % (1 of 5) by 70 %
+    assert streamed_in_time([1.0] * 9 + [10.0], 10.0)  # 2 of 10 by 7 s
+    assert not streamed_in_time([], 1.0)
+
+
 def test_keyring_bounds_iterations_per_challenge():
     ring = MinerKeyring(max_challenges_per_epoch=5, max_iterations=2)
     ring.add_key(V1, "k1", model="cnn")

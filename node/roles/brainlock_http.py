@@ -582,5 +582,138 @@ def _sync(fn, *args):
     return call
 
 
-__all__ = ["BrainlockHttp", "BrainlockRefusal", "check_body_signature", "check_headers", "form_boundary",
-           "parse_form", "signed_string"]
+
+
+# --- the validator's side: challenging a miner over this protocol ------------------------
+
+
+@dataclass(frozen=True)
+class StreamedResult:
+    chunks: tuple[bytes, ...]
+    arrivals_s: tuple[float, ...]  # each chunk's arrival, seconds after the request was sent
+    total_s: float
+
+
+class BrainlockClient:
+    """A sealmesh validator speaking the subnet's protocol to one miner (blocking: run it in
+    a worker thread). It never uses /get_client's archive to encrypt or decrypt: it has
+    compiled its own client, and only checks that the miner serves the same one.
+
+    Each refusal raises node.fhe_service.ExchangeError with the miner's reason label (or
+    http_<status>), a cut stream `cut_stream`, a stream that fails Brainlock's check
+    protocol.challenge.LATE_STREAM: labels a ChallengeRecord's error_reason can hold.
+    """
+
+    def __init__(self, signer: Any, miner_hotkey: str, host: str, port: int, *, timeout_s: float = 300.0) -> None:
+        self.signer, self.miner_hotkey, self.host, self.port, self.timeout_s = signer, miner_hotkey, host, port, timeout_s
+
+    def _headers(self, body: bytes) -> dict[str, str]:
+        from protocol.epistula import seal
+
+        return seal(self.signer, body, now_ms=now_ms(), signed_for=self.miner_hotkey).to_headers()
+
+    @staticmethod
+    def _form(files: dict[str, bytes], fields: dict[str, str]) -> tuple[bytes, str]:
+        boundary = uuidlib.uuid4().hex
+        out: list[bytes] = []
+        for name, data in files.items():
+            out += [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="file"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n".encode(), data, b"\r\n"]
+        for name, value in fields.items():
+            out += [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
+                    value.encode(), b"\r\n"]
+        out.append(f"--{boundary}--\r\n".encode())
+        return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+    def _request(self, method: str, path: str, body: bytes = b"", content_type: str | None = None):
+        import http.client
+
+        headers = self._headers(body)
+        if content_type:
+            headers["Content-Type"] = content_type
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        conn.request(method, path, body=body or None, headers=headers)
+        return conn, conn.getresponse()
+
+    @staticmethod
+    def _refused(response) -> Exception:
+        import json
+
+        from node.fhe_service import ExchangeError
+
+        raw = response.read(64 * 1024)
+        try:
+            doc = json.loads(raw)
+            return ExchangeError(str(doc["reason"])[:48], str(doc.get("error", ""))[:256])
+        except (ValueError, KeyError, TypeError):
+            return ExchangeError(f"http_{response.status}", raw[:200].decode(errors="replace"))
+
+    def client_zip_matches(self, own_client_zip: bytes) -> bool:
+        conn, response = self._request("GET", "/get_client")
+        try:
+            if response.status != 200:
+                raise self._refused(response)
+            return response.read(len(own_client_zip) + 1) == own_client_zip
+        finally:
+            conn.close()
+
+    def add_key(self, evaluation_keys: bytes) -> str:
+        import json
+
+        from node.fhe_service import ExchangeError
+
+        body, kind = self._form({"key": evaluation_keys}, {})
+        conn, response = self._request("POST", "/add_key", body, kind)
+        try:
+            if response.status != 200:
+                raise self._refused(response)
+            try:
+                uid = json.loads(response.read(4096))["uid"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ExchangeError("bad_answer", f"/add_key answered no uid: {exc}") from exc
+            if not isinstance(uid, str) or not uid or len(uid) > 128:
+                raise ExchangeError("bad_answer", "/add_key answered a uid that is not a short string")
+            return uid
+        finally:
+            conn.close()
+
+    def compute(self, uid: str, ciphertext: bytes, iterations: int, *, max_chunk_bytes: int) -> StreamedResult:
+        """The streamed chunks; checks the framing, each chunk's size, the count and
+        Brainlock's streaming rule."""
+        from node.fhe_service import ExchangeError
+        from protocol.challenge import LATE_STREAM, streamed_in_time
+
+        body, kind = self._form({"model_input": ciphertext}, {"uid": uid, "iterations": str(iterations)})
+        sent = time.monotonic()
+        conn, response = self._request("POST", "/compute", body, kind)
+        try:
+            if response.status != 200:
+                raise self._refused(response)
+            chunks, arrivals = [], []
+            while True:
+                head = response.read(4)
+                if len(head) != 4:
+                    raise ExchangeError("cut_stream", f"the stream ended after {len(chunks)} chunks")
+                length = int.from_bytes(head, "little")
+                if length == 0:
+                    break
+                if length > max_chunk_bytes or len(chunks) >= iterations:
+                    raise ExchangeError("bad_stream", f"chunk {len(chunks) + 1} of {length} bytes "
+                                                      f"(at most {iterations} of {max_chunk_bytes})")
+                data = response.read(length)
+                if len(data) != length:
+                    raise ExchangeError("cut_stream", f"chunk {len(chunks) + 1} ended after {len(data)} bytes")
+                chunks.append(data)
+                arrivals.append(time.monotonic() - sent)
+            total = time.monotonic() - sent
+        finally:
+            conn.close()
+        if len(chunks) != iterations:
+            raise ExchangeError("bad_stream", f"{len(chunks)} chunks for {iterations} iterations")
+        if not streamed_in_time(arrivals, total):
+            raise ExchangeError(LATE_STREAM, f"the first chunks came at {arrivals[:2]} s of {total:.2f} s")
+        return StreamedResult(tuple(chunks), tuple(arrivals), total)
+
+
+__all__ = ["BrainlockClient", "BrainlockHttp", "BrainlockRefusal", "StreamedResult", "check_body_signature",
+           "check_headers", "form_boundary", "parse_form", "signed_string"]
