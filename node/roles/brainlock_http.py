@@ -298,6 +298,7 @@ class BrainlockHttp:
 
     def refuse(self, reason: str, hint: str) -> None:
         self.refused[reason] += 1
+        self.miner.refused[reason] += 1  # the miner's /status section counts both protocols
         ctx = self.miner.ctx
         if ctx is not None:
             ctx.metrics.reject(METRICS_SOURCE, reason)
@@ -379,6 +380,7 @@ class BrainlockHttp:
 
     def done(self, route: str, elapsed_s: float | None = None) -> None:
         self.served[route] += 1
+        self.miner.served[f"brainlock_{route}"] += 1
         if elapsed_s is not None:
             self.miner.compute_s.append(round(elapsed_s, 3))
 
