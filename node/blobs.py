@@ -229,8 +229,8 @@ async def fetch_from_holders(mesh: Mesh, signer: Signer, *, cid: str, holders: l
         with trio.move_on_after(deadline) as scope:
             try:
                 return await _fetch_chunks(mesh, signer, cid, manifest, group, partial_dir, timing, stats, errors)
-            except BlobCorrupt as exc:  # the manifest lied: its holders all agreed with a false one
-                errors.append(f"{[h.hotkey[:8] for h in group]}: {exc}")
+            except (BlobCorrupt, BlobFetchError) as exc:  # a false manifest, or its holders all failed:
+                errors.append(f"{[h.hotkey[:8] for h in group]}: {exc}")  # the next group may do
         if scope.cancelled_caught:
             raise BlobFetchError("timeout", f"blob {cid[:12]} not in within {deadline:.0f}s; "
                                  "its partial file is kept and the next fetch resumes it")

@@ -139,6 +139,56 @@ def test_a_holder_serving_a_bad_chunk_is_dropped_at_that_chunk_and_the_other_fin
     assert sorted(honest_asked) == list(range(6))
 
 
+class _FalseManifestService(BlobService):
+    """Answers the manifest of other bytes of the same size (and serves those bytes)."""
+
+    def manifest(self, cid):
+        return manifest_of(self.fake)
+
+    def chunk(self, cid, index):
+        start, end = self.manifest(cid).chunk_range(index)
+        return self.fake[start:end]
+
+
+def test_a_holder_with_a_false_manifest_is_outvoted_and_asked_for_no_chunk(tmp_path):
+    blob = _blob(3)
+    stats = TransferStats()
+
+    def liar(service):
+        service.fake = os.urandom(len(blob))
+        return _Counting(service)
+
+    async def body(asker, holders):
+        data = await fetch_from_holders(asker, ASKER, cid=_cid(blob), max_bytes=64 << 20,
+                                        holders=[h[0] for h in holders], partial_dir=tmp_path / "partial",
+                                        timing=FAST, stats=stats)
+        return data, [h[2].asked for h in holders]
+
+    got, (liar_asked, *honest_asked) = _run_with_holders(
+        tmp_path, blob, [(ALICE, (_FalseManifestService, liar)), (CHARLIE, (BlobService, _Counting)),
+                         (ASKER, (BlobService, _Counting))], body)
+    assert got == blob and liar_asked == [] and stats.bad_chunks == 0
+    assert sorted(honest_asked[0] + honest_asked[1]) == list(range(4))
+
+
+def test_a_lone_false_manifest_is_caught_by_the_whole_blob_check(tmp_path):
+    blob = _blob(2)
+
+    def liar(service):
+        service.fake = os.urandom(len(blob))
+        return _Counting(service)
+
+    async def body(asker, holders):
+        with pytest.raises(BlobFetchError, match="assembled from its manifest"):
+            await fetch_from_holders(asker, ASKER, cid=_cid(blob), max_bytes=64 << 20, holders=[holders[0][0]],
+                                     partial_dir=tmp_path / "partial", timing=FAST)
+        return holders[0][2].asked
+
+    asked = _run_with_holders(tmp_path, blob, [(ALICE, (_FalseManifestService, liar))], body)
+    assert sorted(asked) == [0, 1, 2], "a false manifest costs the whole blob, once"
+    assert not list((tmp_path / "partial").iterdir()), "and its partial file is dropped"
+
+
 def test_a_small_blob_still_comes_in_one_request(tmp_path):
     blob = os.urandom(CHUNK_BYTES - 100)
 
