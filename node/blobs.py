@@ -25,7 +25,7 @@ import trio
 from node.mesh import Mesh, MeshRequestError, request_started_ms
 from node.storage.local import (BlobCorrupt, BlobNotFound, BlobStore, LocalBlobStore, PartialBlobFile, StorageError,
                                 content_id, is_content_id, verified)
-from protocol.blob_messages import (CHUNK_BYTES, MAX_MANIFEST_BYTES, BadChunk, BadManifest, BlobChunkRequest,
+from protocol.blob_messages import (MAX_MANIFEST_BYTES, BadChunk, BlobChunkRequest,
                                     BlobManifest, BlobManifestRequest, manifest_of)
 from protocol.epistula import EnvelopeVerifier, Signer
 from protocol.errors import RemoteProtocolError
