@@ -31,7 +31,8 @@ from crypto.identity import Hotkey
 from node.fhe_service import FheConfig
 from node.metrics import NodeMetrics
 from node.roles.base import RoleContext
-from node.roles.brainlock_http import BrainlockHttp, form_boundary, parse_form, signed_string
+from node.roles.brainlock_http import BrainlockHttp
+from protocol.brainlock import form_boundary, parse_form, signed_string
 from node.roles.miner import MinerService
 from node.settings import NodeSettings
 from protocol.epistula import EnvelopeVerifier, Envelope, signing_payload
@@ -247,6 +248,38 @@ def test_form_parsing_is_strict():
     with pytest.raises(Exception) as info:
         form_boundary("application/json")
     assert info.value.reason == "wrong_content_type"
+
+
+def test_declared_bodies_and_upload_slots_are_judged_on_headers_alone():
+    from protocol.brainlock import (BrainlockRefusal, check_declared_body, check_upload_slot, parse_compute_form,
+                                    route_body_limit)
+
+    limit = route_body_limit("/compute", evaluation_key_bytes=10**6, max_ciphertext_bytes=5000)
+    assert route_body_limit("/get_client", evaluation_key_bytes=10**6, max_ciphertext_bytes=5000) == 0
+    assert route_body_limit("/add_key", evaluation_key_bytes=10**6, max_ciphertext_bytes=5000) > 10**6 > limit > 5000
+    kind = "multipart/form-data; boundary=abc"
+    check_declared_body("/compute", kind, limit, limit)
+    check_declared_body("/get_client", "", None, 0)
+    for route, content_type, declared, reason in (
+            ("/compute", kind, limit + 1, "body_too_large"), ("/compute", kind, None, "length_required"),
+            ("/compute", "application/json", 10, "wrong_content_type"), ("/get_client", "", 1, "body_too_large")):
+        with pytest.raises(BrainlockRefusal) as info:
+            check_declared_body(route, content_type, declared, limit)
+        assert info.value.reason == reason
+    check_upload_slot({"other": 1}, "me", per_signer=1)
+    with pytest.raises(BrainlockRefusal, match="one at a time"):
+        check_upload_slot({"me": 1}, "me", per_signer=1)
+    with pytest.raises(BrainlockRefusal) as info:
+        check_upload_slot({f"s{i}": 1 for i in range(8)}, "me", per_signer=1)
+    assert info.value.reason == "busy"
+    body, kind = multipart({"model_input": b"ct"}, {"uid": "u-1", "iterations": " 7 "})
+    form = parse_compute_form(body, kind)
+    assert (form.uid, form.iterations, body[form.model_input.start:form.model_input.end]) == ("u-1", 7, b"ct")
+    for iterations in ("-1", "1e3", "9999999", ""):
+        body, kind = multipart({"model_input": b"ct"}, {"uid": "u-1", "iterations": iterations})
+        with pytest.raises(BrainlockRefusal) as info:
+            parse_compute_form(body, kind)
+        assert info.value.reason == "bad_iterations"
 
 
 # --- the validator's whole flow -------------------------------------------------------

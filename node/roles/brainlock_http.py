@@ -12,7 +12,9 @@ each request Epistula-signed in HTTP headers (Epistula-Version, -Timestamp, -Uui
 -Signed-By, -Signed-For, -Request-Signature) over "{sha256(body)}.{uuid}.{timestamp}.
 {signed_for}" (protocol/epistula.py implements that exact string).
 
-Order of the checks, cheapest first, every one before the body is read except the last:
+The rules (what is accepted or refused, and in which order) are protocol/brainlock.py's;
+this module carries the requests and asks them. Order of the checks, cheapest first,
+every one before the body is read except the last:
     headers well-formed -> Content-Type and Content-Length within the route's limit ->
     signer in the registry with the validator role and stake -> signed for this miner ->
     fresh (judged at the time the headers arrived) -> uuid not seen -> a free upload slot
@@ -44,175 +46,20 @@ from typing import Any
 
 import trio
 
-from crypto.identity import verify_signature
 from node.fhe_service import now_ms
+from protocol.brainlock import (BrainlockRefusal, check_body_complete, check_body_progress,
+                                check_body_signature, check_declared_body, check_headers, check_upload_slot,
+                                form_boundary, parse_compute_form, parse_form, require_field, route_body_limit,
+                                status_of)
 from protocol.challenge_messages import VALIDATORS_ONLY
-from protocol.epistula import (BadSignature, Envelope, FutureTimestamp, Replay, SignerNotAllowed, StaleTimestamp,
-                               UnknownSigner, WrongRecipient)
+from protocol.epistula import Envelope
 from protocol.errors import RemoteProtocolError
-from protocol.membership import Member, SenderPolicy
+from protocol.membership import SenderPolicy
 
 log = logging.getLogger("sealmesh.brainlock")
 
 METRICS_SOURCE = "brainlock"
 CHUNK_BYTES = 1 << 16
-FORM_OVERHEAD_BYTES = 16 * 1024  # boundaries and part headers around the fields
-MAX_FORM_PARTS = 8
-MAX_PART_HEADER_BYTES = 4096
-MAX_UPLOADS_AT_ONCE = 8  # bodies in flight across every signer (disk and memory bound)
-
-# reason -> HTTP status. Everything else a peer causes is 400.
-STATUS = {
-    "malformed_envelope": 401, "unknown_signer": 401, "bad_signature": 401, "stale_timestamp": 401,
-    "future_timestamp": 401, "replay": 401, "replay_quota": 429, "signer_not_allowed": 403,
-    "wrong_recipient": 403, "length_required": 411, "body_too_large": 413, "wrong_content_type": 415,
-    "busy_signer": 429, "busy": 503, "not_ready": 503, "unknown_uid": 404, "foreign_uid": 403,
-    "too_many_challenges": 429, "key_cache_full": 503, "timeout": 504, "miner_error": 500,
-}
-
-
-class BrainlockRefusal(RemoteProtocolError):
-    """A request this route will not serve, with its label."""
-
-    def __init__(self, reason: str, hint: str) -> None:
-        super().__init__(hint, reason=reason)
-
-
-def status_of(reason: str) -> int:
-    return STATUS.get(reason, 400)
-
-
-# --- Epistula over HTTP: the checks that need no body -----------------------------------
-
-
-def check_headers(verifier: Any, envelope: Envelope, *, now_ms: int, policy: SenderPolicy) -> Member:
-    """Every Epistula check that needs no body, in the order EnvelopeVerifier.preflight
-    runs them: known signer, allowed (role and stake), signed for this node (an empty
-    signed-for is refused: the subnet's own verifier accepts it), fresh, not a replay.
-    Raises an EpistulaError. The signature is check_body_signature's, once the body is in."""
-    member = verifier.directory.member(envelope.signed_by)
-    if member is None:
-        raise UnknownSigner(f"{envelope.signed_by} is not a member of this mesh")
-    if not policy.allows(member):
-        raise SignerNotAllowed(f"{envelope.signed_by} (roles {sorted(r.value for r in member.roles)}, stake "
-                               f"{member.stake}) may not call this route: validators with stake >= "
-                               f"{policy.min_stake} only")
-    if envelope.signed_for != verifier.own_hotkey:
-        raise WrongRecipient(f"signed for {envelope.signed_for or 'nobody'}, not this miner "
-                             f"({verifier.own_hotkey})")
-    age = now_ms - envelope.timestamp_ms
-    if age > verifier.window_ms:
-        raise StaleTimestamp(f"signed {age} ms before the request arrived; the window is {verifier.window_ms} ms")
-    if -age > verifier.window_ms:
-        raise FutureTimestamp(f"signed {-age} ms in the future; the window is {verifier.window_ms} ms")
-    if verifier.replays.seen(envelope.signed_by, envelope.uuid, envelope.timestamp_ms):
-        raise Replay(f"uuid {envelope.uuid} was already used by {envelope.signed_by}")
-    return member
-
-
-def signed_string(body_sha256: str, envelope: Envelope) -> bytes:
-    """protocol.epistula.signing_payload's string, from a body hashed while it streamed
-    (tests/test_brainlock_http.py holds the two equal)."""
-    return f"{body_sha256}.{envelope.uuid}.{envelope.timestamp_ms}.{envelope.signed_for}".encode()
-
-
-def check_body_signature(verifier: Any, envelope: Envelope, body_sha256: str, *, now_ms: int,
-                         policy: SenderPolicy) -> Member:
-    """The headers again (another request may have spent the uuid meanwhile), then the
-    signature over the body; spends the uuid. Raises an EpistulaError."""
-    member = check_headers(verifier, envelope, now_ms=now_ms, policy=policy)
-    if not verify_signature(envelope.signed_by, signed_string(body_sha256, envelope),
-                            bytes.fromhex(envelope.signature[2:])):
-        raise BadSignature(f"signature does not verify for {envelope.signed_by} over this body")
-    verifier.spend(envelope, now_ms=now_ms)
-    return member
-
-
-# --- multipart/form-data, judged only once the signature holds --------------------------
-
-
-@dataclass(frozen=True)
-class FormPart:
-    name: str
-    filename: str | None
-    start: int  # the field's bytes are buffer[start:end]
-    end: int
-
-
-def form_boundary(content_type: str) -> bytes:
-    """The boundary of a multipart/form-data Content-Type; BrainlockRefusal otherwise."""
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/form-data":
-        raise BrainlockRefusal("wrong_content_type", f"expected multipart/form-data, got {kind.strip()!r}")
-    for param in params.split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            value = value.strip('"')
-            if 1 <= len(value) <= 70 and value.isascii():
-                return value.encode()
-    raise BrainlockRefusal("wrong_content_type", "multipart/form-data without a valid boundary")
-
-
-def _disposition(headers: bytes) -> tuple[str, str | None]:
-    for line in headers.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() != b"content-disposition":
-            continue
-        fields: dict[str, str] = {}
-        kind, *params = value.decode("utf-8", errors="replace").split(";")
-        if kind.strip().lower() != "form-data":
-            break
-        for param in params:
-            k, _, v = param.strip().partition("=")
-            fields[k.lower()] = v.strip().strip('"')
-        if "name" in fields:
-            return fields["name"], fields.get("filename")
-    raise BrainlockRefusal("bad_form", "a form part without Content-Disposition: form-data; name=...")
-
-
-def parse_form(buffer: Any, boundary: bytes) -> dict[str, FormPart]:
-    """The parts of a multipart/form-data body (bytes or an mmap), by field name, as
-    offsets: a 40 MB key field is located, not copied. Strict: the body starts with the
-    first delimiter and ends at the closing one; a repeated field is refused."""
-    delimiter = b"--" + boundary
-    if buffer[:len(delimiter)] != delimiter:
-        raise BrainlockRefusal("bad_form", "the body does not start with the form's boundary")
-    parts: dict[str, FormPart] = {}
-    at = len(delimiter)
-    while True:
-        if buffer[at:at + 2] == b"--":
-            return parts
-        if buffer[at:at + 2] != b"\r\n":
-            raise BrainlockRefusal("bad_form", "a boundary not followed by CRLF or --")
-        head_end = buffer.find(b"\r\n\r\n", at + 2, at + 2 + MAX_PART_HEADER_BYTES)
-        if head_end < 0:
-            raise BrainlockRefusal("bad_form", f"part headers missing or over {MAX_PART_HEADER_BYTES} bytes")
-        name, filename = _disposition(bytes(buffer[at + 2:head_end]))
-        start = head_end + 4
-        end = buffer.find(b"\r\n" + delimiter, start)
-        if end < 0:
-            raise BrainlockRefusal("bad_form", f"field {name!r} is not closed by the boundary")
-        if name in parts:
-            raise BrainlockRefusal("bad_form", f"field {name!r} appears twice")
-        if len(parts) >= MAX_FORM_PARTS:
-            raise BrainlockRefusal("bad_form", f"more than {MAX_FORM_PARTS} form fields")
-        parts[name] = FormPart(name, filename, start, end)
-        at = end + 2 + len(delimiter)
-
-
-def require_field(parts: dict[str, FormPart], name: str) -> FormPart:
-    part = parts.get(name)
-    if part is None:
-        raise BrainlockRefusal("missing_field", f"the form has no field {name!r} (fields: {sorted(parts)})")
-    return part
-
-
-def parse_iterations(raw: bytes) -> int:
-    """The iterations field as a number; its bound is the keyring's (check_iterations)."""
-    text = raw.decode("ascii", errors="replace").strip()
-    if not text.isdigit() or not text.isascii() or len(text) > 6:
-        raise BrainlockRefusal("bad_iterations", f"iterations must be a whole number, got {text[:20]!r}")
-    return int(text)
 
 
 # --- chained runs -----------------------------------------------------------------------
@@ -285,9 +132,8 @@ class BrainlockHttp:
 
     def body_limit(self, route: str) -> int:
         engine = self.miner.engine
-        if route == "/add_key":
-            return engine.evaluation_key_bytes + 16 * 1024 + FORM_OVERHEAD_BYTES
-        return engine.max_ciphertext_bytes + FORM_OVERHEAD_BYTES
+        return route_body_limit(route, evaluation_key_bytes=engine.evaluation_key_bytes,
+                                max_ciphertext_bytes=engine.max_ciphertext_bytes)
 
     def spool_dir(self) -> Path:
         path = Path(self.miner.settings.data_dir) / "fhe" / "brainlock-uploads"
@@ -410,24 +256,13 @@ class BrainlockHttp:
             if self.miner.engine is None:  # the limits come from the loaded circuit
                 raise BrainlockRefusal("not_ready", "the miner is still loading its circuit; retry shortly")
             envelope = Envelope.from_headers(request.headers, b"")  # MalformedEnvelope
-            if route != "/get_client":
-                form_boundary(request.headers.get("Content-Type", ""))
-            declared = request.content_length
-            limit = self.body_limit(route) if route != "/get_client" else 0
-            if declared is None and route != "/get_client":
-                raise BrainlockRefusal("length_required", "send a Content-Length (chunked bodies are refused)")
-            if (declared or 0) > limit:
-                raise BrainlockRefusal("body_too_large", f"{route} takes at most {limit} bytes, "
-                                                         f"Content-Length says {declared}")
+            declared, limit = request.content_length, self.body_limit(route)
+            check_declared_body(route, request.headers.get("Content-Type", ""), declared, limit)
             signer = await on_trio(self.admit, envelope, arrived)
             if route == "/get_client":
                 await on_trio(self.verify_body, envelope, hashlib.sha256(b"").hexdigest(), arrived)
                 return signer, b""
-            if self.uploading[signer] >= self.miner.config.uploads_per_signer:
-                raise BrainlockRefusal("busy_signer", f"{self.uploading[signer]} uploads of yours are in "
-                                                      "flight; send one at a time")
-            if sum(self.uploading.values()) >= MAX_UPLOADS_AT_ONCE:
-                raise BrainlockRefusal("busy", f"{MAX_UPLOADS_AT_ONCE} uploads in flight; retry shortly")
+            check_upload_slot(self.uploading, signer, per_signer=self.miner.config.uploads_per_signer)
             self.uploading[signer] += 1
             try:
                 digest, got = hashlib.sha256(), 0
@@ -437,15 +272,13 @@ class BrainlockHttp:
                 try:
                     async for chunk in _chunks(request.content):
                         got += len(chunk)
-                        if got > limit:
-                            raise BrainlockRefusal("body_too_large", f"{route} body passed {limit} bytes")
+                        check_body_progress(route, got, limit)
                         digest.update(chunk)
                         if sink is not None:
                             sink.write(chunk)
                         else:
                             chunks.append(chunk)
-                    if got != declared:
-                        raise BrainlockRefusal("short_body", f"the body ended after {got} of {declared} bytes")
+                    check_body_complete(got, declared)
                     if sink is not None:
                         sink.close()
                     signer = await on_trio(self.verify_body, envelope, digest.hexdigest(), arrived)
@@ -497,12 +330,9 @@ class BrainlockHttp:
         async def compute(request: web.Request) -> web.StreamResponse:
             try:
                 signer, body = await headers_then_body(request, "/compute", spool=False)
-                parts = parse_form(body, form_boundary(request.headers["Content-Type"]))
-                model_input = require_field(parts, "model_input")
-                uid_part, iterations_part = require_field(parts, "uid"), require_field(parts, "iterations")
-                uid = body[uid_part.start:uid_part.end].decode("utf-8", errors="replace").strip()
-                iterations = parse_iterations(body[iterations_part.start:iterations_part.end])
-                ciphertext = body[model_input.start:model_input.end]
+                form = parse_compute_form(body, request.headers["Content-Type"])
+                uid, iterations = form.uid, form.iterations
+                ciphertext = body[form.model_input.start:form.model_input.end]
                 key_id = await on_trio(self.start_compute, signer, uid, iterations)
                 started = time.monotonic()
                 chain = await on_trio(self.open_chain, signer, key_id, ciphertext)
@@ -717,5 +547,4 @@ class BrainlockClient:
         return StreamedResult(tuple(chunks), tuple(arrivals), total)
 
 
-__all__ = ["BrainlockClient", "BrainlockHttp", "BrainlockRefusal", "StreamedResult", "check_body_signature",
-           "check_headers", "form_boundary", "parse_form", "signed_string"]
+__all__ = ["BrainlockClient", "BrainlockHttp", "StreamedResult"]
