@@ -712,7 +712,11 @@ def test_sound_no_pickle_no_unsafe_deserializer_in_the_code():
     hits = []
     for package in ("protocol", "crypto", "node", "fhe", "training"):
         for path in (root / package).rglob("*.py"):
-            for match in _UNSAFE_DESERIALIZERS.finditer(path.read_text()):
+            text = path.read_text()
+            for match in _UNSAFE_DESERIALIZERS.finditer(text):
+                line = text[text.rfind("\n", 0, match.start()) + 1:text.find("\n", match.end())]
+                if match.group(0).startswith("torch.load(") and "weights_only=True" in line:
+                    continue  # torch's restricted unpickler: tensors and plain containers only
                 hits.append(f"{path.relative_to(root)}: {match.group(0).strip()}")
     assert hits == []
     # The one place that hands peer bytes to a library with a pickle fallback turns it off.
