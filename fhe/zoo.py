@@ -329,8 +329,9 @@ def load_synthetic_cnv_checkpoint(path: Path) -> SyntheticCnv:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refusals are pickle.UnpicklingError, others vary
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ZooError(
-            f"checkpoint {path} is not a weights-only torch file ({str(exc).splitlines()[0]}); "
+            f"checkpoint {path} is not a weights-only torch file ({first_line}); "
             "it must hold only tensors: {'state_dict': model.state_dict()}",
             reason="bad_checkpoint") from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
