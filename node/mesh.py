@@ -38,6 +38,9 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.pubsub.validators import signature_validator
+from libp2p.relay.circuit_v2 import PROTOCOL_ID as RELAY_HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -57,6 +60,7 @@ from node._libp2p_tuning import (
 
 __all__ = [
     "CHANNELS",
+    "DIAL_BACK_PROTOCOL",
     "EnvelopeFirst",
     "GossipMessage",
     "Mesh",
@@ -141,6 +145,16 @@ class MeshConfig:
     stream_min_rate_bytes_per_s: float = float(1 << 20)
     stream_idle_timeout_s: float = 10.0  # ... and is dropped sooner if no byte comes for this long
     stream_timeout_s: float = 60.0  # the handler and the response, once the request is in
+
+    # Circuit relay v2 (docs/mesh.md "Reachability"). Every mesh can be reached through a
+    # relay (the STOP side) and dial through one; only relay_service offers the HOP side,
+    # within these limits per relayed connection and in all.
+    relay_service: bool = False
+    relay_max_reservations: int = 32
+    relay_max_circuits: int = 64
+    relay_circuit_duration_s: int = 3600
+    relay_circuit_bytes: int = 1 << 30
+    dial_back_timeout_s: float = 5.0  # a dial-back probe's TCP connect, server side
 
     # Peer score: P4 (invalid messages) only; see docs/mesh.md.
     score_invalid_weight: float = 1.0
@@ -410,6 +424,15 @@ class Mesh:
         self._notifee = _BanNotifee(self._on_connected)
         self.peer_id = self._host.get_id().to_base58()
         self.listen_addrs: list[str] = []
+        limits = RelayLimits(duration=config.relay_circuit_duration_s, data=config.relay_circuit_bytes,
+                             max_circuit_conns=config.relay_max_circuits,
+                             max_reservations=config.relay_max_reservations)
+        self._relay = CircuitV2Protocol(self._host, limits=limits, allow_hop=config.relay_service)
+        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if config.relay_service else RelayRole(0))
+        self._relay_transport = CircuitV2Transport(self._host, self._relay, RelayConfig(roles=roles, limits=limits))
+        self.relay_reservations: dict[str, str] = {}  # relay peer id -> our address through it
+        self._nursery: trio.Nursery | None = None
+        self._host.set_stream_handler(TProtocol(DIAL_BACK_PROTOCOL), self._serve_dial_back)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -422,10 +445,13 @@ class Mesh:
         async with mesh._host.run(listen_addrs=[listen]):
             network.register_notifee(mesh._notifee)
             try:
-                async with background_trio_service(mesh._pubsub), background_trio_service(mesh._router):
+                async with background_trio_service(mesh._pubsub), background_trio_service(mesh._router), \
+                        background_trio_service(mesh._relay):
                     await mesh._pubsub.wait_until_ready()
+                    await mesh._relay.event_started.wait()
                     mesh.listen_addrs = [str(a) for a in mesh._host.get_addrs()]
                     async with trio.open_nursery() as nursery:
+                        mesh._nursery = nursery
                         nursery.start_soon(mesh._enforce_bans)
                         nursery.start_soon(mesh._expire_bans)
                         await mesh._start_bootstrap(nursery)
@@ -445,12 +471,112 @@ class Mesh:
     # ---- peers -----------------------------------------------------------
 
     async def connect(self, multiaddr_str: str) -> None:
-        info = info_from_p2p_addr(multiaddr.Multiaddr(multiaddr_str))
+        """Dial a peer at a multiaddr ending in /p2p/<id>; a relayed one
+        (<relay addr>/p2p/<relay>/p2p-circuit/p2p/<id>) goes through that relay."""
+        maddr = multiaddr.Multiaddr(multiaddr_str)
+        if is_relayed_addr(multiaddr_str):
+            await self._connect_relayed(maddr)
+            return
+        info = info_from_p2p_addr(maddr)
         if self._is_banned(info.peer_id):
             raise MeshRequestError(f"peer {info.peer_id} is blacklisted")
         self._unblock(info.peer_id)
         with trio.fail_after(self.config.dial_timeout_s):
             await self._host.connect(info)
+
+    async def _connect_relayed(self, maddr: multiaddr.Multiaddr) -> None:
+        # py-libp2p's swarm drops p2p-circuit addresses from every dial (swarm.py dial_peer,
+        # "Skip relay (p2p-circuit) addresses"), so host.connect cannot use them: dial the
+        # circuit transport ourselves; its connection is upgraded into the swarm like any other.
+        relay_addr, target = self._relay_transport.parse_circuit_ma(maddr)
+        if self._is_banned(target):
+            raise MeshRequestError(f"peer {target} is blacklisted")
+        relay_id = ID.from_base58(relay_addr.get_peer_id())
+        with trio.fail_after(self.config.dial_timeout_s):
+            if not self._host.get_network().get_connections(relay_id):
+                await self._host.connect(info_from_p2p_addr(relay_addr))
+            await self._relay_transport.dial(maddr)
+
+    async def reserve_relay(self, relay_multiaddr: str) -> str:
+        """Reserve a slot on the relay at `relay_multiaddr` (ending in /p2p/<relay id>) and
+        return the address others reach us by through it. MeshRequestError if refused."""
+        assert self._nursery is not None, "reserve_relay needs an open mesh"
+        relay_addr = multiaddr.Multiaddr(relay_multiaddr)
+        relay_id = info_from_p2p_addr(relay_addr).peer_id
+        try:
+            with trio.fail_after(self.config.dial_timeout_s):
+                await self._host.connect(info_from_p2p_addr(relay_addr))
+                stream = await self._host.new_stream(relay_id, [RELAY_HOP_PROTOCOL_ID])
+        except Exception as exc:
+            raise MeshRequestError(f"no relay at {relay_multiaddr}: {exc!r}") from exc
+        try:
+            ok = await self._relay_transport.reserve(stream, relay_id, self._nursery)
+        finally:
+            await _close_quietly(stream)
+        if not ok:
+            raise MeshRequestError(f"relay {relay_id} refused a reservation")
+        relayed = f"{relay_multiaddr}/p2p-circuit/p2p/{self.peer_id}"
+        self.relay_reservations[relay_id.to_base58()] = relayed
+        return relayed
+
+    def connection_kinds(self) -> dict[str, str]:
+        """Each connected peer: "direct" if any of its connections is direct, else "relayed"."""
+        kinds: dict[str, str] = {}
+        network = self._host.get_network()
+        for peer in self._host.get_connected_peers():
+            relayed = [_is_relayed_conn(c) for c in network.get_connections(peer)]
+            kinds[peer.to_base58()] = "relayed" if relayed and all(relayed) else "direct"
+        return kinds
+
+    # ---- dial-back probe (reachability) -----------------------------------
+
+    async def probe_dial_back(self, peer_id: str, addrs: list[str], timeout_s: float = 15.0) -> str | None:
+        """Ask `peer_id` to open a fresh TCP connection to one of `addrs` (our announced
+        addresses); the address it reached, or None if it reached none. The peer only dials
+        addresses on the IP it sees our connection come from (no amplification)."""
+        payload = "\n".join(addrs).encode()
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(DIAL_BACK_PROTOCOL)])
+                try:
+                    await _write_frame(stream, payload)
+                    answer = await _read_response(stream, 4096)
+                finally:
+                    await _close_quietly(stream)
+        except trio.TooSlowError:
+            raise TimeoutError(f"dial-back probe to {peer_id}: no answer within {timeout_s}s") from None
+        except MeshRequestError:
+            raise
+        except Exception as exc:
+            raise MeshRequestError(f"dial-back probe to {peer_id}: {exc!r}") from exc
+        return answer.decode() or None
+
+    async def _serve_dial_back(self, stream: INetStream) -> None:
+        try:
+            observed = _observed_ip(stream)
+            with trio.fail_after(self.config.stream_header_timeout_s):
+                length = int.from_bytes(await _read_exact(stream, 4), "big")
+                if length > 4096 or _is_relayed_conn_of(stream):
+                    await _write_frame(stream, b"refused: too large or over a relay", error=True)
+                    return
+                addrs = (await _read_exact(stream, length)).decode(errors="replace").split("\n")
+            reached = ""
+            for addr in addrs:
+                host_port = _tcp_host_port(addr)
+                if host_port is None or observed is None or host_port[0] != observed:
+                    continue
+                with trio.move_on_after(self.config.dial_back_timeout_s):
+                    with contextlib.suppress(OSError):
+                        tcp = await trio.open_tcp_stream(*host_port)
+                        await tcp.aclose()
+                        reached = addr
+                if reached:
+                    break
+            await _write_frame(stream, reached.encode())
+        except Exception as exc:
+            logger.debug("dial-back probe failed: %r", exc)
+        finally:
+            await _close_quietly(stream)
 
     def _unblock(self, peer: ID) -> None:
         # The swarm refuses to dial a peer for 60 s after all its addresses
@@ -881,6 +1007,52 @@ class Mesh:
 
 
 # ---- helpers --------------------------------------------------------------
+
+
+DIAL_BACK_PROTOCOL = "/sealmesh/dial-back/1"
+
+
+def is_relayed_addr(addr: str) -> bool:
+    return "/p2p-circuit" in addr
+
+
+def _tcp_host_port(addr: str) -> tuple[str, int] | None:
+    try:
+        maddr = multiaddr.Multiaddr(addr)
+        return maddr.value_for_protocol("ip4"), int(maddr.value_for_protocol("tcp"))
+    except Exception:
+        return None
+
+
+def _observed_ip(stream: INetStream) -> str | None:
+    try:
+        remote = stream.get_remote_address()
+    except Exception:
+        return None
+    return remote[0] if remote else None
+
+
+def _is_relayed_conn(conn: INetConn) -> bool:
+    # The connection type, set from the raw connection (RawConnection(connection_type=RELAYED)
+    # in circuit_v2) or tagged by the relay's STOP handler; transport addresses fall back to
+    # peerstore addresses, which may list a relayed address for a direct connection.
+    try:
+        kind = conn._get_connection_type_metadata()  # type: ignore[attr-defined]
+    except Exception:
+        kind = None
+    if kind is not None and getattr(kind, "name", "") != "UNKNOWN":
+        return kind.name == "RELAYED"
+    try:
+        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
+
+
+def _is_relayed_conn_of(stream: INetStream) -> bool:
+    conn = getattr(stream, "swarm_conn", None)
+    if conn is not None:
+        return _is_relayed_conn(conn)
+    return _observed_ip(stream) is None
 
 
 def _make_router(config: MeshConfig, stats: MeshStats) -> MeshGossipSub:

@@ -1,0 +1,104 @@
+"""A home network behind a NAT, for tests: public hosts on the 10.88.0.0/24 LAN of
+tests/netns.py, plus one "home" namespace on 192.168.77.0/24 whose only way out is a
+"router" namespace doing iptables MASQUERADE onto the LAN.
+
+Nothing on the LAN has a route to 192.168.77.0/24, and MASQUERADE keeps no inbound
+mappings for connections the home host did not open: the home host can dial out, nobody
+can dial in, as behind a home router without port forwarding. Needs root, `ip` and
+`iptables` (with the nat table); `available()` says why not, for a skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from tests import netns
+from tests.netns import Lan, _ip
+
+HOME_SUBNET = "192.168.77"
+ROUTER_LAN_IP = f"{netns.SUBNET}.254"  # the router's public address: what peers see the home host as
+HOME_IP = f"{HOME_SUBNET}.2"
+
+
+def available() -> str | None:
+    """None if a NATed home namespace can be made here, else why not."""
+    why = netns.available()
+    if why:
+        return why
+    if shutil.which("iptables") is None:
+        return "iptables is not installed (apt-get install -y iptables)"
+    probe = "smnatprobe"
+    try:
+        _ip("netns", "add", probe)
+        done = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L", "-n"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"iptables' nat table is not usable here: {done.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class NatLan(Lan):
+    """`public` hosts on the LAN (as in Lan), and `home` behind a MASQUERADE router.
+
+    ns(name) and ip(name) work for every host; ip(home) is its private address, which
+    nobody outside can reach, and `ROUTER_LAN_IP` is the address its connections come from."""
+
+    def __init__(self, public: list[str], home: str = "home", tag: str | None = None) -> None:
+        super().__init__(public, tag)
+        self.home = home
+        self.router = "router"
+
+    def ip(self, name: str) -> str:
+        if name == self.home:
+            return HOME_IP
+        if name == self.router:
+            return ROUTER_LAN_IP
+        return super().ip(name)
+
+    def __enter__(self) -> "NatLan":
+        super().__enter__()
+        try:
+            self._make_router_and_home()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _make_router_and_home(self) -> None:
+        router, home = self.ns(self.router), self.ns(self.home)
+        _ip("netns", "add", router)
+        _ip("netns", "add", home)
+        for ns in (router, home):
+            _ip("link", "set", "lo", "up", ns=ns)
+        # router's public side: a port on the LAN bridge
+        _ip("link", "add", "vr", "type", "veth", "peer", "name", "eth0", "netns", router, ns=self.hub)
+        _ip("link", "set", "vr", "master", "br0", ns=self.hub)
+        _ip("link", "set", "vr", "up", ns=self.hub)
+        _ip("addr", "add", f"{ROUTER_LAN_IP}/24", "dev", "eth0", ns=router)
+        _ip("link", "set", "eth0", "up", ns=router)
+        # router's home side: a veth straight to the home host
+        _ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", home, ns=router)
+        _ip("addr", "add", f"{HOME_SUBNET}.1/24", "dev", "eth1", ns=router)
+        _ip("link", "set", "eth1", "up", ns=router)
+        _ip("addr", "add", f"{HOME_IP}/24", "dev", "eth0", ns=home)
+        _ip("link", "set", "eth0", "up", ns=home)
+        _ip("route", "add", "default", "via", f"{HOME_SUBNET}.1", ns=home)
+        run = lambda *argv: subprocess.run(["ip", "netns", "exec", router, *argv],  # noqa: E731
+                                           check=True, capture_output=True, text=True)
+        run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{HOME_SUBNET}.0/24", "-o", "eth0",
+            "-j", "MASQUERADE")
+        # Only replies come back in: a home router without port forwarding.
+        run("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-m", "conntrack",
+            "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        run("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-j", "DROP")
+
+    def __exit__(self, *exc) -> None:
+        for name in list(self.processes):
+            self.stop(name, sig=9)
+        for ns in (self.ns(self.home), self.ns(self.router)):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        super().__exit__(*exc)
