@@ -3,6 +3,7 @@
 No networking. node/roles/miner.py feeds it what validators send:
     key_id = engine.add_key(validator_hotkey, evaluation_key_bytes)
     result = await engine.run_async(validator_hotkey, key_id, ciphertext, iterations)
+    await engine.run_chained_async(validator_hotkey, key_id, ciphertext, iterations, on_output)
 
 Runs happen in worker threads (Concrete releases the GIL while it computes), so the
 trio event loop never blocks. Concrete reads a peer's bytes only after fhe.capnp_guard
@@ -25,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fhe.bundle import SERVER_ZIP, BundleError, BundleHashMismatch, sha256_bytes
 from fhe.capnp_guard import check_capnp_message
@@ -148,14 +149,16 @@ class FheEngine:
                  key_cache_bytes: int = 1 << 30, max_concurrency: int = 1,
                  timeout_s: float = 120.0, max_iterations: int = 4,
                  max_ciphertext_bytes: int | None = None, max_keys_per_owner: int = 2,
-                 owner_key_bytes: int | None = None) -> None:
+                 owner_key_bytes: int | None = None, max_chained_iterations: int = 10) -> None:
         """`max_keys_per_owner` and `owner_key_bytes` (default: that many keys of this
-        circuit, within `key_cache_bytes`) bound what one validator holds here."""
+        circuit, within `key_cache_bytes`) bound what one validator holds here.
+        `max_chained_iterations` bounds run_chained (the Brainlock subnet sends 5-10),
+        `max_iterations` run."""
         from concrete.ml.deployment import FHEModelServer
 
-        if min(max_concurrency, max_iterations, max_keys_per_owner) < 1 or timeout_s <= 0 \
+        if min(max_concurrency, max_iterations, max_keys_per_owner, max_chained_iterations) < 1 or timeout_s <= 0 \
                 or key_cache_bytes <= 0 or (owner_key_bytes is not None and owner_key_bytes <= 0):
-            raise ValueError("max_concurrency, max_iterations, max_keys_per_owner, timeout_s, "
+            raise ValueError("max_concurrency, max_iterations, max_chained_iterations, max_keys_per_owner, timeout_s, "
                              "key_cache_bytes and owner_key_bytes must be positive")
         path = Path(server_bundle_dir) / SERVER_ZIP
         try:
@@ -178,6 +181,7 @@ class FheEngine:
                 raise BundleError(f"cannot load {path}: {exc}", reason="bad_server_bundle") from exc
         self.key_cache_bytes = key_cache_bytes
         self.max_iterations = max_iterations
+        self.max_chained_iterations = max_chained_iterations
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self.max_ciphertext_bytes = max_ciphertext_bytes or expected_ciphertext_bytes(specs)
@@ -319,14 +323,15 @@ class FheEngine:
 
     # ------------------------------------------------------------------ runs
 
-    def _admit(self, owner_hotkey: str, key_id: str, ciphertext: bytes, iterations: int) -> _StoredKey:
+    def _admit(self, owner_hotkey: str, key_id: str, ciphertext: bytes, iterations: int,
+               max_iterations: int | None = None) -> _StoredKey:
         """Every check that needs no FHE work, cheapest first (microseconds: fine on the
         event loop). Concrete has not seen the ciphertext yet."""
+        bound = self.max_iterations if max_iterations is None else max_iterations
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             raise BadIterations(f"iterations must be a positive integer, got {iterations!r}")
-        if iterations > self.max_iterations:
-            raise TooManyIterations(f"{iterations} iterations asked, at most "
-                                    f"{self.max_iterations} allowed")
+        if iterations > bound:
+            raise TooManyIterations(f"{iterations} iterations asked, at most {bound} allowed")
         if not isinstance(ciphertext, bytes) or not ciphertext:
             raise MalformedCiphertext("ciphertext must be non-empty bytes")
         if len(ciphertext) > self.max_ciphertext_bytes:
@@ -394,3 +399,77 @@ class FheEngine:
             finally:
                 abandoned.set()  # no-op when finished; stops the worker when abandoned
         raise Timeout(f"challenge passed its {self.timeout_s} s budget")
+
+    # ------------------------------------------------------------------ chained runs
+    #
+    # The Brainlock subnet's /compute: each iteration's output is the next one's input,
+    # and each output goes to the validator as soon as it exists. The output stays a
+    # Concrete value between iterations and is never re-read from its bytes: it is this
+    # miner's own value (nothing a peer sent), and serialized it is far larger than an
+    # input (3.1 MB against 4.9 KB for the tiny synthetic CNV: uncompressed LWE), so the
+    # input checks would refuse it. The circuit must be compiled composable (its output
+    # encoding equal to its input's), or Concrete refuses the second run.
+    #
+    # Budget: `timeout_s` per iteration, queueing included (one deadline for the chain,
+    # timeout_s * iterations from the call): a chain of n is n challenges' worth of work.
+
+    def _execute_chain(self, stored: _StoredKey, ciphertext: bytes, iterations: int, deadline: float,
+                       abandoned: threading.Event, on_output: Callable[[int, bytes], None]) -> bytes:
+        """Worker-thread body: read the ciphertext, take one slot for the whole chain,
+        run, hand each serialized output to `on_output(iteration, output)` (1-based, on
+        this thread); an exception from on_output stops the chain."""
+        value = self._deserialize(ciphertext)
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Timeout(f"no free slot within {self.timeout_s * iterations:g} s "
+                          f"({self.max_concurrency} running)")
+        try:
+            output = b""
+            for iteration in range(1, iterations + 1):
+                if abandoned.is_set() or time.monotonic() > deadline:
+                    raise Timeout(f"the chain passed its {self.timeout_s * iterations:g} s budget "
+                                  f"before iteration {iteration}")
+                try:
+                    value = self._server.server.run(value, evaluation_keys=stored.evaluation_keys)
+                except RuntimeError as exc:
+                    if iteration == 1:
+                        raise MalformedCiphertext(f"ciphertext does not fit this circuit: {exc}") from exc
+                    raise EngineError(f"iteration {iteration} refused our own output (is the circuit "
+                                      f"compiled composable?): {str(exc)[:160]}", reason="chain_failed") from exc
+                output = value.serialize()
+                if time.monotonic() > deadline:
+                    raise Timeout(f"the chain passed its {self.timeout_s * iterations:g} s budget "
+                                  f"in iteration {iteration}")
+                on_output(iteration, output)
+            return output
+        finally:
+            self._slots.release()
+
+    def run_chained(self, owner_hotkey: str, key_id: str, ciphertext: bytes, iterations: int,
+                    on_output: Callable[[int, bytes], None]) -> bytes:
+        """Blocking chained run on the calling thread: `iterations` runs, each on the
+        previous one's output, each output handed to `on_output` as soon as it is
+        computed; returns the last. Same key ownership, slots and input checks as run;
+        iterations bounded by `max_chained_iterations`."""
+        stored = self._admit(owner_hotkey, key_id, ciphertext, iterations, self.max_chained_iterations)
+        deadline = time.monotonic() + self.timeout_s * iterations
+        return self._execute_chain(stored, ciphertext, iterations, deadline, threading.Event(), on_output)
+
+    async def run_chained_async(self, owner_hotkey: str, key_id: str, ciphertext: bytes, iterations: int,
+                                on_output: Callable[[int, bytes], None]) -> bytes:
+        """run_chained in a worker thread under a trio cancel scope of the chain's budget.
+        `on_output` is called on the worker thread: it must be thread-safe (hand the bytes
+        over, do not compute in it)."""
+        import trio
+
+        stored = self._admit(owner_hotkey, key_id, ciphertext, iterations, self.max_chained_iterations)
+        budget = self.timeout_s * iterations
+        deadline = time.monotonic() + budget
+        abandoned = threading.Event()
+        with trio.move_on_after(budget):
+            try:
+                return await trio.to_thread.run_sync(
+                    self._execute_chain, stored, ciphertext, iterations, deadline, abandoned, on_output,
+                    abandon_on_cancel=True)
+            finally:
+                abandoned.set()  # no-op when finished; stops the worker when abandoned
+        raise Timeout(f"the chain passed its {budget:g} s budget")

@@ -558,3 +558,89 @@ def test_sealmesh_client_hears_each_refusal_as_its_label(miner_server, uid, ciph
         with pytest.raises(ExchangeError) as info:
             call_it()
         assert info.value.reason == reason
+
+
+# --- the engine's chained run (fhe.engine.FheEngine.run_chained) --------------------------
+
+
+@pytest.mark.slow
+def test_engine_run_chained_hands_each_output_over_as_computed(bundle, validator_client):
+    from concrete.ml.common.serialization.loaders import loads
+
+    from fhe.bundle import REFERENCE_JSON, load_manifest
+    from fhe.engine import FheEngine
+    from fhe.zoo import chained_reference
+
+    engine = FheEngine(bundle, load_manifest(bundle).server_sha256, max_concurrency=1, timeout_s=60.0,
+                       max_iterations=1, max_chained_iterations=3)
+    owner = VALIDATOR.ss58_address
+    key_id = engine.add_key(owner, validator_client.client.evaluation_keys.serialize())
+    x = np.random.default_rng(11).uniform(-1.0, 0.99, (1, 3, 8, 8)).astype(np.float32)
+    ciphertext = validator_client.quantize_encrypt_serialize(x)
+    seen: list[tuple[int, float, bytes]] = []
+    started = time.monotonic()
+    last = engine.run_chained(owner, key_id, ciphertext, 3,
+                              lambda iteration, output: seen.append((iteration, time.monotonic() - started, output)))
+    total = time.monotonic() - started
+    assert [i for i, _, _ in seen] == [1, 2, 3] and last == seen[-1][2]
+    assert seen[0][1] < 0.7 * total  # handed over when computed, not all at the end
+    reference = loads((bundle / REFERENCE_JSON).read_text())
+    for (_, _, output), expected in zip(seen, chained_reference(reference, x, 3)):
+        got = np.asarray(validator_client.deserialize_decrypt_dequantize(output))
+        assert np.mean(np.isclose(got, expected)) >= 0.8  # honest FHE lands a step off in a few entries
+
+    outputs: list[int] = []
+
+    def hang_up(iteration: int, output: bytes) -> None:
+        outputs.append(iteration)
+        raise ConnectionResetError("the validator hung up")
+
+    with pytest.raises(ConnectionResetError):
+        engine.run_chained(owner, key_id, ciphertext, 3, hang_up)
+    assert outputs == [1]  # the chain stopped at its first output
+    assert engine._slots.acquire(timeout=1)  # ... and gave its slot back
+    engine._slots.release()
+
+
+def test_engine_run_chained_keeps_runs_bounds(miner_server, uid, ciphertext):
+    """Iterations, ownership, the slots and the budget, on the miner's own engine (no
+    circuit runs: every refusal comes before one)."""
+    from fhe.engine import BadIterations, Timeout, TooManyIterations
+
+    miner, server, _, _ = miner_server
+    engine, key_id, owner = miner.engine, server.uids[uid].key_id, VALIDATOR.ss58_address
+    assert engine.max_chained_iterations == miner.config.brainlock_max_iterations > engine.max_iterations
+    with pytest.raises(TooManyIterations):
+        engine.run_chained(owner, key_id, ciphertext, engine.max_chained_iterations + 1, lambda *_: None)
+    for bad in (0, True, 1.5):
+        with pytest.raises(BadIterations):
+            engine.run_chained(owner, key_id, ciphertext, bad, lambda *_: None)
+    with pytest.raises(Exception) as info:
+        engine.run_chained(OTHER_VALIDATOR.ss58_address, key_id, ciphertext, 2, lambda *_: None)
+    assert info.value.reason == "foreign_key"
+    from fhe.engine import MalformedCiphertext
+
+    with pytest.raises(MalformedCiphertext):  # fhe.capnp_guard's checks, before Concrete reads it
+        engine.run_chained(owner, key_id, b"\xff" * 64, 2, lambda *_: None)
+    timeout_s = engine.timeout_s
+    assert engine._slots.acquire(timeout=30)  # every slot busy
+    try:
+        engine.timeout_s = 0.2
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            trio.run(engine.run_chained_async, owner, key_id, ciphertext, 2, lambda *_: None)
+        assert time.monotonic() - started < 2.0  # the chain's budget: 2 x 0.2 s, queueing included
+    finally:
+        engine.timeout_s = timeout_s
+        engine._slots.release()
+
+
+@pytest.mark.slow
+def test_compute_streams_a_chain_through_the_engine(miner_server, uid, ciphertext, validator_client):
+    miner, server, port, _ = miner_server
+    before = server.served["compute"]
+    answer = compute(port, ciphertext, uid, 3)
+    assert answer.status == 200 and len(answer.chunks) == 3
+    outputs = [np.asarray(validator_client.deserialize_decrypt(chunk)) for _, chunk in answer.chunks]
+    assert not all(np.array_equal(outputs[0], later) for later in outputs[1:])  # chained, not the same input re-run
+    assert server.served["compute"] == before + 1 and miner.pending == 0

@@ -62,51 +62,6 @@ METRICS_SOURCE = "brainlock"
 CHUNK_BYTES = 1 << 16
 
 
-# --- chained runs -----------------------------------------------------------------------
-
-
-class ChainedRun:
-    """One /compute: the validator's ciphertext, then each output fed back as the next
-    input, kept as a Concrete value in memory between iterations.
-
-    An output is not re-read from its bytes: it is this miner's own value (nothing a peer
-    sent), and serialized it is far larger than an input (3.1 MB against 4.9 KB for the
-    tiny synthetic CNV: uncompressed LWE), so the engine's input checks would refuse it.
-    The engine has no chained run of its own yet, so this drives its parts: its checks
-    of the first input, its slots, its circuit. The circuit must be compiled composable
-    (its output encoding equal to its input's), or the second run is refused by Concrete.
-    """
-
-    def __init__(self, miner: Any, owner: str, key_id: str, ciphertext: bytes) -> None:
-        engine = miner.engine
-        self.engine = engine
-        self.stored = engine._admit(owner, key_id, ciphertext, 1)  # size, capnp framing, ownership
-        self.ciphertext: bytes | None = ciphertext
-        self.value: Any = None
-        self.abandoned = threading.Event()
-
-    def step(self) -> bytes:
-        """Worker-thread body of one iteration: the serialized output."""
-        from fhe.engine import MalformedCiphertext, Timeout
-
-        engine = self.engine
-        if self.value is None:
-            self.value = engine._deserialize(self.ciphertext)
-            self.ciphertext = None
-        if not engine._slots.acquire(timeout=engine.timeout_s):
-            raise Timeout(f"no free slot within {engine.timeout_s} s")
-        try:
-            if self.abandoned.is_set():
-                raise Timeout("the request was abandoned")
-            try:
-                self.value = engine._server.server.run(self.value, evaluation_keys=self.stored.evaluation_keys)
-            except RuntimeError as exc:
-                raise MalformedCiphertext(f"the value does not fit this circuit: {str(exc)[:160]}") from exc
-        finally:
-            engine._slots.release()
-        return self.value.serialize()
-
-
 # --- the server -------------------------------------------------------------------------
 
 
@@ -201,26 +156,25 @@ class BrainlockHttp:
                                iterations=iterations, max_iterations=miner.config.brainlock_max_iterations)
         return held.key_id
 
-    async def open_chain(self, owner: str, key_id: str, ciphertext: bytes) -> "ChainedRun":
-        """The engine's checks of the validator's ciphertext (size, framing, ownership),
-        before any circuit runs."""
-        return ChainedRun(self.miner, owner, key_id, ciphertext)
-
-    async def run_once(self, chain: "ChainedRun") -> bytes:
-        """One circuit run; its output is the next iteration's input."""
+    async def run_chain(self, owner: str, key_id: str, ciphertext: bytes, iterations: int, deliver) -> None:
+        """The engine's chained run (fhe.engine.FheEngine.run_chained_async): `deliver`
+        gets each output as soon as it is computed (called on the engine's worker thread),
+        then None when the chain is done or the exception that ended it; never raises."""
         miner = self.miner
         miner.pending += 1
         try:
             if miner.behaviour == "slow":
                 await trio.sleep(miner.config.slow_delay_s)
             if miner.behaviour == "garbage":
-                return os.urandom(miner.garbage_bytes)
-            with trio.move_on_after(miner.engine.timeout_s):
-                return await trio.to_thread.run_sync(chain.step, abandon_on_cancel=True)
-            chain.abandoned.set()
-            from fhe.engine import Timeout
-
-            raise Timeout(f"an iteration passed its {miner.engine.timeout_s} s budget")
+                for _ in range(iterations):
+                    deliver(os.urandom(miner.garbage_bytes))
+            else:
+                await miner.engine.run_chained_async(owner, key_id, ciphertext, iterations,
+                                                     lambda _iteration, output: deliver(output))
+        except Exception as exc:
+            deliver(exc)
+        else:
+            deliver(None)
         finally:
             miner.pending -= 1
 
@@ -335,29 +289,38 @@ class BrainlockHttp:
                 ciphertext = body[form.model_input.start:form.model_input.end]
                 key_id = await on_trio(self.start_compute, signer, uid, iterations)
                 started = time.monotonic()
-                chain = await on_trio(self.open_chain, signer, key_id, ciphertext)
-                # The first run before the response starts: a garbage ciphertext or a
+                chain = ChainStream(asyncio.get_running_loop())
+                running = asyncio.ensure_future(on_trio(self.run_chain, signer, key_id, ciphertext, iterations,
+                                                        chain.deliver))
+                # The first output before the response starts: a garbage ciphertext or a
                 # refusal of the engine still gets its status and reason.
-                output = await on_trio(self.run_once, chain)
+                output = await chain.next()
             except RemoteProtocolError as exc:
                 return await refusal(exc.reason, exc.hint)
             except Exception as exc:
                 log.warning("brainlock compute failed on our side: %s", exc)
                 return await refusal(getattr(exc, "reason", "miner_error"), str(exc)[:200])
-            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-            await response.prepare(request)
-            for done_runs in range(1, iterations + 1):
-                await response.write(len(output).to_bytes(4, "little") + output)  # flushed as it goes
-                if done_runs == iterations:
-                    break
+            try:
+                response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                await response.prepare(request)
+                for done_runs in range(1, iterations + 1):
+                    await response.write(len(output).to_bytes(4, "little") + output)  # flushed as it goes
+                    if done_runs == iterations:
+                        break
+                    try:
+                        output = await chain.next()
+                    except Exception as exc:  # mid-stream: no terminator, so the validator sees a cut stream
+                        reason = getattr(exc, "reason", "miner_error")
+                        await on_trio(_sync(self.refuse, reason, f"iteration {done_runs + 1}: {exc}"))
+                        return response
+                await response.write((0).to_bytes(4, "little"))
+                await response.write_eof()
+            finally:
+                chain.abandon()  # the validator hung up (or we are done): the engine stops at the next output
                 try:
-                    output = await on_trio(self.run_once, chain)
-                except Exception as exc:  # mid-stream: no terminator, so the validator sees a cut stream
-                    reason = getattr(exc, "reason", "miner_error")
-                    await on_trio(_sync(self.refuse, reason, f"iteration {done_runs + 1}: {exc}"))
-                    return response
-            await response.write((0).to_bytes(4, "little"))
-            await response.write_eof()
+                    await asyncio.shield(running)  # the pending count and the slot are back before we answer
+                except Exception as exc:  # the trio loop is shutting down
+                    log.debug("brainlock chain after the response: %s", exc)
             await on_trio(_sync(self.done, "compute", time.monotonic() - started))
             log.info("brainlock compute for %s: %d chained iterations in %.2f s", signer, iterations,
                      time.monotonic() - started)
@@ -394,6 +357,37 @@ class BrainlockHttp:
             stop["loop"].call_soon_threadsafe(stop["event"].set)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join, 10)
+
+
+class ChainAbandoned(Exception):
+    """The response is gone: the engine's chain stops at its next output."""
+
+
+class ChainStream:
+    """A chained run's outputs crossing from the engine's worker thread to the aiohttp
+    loop, in order: bytes per iteration, then None (done) or the exception that ended it.
+    (call_soon_threadsafe keeps the order across the two threads that deliver.)"""
+
+    def __init__(self, loop) -> None:
+        import asyncio
+
+        self.loop, self.items, self.gone = loop, asyncio.Queue(), threading.Event()
+
+    def deliver(self, item) -> None:
+        if self.gone.is_set() and isinstance(item, bytes):
+            raise ChainAbandoned("the validator is gone")
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    async def next(self) -> bytes:
+        item = await self.items.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            raise BrainlockRefusal("miner_error", "the chain ended before its last iteration")
+        return item
+
+    def abandon(self) -> None:
+        self.gone.set()
 
 
 async def _chunks(content):

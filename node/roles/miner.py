@@ -110,7 +110,8 @@ class MinerService(RoleService):
             bundle, self.manifest.server_sha256, key_cache_bytes=self.config.key_cache_bytes,
             max_concurrency=self.config.max_concurrency, timeout_s=self.config.response_timeout_s,
             max_iterations=self.keyring.max_iterations, max_keys_per_owner=self.config.max_keys_per_validator,
-            owner_key_bytes=self.config.validator_key_bytes))
+            owner_key_bytes=self.config.validator_key_bytes,
+            max_chained_iterations=self.config.brainlock_max_iterations))
         # The engine's per-validator quotas decide which keys go; the keyring follows it
         # (forget_evicted_keys) and must never evict on its own, across validators.
         smallest_key = max(1, self.engine.evaluation_key_bytes - 4096)
