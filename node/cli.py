@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--announce-addr", action="append", dest="announce_addrs", metavar="MULTIADDR",
                       help="address others dial to reach this node, e.g. /ip4/203.0.113.7/tcp/9000 "
                            "(repeatable; needed when listening on 0.0.0.0 or behind a forwarded port)")
+    node.add_argument("--relay", action="store_true", default=None,
+                      help="offer circuit relay v2 to members behind NAT (validators always do)")
     node.add_argument("--data", type=Path, help="trainer: your training text, a .txt, a .jsonl of "
                                                 '{"text": ...} lines, or a folder of them; it never leaves '
                                                 "this machine")
@@ -217,6 +219,7 @@ def _node(args: argparse.Namespace) -> int:
         "announce_addrs": tuple(args.announce_addrs) if args.announce_addrs else None,
         "data": args.data, "eval_data": args.eval_data, "rounds": args.rounds, "epochs": args.epochs,
         "keep_rounds": args.keep_rounds, "insecure_small_committee": args.insecure_small_committee,
+        "relay": args.relay,
     }
     from node.addresses import AddressError, check_announce_addr
     from node.registry.genesis import check_bootstrap_addr

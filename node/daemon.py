@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import trio
 
 from node.addresses import announced_addrs
+from node.reachability import Reachability, keep_reachability
 from node.api import ApiServer
 from node.files import write_atomic
 from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, BlobService, handle_probe
@@ -43,6 +44,8 @@ log = logging.getLogger("sealmesh.node")
 
 MEMBERSHIP_VIEW_INTERVAL_S = 5.0
 STATUS_INTERVAL_S = 0.5
+DIAL_ANNOUNCED_INTERVAL_S = 5.0  # how often members heard of but not connected to are dialled
+DIAL_ANNOUNCED_BACKOFF_S = 30.0  # ... and how long one that could not be reached is left alone
 
 
 def now_ms() -> int:
@@ -82,6 +85,7 @@ class Node:
         self.store: BlobStore | None = None
         self.role_context: RoleContext | None = None
         self.addrs: list[str] = []  # announced: set once the mesh listens
+        self.reachability = Reachability()
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] = {}
 
@@ -114,7 +118,8 @@ class Node:
             mesh_id=self.genesis.mesh_id, listen_host=self.settings.listen_host,
             listen_port=self.settings.listen_port,
             bootstrap=tuple(self.genesis.bootstrap) + tuple(self.settings.bootstrap),
-            invalid_message_limit=self.settings.invalid_message_limit)
+            invalid_message_limit=self.settings.invalid_message_limit,
+            relay_service=self.settings.relay or self.settings.role.value == "validator")
 
     def _serve_streams(self, mesh: Mesh, data_dir: Path) -> None:
         # Read from the status snapshot: the mesh's own counters belong to the trio thread.
@@ -148,6 +153,10 @@ class Node:
                  self.addrs, self.api_port)
         nursery.start_soon(self._announce_loop)
         nursery.start_soon(self._status_loop)
+        # Relays to try when no peer can dial us: the bootstrap peers (validators relay).
+        relays = list(self.genesis.bootstrap) + list(self.settings.bootstrap)
+        nursery.start_soon(functools.partial(keep_reachability, self.mesh, self.reachability, self.addrs, relays))
+        nursery.start_soon(self._dial_announced_loop)
         if self.settings.role.value == "validator":
             nursery.start_soon(self._membership_view_loop)
         await self._start_roles(nursery)
@@ -226,10 +235,36 @@ class Node:
         """Announce often until every member is heard, then rarely (for late joiners)."""
         assert self.mesh is not None
         while True:
-            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id, self.addrs,
+            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id,
+                                        self.addrs + self.reachability.relayed_addrs,
                                         [self.settings.role.value], self.started_ms))
             fast = not self.presence.heard_everyone()
             await trio.sleep(self.settings.announce_interval_s * (1 if fast else 10))
+
+    async def _dial_announced_loop(self) -> None:
+        """Dial members we hear of but are not connected to, at the addresses their signed
+        Announce carries (direct ones first, then relayed): a joiner needs one reachable
+        bootstrap peer, the rest of the mesh it learns from gossip."""
+        assert self.mesh is not None
+        next_try: dict[str, float] = {}
+        while True:
+            await trio.sleep(DIAL_ANNOUNCED_INTERVAL_S)
+            connected = set(self.mesh.connected_peers())
+            for hotkey, peer_id in list(self.presence.peer_of.items()):
+                if peer_id in connected or peer_id == self.mesh.peer_id:
+                    continue
+                if next_try.get(peer_id, 0.0) > trio.current_time():
+                    continue
+                next_try[peer_id] = trio.current_time() + DIAL_ANNOUNCED_BACKOFF_S
+                addrs = sorted(self.presence.addrs_of.get(hotkey, []), key=lambda a: "/p2p-circuit" in a)
+                for addr in addrs:
+                    try:
+                        await self.mesh.connect(addr)
+                    except Exception as exc:  # unreachable from here; the next address or next time
+                        log.debug("dial announced %s of %s failed: %r", addr, self.genesis.name_of(hotkey), exc)
+                        continue
+                    log.info("phase=dialled-announced member=%s addr=%s", self.genesis.name_of(hotkey), addr)
+                    break
 
     async def _ping_scenario(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Send the configured number of pings once every member is heard, or, with
@@ -290,6 +325,9 @@ class Node:
             # what keeps a role of this node from working, and how to fix it (roles/base.py remind)
             "problems": self.role_context.problems() if self.role_context else [],
             "addrs": list(getattr(self, "addrs", None) or (mesh.listen_addrs if mesh else [])),
+            # public / relayed / unknown (node/reachability.py), and how each peer is connected
+            "reachability": {**self.reachability.snapshot(),
+                             "connections": mesh.connection_kinds() if mesh else {}},
         }
         with self._status_lock:
             self._status = doc

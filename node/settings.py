@@ -54,6 +54,8 @@ class NodeSettings:
     # Addresses others dial to reach this node (listening on 0.0.0.0, or behind a forwarded
     # port); empty: the listen address, when it is not a wildcard.
     announce_addrs: tuple[str, ...] = ()
+    # Offer circuit relay v2 to nodes behind NAT (validators always do; docs/mesh.md "Reachability").
+    relay: bool = False
     rounds: int = 0  # training rounds the opening validator opens (0: until stopped)
     epochs: int = 0  # FHE challenge epochs a validator runs (0: none)
     keep_rounds: int = 20  # rounds whose state files, blobs and /status entries are kept

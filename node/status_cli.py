@@ -113,6 +113,9 @@ def _node_lines(doc: dict[str, Any]) -> list[str]:
              f"{len(doc.get('peers') or [])} peers connected, API port {doc.get('api_port') or '-'}"]
     for addr in doc.get("addrs") or []:
         lines.append(f"  address {addr}")
+    if reach := doc.get("reachability"):
+        lines.append(f"  reachability {reach.get('status', '?')}: {reach.get('detail', '')}"
+                     + "".join(f"; via {a}" for a in reach.get("relayed_addrs") or []))
     return lines
 
 

@@ -102,3 +102,86 @@ class NatLan(Lan):
         for ns in (self.ns(self.home), self.ns(self.router)):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         super().__exit__(*exc)
+
+
+# ---- a small mesh node for these tests: `python -m tests.netns_nat NAME HOST PORT [--relay] [BOOTSTRAP...]`
+# A full `sealmesh node` loads torch and takes too long to start in a test; this is the
+# mesh alone (node/mesh.py) and the reachability loop (node/reachability.py), driven by
+# one command a line on stdin, answering one line each on stdout.
+
+ECHO_PROTOCOL = "/sealmesh-test/echo/1"
+
+
+def _node_main(argv: list[str]) -> None:
+    import hashlib
+    import json
+    import sys
+
+    import trio
+
+    from node.mesh import Mesh, MeshConfig, ValidationResult
+    from node.reachability import Reachability, keep_reachability
+
+    name, host, port, *rest = argv
+    relay = "--relay" in rest
+    boot = tuple(a for a in rest if a != "--relay")
+
+    def say(*words: object) -> None:
+        print(*words, flush=True)
+
+    async def echo(peer: str, data: bytes) -> bytes:
+        return hashlib.sha256(data).hexdigest().encode()
+
+    async def main() -> None:
+        config = MeshConfig(mesh_id="nat-test", listen_host=host, listen_port=int(port), bootstrap=boot,
+                            relay_service=relay, bootstrap_timeout_s=10.0)
+        async with Mesh.open(config, name.encode().ljust(32, b"_")) as mesh:
+            received = await mesh.subscribe("train", lambda f, d: (ValidationResult.ACCEPT, ""))
+            mesh.set_stream_handler(ECHO_PROTOCOL, echo, 64 << 20)
+            state = Reachability()
+            addrs = [f"{a}" for a in mesh.listen_addrs]
+            say("READY", mesh.peer_id, json.dumps(addrs, separators=(",", ":")))
+
+            async def commands() -> None:
+                async for line in trio.wrap_file(sys.stdin):
+                    cmd, *args = line.split() or [""]
+                    try:
+                        if cmd == "reach":
+                            say("REACH", json.dumps(state.snapshot(), separators=(",", ":")))
+                        elif cmd == "connect":
+                            await mesh.connect(args[0])
+                            say("CONNECTED", json.dumps(mesh.connection_kinds(), separators=(",", ":")))
+                        elif cmd == "kinds":
+                            say("KINDS", json.dumps(mesh.connection_kinds(), separators=(",", ":")))
+                        elif cmd == "publish":
+                            await mesh.publish("train", args[0].encode())
+                            say("PUBLISHED")
+                        elif cmd == "request":  # request PEER NBYTES: the peer answers the sha256
+                            data = bytes(range(256)) * (int(args[1]) // 256)
+                            started = trio.current_time()
+                            answer = await mesh.request(args[0], ECHO_PROTOCOL, data, 128, timeout_s=60)
+                            ok = answer.decode() == hashlib.sha256(data).hexdigest()
+                            say("ANSWER", "match" if ok else "mismatch", len(data),
+                                f"{trio.current_time() - started:.3f}")
+                        else:
+                            say("ERR", cmd, "unknown command")
+                    except Exception as exc:
+                        say("ERR", cmd, repr(exc).replace("\n", " ")[:300])
+
+            async def deliveries() -> None:
+                async for gossip in received:
+                    say("GOT", gossip.data.decode(errors="replace"), gossip.from_peer)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commands)
+                nursery.start_soon(deliveries)
+                nursery.start_soon(lambda: keep_reachability(mesh, state, addrs, list(boot), interval_s=5.0,
+                                                             undecided_interval_s=1.0))
+
+    trio.run(main)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _node_main(sys.argv[1:])

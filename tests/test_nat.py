@@ -1,0 +1,116 @@
+"""A member behind a home router (MASQUERADE, no port forwarding) joins through a relay.
+
+Three meshes, each in its own network namespace (tests/netns_nat.py): `relay` offers
+circuit relay v2 on the public LAN, `pub` is another public member, `home` sits behind the
+NAT. Each runs node/mesh.py and the reachability loop (node/reachability.py) in a small
+process (`python -m tests.netns_nat`), not a full `sealmesh node`, which loads torch.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import netns_nat
+
+ROOT = Path(__file__).resolve().parents[1]
+WHY_NOT = netns_nat.available()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT namespaces here: {WHY_NOT}")
+
+
+class Proc:
+    """One test mesh in a namespace, spoken to one line at a time."""
+
+    def __init__(self, lan: netns_nat.NatLan, name: str, port: int, *extra: str, log: Path) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", lan.ns(name), sys.executable, "-m", "tests.netns_nat", name,
+             lan.ip(name), str(port), *extra],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+            bufsize=1)
+        self.peer_id, addrs = self.expect("READY")[1].split(" ", 1)
+        self.addrs = json.loads(addrs)
+
+    def expect(self, prefix: str, timeout_s: float = 30) -> list[str]:
+        """[prefix, the rest of the line] of the next line starting with `prefix` (or ERR)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.process.stdout], [], [], left)[0]:
+                break
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError(f"{self.name} exited (rc {self.process.poll()})")
+            words = line.rstrip("\n").split(" ", 1) + [""]
+            if words[0] == prefix or (words[0] == "ERR" and prefix != "GOT"):
+                return words[:2]
+        raise AssertionError(f"{self.name}: no {prefix} within {timeout_s}s")
+
+    def ask(self, command: str, prefix: str, timeout_s: float = 30) -> list[str]:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.expect(prefix, timeout_s)
+
+    def reachability(self, want: str, timeout_s: float = 20) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = json.loads(self.ask("reach", "REACH")[1])
+            if state["status"] == want or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def nat_mesh(tmp_path):
+    with netns_nat.NatLan(["relay", "pub"]) as lan:
+        procs: list[Proc] = []
+        try:
+            relay = Proc(lan, "relay", 4001, "--relay", log=tmp_path / "relay.log")
+            procs.append(relay)
+            relay_addr = relay.addrs[0]
+            procs.append(Proc(lan, "pub", 4002, relay_addr, log=tmp_path / "pub.log"))
+            procs.append(Proc(lan, "home", 4003, relay_addr, log=tmp_path / "home.log"))
+            yield lan, *procs
+        finally:
+            for proc in procs:
+                proc.kill()
+
+
+def test_natted_member_is_relayed_and_reached_through_the_relay(nat_mesh, tmp_path):
+    lan, relay, pub, home = nat_mesh
+
+    # The public member is told so by a dial-back; the NATed one is not, and reserves on the relay.
+    assert pub.reachability("public")["status"] == "public"
+    state = home.reachability("relayed")
+    assert state["status"] == "relayed", state
+    relayed = state["relayed_addrs"][0]
+    assert relayed == f"{relay.addrs[0]}/p2p-circuit/p2p/{home.peer_id}"
+
+    # Nobody outside can dial the home host's own address ...
+    direct = pub.ask(f"connect {home.addrs[0]}", "CONNECTED", timeout_s=20)
+    assert direct[0] == "ERR", direct
+    # ... but its relayed address works, and that connection is the relayed one.
+    connected = pub.ask(f"connect {relayed}", "CONNECTED", timeout_s=20)
+    assert connected[0] == "CONNECTED", connected
+    assert json.loads(connected[1])[home.peer_id] == "relayed"
+
+    # A 4 MB request/response: pub's only connection to home is the circuit, so these bytes
+    # went through the relay (the relay's gossip forwarding plays no part in a stream).
+    answer = pub.ask(f"request {home.peer_id} {4 << 20}", "ANSWER", timeout_s=60)
+    verdict, size, seconds = answer[1].split()
+    assert (verdict, int(size)) == ("match", 4 << 20), answer
+    print(f"4 MiB through the relay in {seconds}s")
+    # And gossip published by pub is delivered at home.
+    pub.ask("publish hello-from-pub", "PUBLISHED")
+    got = home.expect("GOT", timeout_s=15)
+    assert got[1].split()[0] == "hello-from-pub"
+    assert json.loads(home.ask("kinds", "KINDS")[1])[pub.peer_id] == "relayed"
