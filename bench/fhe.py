@@ -20,7 +20,8 @@ Goal: overhead_pct <= 5. Last line:
 Chainable models (synthetic-cnv, synthetic-cnv-tiny: output shaped like the input) take
 another path, `--iterations` (default 5) chained runs per challenge:
 - bare: FHEModelServer.run on the serialized input, then on its own serialized output,
-  and so on, as a Brainlock miner streams one chunk per iteration;
+  and so on, as a Brainlock miner streams one chunk per iteration (keys deserialized
+  once, as above);
 - miner: the miner's FheEngine (fhe/engine.py, what MinerService calls) with the same
   iteration count, timed whole and divided by it. The engine (today) re-runs the same
   input instead of chaining; the circuit and its cost per run are the same.
@@ -152,6 +153,7 @@ async def bench(args: argparse.Namespace, bundle: Path, work: Path) -> dict[str,
 def bench_chained(args: argparse.Namespace, bundle: Path, work: Path) -> dict[str, object]:
     """Chained iterations: the miner's FheEngine beside bare FHEModelServer.run, per run
     alternating which goes first so load drift hits both."""
+    from concrete import fhe
     from concrete.ml.common.serialization.loaders import loads
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
@@ -167,6 +169,7 @@ def bench_chained(args: argparse.Namespace, bundle: Path, work: Path) -> dict[st
     eval_keys = client.get_serialized_evaluation_keys()
     keygen_s = time.monotonic() - started
     bare_server = FHEModelServer(str(bundle))
+    bare_keys = fhe.EvaluationKeys.deserialize(eval_keys)  # in memory, as any server keeps them
     started = time.monotonic()
     engine = FheEngine(bundle, manifest.server_sha256, max_iterations=args.iterations,
                        timeout_s=3600.0, key_cache_bytes=4 * len(eval_keys))
@@ -186,7 +189,7 @@ def bench_chained(args: argparse.Namespace, bundle: Path, work: Path) -> dict[st
             value, outputs = ciphertext, []
             for _ in range(args.iterations):
                 started = time.monotonic()
-                value = bare_server.run(value, eval_keys)
+                value = bare_server.run(value, bare_keys)
                 bare_iter_s.append(time.monotonic() - started)
                 outputs.append(value)
             sizes["result_bytes"] = len(value)
