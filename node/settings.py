@@ -57,6 +57,9 @@ class NodeSettings:
     # Offer circuit relay v2 to nodes behind NAT (validators always do; docs/mesh.md "Reachability").
     relay: bool = False
     rounds: int = 0  # training rounds the opening validator opens (0: until stopped)
+    # false: this validator runs no training rounds at all (a mesh run for its FHE market or
+    # its gossip only; `sealmesh testnet --rounds 0`); its head then closes once its other work is done
+    training: bool = True
     epochs: int = 0  # FHE challenge epochs a validator runs (0: none)
     keep_rounds: int = 20  # rounds whose state files, blobs and /status entries are kept
     # Trainer: its own training text (.txt, .jsonl {"text": ...}, or a folder of them);

@@ -145,6 +145,8 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
                 f.write("insecure_small_committee = true\n")  # a local test mesh: its nodes may load it
             if node.role is Role.VALIDATOR:
                 f.write(f"rounds = {plan.rounds if plan.trainers else 0}\nepochs = {plan.epochs}\n")
+                if not (plan.rounds and plan.trainers):  # rounds = 0 would mean "until stopped"
+                    f.write("training = false\n")
     for module in testnet_modules():
         if hasattr(module, "prepare_testnet"):
             module.prepare_testnet(plan, nodes, root)

@@ -50,5 +50,5 @@ def test_report_names_each_missing_delivery(tmp_path):
     assert not report["ok"]
     assert report["gossip"] == {"expected": 6, "delivered": 4, "p50_ms": 1.0, "p99_ms": 9.0, "max_ms": 9.0}
     assert report["rejected"] == {"bad_signature": 4}
-    assert "trainer-0 never heard validator-0" in report["problems"]
+    assert "trainer-0 did not hear validator-0 at the end (never, or gone)" in report["problems"]
     assert "trainer-0 got 1/3 pings from validator-0" in report["problems"]

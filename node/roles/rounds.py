@@ -1161,7 +1161,7 @@ def round_summary(slot: RoundSlot) -> dict[str, Any]:
 
 
 def make_service(settings: NodeSettings) -> RoundsService | None:
-    return RoundsService(settings) if settings.role is Role.VALIDATOR else None
+    return RoundsService(settings) if settings.role is Role.VALIDATOR and settings.training else None
 
 
 # --- sealmesh testnet ----------------------------------------------------------------------

@@ -263,7 +263,7 @@ class SettlementService(RoleService):
         A mesh whose genesis has no trainer can run no round at all: there rounds = 0 is
         the fixed count 0 (`sealmesh testnet` with trainers=0), due to close once the
         node's other roles are done, as before."""
-        if self.settings.rounds != 0:
+        if self.settings.rounds != 0 or not self.settings.training:
             return False
         genesis = getattr(getattr(self, "ctx", None), "genesis", None)
         return genesis is None or any(Role.TRAINER in m.roles for m in genesis.members)
