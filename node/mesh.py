@@ -39,7 +39,7 @@ from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.pubsub.validators import signature_validator
 from libp2p.relay.circuit_v2 import PROTOCOL_ID as RELAY_HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol, RelayLimits
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -155,6 +155,7 @@ class MeshConfig:
     relay_circuit_duration_s: int = 3600
     relay_circuit_bytes: int = 1 << 30
     dial_back_timeout_s: float = 5.0  # a dial-back probe's TCP connect, server side
+    hole_punch: bool = True  # DCUtR: try to turn a relayed connection into a direct one
 
     # Peer score: P4 (invalid messages) only; see docs/mesh.md.
     score_invalid_weight: float = 1.0
@@ -433,6 +434,7 @@ class Mesh:
         self.relay_reservations: dict[str, str] = {}  # relay peer id -> our address through it
         self._nursery: trio.Nursery | None = None
         self._host.set_stream_handler(TProtocol(DIAL_BACK_PROTOCOL), self._serve_dial_back)
+        self._dcutr = DCUtRProtocol(self._host) if config.hole_punch else None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -450,7 +452,9 @@ class Mesh:
                     await mesh._pubsub.wait_until_ready()
                     await mesh._relay.event_started.wait()
                     mesh.listen_addrs = [str(a) for a in mesh._host.get_addrs()]
-                    async with trio.open_nursery() as nursery:
+                    async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as services:
+                        if mesh._dcutr is not None:
+                            await services.enter_async_context(background_trio_service(mesh._dcutr))
                         mesh._nursery = nursery
                         nursery.start_soon(mesh._enforce_bans)
                         nursery.start_soon(mesh._expire_bans)

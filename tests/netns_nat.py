@@ -104,7 +104,8 @@ class NatLan(Lan):
         super().__exit__(*exc)
 
 
-# ---- a small mesh node for these tests: `python -m tests.netns_nat NAME HOST PORT [--relay] [BOOTSTRAP...]`
+# ---- a small mesh node for these tests:
+#   python -m tests.netns_nat NAME HOST PORT [--relay] [--no-hole-punch] [BOOTSTRAP...]
 # A full `sealmesh node` loads torch and takes too long to start in a test; this is the
 # mesh alone (node/mesh.py) and the reachability loop (node/reachability.py), driven by
 # one command a line on stdin, answering one line each on stdout.
@@ -123,8 +124,8 @@ def _node_main(argv: list[str]) -> None:
     from node.reachability import Reachability, keep_reachability
 
     name, host, port, *rest = argv
-    relay = "--relay" in rest
-    boot = tuple(a for a in rest if a != "--relay")
+    relay, hole_punch = "--relay" in rest, "--no-hole-punch" not in rest
+    boot = tuple(a for a in rest if not a.startswith("--"))
 
     def say(*words: object) -> None:
         print(*words, flush=True)
@@ -134,7 +135,7 @@ def _node_main(argv: list[str]) -> None:
 
     async def main() -> None:
         config = MeshConfig(mesh_id="nat-test", listen_host=host, listen_port=int(port), bootstrap=boot,
-                            relay_service=relay, bootstrap_timeout_s=10.0)
+                            relay_service=relay, hole_punch=hole_punch, bootstrap_timeout_s=10.0)
         async with Mesh.open(config, name.encode().ljust(32, b"_")) as mesh:
             received = await mesh.subscribe("train", lambda f, d: (ValidationResult.ACCEPT, ""))
             mesh.set_stream_handler(ECHO_PROTOCOL, echo, 64 << 20)
