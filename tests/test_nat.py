@@ -22,7 +22,7 @@ from tests import netns_nat
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY_NOT = netns_nat.available()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT namespaces here: {WHY_NOT}")
+needs_nat = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT namespaces here: {WHY_NOT}")
 
 
 class Proc:
@@ -93,6 +93,7 @@ def nat_mesh(tmp_path: Path, *home_flags: str):
                 proc.kill()
 
 
+@needs_nat
 def test_natted_member_is_relayed_and_reached_through_the_relay(tmp_path):
     # Hole punching off at home: DCUtR would soon replace the relayed connection with a
     # direct one (the next test), and this one is about the bytes that cross the relay.
@@ -130,6 +131,7 @@ def _relayed_member_is_reached(relay: Proc, pub: Proc, home: Proc) -> None:
     assert json.loads(home.ask("kinds", "KINDS")[1])[pub.peer_id] == "relayed"
 
 
+@needs_nat
 @pytest.mark.slow
 def test_dcutr_replaces_the_relayed_connection_with_a_direct_one(tmp_path):
     """With one side public, DCUtR at home dials the public peer straight out through the NAT
@@ -147,3 +149,36 @@ def test_dcutr_replaces_the_relayed_connection_with_a_direct_one(tmp_path):
         assert f"{lan.ip('pub')}:4002" in sockets, sockets  # a TCP connection home -> pub, no relay
         answer = pub.ask(f"request {home.peer_id} {1 << 20}", "ANSWER", timeout_s=30)
         assert answer[1].split()[0] == "match", answer
+
+
+def test_daemon_dials_members_at_their_announced_addresses(monkeypatch):
+    """Discovery beyond the bootstrap list: b and c each know only the hub a; once c has
+    b's Announce (here handed to its Presence as the daemon's dispatcher would), the
+    daemon's dialling loop connects c to b at b's announced address. Loopback, no namespaces."""
+    import trio
+    from types import SimpleNamespace
+
+    from node import daemon
+    from node.mesh import Mesh, MeshConfig
+    from node.presence import Presence
+    from protocol.messages import Announce
+
+    monkeypatch.setattr(daemon, "DIAL_ANNOUNCED_INTERVAL_S", 0.2)
+
+    async def main() -> None:
+        async with Mesh.open(MeshConfig(mesh_id="d", hole_punch=False), b"a" * 32) as a:
+            hub = (a.listen_addrs[0],)
+            async with Mesh.open(MeshConfig(mesh_id="d", bootstrap=hub, hole_punch=False), b"b" * 32) as b, \
+                    Mesh.open(MeshConfig(mesh_id="d", bootstrap=hub, hole_punch=False), b"c" * 32) as c:
+                assert b.peer_id not in c.connected_peers()
+                presence = Presence("hk-c", frozenset({"hk-b", "hk-c"}))
+                presence.on_announce("hk-b", Announce("d", b.peer_id, b.listen_addrs, ["miner"], 0))
+                node = SimpleNamespace(mesh=c, presence=presence, genesis=SimpleNamespace(name_of=str))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(daemon.Node._dial_announced_loop, node)
+                    with trio.fail_after(8):
+                        while b.peer_id not in c.connected_peers():
+                            await trio.sleep(0.1)
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
