@@ -262,6 +262,18 @@ def parse_compute_form(body: Any, content_type: str) -> ComputeForm:
 __all__ = [
     "BrainlockRefusal", "ComputeForm", "FORM_OVERHEAD_BYTES", "FormPart", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS",
     "check_body_complete", "check_body_progress", "check_body_signature", "check_declared_body", "check_headers",
-    "check_upload_slot", "form_boundary", "parse_compute_form", "parse_form", "parse_iterations", "require_field",
+    "check_upload_slot", "form_boundary", "parse_compute_form", "parse_endpoint", "parse_form", "parse_iterations",
+    "require_field",
     "route_body_limit", "signed_string", "status_of",
 ]
+
+
+# --- a validator's side: where a miner speaks this protocol --------------------------------
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """"host:port" of a miner's Brainlock HTTP server; ValueError saying what is wrong."""
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (for example 203.0.113.7:8091)")
+    return host.strip("[]"), int(port)

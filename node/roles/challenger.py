@@ -10,12 +10,21 @@ decrypts, and compares with its own clear quantized run. Every challenge ends in
 exactly one outcome in node/history.py; the epoch's scores (protocol/scoring.py) are
 gossiped as ScoreReports, handed to the settlement service if it takes them, and set as
 weights on Bittensor when the node runs on a subnet (settings.network).
+
+A miner may also be challenged over the Brainlock subnet's HTTP protocol (issue 13) when
+the validator knows its endpoint (`brainlock_endpoints`, or brainlock_endpoints.json in
+the data dir: {"<miner hotkey>": "host:port"}): keys through /add_key, the challenge
+through /compute with the same iterations, chained. The first chunk is the circuit once
+on our input and is scored exactly as a libp2p result; a stream that fails Brainlock's
+own streaming check is an error outcome `late_stream`. libp2p stays the default.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
 import logging
 import secrets
 import time
@@ -28,8 +37,9 @@ from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_b
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
-from protocol.challenge import (ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore, RecordOutcome,
-                                SendChallenge, UploadKey)
+from protocol.brainlock import parse_endpoint
+from protocol.challenge import (UNKNOWN_KEY, ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore,
+                                RecordOutcome, SendChallenge, UploadKey)
 from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
 from protocol.membership import Role
 from protocol.messages import Channel, Message
@@ -40,15 +50,38 @@ log = logging.getLogger("sealmesh.challenger")
 
 KEY_UPLOAD_TIMEOUT_S = 120.0
 MAX_OUTCOMES_REPORTED = 200
+BRAINLOCK_ENDPOINTS_FILE = "brainlock_endpoints.json"
+
+
+def load_brainlock_endpoints(data_dir: Path) -> dict[str, tuple[str, int]]:
+    """miner hotkey -> (host, port) from DATA_DIR/brainlock_endpoints.json; {} without it."""
+    from node.cli import UserError
+
+    path = Path(data_dir) / BRAINLOCK_ENDPOINTS_FILE
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not an object of miner hotkey -> host:port")
+        return {str(miner): parse_endpoint(endpoint) for miner, endpoint in doc.items()}
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}; write {{\"<miner hotkey>\": \"host:port\"}} or delete the file") from exc
 
 
 class ChallengerService(RoleService):
     name = "challenger"
     channels = frozenset({Channel.FHE})
 
-    def __init__(self, settings: NodeSettings, config: FheConfig | None = None) -> None:
+    def __init__(self, settings: NodeSettings, config: FheConfig | None = None, *,
+                 brainlock_endpoints: dict[str, tuple[str, int]] | None = None) -> None:
         self.settings = settings
         self.config = config or load_fhe_config(settings.data_dir)
+        # miners challenged over the Brainlock HTTP protocol instead of libp2p, and the uid
+        # each one's /add_key issued for our keys
+        self.brainlock_endpoints = dict(brainlock_endpoints) if brainlock_endpoints is not None \
+            else load_brainlock_endpoints(settings.data_dir)
+        self.brainlock_uids: dict[str, str] = {}
         # Import Concrete and SQLAlchemy now, before the node joins the mesh: importing them
         # later, even in a worker thread, holds the GIL for seconds and starves gossip.
         import fhe.bundle, fhe.inputs, node.history  # noqa: F401, E401
@@ -187,6 +220,8 @@ class ChallengerService(RoleService):
         return self.offers[miner].peer_id
 
     async def _upload_key(self, effect: UploadKey) -> list[Effect]:
+        if effect.miner in self.brainlock_endpoints:
+            return await self._upload_key_http(effect)
         started = time.monotonic()
         try:
             keys = self.client.evaluation_keys()
@@ -206,6 +241,8 @@ class ChallengerService(RoleService):
         from fhe.bundle import MalformedResult
         from fhe.inputs import draw_challenge_input
 
+        if effect.miner in self.brainlock_endpoints:
+            return await self._send_http(effect)
         cid = effect.challenge_id
         drawn = draw_challenge_input(effect.model, effect.input_seed)
         ciphertext = await trio.to_thread.run_sync(self.client.encrypt, drawn.image)
@@ -227,6 +264,71 @@ class ChallengerService(RoleService):
             return self.machine.error(cid, reason="wrong_challenge", now=time.time())
         try:
             comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, drawn.image)
+        except MalformedResult as exc:
+            return self.machine.error(cid, reason=exc.reason, now=time.time())
+        except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
+            log.exception("could not check challenge %s", cid)
+            self._problem(f"checking a result failed on this validator: {exc!r}")
+            return self.machine.error(cid, reason="validator_error", now=time.time())
+        return self.machine.response_received(cid, at=at, argmax_agrees=comparison.argmax_match,
+                                              cosine=comparison.cosine)
+
+    # -- the Brainlock HTTP protocol (node/roles/brainlock_http.BrainlockClient) --
+
+    def _brainlock_client(self, miner: str, timeout_s: float) -> Any:
+        from node.roles.brainlock_http import BrainlockClient
+
+        host, port = self.brainlock_endpoints[miner]
+        return BrainlockClient(self.ctx.hotkey, miner, host, port, timeout_s=timeout_s)
+
+    async def _upload_key_http(self, effect: UploadKey) -> list[Effect]:
+        started = time.monotonic()
+        client = self._brainlock_client(effect.miner, KEY_UPLOAD_TIMEOUT_S)
+        try:
+            uid = await trio.to_thread.run_sync(client.add_key, self.client.evaluation_keys())
+        except ExchangeError as exc:
+            return self.machine.error(effect.challenge_id, reason=exc.reason, now=time.time())
+        except OSError as exc:  # refused, reset, or the socket's timeout
+            log.info("brainlock /add_key to %s failed: %s", effect.miner, exc)
+            return self.machine.error(effect.challenge_id, reason="unreachable", now=time.time())
+        self.brainlock_uids[effect.miner] = uid
+        self.timings["last_key_upload_s"] = round(time.monotonic() - started, 3)
+        return self.machine.key_uploaded(effect.challenge_id, now=time.time())
+
+    async def _send_http(self, effect: SendChallenge) -> list[Effect]:
+        from fhe.bundle import MalformedResult
+        from fhe.inputs import draw_challenge_input
+
+        cid = effect.challenge_id
+        uid = self.brainlock_uids.get(effect.miner)
+        if uid is None:  # a restart lost the uid: upload again next time
+            return self.machine.error(cid, reason=UNKNOWN_KEY, now=time.time())
+        drawn = draw_challenge_input(effect.model, effect.input_seed)
+        ciphertext = await trio.to_thread.run_sync(self.client.encrypt, drawn.image)
+        client = self._brainlock_client(effect.miner, effect.timeout_s)
+        compute = functools.partial(client.compute, uid, ciphertext, effect.iterations,
+                                    max_chunk_bytes=self.client.max_result_bytes)
+        sent_wall, sent = time.time(), time.monotonic()
+        self.machine.sent(cid, at=sent_wall)
+        result = None
+        with trio.move_on_after(effect.timeout_s):
+            try:
+                result = await trio.to_thread.run_sync(compute, abandon_on_cancel=True)
+            except ExchangeError as exc:
+                if exc.reason == "unknown_uid":  # the miner dropped our keys: the machine re-uploads
+                    self.brainlock_uids.pop(effect.miner, None)
+                    return self.machine.error(cid, reason=UNKNOWN_KEY, now=time.time())
+                return self.machine.error(cid, reason=exc.reason, now=time.time())
+            except OSError as exc:
+                if time.monotonic() - sent < effect.timeout_s:
+                    log.info("brainlock /compute to %s failed: %s", effect.miner, exc)
+                    return self.machine.error(cid, reason="unreachable", now=time.time())
+        if result is None:  # the socket's timeout or ours
+            return self.machine.timeout(cid, now=sent_wall + max(effect.timeout_s, time.monotonic() - sent))
+        at = sent_wall + result.total_s  # the miner's part: from the send to the terminator
+        try:
+            comparison = await trio.to_thread.run_sync(compare_chunk_in_worker, self.client, result.chunks[0],
+                                                       drawn.image)
         except MalformedResult as exc:
             return self.machine.error(cid, reason=exc.reason, now=time.time())
         except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
@@ -347,6 +449,30 @@ def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
     return client.compare(result, image)
 
 
+def compare_chunk_in_worker(client: Any, chunk: bytes, image: Any) -> Any:
+    """A /compute stream's first chunk (the circuit once on our input) against our clear
+    reference, as compare_in_worker does for a libp2p result. A tensor output (the
+    synthetic CNV's 1x3xHxW) is compared flattened; ValidatorClient.decrypt takes only
+    (1, num_classes), so this decrypts through the same checks itself."""
+    import numpy as np
+
+    from fhe.bundle import MalformedResult, compare_logits
+    from fhe.capnp_guard import check_capnp_message
+
+    _tag_stack_here()
+    if not isinstance(chunk, bytes) or not chunk:
+        raise MalformedResult("result must be non-empty bytes")
+    check_capnp_message(chunk, max_bytes=client.max_result_bytes, error=MalformedResult)
+    client.ensure_keys()
+    try:
+        output = np.asarray(client._client.deserialize_decrypt_dequantize(chunk), dtype=np.float64).ravel()
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise MalformedResult(f"result does not decrypt under this circuit: {exc}") from exc
+    if output.size != client.manifest.num_classes:
+        raise MalformedResult(f"result decrypts to {output.size} values, expected {client.manifest.num_classes}")
+    return compare_logits(output, client.reference(image))
+
+
 CONFIDENT_SEED_TRIES = 64
 
 
@@ -444,4 +570,5 @@ def make_service(settings: NodeSettings) -> ChallengerService | None:
     return ChallengerService(settings)
 
 
-__all__ = ["REPORT_SECTION", "ChallengerService", "make_service", "prepare_testnet", "set_weights_on_subnet", "summarize"]
+__all__ = ["BRAINLOCK_ENDPOINTS_FILE", "REPORT_SECTION", "ChallengerService", "load_brainlock_endpoints", "make_service",
+           "prepare_testnet", "set_weights_on_subnet", "summarize"]
