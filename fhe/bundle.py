@@ -329,7 +329,9 @@ class ValidatorClient:
         return self._client.quantize_encrypt_serialize(self._batch(x))
 
     def decrypt(self, result: bytes) -> np.ndarray:
-        """Decrypt and dequantize a miner's result to logits, shape (num_classes,).
+        """Decrypt and dequantize a miner's result to logits, shape (num_classes,); a
+        tensor output (the synthetic CNV's 1x3xHxW, whose manifest counts its values as
+        num_classes) comes back flattened.
 
         Concrete reads the result only once fhe.capnp_guard found it to be one
         well-framed, non-aliased message of at most `max_result_bytes`: its reader holds
@@ -344,10 +346,10 @@ class ValidatorClient:
         except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
             raise MalformedResult(f"result does not decrypt under this circuit: {exc}") from exc
         logits = np.asarray(logits, dtype=np.float64)
-        if logits.shape != (1, self.manifest.num_classes):
+        if logits.ndim < 2 or logits.shape[0] != 1 or logits.size != self.manifest.num_classes:
             raise MalformedResult(f"result decrypts to shape {logits.shape}, "
-                                  f"expected {(1, self.manifest.num_classes)}")
-        return logits[0]
+                                  f"expected one sample of {self.manifest.num_classes} values")
+        return logits.reshape(-1)
 
     def _reference(self) -> Any:
         if self._reference_module is None:

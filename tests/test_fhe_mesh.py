@@ -57,7 +57,11 @@ def test_garbage_and_slow_miners_score_below_the_honest_one(tmp_path, tmp_path_f
     assert fhe["problems"] == [], fhe
     honest, garbage, slow = (fhe["miners"][f"miner-{i}"] for i in range(3))
     assert honest["ok"] == honest["challenges"] == 1 and 0 < honest["median_latency_s"] < 50
-    assert garbage["error"] == 1 and garbage["errors"] == ["malformed_result"] and garbage["score"] == 0.0
+    # noise of a result's size: refused by the capnp guard before Concrete reads it (issue 11 finding 3,
+    # which names the broken part: capnp_segment_count and the like), or by Concrete itself
+    (why,) = garbage["errors"]
+    assert garbage["error"] == 1 and (why == "malformed_result" or why.startswith("capnp_")), garbage
+    assert garbage["score"] == 0.0
     assert slow["ok"] == 1 and slow["median_latency_s"] > honest["median_latency_s"]
     assert slow["score"] < honest["score"] and honest["score"] > 0
     assert set(fhe["weights"]) == {"miner-0", "miner-1", "miner-2"} and sum(fhe["weights"].values()) == \

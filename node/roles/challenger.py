@@ -451,26 +451,12 @@ def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
 
 def compare_chunk_in_worker(client: Any, chunk: bytes, image: Any) -> Any:
     """A /compute stream's first chunk (the circuit once on our input) against our clear
-    reference, as compare_in_worker does for a libp2p result. A tensor output (the
-    synthetic CNV's 1x3xHxW) is compared flattened; ValidatorClient.decrypt takes only
-    (1, num_classes), so this decrypts through the same checks itself."""
-    import numpy as np
-
-    from fhe.bundle import MalformedResult, compare_logits
-    from fhe.capnp_guard import check_capnp_message
+    reference, as compare_in_worker does for a libp2p result; a tensor output (the
+    synthetic CNV's 1x3xHxW) is compared flattened (ValidatorClient.decrypt)."""
+    from fhe.bundle import compare_logits
 
     _tag_stack_here()
-    if not isinstance(chunk, bytes) or not chunk:
-        raise MalformedResult("result must be non-empty bytes")
-    check_capnp_message(chunk, max_bytes=client.max_result_bytes, error=MalformedResult)
-    client.ensure_keys()
-    try:
-        output = np.asarray(client._client.deserialize_decrypt_dequantize(chunk), dtype=np.float64).ravel()
-    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-        raise MalformedResult(f"result does not decrypt under this circuit: {exc}") from exc
-    if output.size != client.manifest.num_classes:
-        raise MalformedResult(f"result decrypts to {output.size} values, expected {client.manifest.num_classes}")
-    return compare_logits(output, client.reference(image))
+    return compare_logits(client.decrypt(chunk), client.reference(image))
 
 
 CONFIDENT_SEED_TRIES = 64
