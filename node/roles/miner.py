@@ -285,16 +285,12 @@ class MinerHttp:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         import asyncio
-        import threading
 
         from aiohttp import web
 
-        token = trio.lowlevel.current_trio_token()
-        bound, stop = threading.Event(), {}
+        from node.http_thread import serve_app_in_thread, trio_caller
 
-        async def on_trio(fn, *args):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, lambda: trio.from_thread.run(fn, *args, trio_token=token))
+        on_trio = trio_caller(trio.lowlevel.current_trio_token())
 
         async def answer(request: web.Request) -> bytes:
             """The frame read envelope first (issue 11 finding 9): a stranger, a member that
@@ -351,36 +347,19 @@ class MinerHttp:
             await response.write_eof()
             return response
 
-        async def main() -> None:
-            # Bodies are read from request.content as the envelope allows, never request.read():
-            # client_max_size does not apply, keep it small. lingering_time 0: a refused body
-            # is not read on and discarded for 10 s (issue 13); the connection closes instead.
+        def make_app() -> web.Application:
+            # bodies are streamed, never request.read(): client_max_size does not apply, keep it small
             app = web.Application(client_max_size=1 << 20)
             app.router.add_post("/add_key", add_key)
             app.router.add_post("/compute", compute)
-            runner = web.AppRunner(app, access_log=None, lingering_time=0)
-            await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-            stop["event"], stop["loop"] = asyncio.Event(), asyncio.get_running_loop()
-            bound.set()
-            try:
-                await stop["event"].wait()
-            finally:
-                await runner.cleanup()
+            return app
 
-        thread = threading.Thread(target=lambda: asyncio.run(main()), name="sealmesh-miner-http", daemon=True)
-        thread.start()
-        await trio.to_thread.run_sync(bound.wait)
-        log.info("miner http on http://%s:%d (/add_key, /compute)", self.host, self.port)
-        task_status.started(self.port)
-        try:
-            await trio.sleep_forever()
-        finally:
-            stop["loop"].call_soon_threadsafe(stop["event"].set)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join, 10)
+        def bound(port: int) -> None:
+            self.port = port
+            log.info("miner http on http://%s:%d (/add_key, /compute)", self.host, port)
+
+        await serve_app_in_thread(make_app, self.host, self.port, name="sealmesh-miner-http", on_bound=bound,
+                                  task_status=task_status)
 
 
 def make_service(settings: NodeSettings) -> MinerService | None:
