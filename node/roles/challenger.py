@@ -262,8 +262,12 @@ class ChallengerService(RoleService):
         at = sent_wall + (time.monotonic() - sent)  # the miner's part: monotonic, from send to answer
         if answer.challenge_id != cid:
             return self.machine.error(cid, reason="wrong_challenge", now=time.time())
+        return await self._judge(cid, at, result, drawn.image)
+
+    async def _judge(self, cid: str, at: float, result: bytes, image: Any) -> list[Effect]:
+        """Decrypt the miner's result and score it against our clear reference (worker thread)."""
         try:
-            comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, drawn.image)
+            comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, image)
         except MalformedResult as exc:
             return self.machine.error(cid, reason=exc.reason, now=time.time())
         except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
@@ -326,17 +330,8 @@ class ChallengerService(RoleService):
         if result is None:  # the socket's timeout or ours
             return self.machine.timeout(cid, now=sent_wall + max(effect.timeout_s, time.monotonic() - sent))
         at = sent_wall + result.total_s  # the miner's part: from the send to the terminator
-        try:
-            comparison = await trio.to_thread.run_sync(compare_chunk_in_worker, self.client, result.chunks[0],
-                                                       drawn.image)
-        except MalformedResult as exc:
-            return self.machine.error(cid, reason=exc.reason, now=time.time())
-        except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
-            log.exception("could not check challenge %s", cid)
-            self._problem(f"checking a result failed on this validator: {exc!r}")
-            return self.machine.error(cid, reason="validator_error", now=time.time())
-        return self.machine.response_received(cid, at=at, argmax_agrees=comparison.argmax_match,
-                                              cosine=comparison.cosine)
+        # the first chunk is the circuit once on our input: judged as a libp2p result is
+        return await self._judge(cid, at, result.chunks[0], drawn.image)
 
     def _record(self, effect: RecordOutcome) -> None:
         record = effect.record
@@ -447,16 +442,6 @@ def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
     """client.compare on a worker thread."""
     _tag_stack_here()
     return client.compare(result, image)
-
-
-def compare_chunk_in_worker(client: Any, chunk: bytes, image: Any) -> Any:
-    """A /compute stream's first chunk (the circuit once on our input) against our clear
-    reference, as compare_in_worker does for a libp2p result; a tensor output (the
-    synthetic CNV's 1x3xHxW) is compared flattened (ValidatorClient.decrypt)."""
-    from fhe.bundle import compare_logits
-
-    _tag_stack_here()
-    return compare_logits(client.decrypt(chunk), client.reference(image))
 
 
 CONFIDENT_SEED_TRIES = 64
