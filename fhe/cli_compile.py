@@ -7,14 +7,29 @@ node/cli.py wires this in; `add_compile_arguments` fills its subparser and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
 
 from fhe.bundle import BundleError
 from fhe.zoo import ZOO, ZooError, get_model
 
 
 _MODEL_DEFAULT = object()  # "flag not given": take the zoo's setting ('none' is a value)
+
+# (label, phases) -> a context manager with .enter(phase): node/cli.py passes a terminal
+# progress line (fhe/ never imports node/); by default nothing is shown.
+PhaseProgressFactory = Callable[[str, Sequence[str]], ContextManager[Any]]
+
+
+class _NoProgress(contextlib.nullcontext):
+    def enter(self, phase: str) -> None:
+        pass
+
+
+def _no_progress(label: str, phases: Sequence[str]) -> ContextManager[Any]:
+    return _NoProgress(_NoProgress())
 
 
 def _bits_or_none(text: str) -> int | None:
@@ -43,22 +58,23 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PBS error probability (default: the model's)")
 
 
-def run_compile(args: argparse.Namespace) -> int:
+def run_compile(args: argparse.Namespace, progress: PhaseProgressFactory = _no_progress) -> int:
     """Compile from parsed arguments; prints the bundle hashes. Returns an exit code."""
-    from fhe.compile import compile_model
+    from fhe.compile import COMPILE_PHASES, compile_model
 
     def chosen(value, default):
         return default if value is _MODEL_DEFAULT else value
 
     try:
         defaults = get_model(args.model).defaults
-        manifest = compile_model(
-            args.model, args.out,
-            n_bits=chosen(args.n_bits, defaults.n_bits),
-            rounding_threshold_bits=chosen(args.rounding_bits, defaults.rounding_threshold_bits),
-            rounding_method=chosen(args.rounding_method, defaults.rounding_method),
-            p_error=chosen(args.p_error, defaults.p_error),
-            checkpoint=args.checkpoint)
+        with progress(f"fhe compile {args.model}", COMPILE_PHASES) as line:
+            manifest = compile_model(
+                args.model, args.out,
+                n_bits=chosen(args.n_bits, defaults.n_bits),
+                rounding_threshold_bits=chosen(args.rounding_bits, defaults.rounding_threshold_bits),
+                rounding_method=chosen(args.rounding_method, defaults.rounding_method),
+                p_error=chosen(args.p_error, defaults.p_error),
+                checkpoint=args.checkpoint, on_phase=line.enter)
     except (ZooError, BundleError) as exc:
         print(f"sealmesh fhe compile: {exc}", file=sys.stderr)
         return 2
@@ -68,13 +84,13 @@ def run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def fhe_compile_main(argv: list[str] | None = None) -> int:
+def fhe_compile_main(argv: list[str] | None = None, progress: PhaseProgressFactory = _no_progress) -> int:
     """Entry point for `sealmesh fhe compile ...`; argv excludes the 'fhe compile' words."""
     parser = argparse.ArgumentParser(prog="sealmesh fhe compile",
                                      description="Compile a zoo model into client/server "
                                                  "bundles with a manifest.")
     add_compile_arguments(parser)
-    return run_compile(parser.parse_args(argv))
+    return run_compile(parser.parse_args(argv), progress)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,7 +28,16 @@ from fhe.bundle import (
 )
 from fhe.zoo import CompileSettings, ZooError, get_model, weights_sha256
 
-__all__ = ["compile_model", "compile_quantized_module", "load_manifest", "write_bundle"]
+__all__ = ["COMPILE_PHASES", "compile_model", "compile_quantized_module", "load_manifest", "write_bundle"]
+
+# The steps compile_model reports to its on_phase callback, in order. "compile" (Concrete's
+# calibration, graph and circuit) is nearly all of the time and cannot be measured inside.
+COMPILE_PHASES = ("build", "compile", "save")
+PhaseCallback = Callable[[str], None]
+
+
+def _quiet(phase: str) -> None:
+    pass
 
 
 def _check_settings(settings: CompileSettings, quantization: str) -> None:
@@ -48,13 +58,15 @@ def _check_settings(settings: CompileSettings, quantization: str) -> None:
 
 
 def compile_quantized_module(name: str, settings: CompileSettings,
-                             checkpoint: str | Path | None = None):
+                             checkpoint: str | Path | None = None, *, on_phase: PhaseCallback = _quiet):
     """Build the model and compile it; returns (QuantizedModule, torch model). Used by
     compile_model and by tests that want fhe="simulate"."""
     spec = get_model(name)
     _check_settings(settings, spec.quantization)
+    on_phase("build")
     model = spec.build(Path(checkpoint) if checkpoint is not None else None)
     calibration = spec.calibration_inputs()
+    on_phase("compile")
     # Bounds are measured one sample at a time; torch's thread pool makes each tiny conv
     # 100x slower on a busy machine (10 ms instead of 0.1 ms), so compile single-threaded.
     threads = torch.get_num_threads()
@@ -98,15 +110,17 @@ def _compile(spec, settings: CompileSettings, model, calibration):
 def compile_model(name: str, out_dir: str | Path, *, n_bits: int | None,
                   rounding_threshold_bits: int | None, p_error: float,
                   rounding_method: str = "approximate",
-                  checkpoint: str | Path | None = None) -> Manifest:
+                  checkpoint: str | Path | None = None, on_phase: PhaseCallback = _quiet) -> Manifest:
     """Compile `name` into `out_dir` (created; must be empty or absent) and return its
-    manifest. Same model, weights, settings and versions give byte-identical zips."""
+    manifest. Same model, weights, settings and versions give byte-identical zips.
+    `on_phase` is told each of COMPILE_PHASES as it starts (a progress line)."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     settings = CompileSettings(n_bits=n_bits, rounding_threshold_bits=rounding_threshold_bits,
                                rounding_method=rounding_method, p_error=p_error)  # type: ignore[arg-type]
     started = time.perf_counter()
-    module, model = compile_quantized_module(name, settings, checkpoint)
+    module, model = compile_quantized_module(name, settings, checkpoint, on_phase=on_phase)
+    on_phase("save")
     return write_bundle(name, module, model, settings, out_dir,
                         compile_seconds=time.perf_counter() - started)
 

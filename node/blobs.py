@@ -23,6 +23,7 @@ from typing import Callable
 import trio
 
 from node.mesh import Mesh, MeshRequestError, request_started_ms
+from node.progress import Progress
 from node.storage.local import (BlobCorrupt, BlobNotFound, BlobStore, LocalBlobStore, PartialBlobFile, StorageError,
                                 content_id, is_content_id, verified)
 from protocol.blob_messages import (MAX_MANIFEST_BYTES, BadChunk, BlobChunkRequest,
@@ -415,15 +416,28 @@ async def _chunk_worker(mesh: Mesh, signer: Signer, holder: Holder, cid: str, ma
 
 async def _log_progress(cid: str, manifest: BlobManifest, schedule: _Schedule, stats: TransferStats,
                         started: float, every_s: float) -> None:
-    while True:
-        await trio.sleep(every_s)
-        elapsed = time.monotonic() - started
-        have = manifest.size - sum(manifest.chunk_length(i) for i in schedule.missing)
-        rate = stats.bytes_fetched / elapsed if elapsed else 0.0
-        left = (manifest.size - have) / rate if rate else float("inf")
-        log.info("blob %s: %.1f of %.1f MiB (%d%%), %.2f Mbit/s, ~%.0fs left, %d holders", cid[:12], have / 2**20,
-                 manifest.size / 2**20, 100 * have // max(manifest.size, 1), _mbit_s(stats.bytes_fetched, elapsed),
-                 left, schedule.workers)
+    """A log line every `every_s`; on a terminal also a bar redrawn twice a second."""
+    def have() -> int:
+        return manifest.size - sum(manifest.chunk_length(i) for i in schedule.missing)
+
+    bar = Progress(f"blob {cid[:12]}", total=manifest.size, unit="bytes", initial=have())
+    logged = started
+    try:
+        while True:
+            await trio.sleep(min(0.5, every_s) if bar.enabled else every_s)
+            bar.update(have())
+            now = time.monotonic()
+            if now - logged < 0.95 * every_s:  # trio's clock and ours differ by a hair
+                continue
+            logged, elapsed = now, now - started
+            rate = stats.bytes_fetched / elapsed if elapsed else 0.0
+            left = (manifest.size - have()) / rate if rate else float("inf")
+            log.info("blob %s: %.1f of %.1f MiB (%d%%), %.2f Mbit/s, ~%.0fs left, %d holders", cid[:12],
+                     have() / 2**20, manifest.size / 2**20, 100 * have() // max(manifest.size, 1),
+                     _mbit_s(stats.bytes_fetched, elapsed), left, schedule.workers)
+    finally:  # cancelled once the schedule is over: the bar's last state stays on screen
+        bar.update(have())
+        bar.finish()
 
 
 def _mbit_s(n_bytes: int, seconds: float) -> float:

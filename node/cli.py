@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["fhe", "compile"]:
         from fhe.cli_compile import fhe_compile_main
-        return fhe_compile_main(argv[2:])
+        from node.progress import PhaseProgress
+        return fhe_compile_main(argv[2:], progress=PhaseProgress)
     if argv[:2] == ["committee", "keygen"]:
         from node.keygen_cli import keygen_main
         return keygen_main(argv[2:])
@@ -255,7 +256,9 @@ def _registry(settings):
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
+    from node.progress import ProgressLogHandler
+    # A progress line (a large blob transfer on a terminal) stays below the records.
+    logging.basicConfig(level=level, handlers=[ProgressLogHandler(sys.stderr)],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from node.mesh import Mesh, MeshRequestError
+from node.progress import PhaseProgress
 from protocol.challenge_messages import (FHE_PROTOCOL, MAX_RESPONSE_BYTES, Refused, StreamMessage, open_frame,
                                          seal_frame)
 from protocol.epistula import EnvelopeVerifier, Signer
@@ -122,7 +123,7 @@ def ensure_bundle(model: str, bundle_dir: Path) -> Any:
         if manifest.model != model:
             raise FheSettingsError(f"{bundle_dir} holds {manifest.model}, not {model}")
         return manifest
-    from fhe.compile import compile_model  # torch and the compiler: only when compiling
+    from fhe.compile import COMPILE_PHASES, compile_model  # torch and the compiler: only when compiling
     from fhe.zoo import get_model
 
     defaults = get_model(model).defaults
@@ -132,8 +133,9 @@ def ensure_bundle(model: str, bundle_dir: Path) -> Any:
     scratch = bundle_dir.with_name(f"{bundle_dir.name}.compiling-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.parent.mkdir(parents=True, exist_ok=True)
-    compile_model(model, scratch, n_bits=defaults.n_bits, rounding_threshold_bits=defaults.rounding_threshold_bits,
-                  rounding_method=defaults.rounding_method, p_error=defaults.p_error)
+    with PhaseProgress(f"fhe compile {model}", COMPILE_PHASES) as line:  # a line on a terminal only
+        compile_model(model, scratch, n_bits=defaults.n_bits, rounding_threshold_bits=defaults.rounding_threshold_bits,
+                      rounding_method=defaults.rounding_method, p_error=defaults.p_error, on_phase=line.enter)
     try:
         os.rename(scratch, bundle_dir)
     except OSError:

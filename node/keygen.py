@@ -35,13 +35,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 from crypto import dkg, paillier
 from crypto.identity import is_valid_address
 from node.files import write_atomic
+from node.progress import PhaseProgress
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.keygen_channel import CeremonyRoster, KeygenChannel
 
@@ -247,6 +248,11 @@ def load_result(out_dir: Path) -> dict[str, Any]:
 # Progress: TNO's phases, observed through a subclass
 
 
+# The phases a member goes through, in order (its state file and the progress line name them).
+CEREMONY_PHASES = ("hello", "indices", "modulus", "secret-key", "degree-reduction",
+                   "verification-keys", "self-test", "writing")
+
+
 @dataclass
 class Progress:
     phase: str = "starting"
@@ -254,6 +260,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
     phase_times: dict[str, float] = field(default_factory=dict)
+    on_change: Callable[["Progress"], None] | None = None  # a terminal line follows along
 
     def enter(self, phase: str) -> None:
         now = time.monotonic()
@@ -261,6 +268,15 @@ class Progress:
             self.phase_times.get(self.phase, 0.0) + now - self.phase_started, 3)
         self.phase, self.phase_started = phase, now
         log.info("keygen phase %s (%.1f s elapsed)", phase, self.elapsed)
+        self._changed()
+
+    def next_candidate_round(self) -> None:
+        self.round += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     @property
     def elapsed(self) -> float:
@@ -291,7 +307,7 @@ def _observed_paillier() -> type:
 
         @classmethod
         async def _generate_pq(cls, *args: Any, **kwargs: Any) -> Any:
-            _progress.get().round += 1
+            _progress.get().next_candidate_round()
             return await super()._generate_pq(*args, **kwargs)
 
     return ObservedPaillier
@@ -614,12 +630,15 @@ def run_member(settings: KeygenSettings) -> dict[str, Any]:
     logging.getLogger("tno.mpc.communication").setLevel(logging.CRITICAL)  # retry tracebacks
     state = _new_state(settings)
     write_state(out_dir, state)
-    progress = Progress()
+    line = PhaseProgress(f"keygen member {settings.index}", CEREMONY_PHASES)  # a terminal only
+    progress = Progress(on_change=lambda p: line.enter(p.phase, _round_detail(p.phase, p.round)))
     try:
         out = asyncio.run(_main(settings, progress, state))
         progress.enter("writing")
         summary = _save(settings, out, progress)
+        line.finish()
     except BaseException as exc:
+        line.finish(f"failed in {progress.phase}")
         error = _as_keygen_error(exc, settings)
         state.update(status="interrupted" if isinstance(error, CeremonyInterrupted) else "failed",
                      phase=progress.phase, elapsed_s=round(progress.elapsed, 3),
@@ -639,6 +658,12 @@ def run_member(settings: KeygenSettings) -> dict[str, Any]:
     log.info("keygen member %d finished: %d-bit modulus in %.1f s (%d TNO rounds)",
              settings.index, summary["modulus_bits"], summary["elapsed_s"], summary["tno_rounds"])
     return summary
+
+
+def _round_detail(phase: str, candidate_round: int) -> str:
+    # The modulus phase repeats candidate rounds until a biprime turns up: a count of them
+    # is the only sign of life a person gets there, and its length is luck.
+    return f"candidate round {candidate_round}" if phase == "modulus" and candidate_round else ""
 
 
 def _as_keygen_error(exc: BaseException, settings: KeygenSettings) -> BaseException:
@@ -828,23 +853,47 @@ def _previous_members(out_dir: Path, n: int) -> list[int] | None:
 def _wait_members(procs: dict[int, subprocess.Popen[bytes]], heartbeat_s: float,
                   out_dir: Path) -> list[int]:
     """Block until every member exits; on the first failure stop the rest."""
-    last = time.monotonic()
-    while True:
-        codes = {i: p.poll() for i, p in procs.items()}
-        failed = [i for i, code in codes.items() if code not in (None, 0)]
-        if failed:
-            log.error("keygen member(s) %s failed; stopping the others", failed)
-            for p in procs.values():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            return failed
-        if all(code == 0 for code in codes.values()):
-            return []
-        if time.monotonic() - last >= heartbeat_s:
-            last = time.monotonic()
-            phases = {i: (read_state(member_dir(out_dir, i)) or {}).get("phase") for i in procs}
-            log.info("local keygen: %s", ", ".join(f"member {i}: {ph}" for i, ph in phases.items()))
-        time.sleep(0.2)
+    last = last_drawn = time.monotonic()
+    with PhaseProgress(f"keygen {len(procs)} members", CEREMONY_PHASES) as line:  # a terminal only
+        while True:
+            codes = {i: p.poll() for i, p in procs.items()}
+            failed = [i for i, code in codes.items() if code not in (None, 0)]
+            if failed:
+                log.error("keygen member(s) %s failed; stopping the others", failed)
+                for p in procs.values():
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                return failed
+            if all(code == 0 for code in codes.values()):
+                return []
+            now = time.monotonic()
+            if now - last_drawn >= 1.0 and line.line.enabled:
+                last_drawn = now
+                line.enter(*_slowest_member(_member_states(procs, out_dir)))
+            if now - last >= heartbeat_s:
+                last = now
+                phases = {i: s.get("phase") for i, s in _member_states(procs, out_dir).items()}
+                log.info("local keygen: %s", ", ".join(f"member {i}: {ph}" for i, ph in phases.items()))
+            time.sleep(0.2)
+
+
+def _member_states(procs: dict[int, Any], out_dir: Path) -> dict[int, dict[str, Any]]:
+    return {i: read_state(member_dir(out_dir, i)) or {} for i in procs}
+
+
+def _slowest_member(states: dict[int, dict[str, Any]]) -> tuple[str, str]:
+    """The phase of the member furthest behind (the ceremony moves at its pace) and how
+    many are there: ('modulus', '3 of 3 here, candidate round 4')."""
+    def rank(state: dict[str, Any]) -> int:
+        phase = state.get("phase")
+        return CEREMONY_PHASES.index(phase) if phase in CEREMONY_PHASES else -1
+
+    slowest = min(states.values(), key=rank, default={})
+    phase = slowest.get("phase") or "starting"
+    here = sum(1 for s in states.values() if (s.get("phase") or "starting") == phase)
+    detail = ", ".join(filter(None, [f"{here} of {len(states)} here",
+                                     _round_detail(phase, int(slowest.get("round") or 0))]))
+    return phase, detail
 
 
 def describe(summary: dict[str, Any]) -> dict[str, Any]:

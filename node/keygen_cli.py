@@ -86,7 +86,9 @@ def build_keygen_parser(prog: str = "sealmesh committee keygen") -> argparse.Arg
 def keygen_main(argv: list[str] | None = None) -> int:
     parser = build_keygen_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    from node.progress import ProgressLogHandler
+    # The ceremony's progress line (on a terminal) stays below the log records.
+    logging.basicConfig(level=args.log_level, handlers=[ProgressLogHandler(sys.stderr)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after parsing so `--help` stays fast (the ceremony pulls in TNO and sympy).
     from crypto.dkg import DkgError

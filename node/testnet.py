@@ -28,6 +28,7 @@ from libp2p.peer.id import ID
 from node.files import write_atomic
 from node.mesh import derive_key_pair
 from node.presence import percentile
+from node.progress import TerminalLine
 from node.report_html import write_report_html
 from node.registry.genesis import Genesis, write_genesis
 from node.roles import testnet_modules
@@ -198,32 +199,45 @@ def _die_with_parent() -> None:
 
 
 def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool:
+    # On a terminal the counts are one line redrawn in place (with the time so far) and the
+    # events stay above it; in a log or a pipe each changed count is its own line.
+    line = TerminalLine(sys.stdout)
+    try:
+        return _watch_until_done(plan, nodes, deadline, line)
+    finally:
+        line.end()
+
+
+def _watch_until_done(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float, line: TerminalLine) -> bool:
+    started = time.monotonic()
     expected_pings = plan.pings * (len(nodes) - 1)
     last_line, pings_started, complete_at, last_pending = "", False, None, None
     while time.monotonic() < deadline:
         for node in nodes:
             if node.process.poll() is not None:
-                print(f"testnet: node {node.name} exited with {node.process.returncode}; "
-                      f"see {node.data_dir / 'node.log'}", flush=True)
+                line.say(f"testnet: node {node.name} exited with {node.process.returncode}; "
+                         f"see {node.data_dir / 'node.log'}")
                 return False
             node.last_status = _get_status(node) or node.last_status
         heard = sum(len(n.last_status["presence"]["heard"]) for n in nodes if n.last_status)
         pings = sum(sum(n.last_status["presence"]["pings_received"].values())
                     for n in nodes if n.last_status)
-        line = (f"testnet: up {sum(1 for n in nodes if n.last_status)}/{len(nodes)}, "
-                f"announcements heard {heard}/{len(nodes) * (len(nodes) - 1)}, "
-                f"pings delivered {pings}/{expected_pings * len(nodes)}")
-        if line != last_line:
-            print(line, flush=True)
-            last_line = line
+        counts = (f"testnet: up {sum(1 for n in nodes if n.last_status)}/{len(nodes)}, "
+                  f"announcements heard {heard}/{len(nodes) * (len(nodes) - 1)}, "
+                  f"pings delivered {pings}/{expected_pings * len(nodes)}")
+        if line.enabled:
+            line.show(f"{counts}, {time.monotonic() - started:.0f} s")
+        elif counts != last_line:
+            print(counts, flush=True)
+            last_line = counts
         everyone_heard = heard >= len(nodes) * (len(nodes) - 1)
         if everyone_heard and complete_at is None:
             complete_at = time.monotonic()
-            print(f"testnet: mesh complete; pings start in {_settle_s(nodes):.0f} s at the "
-                  "earliest, once the role scenarios are done", flush=True)
+            line.say(f"testnet: mesh complete; pings start in {_settle_s(nodes):.0f} s at the "
+                     "earliest, once the role scenarios are done")
         pending = _pending_sections(nodes)
         if pending != last_pending:
-            print(f"testnet: waiting for {', '.join(pending) or 'nothing more'}", flush=True)
+            line.say(f"testnet: waiting for {', '.join(pending) or 'nothing more'}")
             last_pending = pending
         if complete_at and not pings_started and expected_pings and not pending \
                 and time.monotonic() - complete_at >= _settle_s(nodes):
@@ -231,14 +245,14 @@ def _watch(plan: TestnetPlan, nodes: list[NodeProcess], deadline: float) -> bool
             # start-up work (imports, announcements, mesh grafting) has drained and the
             # CPU-heavy role work (training, FHE, proofs) is over: the pings measure the
             # mesh, not how long a starved event loop takes to validate a message.
-            print("testnet: starting pings", flush=True)
+            line.say("testnet: starting pings")
             for node in nodes:
                 node.process.send_signal(signal.SIGUSR1)
             pings_started = True
         if pings >= expected_pings * len(nodes) and everyone_heard and not pending:
             return True
         time.sleep(0.5 if len(nodes) <= 8 else 1.0)  # polling 20 nodes costs CPU too
-    print("testnet: timed out waiting for the scenarios", flush=True)
+    line.say("testnet: timed out waiting for the scenarios")
     return False
 
 

@@ -2,8 +2,12 @@
 dropped at its first bad chunk, a cut stream and a restarted fetcher resumed from the
 partial file, small blobs still in one request (docs/storage.md "Chunked transfers")."""
 
+import dataclasses
+import io
+import logging
 import os
 import socket
+import sys
 
 import pytest
 import trio
@@ -461,3 +465,38 @@ def _run_fetcher(addr, peer_id, cid, partial_dir, result_path, host):
 if __name__ == "__main__":
     import sys
     {"holder": _run_holder, "fetcher": _run_fetcher}[sys.argv[1]](*sys.argv[2:])
+
+
+class _Slow(_Counting):
+    async def before_chunk(self, index):
+        await trio.sleep(0.3)  # a slow link: the transfer lasts long enough to be drawn
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_large_transfer_draws_a_progress_bar_on_a_terminal_and_logs_elsewhere(tmp_path, monkeypatch, caplog):
+    blob = _blob(6)
+    timing = dataclasses.replace(FAST, progress_min_bytes=0, progress_every_s=0.6)
+
+    async def body(asker, holders):
+        return await fetch_from_holders(asker, ASKER, cid=_cid(blob), max_bytes=64 << 20,
+                                        holders=[holders[0][0]], partial_dir=tmp_path / "partial", timing=timing)
+
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    caplog.set_level(logging.INFO, logger="sealmesh.blobs")
+    assert _run_with_holders(tmp_path, blob, [(ALICE, (BlobService, _Slow))], body) == blob
+    frames = [f.strip() for f in screen.getvalue().split("\r") if f.strip()]
+    assert all(f.startswith(f"blob {_cid(blob)[:12]} [") for f in frames), frames
+    assert len(frames) >= 3 and frames[-1].split("]")[1].strip().startswith("100%"), frames
+    assert " MiB/s" in frames[0] and screen.getvalue().endswith("\n")
+    assert any("MiB (" in r.getMessage() and "Mbit/s" in r.getMessage() for r in caplog.records)  # the log too
+
+    quiet = io.StringIO()  # a daemon's stderr into a file: no bar, only the log lines
+    monkeypatch.setattr(sys, "stderr", quiet)
+    (tmp_path / "again").mkdir()
+    assert _run_with_holders(tmp_path / "again", blob, [(ALICE, (BlobService, _Slow))], body) == blob
+    assert quiet.getvalue() == ""

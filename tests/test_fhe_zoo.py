@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -253,17 +254,33 @@ def test_bad_seeds_and_sources_are_refused():
 def test_cli_recompiles_identical_bundles_and_reports_errors(digits_compiled, tmp_path, capsys):
     from fhe.cli_compile import fhe_compile_main
 
+    from node.progress import PhaseProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+
+    def on_screen(label, phases):  # what node/cli.py passes, drawing on a terminal
+        return PhaseProgress(label, phases, stream=screen, tick_s=None)
+
     _, _, bundle, _ = digits_compiled
     out = tmp_path / "cli"
-    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(out)]) == 0
+    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(out)], progress=on_screen) == 0
+    frames = [f.strip() for f in screen.getvalue().split("\r") if f.strip()]
+    assert [f.split("]")[1].split(",")[0].strip() for f in frames[:-1]] == ["1/3 build", "2/3 compile", "3/3 save"]
+    assert frames[-1].startswith("fhe compile digits-cnn: done (")
     manifest = load_manifest(out)
     first = load_manifest(bundle)  # compiled earlier in this session, same defaults
     assert manifest.server_sha256 == first.server_sha256  # reproducible: checkable by anyone
     assert manifest.client_sha256 == first.client_sha256
     assert manifest.server_sha256 in capsys.readouterr().out
 
-    assert fhe_compile_main(["--model", "digits-cnn", "--out", str(out)]) == 2  # not empty
-    assert "not empty" in capsys.readouterr().err
+    from node.cli import main  # the command line, with its real progress line
+    assert main(["fhe", "compile", "--model", "digits-cnn", "--out", str(out)]) == 2  # not empty
+    err = capsys.readouterr().err
+    assert "not empty" in err and "[" not in err  # no progress line when stderr is not a terminal
     assert fhe_compile_main(["--model", "digits-cnn", "--out", str(tmp_path / "x"),
                              "--n-bits", "none"]) == 2
     assert "n_bits is required" in capsys.readouterr().err

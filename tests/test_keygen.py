@@ -491,3 +491,29 @@ def test_member_killed_mid_ceremony_fails_the_others_promptly(tmp_path):
     assert json.loads(dead_state.read_text())["status"] == "running"
     with pytest.raises(keygen.CeremonyCrashed, match="cannot resume"):
         keygen.check_previous(keygen.member_dir(tmp_path, 3), restart=False)
+
+
+# ------------------------------------------------------------------ progress line (issue 17)
+
+
+def test_the_ceremony_tells_its_progress_line_each_phase_and_candidate_round():
+    seen = []
+    progress = keygen.Progress(on_change=lambda p: seen.append(
+        (p.phase, keygen._round_detail(p.phase, p.round))))
+    progress.enter("hello")
+    progress.enter("modulus")
+    progress.next_candidate_round()
+    progress.next_candidate_round()
+    progress.enter("secret-key")
+    assert seen == [("hello", ""), ("modulus", ""), ("modulus", "candidate round 1"),
+                    ("modulus", "candidate round 2"), ("secret-key", "")]
+    assert set(progress.phase_times) == {"starting", "hello", "modulus"}
+    assert {"hello", "modulus", "writing"} <= set(keygen.CEREMONY_PHASES)
+
+
+def test_a_local_ceremony_shows_the_member_furthest_behind():
+    states = {1: {"phase": "secret-key"}, 2: {"phase": "modulus", "round": 4}, 3: {"phase": "modulus", "round": 5},
+              4: {}}
+    assert keygen._slowest_member(states) == ("starting", "1 of 4 here")  # 4 has not written its state yet
+    del states[4]
+    assert keygen._slowest_member(states) == ("modulus", "2 of 3 here, candidate round 4")
