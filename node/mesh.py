@@ -452,15 +452,19 @@ class Mesh:
                     await mesh._pubsub.wait_until_ready()
                     await mesh._relay.event_started.wait()
                     mesh.listen_addrs = [str(a) for a in mesh._host.get_addrs()]
-                    async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as services:
-                        if mesh._dcutr is not None:
-                            await services.enter_async_context(background_trio_service(mesh._dcutr))
-                        mesh._nursery = nursery
-                        nursery.start_soon(mesh._enforce_bans)
-                        nursery.start_soon(mesh._expire_bans)
-                        await mesh._start_bootstrap(nursery)
+                    # The services stop before the nursery is cancelled: stopping one inside
+                    # an already cancelled scope raised Cancelled over the body's exception,
+                    # the nursery then absorbed it, and a node that crashed exited 0.
+                    async with trio.open_nursery() as nursery:
                         try:
-                            yield mesh
+                            async with contextlib.AsyncExitStack() as services:
+                                if mesh._dcutr is not None:
+                                    await services.enter_async_context(background_trio_service(mesh._dcutr))
+                                mesh._nursery = nursery
+                                nursery.start_soon(mesh._enforce_bans)
+                                nursery.start_soon(mesh._expire_bans)
+                                await mesh._start_bootstrap(nursery)
+                                yield mesh
                         finally:
                             nursery.cancel_scope.cancel()
                             mesh._close_subscriptions()
