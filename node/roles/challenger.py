@@ -266,6 +266,8 @@ class ChallengerService(RoleService):
 
     async def _judge(self, cid: str, at: float, result: bytes, image: Any) -> list[Effect]:
         """Decrypt the miner's result and score it against our clear reference (worker thread)."""
+        from fhe.bundle import MalformedResult
+
         try:
             comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, image)
         except MalformedResult as exc:
