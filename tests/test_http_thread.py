@@ -69,8 +69,12 @@ def test_a_server_that_listens_serves_and_stops_when_cancelled():
 
     port, body = trio.run(main)
     assert body == b"up"
-    with socket.socket() as probe:  # the port is free again once the server stopped
+    with socket.socket() as probe:  # no listener is left once the server stopped
+        # SO_REUSEADDR: the closed request's TIME_WAIT may hold the port; only a socket
+        # still listening on it makes this bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+        probe.listen()
 
 
 def test_sealmesh_node_on_a_taken_api_port_is_one_line_and_exit_2(tmp_path):
