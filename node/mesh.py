@@ -432,6 +432,7 @@ class Mesh:
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if config.relay_service else RelayRole(0))
         self._relay_transport = CircuitV2Transport(self._host, self._relay, RelayConfig(roles=roles, limits=limits))
         self.relay_reservations: dict[str, str] = {}  # relay peer id -> our address through it
+        self._reserved_over: dict[str, INetConn] = {}  # relay peer id -> the connection we reserved on
         self._nursery: trio.Nursery | None = None
         self._host.set_stream_handler(TProtocol(DIAL_BACK_PROTOCOL), self._serve_dial_back)
         self._dcutr = DCUtRProtocol(self._host) if config.hole_punch else None
@@ -511,6 +512,7 @@ class Mesh:
         assert self._nursery is not None, "reserve_relay needs an open mesh"
         relay_addr = multiaddr.Multiaddr(relay_multiaddr)
         relay_id = info_from_p2p_addr(relay_addr).peer_id
+        self._unblock(relay_id)  # a relay that was down a minute ago may be back
         try:
             with trio.fail_after(self.config.dial_timeout_s):
                 await self._host.connect(info_from_p2p_addr(relay_addr))
@@ -525,7 +527,33 @@ class Mesh:
             raise MeshRequestError(f"relay {relay_id} refused a reservation")
         relayed = f"{relay_multiaddr}/p2p-circuit/p2p/{self.peer_id}"
         self.relay_reservations[relay_id.to_base58()] = relayed
+        conns = self._host.get_network().get_connections(relay_id)
+        if conns:
+            self._reserved_over[relay_id.to_base58()] = conns[0]
         return relayed
+
+    def relay_reservation_lost(self, relay_peer_id: str) -> str | None:
+        """Why our reservation on `relay_peer_id` no longer holds, or None while it does.
+
+        A relay keeps a reservation only as long as the connection it was made on (and
+        forgets it when it restarts), and py-libp2p's refresher only re-asks before expiry
+        on whatever connection is open: so the connection we reserved on being gone, or the
+        expiry passed without a refresh, means nobody can reach us through it any more."""
+        reserved_on = self._reserved_over.get(relay_peer_id)
+        relay_id = ID.from_base58(relay_peer_id)
+        if reserved_on is None or relay_peer_id not in self.relay_reservations:
+            return "never reserved"
+        open_now = self._host.get_network().get_connections(relay_id)
+        if not any(c is reserved_on for c in open_now) or getattr(reserved_on, "is_closed", False):
+            return "the connection to the relay closed"
+        expires = self._relay_transport._reservations.get(relay_id)  # relay's expiry, unix seconds
+        if expires is None or expires <= time.time():
+            return "the reservation expired"
+        return None
+
+    def forget_relay_reservation(self, relay_peer_id: str) -> None:
+        self.relay_reservations.pop(relay_peer_id, None)
+        self._reserved_over.pop(relay_peer_id, None)
 
     def connection_kinds(self) -> dict[str, str]:
         """Each connected peer: "direct" if any of its connections is direct, else "relayed"."""

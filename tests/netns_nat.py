@@ -96,6 +96,14 @@ class NatLan(Lan):
             "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         run("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-j", "DROP")
 
+    def refuse_outbound(self, ip: str) -> None:
+        """The router refuses new connections from home to `ip` (a reset, so dials fail at
+        once): a home network whose firewall lets it reach only some hosts. A public peer at
+        `ip` can then reach home only through a relay, and DCUtR's direct dial from home fails."""
+        subprocess.run(["ip", "netns", "exec", self.ns(self.router), "iptables", "-I", "FORWARD", "-i", "eth1",
+                        "-o", "eth0", "-d", ip, "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW",
+                        "-j", "REJECT", "--reject-with", "tcp-reset"], check=True, capture_output=True, text=True)
+
     def __exit__(self, *exc) -> None:
         for name in list(self.processes):
             self.stop(name, sig=9)
