@@ -38,7 +38,13 @@ WHY_NOT = netns_nat.available()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT namespaces here: {WHY_NOT}")
 
 
-def test_natted_trainer_full_node_is_relayed_and_included_in_a_final_round(tmp_path):
+@pytest.mark.parametrize("egress", ["open", "v2_refused"])
+def test_natted_trainer_full_node_is_relayed_and_included_in_a_final_round(tmp_path, egress):
+    """egress "open": home can dial every public host out through the NAT, so it connects
+    to both validators directly itself (no relayed connection forms, DCUtR has nothing to
+    upgrade). "v2_refused": home's router refuses new connections to v2, so v2 can reach
+    home only at its relayed address; the contribution then crosses the circuit to v2, and
+    DCUtR's direct dial from home fails, so the connection stays relayed."""
     root, wallets = tmp_path, tmp_path / "wallets"
     rng = random.Random(16)
     names = VALIDATORS + [HOME]
@@ -85,6 +91,8 @@ def test_natted_trainer_full_node_is_relayed_and_included_in_a_final_round(tmp_p
             wait_for("v1's ready.json", lambda: (data_dirs["v1"] / "ready.json").exists(), 180, 1)
             sh("mesh", "add-bootstrap", str(genesis), str(data_dirs["v1"] / "ready.json"))
             lan.start("v2", command("v2"), logs["v2"], env)
+            if egress == "v2_refused":
+                lan.refuse_outbound(lan.ip("v2"))
             home_started = time.monotonic()
             lan.start(HOME, command(HOME), logs[HOME], env)
 
@@ -124,6 +132,12 @@ def test_natted_trainer_full_node_is_relayed_and_included_in_a_final_round(tmp_p
         copies = list((data_dirs[v] / "blobs").rglob(own[0].name))
         assert copies and copies[0].read_bytes() == own[0].read_bytes(), (v, copies)
     assert still.get("status") == "relayed", still
-    print("nat_round:", json.dumps({"relayed_after_s": round(relayed_s, 1),
+    if egress == "v2_refused":
+        assert kinds["v2"] == "relayed", kinds
+        # v2 asked home first (the trainer heads its holder list) over its only connection: the circuit
+        served_lines = [line for line in logs[HOME].read_text().splitlines()
+                        if f"serving blob {prefix} " in line and line.endswith(f"to {hotkeys['v2']}")]
+        assert served_lines, "v2 did not fetch the contribution from home"
+    print("nat_round:", json.dumps({"egress": egress,"relayed_after_s": round(relayed_s, 1),
                                     "first_inclusion_s": round(inclusion_s, 1), "round": round_id,
                                     "validator_connections_to_home": kinds}))
