@@ -57,6 +57,7 @@ from node._libp2p_tuning import (
     check_library_shape,
     install_signed_record_memo,
 )
+from node.relay_limits import watch_relay_limits
 
 __all__ = [
     "CHANNELS",
@@ -148,12 +149,12 @@ class MeshConfig:
 
     # Circuit relay v2 (docs/mesh.md "Reachability"). Every mesh can be reached through a
     # relay (the STOP side) and dial through one; only relay_service offers the HOP side,
-    # within these limits per relayed connection and in all.
+    # within these limits (enforced by py-libp2p; refusals and cuts counted by node/relay_limits.py).
     relay_service: bool = False
-    relay_max_reservations: int = 32
-    relay_max_circuits: int = 64
-    relay_circuit_duration_s: int = 3600
-    relay_circuit_bytes: int = 1 << 30
+    relay_max_reservations: int = 32  # peers holding a slot at once
+    relay_max_circuits: int = 64  # open circuits to one reserved peer (py-libp2p counts per reservation)
+    relay_circuit_duration_s: int = 3600  # per circuit; checked when bytes cross it, so an idle one lingers
+    relay_circuit_bytes: int = 1 << 30  # per circuit, both directions together
     dial_back_timeout_s: float = 5.0  # a dial-back probe's TCP connect, server side
     hole_punch: bool = True  # DCUtR: try to turn a relayed connection into a direct one
 
@@ -249,6 +250,12 @@ class StreamStats:
 
     def count_refusal(self, reason: str) -> None:
         self.stream_refused_by_reason[reason] = self.stream_refused_by_reason.get(reason, 0) + 1
+
+    # Our relay service (relay_service): reservations and circuits refused, circuits cut (node/relay_limits.py).
+    relay_refused_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def count_relay_refusal(self, reason: str) -> None:
+        self.relay_refused_by_reason[reason] = self.relay_refused_by_reason.get(reason, 0) + 1
 
 
 def topic_for(mesh_id: str, channel: str) -> str:
@@ -461,6 +468,9 @@ class Mesh:
                             async with contextlib.AsyncExitStack() as services:
                                 if mesh._dcutr is not None:
                                     await services.enter_async_context(background_trio_service(mesh._dcutr))
+                                if config.relay_service:
+                                    services.callback(watch_relay_limits(mesh._relay,
+                                                                         mesh.stream_stats.count_relay_refusal))
                                 mesh._nursery = nursery
                                 nursery.start_soon(mesh._enforce_bans)
                                 nursery.start_soon(mesh._expire_bans)
