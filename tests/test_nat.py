@@ -219,3 +219,42 @@ def test_a_reservation_lost_when_the_relay_restarts_is_renewed(tmp_path):
             print(f"relay restart: statuses seen at home {sorted(set(seen))}")
         finally:
             again.kill()
+
+
+def test_daemon_announces_at_once_when_its_relayed_address_changes():
+    """A relayed address gained (or withdrawn after a lost reservation) is announced at
+    once, not at the next slow announce (10 x announce_interval_s once every member is
+    heard): peers would otherwise dial a dead address, or not know the new one, for that long."""
+    import trio
+    from types import SimpleNamespace
+
+    from node import daemon
+    from node.reachability import Reachability
+
+    sent = []
+
+    async def publish(message) -> None:
+        sent.append(message)
+
+    node = SimpleNamespace(mesh=SimpleNamespace(peer_id="P"), genesis=SimpleNamespace(mesh_id="m"),
+                           reachability=Reachability(), addrs=["/ip4/10.0.0.1/tcp/1/p2p/P"], started_ms=0,
+                           settings=SimpleNamespace(announce_interval_s=100.0, role=SimpleNamespace(value="trainer")),
+                           presence=SimpleNamespace(heard_everyone=lambda: True), publish=publish)
+    relayed = "/ip4/10.0.0.9/tcp/2/p2p/R/p2p-circuit/p2p/P"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.Node._announce_loop, node)
+            with trio.fail_after(2):
+                while len(sent) < 1:
+                    await trio.sleep(0.01)
+                node.reachability.set_relayed_addrs([relayed])
+                while len(sent) < 2:
+                    await trio.sleep(0.01)
+                node.reachability.set_relayed_addrs([])
+                while len(sent) < 3:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert [list(m.addrs) for m in sent] == [node.addrs, node.addrs + [relayed], node.addrs]
+
+    trio.run(main)
