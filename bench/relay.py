@@ -40,7 +40,8 @@ def timed_request(sender: Proc, home: Proc, n_bytes: int, timeout_s: float) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=20.0, help="request size in MB (default %(default)s)")
-    parser.add_argument("--rate", default="8mbit", help="home link rate, tc's syntax, or none for an unshaped link (default %(default)s)")
+    parser.add_argument("--rate", default="8mbit",
+                        help="home link rate, tc's syntax, or none for an unshaped link (default %(default)s)")
     args = parser.parse_args()
     why = netns_nat.available()
     if why:

@@ -23,7 +23,6 @@ import random
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
