@@ -13,7 +13,9 @@ label; nothing else on the miner changes. FHE runs in the engine's worker thread
 the trio loop (gossip, other streams) never waits on a circuit.
 
 behaviour (sealmesh testnet --fault, never on a real node): "garbage" answers random
-bytes of a result's size without computing; "slow" sleeps slow_delay_s first.
+bytes of a result's size without computing; "slow" sleeps slow_delay_s first;
+"stale_chain" (the Brainlock /compute only) computes two chained iterations and sends
+its first output again for every later one, the cheat of a miner that stops chaining.
 """
 
 from __future__ import annotations
