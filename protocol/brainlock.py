@@ -262,7 +262,7 @@ def parse_compute_form(body: Any, content_type: str) -> ComputeForm:
 __all__ = [
     "CHAINED_MIN_EQUAL", "WRONG_CHAINED_OUTPUT", "BrainlockRefusal", "ChainFault", "ComputeForm", "FORM_OVERHEAD_BYTES", "FormPart", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS",
     "check_body_complete", "check_body_progress", "check_body_signature", "check_declared_body", "check_headers",
-    "check_upload_slot", "equal_fraction", "form_boundary", "judge_chain", "parse_compute_form", "parse_endpoint", "parse_form", "parse_iterations",
+    "check_upload_slot", "equal_fraction", "form_boundary", "judge_chain", "offered_endpoint", "parse_compute_form", "parse_endpoint", "parse_form", "parse_iterations",
     "require_field",
     "route_body_limit", "signed_string", "status_of",
 ]
@@ -314,4 +314,20 @@ def judge_chain(fractions: "list[float] | tuple[float, ...]", *, first: int = 2,
     for i, fraction in enumerate(fractions):
         if not fraction >= min_equal:
             return ChainFault(first + i, float(fraction))
+    return None
+
+
+def offered_endpoint(announced_addrs: "list[str] | tuple[str, ...]", brainlock_port: int) -> tuple[str, int] | None:
+    """Where a validator dials a miner's Brainlock server: the host of the miner's first
+    direct announced address (/ip4, /ip6, /dns4, /dns6, /dns; relayed /p2p-circuit ones
+    skipped) and the port its ModelOffer names; None without a port or such an address.
+    Only the miner's own announced host is ever dialled (ModelOffer says why)."""
+    if not brainlock_port:
+        return None
+    for addr in announced_addrs:
+        if "/p2p-circuit" in addr:
+            continue
+        parts = addr.split("/")
+        if len(parts) >= 3 and parts[0] == "" and parts[1] in ("ip4", "ip6", "dns4", "dns6", "dns") and parts[2]:
+            return parts[2], int(brainlock_port)
     return None

@@ -146,3 +146,27 @@ def test_a_miner_that_stops_chaining_is_caught_at_its_first_wrong_chunk(miner_se
     assert (record.outcome, record.error_reason) == (Outcome.ERROR, "wrong_chained_output"), record
     detail = svc.outcome_details[record.challenge_id]  # _record files it with the outcome
     assert detail.startswith("iteration 3 of 3"), detail
+
+
+def test_the_challenger_dials_the_endpoint_the_miners_offer_names(bundle, tmp_path):  # noqa: F811
+    """No brainlock_endpoints.json: the signed ModelOffer's brainlock_port on the host the
+    miner announced is where the challenge goes (the LateMiner there answers, so the
+    outcome is late_stream, not a libp2p error); the operator's file still wins."""
+    from protocol.challenge_messages import FHE_PROTOCOL, ModelOffer
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), LateMiner)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        svc = http_challenger(tmp_path, bundle, http.server_address[1])
+        svc.brainlock_endpoints = {}
+        svc.ctx.addrs_of = lambda hotkey: ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWmine"]
+        assert svc._brainlock_endpoint(MINER.ss58_address) is None  # no offer yet: libp2p
+        svc.on_message(MINER.ss58_address, ModelOffer(MODEL, svc.manifest.server_sha256, "12D3KooWmine", FHE_PROTOCOL,
+                                                      1, 0, brainlock_port=http.server_address[1]), 0)
+        assert svc._brainlock_endpoint(MINER.ss58_address) == ("127.0.0.1", http.server_address[1])
+        record = one_challenge(svc, seed=1)
+        svc.brainlock_endpoints = {MINER.ss58_address: ("10.9.9.9", 1)}  # the operator's override wins
+        assert svc._brainlock_endpoint(MINER.ss58_address) == ("10.9.9.9", 1)
+    finally:
+        http.shutdown()
+    assert (record.outcome, record.error_reason) == (Outcome.ERROR, "late_stream")

@@ -11,9 +11,12 @@ exactly one outcome in node/history.py; the epoch's scores (protocol/scoring.py)
 gossiped as ScoreReports, handed to the settlement service if it takes them, and set as
 weights on Bittensor when the node runs on a subnet (settings.network).
 
-A miner may also be challenged over the Brainlock subnet's HTTP protocol (issue 13) when
-the validator knows its endpoint (`brainlock_endpoints`, or brainlock_endpoints.json in
-the data dir: {"<miner hotkey>": "host:port"}): keys through /add_key, the challenge
+A miner is challenged over the Brainlock subnet's HTTP protocol (issue 13) when its signed
+ModelOffer names a brainlock_port: dialled on the host of its announced addresses (never
+a URL it chose; ModelOffer says why). DATA_DIR/brainlock_endpoints.json
+({"<miner hotkey>": "host:port"}) is an operator's override that wins over the offer (a
+miner behind a proxy or NAT whose announced host is not where its HTTP server is reached).
+Keys go through /add_key, the challenge
 through /compute with the same iterations, chained. The first chunk is the circuit once
 on our input and is scored exactly as a libp2p result; every later chunk is decrypted
 and compared with our own clear chain, and one that strays is the error outcome
@@ -40,7 +43,7 @@ from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_b
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
-from protocol.brainlock import WRONG_CHAINED_OUTPUT, parse_endpoint
+from protocol.brainlock import WRONG_CHAINED_OUTPUT, offered_endpoint, parse_endpoint
 from protocol.challenge import (UNKNOWN_KEY, ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore,
                                 RecordOutcome, SendChallenge, UploadKey)
 from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
@@ -224,7 +227,7 @@ class ChallengerService(RoleService):
         return self.offers[miner].peer_id
 
     async def _upload_key(self, effect: UploadKey) -> list[Effect]:
-        if effect.miner in self.brainlock_endpoints:
+        if self._brainlock_endpoint(effect.miner) is not None:
             return await self._upload_key_http(effect)
         started = time.monotonic()
         try:
@@ -245,7 +248,7 @@ class ChallengerService(RoleService):
         from fhe.bundle import MalformedResult
         from fhe.inputs import draw_challenge_input
 
-        if effect.miner in self.brainlock_endpoints:
+        if self._brainlock_endpoint(effect.miner) is not None:
             return await self._send_http(effect)
         cid = effect.challenge_id
         drawn = draw_challenge_input(effect.model, effect.input_seed)
@@ -285,10 +288,20 @@ class ChallengerService(RoleService):
 
     # -- the Brainlock HTTP protocol (node/roles/brainlock_http.BrainlockClient) --
 
+    def _brainlock_endpoint(self, miner: str) -> tuple[str, int] | None:
+        """The operator's override (brainlock_endpoints.json) first, else the port the
+        miner's signed ModelOffer names on the host its Announce gave; None: libp2p."""
+        if miner in self.brainlock_endpoints:
+            return self.brainlock_endpoints[miner]
+        offer = self.offers.get(miner)
+        if offer is None or not offer.brainlock_port:
+            return None
+        return offered_endpoint(self.ctx.addrs_of(miner), offer.brainlock_port)
+
     def _brainlock_client(self, miner: str, timeout_s: float) -> Any:
         from node.roles.brainlock_http import BrainlockClient
 
-        host, port = self.brainlock_endpoints[miner]
+        host, port = self._brainlock_endpoint(miner)
         return BrainlockClient(self.ctx.hotkey, miner, host, port, timeout_s=timeout_s)
 
     async def _upload_key_http(self, effect: UploadKey) -> list[Effect]:

@@ -80,6 +80,7 @@ class MinerService(RoleService):
         self.refused = Counter()  # reason -> count
         self.compute_s: list[float] = []
         self.garbage_bytes = 0
+        self.brainlock_port = 0  # the Brainlock HTTP server's bound port once it listens; 0: none
 
     # -- the seam --
 
@@ -99,7 +100,9 @@ class MinerService(RoleService):
             if self.config.brainlock_port is not None:
                 from node.roles.brainlock_http import BrainlockHttp
 
-                await nursery.start(BrainlockHttp(self, self.settings.api_host, self.config.brainlock_port).serve)
+                # the port it bound (brainlock_port 0: any free one) goes into our ModelOffer
+                self.brainlock_port = await nursery.start(
+                    BrainlockHttp(self, self.settings.api_host, self.config.brainlock_port).serve)
             nursery.start_soon(self._offer_loop)
 
     async def _load(self) -> None:
@@ -127,7 +130,7 @@ class MinerService(RoleService):
     def offer(self) -> ModelOffer:
         assert self.ctx is not None and self.manifest is not None
         return ModelOffer(self.manifest.model, self.manifest.server_sha256, self.ctx.mesh.peer_id, FHE_PROTOCOL,
-                          self.keyring.max_iterations, now_ms())
+                          self.keyring.max_iterations, now_ms(), brainlock_port=self.brainlock_port)
 
     async def _offer_loop(self) -> None:
         assert self.ctx is not None
