@@ -2,8 +2,10 @@
 
 The miner is started the way a user starts one: `python -m node.cli node --config
 node.toml` (node/testnet.py's _spawn), its genesis and wallets written by
-node.testnet.prepare, and DATA_DIR/fhe.json naming the model synthetic-cnv-tiny and a
-`brainlock_port`. Nothing of the miner runs in this process.
+node.testnet.prepare, and DATA_DIR/fhe.json naming the model synthetic-cnv-tiny and
+`brainlock_port` 0 (any free port): the test learns the port from the miner's published
+ModelOffer (its /status shows the last one), as a validator does. Nothing of the miner
+runs in this process.
 
 The client below is written from the subnet's wire format only; of sealmesh it uses the
 sr25519 signing primitive (crypto.identity.Hotkey.sign) and the validator's OWN compiled
@@ -42,9 +44,9 @@ import numpy as np
 import pytest
 
 from node.fhe_service import FheConfig, write_fhe_config
-from node.testnet import TestnetPlan, _free_ports, prepare
+from node.testnet import TestnetPlan, prepare
 from node.wallet import load_hotkey
-from tests.nodes import _spawn, _stop_all, wait_ready
+from tests.nodes import _spawn, _stop_all, http_get, wait_ready
 from tests.test_brainlock_http import shared_tiny_bundle
 
 MODEL = "synthetic-cnv-tiny"
@@ -104,17 +106,22 @@ def request(port: int, method: str, path: str, signer, miner: str, body: bytes =
 # --- a miner process ------------------------------------------------------------------
 
 
-def wait_listening(port: int, process, timeout_s: float, log: Path) -> None:
+def offered_port(miner, timeout_s: float) -> int:
+    """The Brainlock port the miner's published ModelOffer names (its /status shows the
+    last offer): fhe.json asks for port 0, so only the offer says where the server is."""
+    log = miner.data_dir / "node.log"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if miner.process.poll() is not None:
             raise RuntimeError(f"the miner exited: {log.read_text()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"no Brainlock server on port {port} after {timeout_s} s: {log.read_text()[-2000:]}")
+        status, body = http_get(miner.api_port, "/status")
+        if status == 200:
+            port = (json.loads(body).get("sections", {}).get("fhe") or {}).get("offered_brainlock_port")
+            if port:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening
+                return port
+        time.sleep(0.5)
+    raise TimeoutError(f"no ModelOffer with a Brainlock port after {timeout_s} s: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +129,12 @@ def miner_process(tmp_path_factory):
     bundle = shared_tiny_bundle(tmp_path_factory.getbasetemp().parent / "sealmesh-fhe-cache")
     root = tmp_path_factory.mktemp("brainlock-process")
     validator, miner = prepare(TestnetPlan(validators=1, trainers=0, miners=1, pings=0, directory=root))
-    (port,) = _free_ports(1)
-    write_fhe_config(miner.data_dir, FheConfig(model=MODEL, bundle_dir=str(bundle), brainlock_port=port))
+    # port 0: the miner binds any free port and its signed ModelOffer names the one it got
+    write_fhe_config(miner.data_dir, FheConfig(model=MODEL, bundle_dir=str(bundle), brainlock_port=0))
     miner.process = _spawn(miner)
     try:
         wait_ready(miner, timeout_s=MINER_LOAD_TIMEOUT_S)
-        wait_listening(port, miner.process, MINER_LOAD_TIMEOUT_S, miner.data_dir / "node.log")
+        port = offered_port(miner, MINER_LOAD_TIMEOUT_S)
         yield bundle, port, miner, load_hotkey("testnet", validator.name, root / "wallets")
     finally:
         _stop_all([miner])
@@ -160,7 +167,7 @@ def run_flow(miner_process, own_client, iterations: int) -> list[str]:
     from fhe.zoo import chained_reference, get_model
 
     bundle, port, miner, validator = miner_process
-    lines = [f"miner process pid {miner.process.pid} ({MODEL}), Brainlock HTTP on 127.0.0.1:{port}, "
+    lines = [f"miner process pid {miner.process.pid} ({MODEL}), Brainlock HTTP on 127.0.0.1:{port} (its ModelOffer's port), "
              f"miner hotkey {miner.hotkey}, validator {validator.ss58_address}"]
 
     status, client_zip = request(port, "GET", "/get_client", validator, miner.hotkey)

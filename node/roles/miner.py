@@ -81,6 +81,7 @@ class MinerService(RoleService):
         self.compute_s: list[float] = []
         self.garbage_bytes = 0
         self.brainlock_port = 0  # the Brainlock HTTP server's bound port once it listens; 0: none
+        self.last_offer: ModelOffer | None = None  # the ModelOffer last published (shown on /status)
 
     # -- the seam --
 
@@ -135,7 +136,11 @@ class MinerService(RoleService):
     async def _offer_loop(self) -> None:
         assert self.ctx is not None
         while True:
-            await self.ctx.publish(self.offer())
+            first = self.last_offer is None
+            self.last_offer = self.offer()
+            await self.ctx.publish(self.last_offer)
+            if first:
+                self._report()
             quiet = sum(self.served.values()) > 0  # a validator found us: late joiners only
             await trio.sleep(self.config.offer_interval_s * (10 if quiet else 1))
 
@@ -270,6 +275,7 @@ class MinerService(RoleService):
             "keys": len(self.engine.key_ids()) if self.engine else 0,
             "key_cache_bytes": self.engine.cache_bytes if self.engine else 0,
             "compute_s": self.compute_s[-20:],
+            "offered_brainlock_port": self.last_offer.brainlock_port if self.last_offer else None,
         })
 
 
