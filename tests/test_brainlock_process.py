@@ -241,3 +241,42 @@ def test_brainlock_validator_flow_against_a_miner_process_2_iterations(miner_pro
 @pytest.mark.slow
 def test_brainlock_validator_flow_against_a_miner_process_5_iterations(miner_process, own_client):
     run_flow(miner_process, own_client, 5)
+
+
+@pytest.mark.slow
+def test_a_sealmesh_validator_process_challenges_a_miner_over_its_offered_brainlock_port(tmp_path,
+                                                                                       tmp_path_factory):
+    """A validator process and a miner process on the mesh, no brainlock_endpoints.json:
+    the miner's signed ModelOffer names its Brainlock port, the validator dials it on the
+    host the miner announced, and scores every chunk of the chained /compute."""
+    import shutil
+
+    from node.roles.challenger import BRAINLOCK_ENDPOINTS_FILE
+    from node.testnet import _watch, build_report
+    from test_miner import shared_digits_bundle
+
+    bundle = shared_tiny_bundle(tmp_path_factory.getbasetemp().parent / "sealmesh-fhe-cache")
+    root = tmp_path / "tn"
+    (root / "fhe").mkdir(parents=True)  # prepare's digits bundle, copied, not compiled
+    shutil.copytree(shared_digits_bundle(tmp_path_factory), root / "fhe" / "bundle-digits-cnn")
+    plan = TestnetPlan(validators=1, trainers=0, miners=1, pings=1, epochs=1, directory=root, timeout_s=420)
+    nodes = prepare(plan)
+    validator, miner = nodes
+    for node in nodes:
+        write_fhe_config(node.data_dir, FheConfig(model=MODEL, bundle_dir=str(bundle), iterations=2,
+                                                  response_timeout_s=300.0, brainlock_port=0))
+    assert not (validator.data_dir / BRAINLOCK_ENDPOINTS_FILE).exists()
+    try:
+        for node in nodes:
+            node.process = _spawn(node)
+        _watch(plan, nodes, deadline=time.monotonic() + plan.timeout_s)
+    finally:
+        _stop_all(nodes)
+    report = build_report(plan, nodes, True, 0.0)
+    fhe = report["fhe"]
+    outcomes = json.loads((validator.data_dir / "status.json").read_text())["sections"]["fhe"]["outcomes"]
+    print(json.dumps({"miners": fhe["miners"], "outcomes": outcomes}, indent=1))
+    served = json.loads((miner.data_dir / "status.json").read_text())["sections"]["fhe"]["served"]
+    assert served.get("brainlock_add_key") == 1 and served.get("brainlock_compute") == 1, served  # over HTTP
+    assert "fhe_challenge" not in served  # not over libp2p
+    assert [o["outcome"] for o in outcomes] == ["ok"], outcomes
