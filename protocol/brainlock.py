@@ -260,11 +260,11 @@ def parse_compute_form(body: Any, content_type: str) -> ComputeForm:
 
 
 __all__ = [
-    "CHAINED_MIN_EQUAL", "WRONG_CHAINED_OUTPUT", "BrainlockRefusal", "ChainFault", "ComputeForm", "FORM_OVERHEAD_BYTES", "FormPart", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS",
-    "check_body_complete", "check_body_progress", "check_body_signature", "check_declared_body", "check_headers",
-    "check_upload_slot", "equal_fraction", "form_boundary", "judge_chain", "offered_endpoint", "parse_compute_form", "parse_endpoint", "parse_form", "parse_iterations",
-    "require_field",
-    "route_body_limit", "signed_string", "status_of",
+    "CHAINED_MIN_EQUAL", "FORM_OVERHEAD_BYTES", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS", "WRONG_CHAINED_OUTPUT",
+    "BrainlockRefusal", "ChainFault", "ComputeForm", "FormPart", "check_body_complete", "check_body_progress",
+    "check_body_signature", "check_declared_body", "check_headers", "check_upload_slot", "equal_fraction",
+    "form_boundary", "judge_chain", "offered_endpoint", "parse_compute_form", "parse_endpoint", "parse_form",
+    "parse_iterations", "require_field", "route_body_limit", "signed_string", "status_of",
 ]
 
 

@@ -167,13 +167,15 @@ def run_flow(miner_process, own_client, iterations: int) -> list[str]:
     from fhe.zoo import chained_reference, get_model
 
     bundle, port, miner, validator = miner_process
-    lines = [f"miner process pid {miner.process.pid} ({MODEL}), Brainlock HTTP on 127.0.0.1:{port} (its ModelOffer's port), "
+    lines = [f"miner process pid {miner.process.pid} ({MODEL}), Brainlock HTTP on 127.0.0.1:{port} "
+             "(its ModelOffer's port), "
              f"miner hotkey {miner.hotkey}, validator {validator.ss58_address}"]
 
     status, client_zip = request(port, "GET", "/get_client", validator, miner.hotkey)
     assert status == 200, client_zip[:300]
     ours = (bundle / CLIENT_ZIP).read_bytes()
-    lines.append(f"GET /get_client -> {status}, {len(client_zip)} bytes, sha256 {hashlib.sha256(client_zip).hexdigest()[:16]}"
+    digest = hashlib.sha256(client_zip).hexdigest()[:16]
+    lines.append(f"GET /get_client -> {status}, {len(client_zip)} bytes, sha256 {digest}"
                  f" (= our own compiled client: {client_zip == ours}; we decrypt with ours either way)")
 
     keys = own_client.client.evaluation_keys.serialize()

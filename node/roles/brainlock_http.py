@@ -190,6 +190,7 @@ class BrainlockHttp:
         self.miner.served[f"brainlock_{route}"] += 1
         if elapsed_s is not None:
             self.miner.compute_s.append(round(elapsed_s, 3))
+        self.miner._report()  # /status and status.json show what was served over HTTP too
 
     # -- the aiohttp thread --
 

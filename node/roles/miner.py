@@ -38,6 +38,7 @@ from protocol.challenge import MinerKeyring
 from protocol.challenge_messages import (FHE_PROTOCOL, MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES, AddKey, BadFrame,
                                          ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, Refused,
                                          StreamMessage, open_frame, seal_frame)
+from protocol.challenge_messages import MAX_RESULT_BYTES
 from protocol.epistula import Envelope
 from protocol.inbound import admit_stream_envelope
 from protocol.errors import RemoteProtocolError
@@ -123,6 +124,11 @@ class MinerService(RoleService):
         smallest_key = max(1, self.engine.evaluation_key_bytes - 4096)
         self.keyring.max_keys = max(self.keyring.max_keys, self.engine.key_cache_bytes // smallest_key + 1)
         self.garbage_bytes = result_bytes_estimate(bundle / SERVER_ZIP)
+        if self.garbage_bytes > MAX_RESULT_BYTES and self.config.brainlock_port is None:
+            # e.g. the 32x32 synthetic CNV (50 MB a result): served over Brainlock HTTP only (docs/fhe.md)
+            log.warning("%s's results (about %d bytes) are over the libp2p result cap (%d): no libp2p challenge "
+                        "can succeed; set brainlock_port in fhe.json to serve it over HTTP", self.manifest.model,
+                        self.garbage_bytes, MAX_RESULT_BYTES)
         self.ready.set()
         log.info("phase=miner-ready model=%s server_sha256=%s behaviour=%s", self.manifest.model,
                  self.manifest.server_sha256[:16], self.behaviour)
