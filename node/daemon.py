@@ -168,7 +168,8 @@ class Node:
             store=self.store, verifier=self.verifier, metrics=self.metrics,
             data_dir=self.settings.data_dir / "roles", publish=self.publish,
             peer_of=self.presence.peer_of.get, services={s.name: s for s in self.services},
-            last_seen=self.presence.last_seen.get)
+            last_seen=self.presence.last_seen.get,
+            addrs_of=lambda hotkey: list(self.presence.addrs_of.get(hotkey, ())))
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services:
             log.info("phase=role-start service=%s", service.name)
