@@ -38,13 +38,23 @@ class Model:
     why: str = ""
 
 
+# CI models run in `make test` (a minute or two of CPU in all); the others need
+# SEALMESH_SLOW=1 or `make tlc`. Each .cfg's header says what its bounds are.
 MODELS = (
     Model("Head", "Head", "Head.cfg", why="tests/test_head_explore.py's TLC bound"),
-    Model("FheChallenge", "FheChallenge", "FheChallenge.cfg",
-          why="tests/test_challenge_explore.py, first bound: 1 epoch x 2 challenges, 1 restart"),
     Model("FheChallengeEpochs", "FheChallenge", "FheChallengeEpochs.cfg",
-          why="tests/test_challenge_explore.py, second bound: 2 epochs x 1 challenge"),
-    Model("SecureAggregation", "SecureAggregation", "SecureAggregation.cfg"),
+          why="tests/test_challenge_explore.py's second bound: 2 epochs x 1 challenge"),
+    Model("FheChallenge-ci", "FheChallenge", "FheChallenge.cfg", {"Challenges": "1"},
+          why="the explorer's first bound with 1 challenge per miner instead of 2"),
+    Model("FheChallenge", "FheChallenge", "FheChallenge.cfg", ci=False,
+          why="tests/test_challenge_explore.py's first bound: 1 epoch x 2 challenges, 1 restart"),
+    Model("SecureAggregation-ci", "SecureAggregation", "SecureAggregation.cfg",
+          {"Committee": "{c1}", "BadMembers": "{}"},
+          why="the adversary and the blame step, with one committee member"),
+    Model("SecureAggregation", "SecureAggregation", "SecureAggregation.cfg", ci=False,
+          why="two members, c2 bad, the adversary and the blame step"),
+    Model("SecureAggregationConformance", "SecureAggregation", "SecureAggregationConformance.cfg", ci=False,
+          why="the bounds of tests/test_aggregation_conformance.py (which runs it in CI, dumping its graph)"),
 )
 
 
@@ -107,8 +117,8 @@ def cfg_text(model: Model) -> str:
 
 
 def run(model: Model, *, timeout_s: int = 600, workdir: Path | None = None,
-        spec_text: str | None = None, extra: tuple[str, ...] = ()) -> Result:
-    """TLC on a copy of the spec (spec_text replaces it: the mutation tests), one worker,
+        spec_text: str | None = None, cfg: str | None = None, extra: tuple[str, ...] = ()) -> Result:
+    """TLC on a copy of the spec (spec_text and cfg replace the files: the mutation tests), one worker,
     -deadlock (TLC 2.15 reads a CHECK_DEADLOCK line in a .cfg as an invariant name)."""
     path = jar()
     if path is None:
@@ -116,7 +126,7 @@ def run(model: Model, *, timeout_s: int = 600, workdir: Path | None = None,
     with tempfile.TemporaryDirectory(prefix=f"tlc-{model.name}-") as tmp:
         work = workdir or Path(tmp)
         (work / f"{model.spec}.tla").write_text(spec_text or (SPECS / f"{model.spec}.tla").read_text())
-        (work / "model.cfg").write_text(cfg_text(model))
+        (work / "model.cfg").write_text(cfg or cfg_text(model))
         started = time.perf_counter()
         done = subprocess.run(
             ["java", "-XX:+UseParallelGC", "-cp", str(path), "tlc2.TLC", "-deadlock", "-workers", "1",
