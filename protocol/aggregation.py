@@ -754,6 +754,23 @@ class ValidatorRound:
         self.slot_verdicts: dict[str, str] = {}  # contributor -> "" (proven) or why not
         self.bad_contributors: dict[str, str] = {}  # contributor -> NAMED_OUT_OF_RANGE | NAMED_SILENT
 
+    @classmethod
+    def join_round(cls, sender: str, ro: RoundOpen, *, me: str, mesh: MeshRounds, now_ms: int,
+                   last_round_id: int | None, expected_base: str | None,
+                   barred: Iterable[str] = ()) -> "ValidatorRound":
+        """JoinRound for a validator: the round `sender` announced becomes ours if it keeps
+        the mesh's rules (round_open_refusal, the rule every node joins by); a refusal is a
+        RemoteProtocolError with its reason."""
+        check_round_open(mesh, sender, ro, now_ms=now_ms, last_round_id=last_round_id, expected_base=expected_base)
+        return cls(ro, me, barred=barred)
+
+    def receive_round_open(self, sender: str, ro: RoundOpen) -> list[Effect]:
+        """A RoundOpen for the round we already run: a copy changes nothing, another is refused."""
+        if ro != self.round_open:
+            raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id} from {sender}",
+                                      reason="conflicting_round_open")
+        return []
+
     @property
     def round_id(self) -> int:
         return self.round_open.round_id

@@ -568,9 +568,7 @@ class RoundsService(GuardedWork, RoleService):
     async def _join(self, sender: str, ro: RoundOpen) -> None:
         known = self.slots.get(ro.round_id)
         if known is not None:
-            if known.ro != ro:
-                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
-                                          reason="conflicting_round_open")
+            known.validator.receive_round_open(sender, ro)  # a copy changes nothing; another is refused
             return
         if self.initial_adapter_id is None:  # cannot check the base yet: the opener re-sends it
             log.info("round=%d RoundOpen heard before our model is ready; waiting for a re-send", ro.round_id)
@@ -583,9 +581,11 @@ class RoundsService(GuardedWork, RoleService):
             return
         expected_base = self._base_adapter_id(ro.round_id)
         last = self._last_round_id()
-        agg.check_round_open(self.mesh, sender, ro, now_ms=now_ms(), last_round_id=last, expected_base=expected_base)
+        validator = agg.ValidatorRound.join_round(sender, ro, me=self.me, mesh=self.mesh, now_ms=now_ms(),
+                                                  last_round_id=last, expected_base=expected_base,
+                                                  barred=self._cooling_down(ro.round_id))
         slot = RoundSlot(ro)
-        slot.validator = agg.ValidatorRound(ro, self.me, barred=self._cooling_down(ro.round_id))
+        slot.validator = validator
         slot.alive.update({sender, self.me})
         self.slots[ro.round_id] = slot
         if self.key.share is not None:

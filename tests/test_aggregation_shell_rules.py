@@ -1,10 +1,16 @@
-"""Issue 14 item 1: what the rounds shell re-sends and when its timers matter are the
-machines' answers (still_needed, a stale CloseCollection), not rules of the shell."""
+"""Issue 14 item 1: what the rounds shell re-sends, when its timers matter and whether it
+joins a RoundOpen are the machines' answers (still_needed, a stale CloseCollection,
+ValidatorRound.join_round / receive_round_open), not rules of the shell."""
+
+import dataclasses
+
+import pytest
 
 from protocol import aggregation as agg
 from protocol.aggregation import Phase
 from protocol.aggregation_messages import AcceptedSet, PartialDecryption, RoundAborted, RoundFinal
-from tests.test_aggregation import ALL_BLOCKS, C1, C2, T1, T2, V1, V2, Round, h, sent
+from protocol.errors import RemoteProtocolError
+from tests.test_aggregation import ALL_BLOCKS, C1, C2, T1, T2, V1, V2, Round, h, make_open, mesh_of, sent
 
 
 def test_still_needed_follows_the_round():
@@ -50,3 +56,25 @@ def test_a_stale_close_collection_timer_changes_nothing():
     assert v1.to_state() == before
     v1.final_deadline(now_ms=r.ro.final_deadline_ms)
     assert v1.phase is Phase.ABORTED and v1.close_collection(now_ms=r.ro.final_deadline_ms) == []
+
+
+def test_a_validator_joins_only_by_the_rule_every_node_joins_by():
+    """The checks the shell's _join made before building a ValidatorRound are the
+    machine's JoinRound now (round_open_refusal), with the same reasons."""
+    ro = make_open()
+    mesh = mesh_of(ro)
+    join = dict(me=V2, mesh=mesh, now_ms=0, last_round_id=ro.round_id - 1, expected_base=ro.base_adapter_id)
+    v = agg.ValidatorRound.join_round(V1, ro, **join)
+    assert v.phase is Phase.OPEN and v.round_open == ro
+    for sender, message, reason in (
+            (V2, ro, "not_the_scheduled_opener"),
+            (V1, dataclasses.replace(ro, min_contributors=1), "round_policy_mismatch"),
+            (V1, dataclasses.replace(ro, base_adapter_id=h("another base")), "wrong_base_adapter")):
+        with pytest.raises(RemoteProtocolError) as info:
+            agg.ValidatorRound.join_round(sender, message, **join)
+        assert info.value.reason == reason
+    assert v.receive_round_open(V1, ro) == []  # a re-sent copy
+    before = v.to_state()
+    with pytest.raises(RemoteProtocolError) as info:
+        v.receive_round_open(V1, dataclasses.replace(ro, deadline_ms=ro.deadline_ms + 1))
+    assert info.value.reason == "conflicting_round_open" and v.to_state() == before
