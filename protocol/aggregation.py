@@ -754,6 +754,23 @@ class ValidatorRound:
         self.slot_verdicts: dict[str, str] = {}  # contributor -> "" (proven) or why not
         self.bad_contributors: dict[str, str] = {}  # contributor -> NAMED_OUT_OF_RANGE | NAMED_SILENT
 
+    @classmethod
+    def join_round(cls, sender: str, ro: RoundOpen, *, me: str, mesh: MeshRounds, now_ms: int,
+                   last_round_id: int | None, expected_base: str | None,
+                   barred: Iterable[str] = ()) -> "ValidatorRound":
+        """JoinRound for a validator: the round `sender` announced becomes ours if it keeps
+        the mesh's rules (round_open_refusal, the rule every node joins by); a refusal is a
+        RemoteProtocolError with its reason."""
+        check_round_open(mesh, sender, ro, now_ms=now_ms, last_round_id=last_round_id, expected_base=expected_base)
+        return cls(ro, me, barred=barred)
+
+    def receive_round_open(self, sender: str, ro: RoundOpen) -> list[Effect]:
+        """A RoundOpen for the round we already run: a copy changes nothing, another is refused."""
+        if ro != self.round_open:
+            raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id} from {sender}",
+                                      reason="conflicting_round_open")
+        return []
+
     @property
     def round_id(self) -> int:
         return self.round_open.round_id
@@ -837,7 +854,11 @@ class ValidatorRound:
         return effects
 
     def close_collection(self, *, now_ms: int) -> list[Effect]:
-        """CloseCollection: the deadline passed; the set is fixed once pending verdicts are in."""
+        """CloseCollection: the deadline passed; the set is fixed once pending verdicts are in.
+        A timer that fires after collection closed (a restart re-arms it, or the round
+        already ended) changes nothing: the spec's CloseCollection is not enabled then."""
+        if self.phase not in (Phase.OPEN, Phase.COLLECT):
+            return []
         self._require(Phase.COLLECT, "CloseCollection")
         if now_ms < self.round_open.deadline_ms:
             raise LocalProtocolError(f"CloseCollection at {now_ms}, before the deadline")
@@ -1079,6 +1100,25 @@ class ValidatorRound:
         else:
             why = "never_opened" if self.phase is Phase.OPEN else "no_agreement"
         return self._abort(why)
+
+    def still_needed(self) -> list[Message]:
+        """What others may still need from us: gossip loses messages, so the shell re-sends
+        these every few seconds until the final deadline. Only the scheduled opener's
+        RoundOpen counts (round_open_refusal), so nobody else re-sends one."""
+        out: list[Message] = []
+        if self.phase is Phase.COLLECT and self.is_opener:
+            out.append(self.round_open)
+        if self.published is not None:
+            out.append(self.published.to_message(self.round_id))
+        if self.phase is Phase.BLAME:
+            out.append(self.blame_request())
+        if self.phase is Phase.FINAL:
+            assert self.agreed is not None
+            out.append(RoundFinal(self.round_id, self.round_open.base_adapter_id, self.adapter_id,
+                                  self.agreed.aggregate_id, list(self.agreed.contributors), dict(self.mean_stats)))
+        elif self.phase is Phase.ABORTED:
+            out.append(RoundAborted(self.round_id, self.abort_reason))
+        return out
 
     # -- after a restart --
 
@@ -1365,6 +1405,18 @@ class CommitteeRound:
         if self.phase in (CommitteePhase.RELEASED, CommitteePhase.ABORTED):
             return []
         return self._abort("no_agreement" if self.agreed is None else "deadline")
+
+    def still_needed(self) -> list[Message]:
+        """Our released partial (and cover partial): re-sent by the shell until the final
+        deadline, as ValidatorRound.still_needed."""
+        if self.phase is not CommitteePhase.RELEASED or self.agreed is None or self.round_open is None:
+            return []
+        out: list[Message] = [PartialDecryption(self.round_open.round_id, self.agreed.aggregate_id,
+                                                self.released_blob_id)]
+        if self.cover_blob_id:
+            out.append(PartialDecryption(self.round_open.round_id, self.agreed.aggregate_id, self.cover_blob_id,
+                                         cover=True))
+        return out
 
     def resume_effects(self) -> list[Effect]:
         if self.phase is not CommitteePhase.DECRYPT or self.agreed is None or self.round_open is None:

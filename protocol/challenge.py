@@ -246,6 +246,9 @@ class ChallengeMachine:
         self.phase = EpochPhase.IDLE
         self.epoch = -1
         self.assigned: tuple[str, ...] = ()
+        # every validator's miners this epoch (assign_miners): the shell waits on the
+        # others' ScoreReports by it, so there is one split, the machine's
+        self.plan: dict[str, tuple[str, ...]] = {}
         self.models: dict[str, str] = {}  # miner -> the model it is challenged on this epoch
         self.key_ids: dict[str, str] = {}  # model -> our evaluation key id for it
         self.challenges: dict[str, Challenge] = {}  # this epoch's, by id
@@ -270,7 +273,8 @@ class ChallengeMachine:
         missing = {model for model in offers.values() if model not in key_ids}
         if missing:
             raise LocalProtocolError(f"no evaluation key id for models {sorted(missing)}")
-        mine = assign_miners(epoch, self.config.mesh_id, offers, validators)[self.validator]
+        self.plan = assign_miners(epoch, self.config.mesh_id, offers, validators)
+        mine = self.plan[self.validator]
         self.phase, self.epoch, self.assigned = EpochPhase.OPEN, epoch, mine
         self.models = {m: offers[m] for m in mine}
         self.key_ids = dict(key_ids)
@@ -459,13 +463,6 @@ class TooManyChallenges(KeyringError):
     reason = "too_many_challenges"
 
 
-class StaleEpoch(KeyringError):
-    """No longer raised: the quota follows the miner's clock, not the request's epoch
-    (issue 13). Kept so that code naming the label still imports."""
-
-    reason = "stale_epoch"
-
-
 class BadIterations(KeyringError):
     reason = "bad_iterations"
 
@@ -512,11 +509,17 @@ class MinerKeyring:
     # validator -> the miner-clock times of its counted evaluations within the window, oldest first
     evaluations: dict[str, deque[float]] = field(default_factory=dict)
 
-    def add_key(self, owner: str, key_id: str, *, model: str) -> None:
-        """AddKey: bind `key_id` (sha256 of the key bytes, checked by the caller) to `owner`."""
+    def check_owner(self, owner: str, key_id: str) -> None:
+        """AddKey's refusal, asked before the miner stores ~40 MB of keys: `key_id` is
+        bound to another validator (KeyIdTaken)."""
         bound = self.bindings.get(key_id)
         if bound is not None and bound.owner != owner:
             raise KeyIdTaken(f"key {key_id[:16]} already belongs to another validator")
+
+    def add_key(self, owner: str, key_id: str, *, model: str) -> None:
+        """AddKey: bind `key_id` (sha256 of the key bytes, checked by the caller) to `owner`."""
+        self.check_owner(owner, key_id)
+        bound = self.bindings.get(key_id)
         if bound is not None:
             return  # the same key again: idempotent
         self.bindings[key_id] = KeyBinding(owner, model)
@@ -563,6 +566,14 @@ class MinerKeyring:
         while recent and recent[0] <= now - self.window_s:
             recent.popleft()
         return recent
+
+    def keep_only(self, held: Iterable[str]) -> None:
+        """Keys the miner's engine evicted leave the keyring too, so their owner hears
+        unknown_key and uploads again."""
+        held = set(held)
+        for key_id in [k for k in self.bindings if k not in held]:
+            del self.bindings[key_id]
+            self.used_by.pop(key_id, None)
 
     def forget_all(self) -> None:
         """A restart without persisted keys: validators learn it from UnknownKey."""
@@ -657,7 +668,7 @@ __all__ = [
     "BadIterations", "ChallengeConfig", "DEFAULT_QUOTA_WINDOW_S", "ChallengeMachine", "ChallengePhase", "ChallengeRecord",
     "Effect", "EpochPhase", "ExactlyOneOutcome", "GossipScore", "IterationsBounded", "KeyBinding", "LATE_STREAM",
     "KeyIdTaken", "KeyModelMismatch", "KeyNotOwned", "KeyringError", "KeysUsedOnlyByOwner",
-    "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome", "SendChallenge", "StaleEpoch",
+    "MAX_ITERATIONS", "MinerKeyring", "Outcome", "RecordOutcome", "SendChallenge",
     "TIMEOUT_REASON", "TRANSITIONS", "streamed_in_time", "TooManyChallenges", "TooManyIterations", "TypeOK",
     "UNKNOWN_KEY", "UnknownKey", "UploadKey", "assign_miners", "challenge_id", "epoch_order",
     "judge",

@@ -29,11 +29,13 @@ CONSTANTS Validators,     \* validator hotkeys (model values)
           Challenges,     \* challenges per miner per epoch (challenges_per_miner)
           Iterations,     \* circuit runs each challenge asks for (ChallengeConfig.iterations)
           MaxIterations,  \* the bound both sides enforce (MAX_ITERATIONS)
-          MaxRestarts     \* how often miners may lose their keys
+          MaxRestarts,    \* how often miners may lose their keys
+          Restarters      \* the miners that may (the explorer's RESTARTING)
 
 ASSUME Validators # {} /\ Miners # {}
 ASSUME MaxEpoch \in Nat \ {0} /\ Challenges \in Nat \ {0} /\ MaxRestarts \in Nat
 ASSUME Iterations \in 1..MaxIterations
+ASSUME Restarters \subseteq Miners
 
 Keys == Validators                  \* key k belongs to validator k
 Ids == Validators \X Miners \X (1..Challenges)   \* this epoch's challenge <<v, m, i>>
@@ -87,10 +89,13 @@ Init ==
     /\ restarts = 0
 
 (* Record(c, o): the one place an outcome is written; every deciding action uses it. *)
+(* What the miner did no longer matters once c is decided: forgetting it merges     *)
+(* states that differ only there (the explorer's forget_decided).                  *)
 Record(c, o) ==
     /\ cphase' = [cphase EXCEPT ![c] = "decided"]
     /\ outcome' = [outcome EXCEPT ![c] = o]
     /\ recorded' = [recorded EXCEPT ![c] = @ + 1]
+    /\ minerDid' = [minerDid EXCEPT ![c] = "nothing"]
 
 StartEpoch ==
     /\ epoch < MaxEpoch
@@ -168,13 +173,13 @@ ResponseReceived(c, o) ==
     /\ \/ minerDid[c] = "computed" /\ o \in {"ok", "wrong"}   \* wrong: a bad computation
        \/ minerDid[c] = "garbage" /\ o = "wrong"
     /\ Record(c, o)
-    /\ UNCHANGED <<epoch, vphase, assign, uploaded, keyringVars, minerDid, restarts>>
+    /\ UNCHANGED <<epoch, vphase, assign, uploaded, keyringVars, restarts>>
 
 (* The deadline passed with no answer, or the answer came too late. *)
 Timeout(c) ==
     /\ cphase[c] = "sent"
     /\ Record(c, "timeout")
-    /\ UNCHANGED <<epoch, vphase, assign, uploaded, keyringVars, minerDid, restarts>>
+    /\ UNCHANGED <<epoch, vphase, assign, uploaded, keyringVars, restarts>>
 
 (* Upload failed, stream broke, the miner refused. A refusal because the miner *)
 (* lost the key (unknown_key) makes the validator upload it again next time.   *)
@@ -183,9 +188,10 @@ Error(c) ==
     /\ Record(c, "error")
     /\ uploaded' = IF minerDid[c] = "refused" /\ V(c) \notin held[M(c)]
                    THEN uploaded \ {<<M(c), V(c)>>} ELSE uploaded
-    /\ UNCHANGED <<epoch, vphase, assign, keyringVars, minerDid, restarts>>
+    /\ UNCHANGED <<epoch, vphase, assign, keyringVars, restarts>>
 
 MinerRestart(m) ==
+    /\ m \in Restarters
     /\ restarts < MaxRestarts
     /\ held' = [held EXCEPT ![m] = {}]
     /\ usedBy' = [usedBy EXCEPT ![m] = [k \in Keys |-> {}]]

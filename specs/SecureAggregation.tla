@@ -504,6 +504,20 @@ Next ==
 
 Spec == Init /\ [][Next]_vars
 
+\* Liveness needs only what the protocol itself relies on: the clock moves (the deadlines
+\* pass), each node's final-deadline timer fires, local verification finishes, an honest
+\* contributor answers a blame request, and the blame deadline fires. Messages may still
+\* be lost and members and trainers may still drop out.
+Fairness ==
+    /\ WF_vars(Tick)
+    /\ WF_vars(NextRound)
+    /\ \A p \in Trainers \cup Validators \cup Committee : WF_vars(FinalDeadline(p))
+    /\ \A v \in Validators : WF_vars(BlameDeadline(v))
+    /\ \A v \in Validators, t \in Trainers : WF_vars(VerifySlotProof(v, t))
+    /\ \A v \in Validators, t \in Trainers \ Overflowers : WF_vars(ReceiveSlotProof(v, t))
+
+FairSpec == Spec /\ Fairness
+
 -----------------------------------------------------------------------------
 (* Invariants (the Python check functions have the same names)             *)
 
@@ -565,5 +579,11 @@ HonestNeverNamed ==
 OverflowNamesAByzantine ==
     \A v \in Validators :
         (vPhase[v] = "aborted" /\ v \in vBlame) => named[v] \cap Overflowers # {}
+
+-----------------------------------------------------------------------------
+(* Liveness (FairSpec): every round ends, each validator with an adapter or *)
+(* aborted, whatever the adversary gossips and whoever drops out.           *)
+
+AllRoundsEnd == <>(round = MaxRounds /\ \A v \in Validators : vPhase[v] \in Over)
 
 =============================================================================

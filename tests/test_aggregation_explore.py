@@ -263,6 +263,7 @@ class Explorer:
         assert all(e in outstanding for e in work), f"{method}: asked for work that resume_effects forgets"
         nodes[node] = pack(machine)
         new = World(world.round_id, world.base, world.clock, nodes, frozenset(inflight))
+        self.observe(world, new, f"{node}.{method}")
         if first_open:  # every member and trainer hears the first RoundOpen at once
             message = decode(encode(machine.round_open), channel=Channel.TRAIN)
             for p in COMMITTEE:
@@ -275,6 +276,12 @@ class Explorer:
                 assert result is not None
                 new = self.apply(new, node, *result) or new
         return new
+
+    def observe(self, before: World, after: World, label: str) -> None:
+        """One machine event (or the clock) took `before` to `after`: the hook of the
+        conformance check (tests/test_aggregation_conformance.py), which maps both to
+        the spec's variables. Nested work (joins, immediate shell work) is observed as
+        its own events."""
 
     @staticmethod
     def join_kwargs(world: World) -> dict:
@@ -340,7 +347,8 @@ class Explorer:
         """The clock passes the next deadline. Every node's timer for it fires at once
         (the same absolute time): at the deadline the validators close collection; at
         the final deadline every machine stops, so nothing is left to interleave."""
-        world = World(world.round_id, world.base, world.clock + 1, world.nodes, world.inflight)
+        before, world = world, World(world.round_id, world.base, world.clock + 1, world.nodes, world.inflight)
+        self.observe(before, world, "Tick")
         if world.clock == 1:
             for v in VALIDATORS:
                 if view(world.nodes[v]).phase is agg.Phase.COLLECT:

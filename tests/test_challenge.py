@@ -527,3 +527,36 @@ def test_frames_check_sender_recipient_and_type():
     with pytest.raises(PayloadMismatch):
         open_frame(pack_frame(ack_env, b"extra"), verifier=EnvelopeVerifier(DIRECTORY, VALIDATOR_KEY.ss58_address),
                    now_ms=NOW_MS, expect=(KeyAdded, Refused))
+
+
+# --- issue 14: the shell asks the machine, it does not decide again ----------------------
+
+
+def test_the_machine_holds_the_epochs_split_for_the_shell():
+    """The challenger waits on other validators' scores by the machine's plan; it no longer
+    calls assign_miners itself before the machine does."""
+    m = ChallengeMachine(ChallengeConfig(MESH), V1)
+    offers = {miner: "cnn" for miner in MINERS}
+    m.start_epoch(3, offers=offers, key_ids={"cnn": "k-cnn"}, validators=[V1, V2], now=0.0)
+    assert m.plan == assign_miners(3, MESH, offers, [V1, V2])
+    assert m.plan[V1] == m.assigned and set(m.plan[V1]) | set(m.plan[V2]) == set(MINERS)
+    assert not set(m.plan[V1]) & set(m.plan[V2])
+
+
+def test_keyring_refuses_a_taken_key_id_before_the_upload_and_forgets_evicted_keys():
+    ring = MinerKeyring(max_challenges_per_epoch=2)
+    ring.add_key(V1, "k1", model="cnn")
+    ring.check_owner(V1, "k1")  # its own key again: fine
+    ring.check_owner(V2, "k2")  # an unknown id: fine
+    with pytest.raises(KeyIdTaken):
+        ring.check_owner(V2, "k1")
+    before = ring.snapshot()
+    with pytest.raises(KeyIdTaken):
+        ring.add_key(V2, "k1", model="cnn")
+    assert ring.snapshot() == before
+    ring.add_key(V2, "k2", model="cnn")
+    ring.evaluate(V2, "k2", model="cnn", now=1.0)
+    ring.keep_only(["k1"])  # the engine evicted k2
+    assert set(ring.bindings) == {"k1"} and "k2" not in ring.used_by
+    with pytest.raises(UnknownKey):
+        ring.evaluate(V2, "k2", model="cnn", now=2.0)

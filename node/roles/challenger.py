@@ -44,7 +44,7 @@ from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_b
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
 from protocol.brainlock import WRONG_CHAINED_OUTPUT, offered_endpoint, parse_endpoint
-from protocol.challenge import (UNKNOWN_KEY, ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore,
+from protocol.challenge import (UNKNOWN_KEY, ChallengeConfig, ChallengeMachine, Effect, GossipScore,
                                 RecordOutcome, SendChallenge, UploadKey)
 from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
 from protocol.membership import Role
@@ -188,10 +188,10 @@ class ChallengerService(RoleService):
 
     async def run_epoch(self, epoch: int) -> None:
         offers = await self._await_offers()
-        self.epoch_plan = assign_miners(epoch, self.ctx.genesis.mesh_id, offers, self.validators) if offers else {}
         started = time.time()
         await self._drive(self.machine.start_epoch(epoch, offers=offers, key_ids={self.manifest.model: self.client.key_id()},
                                                    validators=self.validators, now=started))
+        self.epoch_plan = self.machine.plan  # the machine's split (assign_miners), not a second one
         log.info("phase=epoch-start epoch=%d my_miners=%d of %d", epoch, len(self.machine.assigned), len(offers))
         for miner in self.machine.assigned:
             while self.machine.can_issue(miner):

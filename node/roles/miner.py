@@ -213,9 +213,7 @@ class MinerService(RoleService):
     async def _add_key(self, owner: str, request: AddKey, key_bytes: bytes) -> KeyAdded:
         if request.model != self.manifest.model:
             raise Refusal("unknown_model", f"this miner serves {self.manifest.model}, not {request.model}")
-        bound = self.keyring.bindings.get(request.key_id)
-        if bound is not None and bound.owner != owner:
-            raise Refusal("key_id_taken", f"key {request.key_id[:16]} belongs to another validator")
+        self.keyring.check_owner(owner, request.key_id)  # KeyIdTaken, before storing the keys
         key_id = await self.engine.add_key_async(owner, key_bytes)  # checks size and format first
         self.forget_evicted_keys()  # the upload may have dropped the owner's own older keys
         if key_id != request.key_id:  # open_frame checked the sha256; the engine names keys the same way
@@ -254,10 +252,7 @@ class MinerService(RoleService):
     def forget_evicted_keys(self) -> None:
         """Keys the engine no longer holds leave the keyring too, so their owner hears
         unknown_key and uploads again. The engine's per-validator quotas choose them."""
-        held = set(self.engine.key_ids())
-        for key_id in [k for k in self.keyring.bindings if k not in held]:
-            del self.keyring.bindings[key_id]
-            self.keyring.used_by.pop(key_id, None)
+        self.keyring.keep_only(self.engine.key_ids())
 
     def _refusal(self, request: StreamMessage, reason: str, hint: str) -> Refused:
         self._refuse_count(reason)

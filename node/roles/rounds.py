@@ -568,9 +568,7 @@ class RoundsService(GuardedWork, RoleService):
     async def _join(self, sender: str, ro: RoundOpen) -> None:
         known = self.slots.get(ro.round_id)
         if known is not None:
-            if known.ro != ro:
-                raise RemoteProtocolError(f"a different RoundOpen for round {ro.round_id}",
-                                          reason="conflicting_round_open")
+            known.validator.receive_round_open(sender, ro)  # a copy changes nothing; another is refused
             return
         if self.initial_adapter_id is None:  # cannot check the base yet: the opener re-sends it
             log.info("round=%d RoundOpen heard before our model is ready; waiting for a re-send", ro.round_id)
@@ -583,9 +581,11 @@ class RoundsService(GuardedWork, RoleService):
             return
         expected_base = self._base_adapter_id(ro.round_id)
         last = self._last_round_id()
-        agg.check_round_open(self.mesh, sender, ro, now_ms=now_ms(), last_round_id=last, expected_base=expected_base)
+        validator = agg.ValidatorRound.join_round(sender, ro, me=self.me, mesh=self.mesh, now_ms=now_ms(),
+                                                  last_round_id=last, expected_base=expected_base,
+                                                  barred=self._cooling_down(ro.round_id))
         slot = RoundSlot(ro)
-        slot.validator = agg.ValidatorRound(ro, self.me, barred=self._cooling_down(ro.round_id))
+        slot.validator = validator
         slot.alive.update({sender, self.me})
         self.slots[ro.round_id] = slot
         if self.key.share is not None:
@@ -703,9 +703,7 @@ class RoundsService(GuardedWork, RoleService):
 
     async def _timer(self, slot: RoundSlot, role: str, name: str, at_ms: int) -> None:
         await trio.sleep(max(0.0, (at_ms - now_ms()) / 1000))
-        machine = slot.validator if role == "validator" else slot.committee
-        if name == "close_collection" and machine.phase is not agg.Phase.COLLECT:
-            return
+        # a stale timer (collection already closed) is the machine's to ignore
         await self._feed(slot, role, lambda m: getattr(m, name)(now_ms=max(now_ms(), at_ms)))
 
     async def _resend_loop(self) -> None:
@@ -719,24 +717,8 @@ class RoundsService(GuardedWork, RoleService):
                     await self._publish(message)
 
     def _still_needed(self, slot: RoundSlot) -> list[Message]:
-        v, c = slot.validator, slot.committee
-        out: list[Message] = []
-        if v.phase is agg.Phase.COLLECT and v.is_opener:  # nobody else's RoundOpen counts
-            out.append(slot.ro)
-        if v.published is not None:
-            out.append(v.published.to_message(slot.round_id))
-        if c is not None and c.phase is agg.CommitteePhase.RELEASED and c.agreed is not None:
-            out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.released_blob_id))
-            if c.cover_blob_id:
-                out.append(PartialDecryption(slot.round_id, c.agreed.aggregate_id, c.cover_blob_id, cover=True))
-        if v.phase is agg.Phase.BLAME:
-            out.append(v.blame_request())
-        if v.phase is agg.Phase.FINAL:
-            out.append(RoundFinal(slot.round_id, slot.ro.base_adapter_id, v.adapter_id, v.agreed.aggregate_id,
-                                  list(v.agreed.contributors), dict(v.mean_stats)))
-        elif v.phase is agg.Phase.ABORTED:
-            out.append(RoundAborted(slot.round_id, v.abort_reason))
-        return out
+        """What the machines say others may still need (still_needed)."""
+        return slot.validator.still_needed() + (slot.committee.still_needed() if slot.committee else [])
 
     # -- the work the machines ask for --
 
