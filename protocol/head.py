@@ -1907,7 +1907,8 @@ def RewardsOnlyByRule(m: HeadMachine) -> bool:
                    for r in all_rounds)
         paid += sum(sum(rules.epoch_rewards(m.observed_epochs[e], p.epoch_reward).values())
                     for e in all_epochs)
-        if ledger.balances.get(POOL, 0) != initial_pool - paid:
+        # penalties and slashed members' escrow go to the pool (protocol/member_book.py)
+        if ledger.balances.get(POOL, 0) != initial_pool - paid + ledger.book.forfeited:
             return False
     return True
 

@@ -128,10 +128,12 @@ class MemberBook:
     departed: tuple[str, ...] = ()  # founding hotkeys that left or were slashed, sorted
     slashed: dict[str, int] = field(default_factory=dict)  # hotkey -> rounds_settled when slashed
     staked: int = 0  # stake that entered the head by admissions, ever (part of the ledger's deposited)
+    forfeited: int = 0  # escrow that went to the reward pool by penalties and slashes, ever
 
     @property
     def empty(self) -> bool:
-        return not (self.members or self.joins or self.departed or self.slashed or self.staked)
+        return not (self.members or self.joins or self.departed or self.slashed or self.staked
+                    or self.forfeited)
 
     @property
     def escrowed(self) -> int:
@@ -146,13 +148,15 @@ class MemberBook:
     def to_wire(self) -> dict[str, Any]:
         return {"members": {k: e.to_wire() for k, e in sorted(self.members.items())},
                 "joins": dict(sorted(self.joins.items())), "departed": list(self.departed),
-                "slashed": dict(sorted(self.slashed.items())), "staked": self.staked}
+                "slashed": dict(sorted(self.slashed.items())), "staked": self.staked,
+                "forfeited": self.forfeited}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "MemberBook":
         try:
-            if not isinstance(wire, dict) or set(wire) != {"members", "joins", "departed", "slashed", "staked"} \
-                    or not _count(wire["staked"]):
+            if not isinstance(wire, dict) or set(wire) != {"members", "joins", "departed", "slashed", "staked",
+                                                     "forfeited"} \
+                    or not _count(wire["staked"]) or not _count(wire["forfeited"]):
                 raise ValueError("fields")
             members = {}
             for hotkey, (roles, stake, peer_id, addrs, at) in wire["members"].items():
@@ -169,7 +173,7 @@ class MemberBook:
                 raise ValueError("lists")
         except (ValueError, TypeError):
             raise _reject("malformed_snapshot", "a membership book has members, joins, departed, slashed") from None
-        book = cls(members, dict(joins), tuple(departed), dict(slashed), wire["staked"])
+        book = cls(members, dict(joins), tuple(departed), dict(slashed), wire["staked"], wire["forfeited"])
         if book.empty:
             raise _reject("malformed_snapshot", "an empty membership book is left out of the ledger")
         return book
@@ -267,7 +271,8 @@ def _remove(ledger: Any, hotkey: str, *, released: int, to_pool: int, pool: str)
     withdrawn = dict(ledger.withdrawn)
     if released:
         withdrawn[hotkey] = withdrawn.get(hotkey, 0) + released
-    return replace(ledger, book=replace(book, members=members, departed=departed), balances=balances,
+    return replace(ledger, book=replace(book, members=members, departed=departed,
+                                        forfeited=book.forfeited + to_pool), balances=balances,
                    withdrawn=withdrawn)
 
 
