@@ -323,3 +323,65 @@ def test_the_directory_admits_a_member_without_a_restart():
     verified = open_gossip(ping, channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=T0, max_bytes=65536,
                            from_peer=PEER, mesh_id=MESH)
     assert verified.member.hotkey == DAVE.ss58_address
+
+
+# --- the node's side: a validator judging requests, counted in /metrics -------------------
+
+
+def test_a_validator_counts_each_refused_join_in_metrics_and_records_only_a_good_one(tmp_path):
+    import types
+
+    import trio
+
+    from node.membership import LiveGenesis, MembershipService
+    from node.metrics import NodeMetrics
+    from node.registry.genesis import Genesis
+    from tests.nodes import rejected_metric
+
+    bus = membership_head()
+    machine = bus.machines[A]
+    submitted = []
+
+    async def submit_tx(tx):
+        submitted.append(tx)
+        bus.do(A, h.NewTx(tx, bus.now))
+        bus.flush()
+        return True
+
+    settlement = types.SimpleNamespace(head=types.SimpleNamespace(machine=machine), is_author=lambda: True,
+                                       submit_tx=submit_tx)
+    metrics = NodeMetrics()
+    genesis = LiveGenesis(Genesis(MESH, FOUNDING))
+    settings = types.SimpleNamespace(data_dir=tmp_path, join=False, stake=0, role=Role.VALIDATOR)
+    service = MembershipService(settings, KEY_A, genesis, metrics=metrics, publish=lambda m: None,
+                                services=lambda: {"settlement": settlement}, peer_id=lambda: "", addrs=lambda: [])
+    service.rules = RULES
+
+    doc = msgpack.unpackb(join_bytes(at=T0 + 1), raw=False)
+    doc["signature"] = "0x" + "11" * 64
+    attacks = {"stake_too_low": join_bytes(stake=9), "bad_signature": msgpack.packb(doc, use_bin_type=True),
+               "wrong_mesh": join_bytes(mesh="other")}
+
+    async def feed(raw):
+        try:
+            await service._on_request(DAVE.ss58_address, JoinRequest(MESH, PEER, [], ["trainer"], 1, 0, T0), raw)
+        except RemoteProtocolError as exc:
+            service._count(exc.reason)
+
+    async def main():
+        for raw in attacks.values():
+            await feed(raw)
+        assert not submitted and ledger(bus).book == mb.EMPTY_BOOK  # no state change
+        good = join_bytes()
+        await feed(good)
+        assert len(submitted) == 1 and DAVE.ss58_address in ledger(bus).book.members
+        await feed(good)  # replayed after admission
+        submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "sabotage", 0))
+        await feed(join_bytes(joins_before=1, at=T0 + 7))  # slashed, inside the cool-down
+        assert len(submitted) == 1
+
+    trio.run(main)
+    text = metrics.render().decode()
+    for reason in [*attacks, "already_member", "slashed_cooldown"]:
+        assert rejected_metric(text, "membership", reason) == 1, reason
+    assert service.status()["refused"]["stake_too_low"] == 1
