@@ -169,6 +169,13 @@ class MembershipService:
             nursery.start_soon(self._step_loop)
             if getattr(self.settings, "join", False) and not self.admitted.is_set():
                 nursery.start_soon(self._join_loop)
+            if getattr(self.settings, "network", None) is not None and self.settings.netuid is not None:
+                from node.registry.metagraph import load_metagraph_directory
+                from node.registry.refresh import keep_registry
+                network, netuid = self.settings.network, self.settings.netuid
+                nursery.start_soon(lambda: keep_registry(
+                    self.genesis.directory, lambda: load_metagraph_directory(network, netuid),
+                    on_change=lambda added, removed: self.report()))
 
     async def _inbox_loop(self) -> None:
         async for sender, message, raw in self._inbox:

@@ -207,6 +207,13 @@ class LiveDirectory:
     def member(self, hotkey: str) -> Member | None:
         return self._by_hotkey.get(hotkey)
 
+    def set_founding(self, founding: tuple[Member, ...]) -> tuple[list[str], list[str]]:
+        """A re-read registry (a Bittensor metagraph: registrations, deregistrations) as the
+        founding set, keeping the book: (hotkeys added, hotkeys removed)."""
+        self.founding = founding
+        self.founding_hotkeys = frozenset(m.hotkey for m in founding)
+        return self.apply(self.book)
+
     def apply(self, book: MemberBook) -> tuple[list[str], list[str]]:
         """Take this book as the confirmed one: (hotkeys added, hotkeys removed)."""
         before = set(self._by_hotkey)
