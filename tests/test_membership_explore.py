@@ -2,11 +2,13 @@
 (protocol/admission.py, protocol/member_book.py, the head's Ledger and apply_tx, and
 the gossip pipeline for Speak), with the spec's invariants checked by name in each.
 
-Same bounds as specs/Membership.cfg: one founding member group (the head's three
-validators), one stranger, stakes below and above the minimum, a cap of 4 members (the
-three founders plus one), a cool-down of 1 settled round, at most 2 settled rounds and
-2 admissions. Requests are signed once each (sr25519 signatures are randomized): a
-replay is Admit of a request already published, as in the spec."""
+Bounds like specs/Membership.cfg: the founding set (the head's three validators), one
+stranger, stakes below and above the minimum, a cap of one member beyond the founders,
+a cool-down of 1 settled round, at most 2 settled rounds and 2 admissions. The Python
+state is the ledger itself (its hash) plus the requests published, so it is coarser
+than the spec's (no ghosts): 240 distinct states, 480 transitions, depth 10, 0.1 s.
+Requests are signed once each (sr25519 signatures are randomized): a replay is Admit of
+a request already published, as in the spec."""
 
 from __future__ import annotations
 
