@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
 NATIVE := crypto/native/_modexp_ifma.so
 
-.PHONY: demo test test-all bench bench-secagg bench-fhe bench-round lock install clean
+.PHONY: demo test test-all bench bench-secagg bench-fhe bench-round bench-peers lock install clean
 
 # The demo mesh: 3 validators (committee 2-of-3, embedded head), 2 trainers (2 private
 # QLoRA rounds), 3 miners (one honest, one returning garbage, one slow; 1 FHE epoch).
@@ -35,6 +35,26 @@ bench-fhe: $(STAMP)
 bench-round: $(STAMP) $(NATIVE)
 	$(VENV)/bin/python bench/round.py
 
+# sealmesh against Flower SecAgg+ and TenSEAL CKKS, 10 trainers x 1M values (issue 18;
+# docs/benchmarks.md). flwr 1.42 would downgrade locked packages (packaging, rich, typer)
+# and move certifi, so the peers live in their own venv: it sees the locked .venv's
+# packages through a .pth (nothing is copied or changed there) and adds only flwr,
+# tenseal and the versions they insist on, which shadow the lock's in .venv-peers alone.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS := flwr==1.42.0 tenseal==0.3.18
+PEERS_ARGS ?= --json bench-peers.json
+
+bench-peers: $(PEERS_STAMP) $(NATIVE)
+	nice -n 10 $(PEERS_VENV)/bin/python bench/peers.py $(PEERS_ARGS)
+
+$(PEERS_STAMP): $(STAMP)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -c 'import sysconfig, pathlib, sys; pathlib.Path(sysconfig.get_paths()["purelib"], "zz-sealmesh-lock.pth").write_text("import site; site.addsitedir(%r)\n" % sys.argv[1])' \
+		"$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(PEERS_VENV)/bin/python -m pip install --quiet $(PEERS)
+	touch $(PEERS_STAMP)
+
 install: $(STAMP) $(NATIVE)
 
 $(UV):
@@ -59,4 +79,4 @@ lock: | $(UV)
 	$(UV) pip compile deps/requirements.in --override deps/overrides.txt --python-version 3.11 -o deps/requirements.lock
 
 clean:
-	rm -rf $(VENV) .tools testnet $(NATIVE)
+	rm -rf $(VENV) $(PEERS_VENV) .tools testnet $(NATIVE)

@@ -367,3 +367,32 @@ class ValidatorClient:
 
     def compare(self, result: bytes, x: np.ndarray) -> Comparison:
         return compare_logits(self.decrypt(result), self.reference(x))
+
+    def decrypt_integers(self, result: bytes) -> np.ndarray:
+        """A miner's result decrypted to the circuit's output integers (no dequantizing),
+        flattened; the same guards as decrypt. A chained run's outputs are judged on
+        these: each iteration feeds the circuit its own output integers."""
+        if not isinstance(result, bytes) or not result:
+            raise MalformedResult("result must be non-empty bytes")
+        check_capnp_message(result, max_bytes=self.max_result_bytes, error=MalformedResult)
+        self.ensure_keys()
+        try:
+            values = np.asarray(self._client.deserialize_decrypt(result))
+        except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+            raise MalformedResult(f"result does not decrypt under this circuit: {exc}") from exc
+        if values.size != self.manifest.num_classes:
+            raise MalformedResult(f"result decrypts to shape {values.shape}, "
+                                  f"expected {self.manifest.num_classes} values")
+        return values.reshape(-1).astype(np.int64)
+
+    def chained_reference_integers(self, x: np.ndarray, iterations: int) -> list[np.ndarray]:
+        """The clear circuit chained `iterations` times on x, as output integers per
+        iteration (fhe.zoo.chained_reference's chain, before dequantizing): what a miner's
+        chained /compute must return, chunk by chunk."""
+        module = self._reference()
+        q = module.quantize_input(self._batch(x))
+        outputs = []
+        for _ in range(iterations):
+            q = module.quantized_forward(q, fhe="disable")
+            outputs.append(np.asarray(q).reshape(-1).astype(np.int64))
+        return outputs

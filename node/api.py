@@ -8,20 +8,20 @@ shutdown order) become ours to debug, and a slow handler would stall gossip. Acr
 the thread boundary there are only two things: /status and /metrics read thread-safe
 snapshots, and /v1/message hands the request to trio with trio.from_thread.run (run in
 an executor so the asyncio loop never blocks), where verification and dispatch happen
-on the node's own loop, the only owner of protocol state.
+on the node's own loop, the only owner of protocol state. The thread plumbing is
+node/http_thread.py's, shared with the miner's HTTP servers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
 import trio
 from aiohttp import web
 
+from node.http_thread import serve_app_in_thread, trio_caller
 from node.metrics import NodeMetrics
 
 log = logging.getLogger("sealmesh.api")
@@ -40,40 +40,20 @@ class ApiServer:
         self.host, self.port = host, port
         self._status, self._metrics, self._on_message = status, metrics, on_message
         metrics.watch_status(status)  # rounds, FHE and head families come from /status
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._bound = threading.Event()
-        self._error: BaseException | None = None
+        self._on_trio: Callable[..., Any] | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; task_status.started(port) once listening."""
-        self._trio_token = trio.lowlevel.current_trio_token()
-        thread = threading.Thread(target=self._thread_main, name="sealmesh-api", daemon=True)
-        thread.start()
-        await trio.to_thread.run_sync(self._bound.wait)
-        if self._error is not None:
-            raise RuntimeError(f"HTTP API could not listen on {self.host}:{self.port}: {self._error}")
+        """Run until cancelled; task_status.started(port) once listening; HttpBindError
+        when it cannot listen."""
+        self._on_trio = trio_caller(trio.lowlevel.current_trio_token())
+        await serve_app_in_thread(self._app, self.host, self.port, name="sealmesh-api",
+                                  on_bound=self._bound, task_status=task_status)
+
+    def _bound(self, port: int) -> None:
+        self.port = port  # the real port when 0 was asked
         log.info("api listening on http://%s:%d", self.host, self.port)
-        task_status.started(self.port)
-        try:
-            await trio.sleep_forever()
-        finally:
-            if self._loop is not None and self._stop is not None:
-                self._loop.call_soon_threadsafe(self._stop.set)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join, 10)
 
-    def _thread_main(self) -> None:
-        try:
-            asyncio.run(self._run_app())
-        except BaseException as exc:  # reported to the trio side through _error
-            self._error = exc
-            self._bound.set()
-
-    async def _run_app(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._static)
@@ -81,16 +61,7 @@ class ApiServer:
         app.router.add_get("/status", self._status_handler)
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_post("/v1/message", self._message)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
-        self._bound.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
+        return app
 
     async def _page(self, request: web.Request) -> web.Response:
         return _static_file("index.html")
@@ -115,13 +86,9 @@ class ApiServer:
             self._metrics.reject("http", "oversized")
             return web.json_response({"error": "request body too large", "reason": "oversized"},
                                      status=413)
-        headers = dict(request.headers)
-        loop = asyncio.get_running_loop()
-        status, payload = await loop.run_in_executor(
-            None, lambda: trio.from_thread.run(self._on_message, headers, body,
-                                               trio_token=self._trio_token))
+        assert self._on_trio is not None
+        status, payload = await self._on_trio(self._on_message, dict(request.headers), body)
         return web.json_response(payload, status=status)
-
 
 
 def _static_file(name: str) -> web.Response:

@@ -251,8 +251,25 @@ def _node(args: argparse.Namespace) -> int:
         raise UserError(f"hotkey {hotkey.ss58_address} is not a member of mesh {genesis.mesh_id!r}; "
                         "ask the running mesh to admit it (`--join --stake N`), add it to the genesis "
                         "file, or register it on the subnet")
-    trio.run(Node(settings, hotkey, genesis).run)
+    from node.http_thread import HttpBindError
+    try:
+        trio.run(Node(settings, hotkey, genesis).run)
+    except (HttpBindError, BaseExceptionGroup) as exc:
+        bind = _first_of(exc, HttpBindError)  # trio's nurseries wrap it in groups
+        if bind is None:
+            raise
+        raise UserError(f"{bind} (--api-port, --listen-port or node.toml)") from exc
     return 0
+
+
+def _first_of(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _first_of(inner, kind)
+        if found is not None:
+            return found
+    return None
 
 
 def _registry(settings):

@@ -180,7 +180,8 @@ class Node:
             store=self.store, verifier=self.verifier, metrics=self.metrics,
             data_dir=self.settings.data_dir / "roles", publish=self.publish,
             peer_of=self.presence.peer_of.get, services={s.name: s for s in self.services},
-            last_seen=self.presence.last_seen.get)
+            last_seen=self.presence.last_seen.get,
+            addrs_of=lambda hotkey: list(self.presence.addrs_of.get(hotkey, ())))
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services:
             log.info("phase=role-start service=%s", service.name)
@@ -253,7 +254,9 @@ class Node:
                                         self.addrs + self.reachability.relayed_addrs,
                                         [self.settings.role.value], self.started_ms))
             fast = not self.presence.heard_everyone()
-            await trio.sleep(self.settings.announce_interval_s * (1 if fast else 10))
+            # A relayed address gained or lost is announced at once (node/reachability.py).
+            with trio.move_on_after(self.settings.announce_interval_s * (1 if fast else 10)):
+                await self.reachability.changed.wait()
 
     async def _dial_announced_loop(self) -> None:
         """Dial members we hear of but are not connected to, at the addresses their signed
@@ -267,10 +270,12 @@ class Node:
             for hotkey, peer_id in list(self.presence.peer_of.items()):
                 if peer_id in connected or peer_id == self.mesh.peer_id:
                     continue
-                if next_try.get(peer_id, 0.0) > trio.current_time():
-                    continue
-                next_try[peer_id] = trio.current_time() + DIAL_ANNOUNCED_BACKOFF_S
                 addrs = sorted(self.presence.addrs_of.get(hotkey, []), key=lambda a: "/p2p-circuit" in a)
+                # Backoff per (peer, addresses): a member that announces a new (relayed) address is tried at once.
+                attempt = (peer_id, tuple(addrs))
+                if next_try.get(attempt, 0.0) > trio.current_time():
+                    continue
+                next_try[attempt] = trio.current_time() + DIAL_ANNOUNCED_BACKOFF_S
                 for addr in addrs:
                     try:
                         await self.mesh.connect(addr)

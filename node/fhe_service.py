@@ -33,7 +33,7 @@ log = logging.getLogger("sealmesh.fhe")
 
 FHE_CONFIG_FILE = "fhe.json"
 REPORT_SECTION = "fhe"
-BEHAVIOURS = ("honest", "garbage", "slow")
+BEHAVIOURS = ("honest", "garbage", "slow", "stale_chain")
 
 
 class FheSettingsError(LocalProtocolError):

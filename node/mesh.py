@@ -57,6 +57,7 @@ from node._libp2p_tuning import (
     check_library_shape,
     install_signed_record_memo,
 )
+from node.relay_limits import watch_relay_limits
 
 __all__ = [
     "CHANNELS",
@@ -148,12 +149,12 @@ class MeshConfig:
 
     # Circuit relay v2 (docs/mesh.md "Reachability"). Every mesh can be reached through a
     # relay (the STOP side) and dial through one; only relay_service offers the HOP side,
-    # within these limits per relayed connection and in all.
+    # within these limits (enforced by py-libp2p; refusals and cuts counted by node/relay_limits.py).
     relay_service: bool = False
-    relay_max_reservations: int = 32
-    relay_max_circuits: int = 64
-    relay_circuit_duration_s: int = 3600
-    relay_circuit_bytes: int = 1 << 30
+    relay_max_reservations: int = 32  # peers holding a slot at once
+    relay_max_circuits: int = 64  # open circuits to one reserved peer (py-libp2p counts per reservation)
+    relay_circuit_duration_s: int = 3600  # per circuit; checked when bytes cross it, so an idle one lingers
+    relay_circuit_bytes: int = 1 << 30  # per circuit, both directions together
     dial_back_timeout_s: float = 5.0  # a dial-back probe's TCP connect, server side
     hole_punch: bool = True  # DCUtR: try to turn a relayed connection into a direct one
 
@@ -249,6 +250,12 @@ class StreamStats:
 
     def count_refusal(self, reason: str) -> None:
         self.stream_refused_by_reason[reason] = self.stream_refused_by_reason.get(reason, 0) + 1
+
+    # Our relay service (relay_service): reservations and circuits refused, circuits cut (node/relay_limits.py).
+    relay_refused_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def count_relay_refusal(self, reason: str) -> None:
+        self.relay_refused_by_reason[reason] = self.relay_refused_by_reason.get(reason, 0) + 1
 
 
 def topic_for(mesh_id: str, channel: str) -> str:
@@ -432,6 +439,7 @@ class Mesh:
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if config.relay_service else RelayRole(0))
         self._relay_transport = CircuitV2Transport(self._host, self._relay, RelayConfig(roles=roles, limits=limits))
         self.relay_reservations: dict[str, str] = {}  # relay peer id -> our address through it
+        self._reserved_over: dict[str, INetConn] = {}  # relay peer id -> the connection we reserved on
         self._nursery: trio.Nursery | None = None
         self._host.set_stream_handler(TProtocol(DIAL_BACK_PROTOCOL), self._serve_dial_back)
         self._dcutr = DCUtRProtocol(self._host) if config.hole_punch else None
@@ -452,15 +460,22 @@ class Mesh:
                     await mesh._pubsub.wait_until_ready()
                     await mesh._relay.event_started.wait()
                     mesh.listen_addrs = [str(a) for a in mesh._host.get_addrs()]
-                    async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as services:
-                        if mesh._dcutr is not None:
-                            await services.enter_async_context(background_trio_service(mesh._dcutr))
-                        mesh._nursery = nursery
-                        nursery.start_soon(mesh._enforce_bans)
-                        nursery.start_soon(mesh._expire_bans)
-                        await mesh._start_bootstrap(nursery)
+                    # The services stop before the nursery is cancelled: stopping one inside
+                    # an already cancelled scope raised Cancelled over the body's exception,
+                    # the nursery then absorbed it, and a node that crashed exited 0.
+                    async with trio.open_nursery() as nursery:
                         try:
-                            yield mesh
+                            async with contextlib.AsyncExitStack() as services:
+                                if mesh._dcutr is not None:
+                                    await services.enter_async_context(background_trio_service(mesh._dcutr))
+                                if config.relay_service:
+                                    services.callback(watch_relay_limits(mesh._relay,
+                                                                         mesh.stream_stats.count_relay_refusal))
+                                mesh._nursery = nursery
+                                nursery.start_soon(mesh._enforce_bans)
+                                nursery.start_soon(mesh._expire_bans)
+                                await mesh._start_bootstrap(nursery)
+                                yield mesh
                         finally:
                             nursery.cancel_scope.cancel()
                             mesh._close_subscriptions()
@@ -507,6 +522,7 @@ class Mesh:
         assert self._nursery is not None, "reserve_relay needs an open mesh"
         relay_addr = multiaddr.Multiaddr(relay_multiaddr)
         relay_id = info_from_p2p_addr(relay_addr).peer_id
+        self._unblock(relay_id)  # a relay that was down a minute ago may be back
         try:
             with trio.fail_after(self.config.dial_timeout_s):
                 await self._host.connect(info_from_p2p_addr(relay_addr))
@@ -521,7 +537,33 @@ class Mesh:
             raise MeshRequestError(f"relay {relay_id} refused a reservation")
         relayed = f"{relay_multiaddr}/p2p-circuit/p2p/{self.peer_id}"
         self.relay_reservations[relay_id.to_base58()] = relayed
+        conns = self._host.get_network().get_connections(relay_id)
+        if conns:
+            self._reserved_over[relay_id.to_base58()] = conns[0]
         return relayed
+
+    def relay_reservation_lost(self, relay_peer_id: str) -> str | None:
+        """Why our reservation on `relay_peer_id` no longer holds, or None while it does.
+
+        A relay keeps a reservation only as long as the connection it was made on (and
+        forgets it when it restarts), and py-libp2p's refresher only re-asks before expiry
+        on whatever connection is open: so the connection we reserved on being gone, or the
+        expiry passed without a refresh, means nobody can reach us through it any more."""
+        reserved_on = self._reserved_over.get(relay_peer_id)
+        relay_id = ID.from_base58(relay_peer_id)
+        if reserved_on is None or relay_peer_id not in self.relay_reservations:
+            return "never reserved"
+        open_now = self._host.get_network().get_connections(relay_id)
+        if not any(c is reserved_on for c in open_now) or getattr(reserved_on, "is_closed", False):
+            return "the connection to the relay closed"
+        expires = self._relay_transport._reservations.get(relay_id)  # relay's expiry, unix seconds
+        if expires is None or expires <= time.time():
+            return "the reservation expired"
+        return None
+
+    def forget_relay_reservation(self, relay_peer_id: str) -> None:
+        self.relay_reservations.pop(relay_peer_id, None)
+        self._reserved_over.pop(relay_peer_id, None)
 
     def connection_kinds(self) -> dict[str, str]:
         """Each connected peer: "direct" if any of its connections is direct, else "relayed"."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,9 +116,7 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
         counts[role] += 1
         hotkey = create_hotkey("testnet", name, root / "wallets", overwrite=True).ss58_address
         data_dir = root / "nodes" / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("status.json", "ready.json"):
-            (data_dir / stale).unlink(missing_ok=True)
+        _fresh_node_dir(data_dir)
         seed = os.urandom(32)
         # Created 0600 (write_bytes then chmod left it 0644 meanwhile, for anyone to open
         # and keep: issue 11, sound today: 0600 key files).
@@ -152,6 +151,27 @@ def prepare(plan: TestnetPlan) -> list[NodeProcess]:
         if hasattr(module, "prepare_testnet"):
             module.prepare_testnet(plan, nodes, root)
     return nodes
+
+
+# Kept from an earlier run in the same directory: a validator's own FHE key pair (tens of
+# MB, long to make on a busy machine), valid under any hotkey. Everything else belongs to
+# the earlier mesh: its epochs in history.sqlite, its head, its rounds and blobs. Kept,
+# they made the new validators start at different epochs and challenge different miners.
+_KEPT_ACROSS_RUNS = (Path("roles") / "fhe-keys",)
+
+
+def _fresh_node_dir(data_dir: Path) -> None:
+    """Every run of `sealmesh testnet up` is a new mesh (new hotkeys, a new genesis)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    kept = {data_dir / k for k in _KEPT_ACROSS_RUNS}
+    for path in sorted(data_dir.rglob("*"), reverse=True):  # children before their folders
+        if path in kept or any(k in path.parents for k in kept):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path in k.parents for k in kept):  # not a folder on the way to a kept one
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_node_config(plan, root, data_dir, name, role, mesh_port, api_port) -> None:

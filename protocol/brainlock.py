@@ -260,11 +260,11 @@ def parse_compute_form(body: Any, content_type: str) -> ComputeForm:
 
 
 __all__ = [
-    "BrainlockRefusal", "ComputeForm", "FORM_OVERHEAD_BYTES", "FormPart", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS",
-    "check_body_complete", "check_body_progress", "check_body_signature", "check_declared_body", "check_headers",
-    "check_upload_slot", "form_boundary", "parse_compute_form", "parse_endpoint", "parse_form", "parse_iterations",
-    "require_field",
-    "route_body_limit", "signed_string", "status_of",
+    "CHAINED_MIN_EQUAL", "FORM_OVERHEAD_BYTES", "MAX_UPLOADS_AT_ONCE", "ROUTES", "STATUS", "WRONG_CHAINED_OUTPUT",
+    "BrainlockRefusal", "ChainFault", "ComputeForm", "FormPart", "check_body_complete", "check_body_progress",
+    "check_body_signature", "check_declared_body", "check_headers", "check_upload_slot", "equal_fraction",
+    "form_boundary", "judge_chain", "offered_endpoint", "parse_compute_form", "parse_endpoint", "parse_form",
+    "parse_iterations", "require_field", "route_body_limit", "signed_string", "status_of",
 ]
 
 
@@ -277,3 +277,57 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not host:port (for example 203.0.113.7:8091)")
     return host.strip("[]"), int(port)
+
+
+# --- a validator's side: every chunk of a chained /compute is judged ----------------------
+
+WRONG_CHAINED_OUTPUT = "wrong_chained_output"
+# Honest FHE lands a PBS step off the clear circuit in a few entries: over the tiny
+# synthetic CNV's chains 90-99 % of the output integers equal the clear chain's
+# (tests/test_brainlock_process.py's transcript). A miner that stops chaining and sends an
+# earlier output again matches ~10 %.
+CHAINED_MIN_EQUAL = 0.8
+
+
+@dataclass(frozen=True)
+class ChainFault:
+    iteration: int  # from 1
+    equal_fraction: float
+
+    def detail(self, iterations: int) -> str:
+        return (f"iteration {self.iteration} of {iterations}: {self.equal_fraction:.0%} of the output "
+                f"integers equal our clear chain's (at least {CHAINED_MIN_EQUAL:.0%} wanted)")
+
+
+def equal_fraction(got: Any, expected: Any) -> float:
+    """The fraction of entries of two equal-length integer vectors that are equal."""
+    if len(got) != len(expected) or not len(expected):
+        return 0.0
+    return float(sum(int(a) == int(b) for a, b in zip(got, expected))) / len(expected)
+
+
+def judge_chain(fractions: "list[float] | tuple[float, ...]", *, first: int = 2,
+                min_equal: float = CHAINED_MIN_EQUAL) -> ChainFault | None:
+    """The first chained iteration (numbered from `first`) whose output strays from the
+    clear chain, or None. fractions[i] is iteration first+i's equal_fraction. Chunk 1 is
+    scored as a libp2p result is (argmax and cosine); this rule covers the chunks after."""
+    for i, fraction in enumerate(fractions):
+        if not fraction >= min_equal:
+            return ChainFault(first + i, float(fraction))
+    return None
+
+
+def offered_endpoint(announced_addrs: "list[str] | tuple[str, ...]", brainlock_port: int) -> tuple[str, int] | None:
+    """Where a validator dials a miner's Brainlock server: the host of the miner's first
+    direct announced address (/ip4, /ip6, /dns4, /dns6, /dns; relayed /p2p-circuit ones
+    skipped) and the port its ModelOffer names; None without a port or such an address.
+    Only the miner's own announced host is ever dialled (ModelOffer says why)."""
+    if not brainlock_port:
+        return None
+    for addr in announced_addrs:
+        if "/p2p-circuit" in addr:
+            continue
+        parts = addr.split("/")
+        if len(parts) >= 3 and parts[0] == "" and parts[1] in ("ip4", "ip6", "dns4", "dns6", "dns") and parts[2]:
+            return parts[2], int(brainlock_port)
+    return None

@@ -111,11 +111,23 @@ def _non_negative(name: str, value: float) -> None:
 @message_type
 @dataclass(frozen=True)
 class ModelOffer(Message):
-    """A miner serves `model` (its server.zip pinned by sha256) on `peer_id` over `protocol`."""
+    """A miner serves `model` (its server.zip pinned by sha256) on `peer_id` over `protocol`,
+    and, when `brainlock_port` is not 0, over the Brainlock subnet's HTTP protocol on that
+    TCP port of the host it announced (issue 13).
+
+    A port, not a URL: a validator dials the host already bound to the miner's hotkey by
+    its signed Announce (the addresses libp2p dials anyway), plus this port, over plain
+    HTTP with fixed paths. An arbitrary URL in a gossiped offer would let any miner point
+    every validator's signed, tens-of-MB POSTs at any host, scheme or path (an internal
+    service, a cloud metadata address, the validator's own loopback ports); a port only
+    ever reaches the miner's own announced host. 0 means no Brainlock server. The field
+    is always present on the wire (the decoder refuses missing and unknown fields alike),
+    so every node of a mesh must run a release that knows it.
+    """
 
     TYPE: ClassVar[str] = "fhe_model_offer"
     CHANNEL: ClassVar[Channel] = Channel.FHE
-    MAX_BYTES: ClassVar[int] = 352
+    MAX_BYTES: ClassVar[int] = 372  # 352 before brainlock_port (its key and a uint16: 18 bytes)
     POLICY: ClassVar[SenderPolicy] = MINERS_ONLY
 
     model: str
@@ -124,6 +136,7 @@ class ModelOffer(Message):
     protocol: str
     max_iterations: int
     offered_ms: int
+    brainlock_port: int = 0
 
     def __post_init__(self) -> None:
         _model(self.model)
@@ -133,6 +146,9 @@ class ModelOffer(Message):
         _require(self.protocol == FHE_PROTOCOL, f"protocol must be {FHE_PROTOCOL}")
         _require(1 <= self.max_iterations <= MAX_ITERATIONS, f"max_iterations must lie in 1..{MAX_ITERATIONS}")
         _require(self.offered_ms >= 0, "offered_ms must be >= 0")
+        _require(isinstance(self.brainlock_port, int) and not isinstance(self.brainlock_port, bool)
+                 and 0 <= self.brainlock_port <= 65535,
+                 f"brainlock_port must be a TCP port 1..65535, or 0 for none; got {self.brainlock_port!r}")
 
 
 @message_type

@@ -96,6 +96,22 @@ class NatLan(Lan):
             "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         run("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-j", "DROP")
 
+    def refuse_outbound(self, ip: str) -> None:
+        """The router refuses new connections from home to `ip` (a reset, so dials fail at
+        once): a home network whose firewall lets it reach only some hosts. A public peer at
+        `ip` can then reach home only through a relay, and DCUtR's direct dial from home fails."""
+        subprocess.run(["ip", "netns", "exec", self.ns(self.router), "iptables", "-I", "FORWARD", "-i", "eth1",
+                        "-o", "eth0", "-d", ip, "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW",
+                        "-j", "REJECT", "--reject-with", "tcp-reset"], check=True, capture_output=True, text=True)
+
+    def shape_home_link(self, rate: str) -> None:
+        """The home uplink shaped to `rate` (tc's words: "8mbit") both ways, with a token
+        bucket filter (netem is not in these kernels): router->home on the router's home
+        port, home->router on home's."""
+        for ns, dev in ((self.ns(self.router), "eth1"), (self.ns(self.home), "eth0")):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                            "burst", "32kbit", "latency", "400ms"], check=True, capture_output=True, text=True)
+
     def __exit__(self, *exc) -> None:
         for name in list(self.processes):
             self.stop(name, sig=9)
@@ -157,10 +173,11 @@ def _node_main(argv: list[str]) -> None:
                         elif cmd == "publish":
                             await mesh.publish("train", args[0].encode())
                             say("PUBLISHED")
-                        elif cmd == "request":  # request PEER NBYTES: the peer answers the sha256
+                        elif cmd == "request":  # request PEER NBYTES [TIMEOUT_S]: the peer answers the sha256
                             data = bytes(range(256)) * (int(args[1]) // 256)
                             started = trio.current_time()
-                            answer = await mesh.request(args[0], ECHO_PROTOCOL, data, 128, timeout_s=60)
+                            timeout_s = float(args[2]) if len(args) > 2 else 60.0
+                            answer = await mesh.request(args[0], ECHO_PROTOCOL, data, 128, timeout_s=timeout_s)
                             ok = answer.decode() == hashlib.sha256(data).hexdigest()
                             say("ANSWER", "match" if ok else "mismatch", len(data),
                                 f"{trio.current_time() - started:.3f}")

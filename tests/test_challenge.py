@@ -339,7 +339,7 @@ NOW_MS = 1_700_000_000_000
 def largest_messages():
     """The biggest instance of each type the field bounds allow."""
     return [
-        ModelOffer("a" * 64, SHA, "1" * 64, FHE_PROTOCOL, MAX_ITERATIONS, BIG),
+        ModelOffer("a" * 64, SHA, "1" * 64, FHE_PROTOCOL, MAX_ITERATIONS, BIG, 65535),
         ScoreReport(BIG, VALIDATOR_KEY.ss58_address, 1.5e300, 40, 39, 1 / 40, 1e300),
         AddKey("a" * 64, SHA, MAX_EVAL_KEY_BYTES),
         KeyAdded(SHA),
@@ -381,6 +381,49 @@ def test_decoding_a_peers_out_of_bounds_field_is_rejected(fields, hint):
     with pytest.raises(InvalidChallengeMessage, match=hint) as info:
         decode(raw)
     assert info.value.reason == "invalid_field"
+
+
+OFFER_FIELDS = {"model": "synthetic-cnv-tiny", "server_sha256": SHA, "peer_id": "12D3KooWabc", "protocol": FHE_PROTOCOL,
+                "max_iterations": 1, "offered_ms": 0, "brainlock_port": 8091}
+
+
+@pytest.mark.parametrize("port, reason, hint", [
+    (70000, "invalid_field", "brainlock_port"),
+    (-1, "invalid_field", "brainlock_port"),
+    ("http://169.254.169.254/latest/meta-data", "malformed_message", "brainlock_port"),  # a URL: never
+    ("8091", "malformed_message", "brainlock_port"),
+    (True, "malformed_message", "brainlock_port"),
+    (None, "malformed_message", "brainlock_port"),
+])
+def test_an_offer_with_a_malformed_brainlock_endpoint_is_refused_with_a_reason(port, reason, hint):
+    raw = msgpack.packb({"v": 1, "type": ModelOffer.TYPE, "fields": {**OFFER_FIELDS, "brainlock_port": port}},
+                        use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match=hint) as info:
+        decode(raw)
+    assert info.value.reason == reason
+
+
+def test_an_offer_keeps_its_strictness_with_the_brainlock_port():
+    good = msgpack.packb({"v": 1, "type": ModelOffer.TYPE, "fields": OFFER_FIELDS}, use_bin_type=True)
+    assert decode(good).brainlock_port == 8091
+    assert ModelOffer("digits-cnn", SHA, "12D3KooW", FHE_PROTOCOL, 1, 0).brainlock_port == 0  # no server
+    for fields in ({k: v for k, v in OFFER_FIELDS.items() if k != "brainlock_port"},  # an older node's offer
+                   {**OFFER_FIELDS, "brainlock_url": "http://x"}):  # an unknown field
+        raw = msgpack.packb({"v": 1, "type": ModelOffer.TYPE, "fields": fields}, use_bin_type=True)
+        with pytest.raises(RemoteProtocolError, match="missing fields|unknown fields"):
+            decode(raw)
+
+
+def test_the_offered_endpoint_is_the_announced_host_and_the_offered_port():
+    from protocol.brainlock import offered_endpoint
+
+    direct, relayed = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWa", "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWr/p2p-circuit"
+    assert offered_endpoint([relayed, direct], 8091) == ("203.0.113.7", 8091)
+    assert offered_endpoint(["/dns4/miner.example/tcp/4001"], 8091) == ("miner.example", 8091)
+    assert offered_endpoint(["/ip6/2001:db8::1/tcp/4001"], 8091) == ("2001:db8::1", 8091)
+    assert offered_endpoint([direct], 0) is None  # no Brainlock server: libp2p
+    assert offered_endpoint([relayed], 8091) is None and offered_endpoint([], 8091) is None
+    assert offered_endpoint(["garbage", "/tcp/4001"], 8091) is None
 
 
 def test_message_field_rules():

@@ -117,3 +117,56 @@ def test_brainlock_endpoints_file(tmp_path):
     (tmp_path / "brainlock_endpoints.json").write_text(json.dumps({"5Miner": "10.0.0.2"}))
     with pytest.raises(UserError, match="host:port"):
         load_brainlock_endpoints(tmp_path)
+
+
+def test_judge_chain_names_the_first_straying_iteration():
+    from protocol.brainlock import CHAINED_MIN_EQUAL, equal_fraction, judge_chain
+
+    assert equal_fraction([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert equal_fraction([1, 2], [1, 2, 3]) == 0.0  # a length mismatch is no match at all
+    assert judge_chain([]) is None and judge_chain([0.95, CHAINED_MIN_EQUAL]) is None
+    fault = judge_chain([0.99, 0.93, 0.1, 0.0])
+    assert (fault.iteration, fault.equal_fraction) == (4, 0.1)  # iterations numbered from 2
+    assert "iteration 4 of 5" in fault.detail(5)
+    assert judge_chain([float("nan")]).iteration == 2  # NaN is no agreement
+
+
+@pytest.mark.slow
+def test_a_miner_that_stops_chaining_is_caught_at_its_first_wrong_chunk(miner_server, bundle, tmp_path):  # noqa: F811
+    """Chunks 1 and 2 right, chunk 3 the first output again (behaviour stale_chain, a real
+    miner path): scored wrong_chained_output at iteration 3, not ok on chunk 1 alone."""
+    miner, server, port, _ = miner_server
+    svc = http_challenger(tmp_path, bundle, port, iterations=3)
+    seed = confident_seed_in_worker(svc.client, MODEL)  # chunk 1 must pass for chunk 3 to matter
+    miner.behaviour = "stale_chain"
+    try:
+        record = one_challenge(svc, seed)
+    finally:
+        miner.behaviour = "honest"
+    assert (record.outcome, record.error_reason) == (Outcome.ERROR, "wrong_chained_output"), record
+    detail = svc.outcome_details[record.challenge_id]  # _record files it with the outcome
+    assert detail.startswith("iteration 3 of 3"), detail
+
+
+def test_the_challenger_dials_the_endpoint_the_miners_offer_names(bundle, tmp_path):  # noqa: F811
+    """No brainlock_endpoints.json: the signed ModelOffer's brainlock_port on the host the
+    miner announced is where the challenge goes (the LateMiner there answers, so the
+    outcome is late_stream, not a libp2p error); the operator's file still wins."""
+    from protocol.challenge_messages import FHE_PROTOCOL, ModelOffer
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), LateMiner)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        svc = http_challenger(tmp_path, bundle, http.server_address[1])
+        svc.brainlock_endpoints = {}
+        svc.ctx.addrs_of = lambda hotkey: ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWmine"]
+        assert svc._brainlock_endpoint(MINER.ss58_address) is None  # no offer yet: libp2p
+        svc.on_message(MINER.ss58_address, ModelOffer(MODEL, svc.manifest.server_sha256, "12D3KooWmine", FHE_PROTOCOL,
+                                                      1, 0, brainlock_port=http.server_address[1]), 0)
+        assert svc._brainlock_endpoint(MINER.ss58_address) == ("127.0.0.1", http.server_address[1])
+        record = one_challenge(svc, seed=1)
+        svc.brainlock_endpoints = {MINER.ss58_address: ("10.9.9.9", 1)}  # the operator's override wins
+        assert svc._brainlock_endpoint(MINER.ss58_address) == ("10.9.9.9", 1)
+    finally:
+        http.shutdown()
+    assert (record.outcome, record.error_reason) == (Outcome.ERROR, "late_stream")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -364,3 +365,18 @@ def test_a_bootstrap_peer_connected_without_pubsub_is_reconnected(caplog) -> Non
         trio.run(main)
     assert any("without a pubsub stream; reconnecting" in r.getMessage() for r in caplog.records)
     assert connects[-1]  # and it is connected again afterwards
+
+
+def test_an_error_inside_an_open_mesh_reaches_the_caller():
+    """Stopping the DCUtR service inside the already cancelled nursery raised Cancelled over
+    the body's exception and the nursery absorbed it: a node that crashed exited 0."""
+
+    async def main():
+        async with Mesh.open(MeshConfig(mesh_id="crash"), os.urandom(32)):
+            raise ValueError("the node's own error")
+
+    with pytest.raises(BaseException) as caught:
+        trio.run(main)
+    assert isinstance(caught.value, BaseExceptionGroup), caught.value
+    matched, _ = caught.value.split(lambda e: isinstance(e, ValueError) and "the node's own error" in str(e))
+    assert matched is not None, caught.value

@@ -182,3 +182,79 @@ def test_daemon_dials_members_at_their_announced_addresses(monkeypatch):
                     nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@needs_nat
+def test_a_reservation_lost_when_the_relay_restarts_is_renewed(tmp_path):
+    """The relay is killed and started again (same key, same port): home notices within
+    seconds that its reservation is gone, says "unknown" with the reason and withdraws the
+    dead address (never "public", never "relayed" on a relay that is down), reserves again
+    once the relay is back, and is reached through it again."""
+    with nat_mesh(tmp_path, "--no-hole-punch") as (lan, relay, pub, home):
+        relayed = home.reachability("relayed")["relayed_addrs"][0]
+        relay.kill()
+        seen, deadline = [], time.monotonic() + 15
+        while time.monotonic() < deadline:
+            state = json.loads(home.ask("reach", "REACH")[1])
+            seen.append(state["status"])
+            if state["status"] == "unknown":
+                break
+            time.sleep(0.3)
+        assert state["status"] == "unknown", seen
+        assert state["relayed_addrs"] == [] and state["reservations_lost"] == 1, state
+        assert state["last_loss"].endswith("the connection to the relay closed"), state
+        again = Proc(lan, "relay", 4001, "--relay", log=tmp_path / "relay-again.log").wait_ready()
+        try:
+            deadline = time.monotonic() + 45
+            while (state := json.loads(home.ask("reach", "REACH")[1]))["status"] != "relayed":
+                seen.append(state["status"])
+                assert time.monotonic() < deadline, f"not relayed again within 45 s: {state}"
+                time.sleep(0.5)
+            assert "public" not in seen, seen
+            assert state["relayed_addrs"] == [relayed], state  # same relay key and port: the same address
+            connected = pub.ask(f"connect {relayed}", "CONNECTED", timeout_s=20)
+            assert connected[0] == "CONNECTED" and json.loads(connected[1])[home.peer_id] == "relayed", connected
+            answer = pub.ask(f"request {home.peer_id} {1 << 20}", "ANSWER", timeout_s=30)
+            assert answer[1].split()[0] == "match", answer
+            print(f"relay restart: statuses seen at home {sorted(set(seen))}")
+        finally:
+            again.kill()
+
+
+def test_daemon_announces_at_once_when_its_relayed_address_changes():
+    """A relayed address gained (or withdrawn after a lost reservation) is announced at
+    once, not at the next slow announce (10 x announce_interval_s once every member is
+    heard): peers would otherwise dial a dead address, or not know the new one, for that long."""
+    import trio
+    from types import SimpleNamespace
+
+    from node import daemon
+    from node.reachability import Reachability
+
+    sent = []
+
+    async def publish(message) -> None:
+        sent.append(message)
+
+    node = SimpleNamespace(mesh=SimpleNamespace(peer_id="P"), genesis=SimpleNamespace(mesh_id="m"),
+                           reachability=Reachability(), addrs=["/ip4/10.0.0.1/tcp/1/p2p/P"], started_ms=0,
+                           settings=SimpleNamespace(announce_interval_s=100.0, role=SimpleNamespace(value="trainer")),
+                           presence=SimpleNamespace(heard_everyone=lambda: True), publish=publish)
+    relayed = "/ip4/10.0.0.9/tcp/2/p2p/R/p2p-circuit/p2p/P"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.Node._announce_loop, node)
+            with trio.fail_after(2):
+                while len(sent) < 1:
+                    await trio.sleep(0.01)
+                node.reachability.set_relayed_addrs([relayed])
+                while len(sent) < 2:
+                    await trio.sleep(0.01)
+                node.reachability.set_relayed_addrs([])
+                while len(sent) < 3:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert [list(m.addrs) for m in sent] == [node.addrs, node.addrs + [relayed], node.addrs]
+
+    trio.run(main)

@@ -52,3 +52,27 @@ def test_report_names_each_missing_delivery(tmp_path):
     assert report["rejected"] == {"bad_signature": 4}
     assert "trainer-0 did not hear validator-0 at the end (never, or gone)" in report["problems"]
     assert "trainer-0 got 1/3 pings from validator-0" in report["problems"]
+
+
+def test_a_second_run_in_the_same_directory_is_a_new_mesh_and_keeps_only_fhe_keys(tmp_path):
+    """A rerun kept the earlier mesh's history.sqlite: its validators started at different
+    epochs, assigned miners differently, and one miner was never challenged."""
+    from node.testnet import TestnetPlan, prepare
+
+    plan = TestnetPlan(trainers=1, validators=3, miners=1, rounds=1, pings=1, directory=tmp_path, timeout_s=60)
+    first = {n.name: n for n in prepare(plan)}
+    validator = first["validator-0"].data_dir
+    (validator / "history.sqlite").write_bytes(b"epoch 0 of the earlier mesh")
+    (validator / "roles" / "rounds").mkdir(parents=True)
+    (validator / "roles" / "rounds" / "round-3.json").write_text("{}")
+    (validator / "roles" / "head.sqlite").write_bytes(b"the earlier head")
+    (validator / "roles" / "fhe-keys").mkdir()
+    (validator / "roles" / "fhe-keys" / "evaluation.key").write_bytes(b"kept")
+    seed_before = (validator / "node_key").read_bytes()
+
+    second = {n.name: n for n in prepare(plan)}
+    assert second["validator-0"].hotkey != first["validator-0"].hotkey
+    assert not (validator / "history.sqlite").exists()
+    assert not (validator / "roles" / "rounds").exists() and not (validator / "roles" / "head.sqlite").exists()
+    assert (validator / "roles" / "fhe-keys" / "evaluation.key").read_bytes() == b"kept"
+    assert (validator / "node_key").read_bytes() != seed_before and (validator / "node.toml").exists()

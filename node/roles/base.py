@@ -56,6 +56,7 @@ class RoleContext:
     # hotkey -> when (ms) any verified message of it last came, None if never: who is live
     # is protocol/liveness.py live_members over these
     last_seen: Callable[[str], int | None] = lambda hotkey: None
+    addrs_of: Callable[[str], list[str]] = lambda hotkey: []  # hotkey -> its announced addresses
     _sections: dict[str, Any] = field(default_factory=dict)
     _problems: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -168,6 +168,13 @@ class BrainlockHttp:
             if miner.behaviour == "garbage":
                 for _ in range(iterations):
                     deliver(os.urandom(miner.garbage_bytes))
+            elif miner.behaviour == "stale_chain":  # chunks 1-2 right, then chunk 1 again
+                outputs: list[bytes] = []
+                await miner.engine.run_chained_async(owner, key_id, ciphertext, min(iterations, 2),
+                                                     lambda _iteration, output: outputs.append(output) or
+                                                     deliver(output))
+                for _ in range(iterations - len(outputs)):
+                    deliver(outputs[0])
             else:
                 await miner.engine.run_chained_async(owner, key_id, ciphertext, iterations,
                                                      lambda _iteration, output: deliver(output))
@@ -183,6 +190,7 @@ class BrainlockHttp:
         self.miner.served[f"brainlock_{route}"] += 1
         if elapsed_s is not None:
             self.miner.compute_s.append(round(elapsed_s, 3))
+        self.miner._report()  # /status and status.json show what was served over HTTP too
 
     # -- the aiohttp thread --
 

@@ -11,12 +11,18 @@ exactly one outcome in node/history.py; the epoch's scores (protocol/scoring.py)
 gossiped as ScoreReports, handed to the settlement service if it takes them, and set as
 weights on Bittensor when the node runs on a subnet (settings.network).
 
-A miner may also be challenged over the Brainlock subnet's HTTP protocol (issue 13) when
-the validator knows its endpoint (`brainlock_endpoints`, or brainlock_endpoints.json in
-the data dir: {"<miner hotkey>": "host:port"}): keys through /add_key, the challenge
+A miner is challenged over the Brainlock subnet's HTTP protocol (issue 13) when its signed
+ModelOffer names a brainlock_port: dialled on the host of its announced addresses (never
+a URL it chose; ModelOffer says why). DATA_DIR/brainlock_endpoints.json
+({"<miner hotkey>": "host:port"}) is an operator's override that wins over the offer (a
+miner behind a proxy or NAT whose announced host is not where its HTTP server is reached).
+Keys go through /add_key, the challenge
 through /compute with the same iterations, chained. The first chunk is the circuit once
-on our input and is scored exactly as a libp2p result; a stream that fails Brainlock's
-own streaming check is an error outcome `late_stream`. libp2p stays the default.
+on our input and is scored exactly as a libp2p result; every later chunk is decrypted
+and compared with our own clear chain, and one that strays is the error outcome
+`wrong_chained_output` (which iteration in the outcome's detail); a stream that fails
+Brainlock's own streaming check is an error outcome `late_stream`. libp2p stays the
+default.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_b
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings
-from protocol.brainlock import parse_endpoint
+from protocol.brainlock import WRONG_CHAINED_OUTPUT, offered_endpoint, parse_endpoint
 from protocol.challenge import (UNKNOWN_KEY, ChallengeConfig, assign_miners, ChallengeMachine, Effect, GossipScore,
                                 RecordOutcome, SendChallenge, UploadKey)
 from protocol.challenge_messages import AddKey, ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, ScoreReport
@@ -82,6 +88,7 @@ class ChallengerService(RoleService):
         self.brainlock_endpoints = dict(brainlock_endpoints) if brainlock_endpoints is not None \
             else load_brainlock_endpoints(settings.data_dir)
         self.brainlock_uids: dict[str, str] = {}
+        self.outcome_details: dict[str, str] = {}  # challenge id -> what was wrong (e.g. which iteration)
         # Import Concrete and SQLAlchemy now, before the node joins the mesh: importing them
         # later, even in a worker thread, holds the GIL for seconds and starves gossip.
         import fhe.bundle, fhe.inputs, node.history  # noqa: F401, E401
@@ -220,7 +227,7 @@ class ChallengerService(RoleService):
         return self.offers[miner].peer_id
 
     async def _upload_key(self, effect: UploadKey) -> list[Effect]:
-        if effect.miner in self.brainlock_endpoints:
+        if self._brainlock_endpoint(effect.miner) is not None:
             return await self._upload_key_http(effect)
         started = time.monotonic()
         try:
@@ -241,7 +248,7 @@ class ChallengerService(RoleService):
         from fhe.bundle import MalformedResult
         from fhe.inputs import draw_challenge_input
 
-        if effect.miner in self.brainlock_endpoints:
+        if self._brainlock_endpoint(effect.miner) is not None:
             return await self._send_http(effect)
         cid = effect.challenge_id
         drawn = draw_challenge_input(effect.model, effect.input_seed)
@@ -266,6 +273,8 @@ class ChallengerService(RoleService):
 
     async def _judge(self, cid: str, at: float, result: bytes, image: Any) -> list[Effect]:
         """Decrypt the miner's result and score it against our clear reference (worker thread)."""
+        from fhe.bundle import MalformedResult
+
         try:
             comparison = await trio.to_thread.run_sync(compare_in_worker, self.client, result, image)
         except MalformedResult as exc:
@@ -279,10 +288,20 @@ class ChallengerService(RoleService):
 
     # -- the Brainlock HTTP protocol (node/roles/brainlock_http.BrainlockClient) --
 
+    def _brainlock_endpoint(self, miner: str) -> tuple[str, int] | None:
+        """The operator's override (brainlock_endpoints.json) first, else the port the
+        miner's signed ModelOffer names on the host its Announce gave; None: libp2p."""
+        if miner in self.brainlock_endpoints:
+            return self.brainlock_endpoints[miner]
+        offer = self.offers.get(miner)
+        if offer is None or not offer.brainlock_port:
+            return None
+        return offered_endpoint(self.ctx.addrs_of(miner), offer.brainlock_port)
+
     def _brainlock_client(self, miner: str, timeout_s: float) -> Any:
         from node.roles.brainlock_http import BrainlockClient
 
-        host, port = self.brainlock_endpoints[miner]
+        host, port = self._brainlock_endpoint(miner)
         return BrainlockClient(self.ctx.hotkey, miner, host, port, timeout_s=timeout_s)
 
     async def _upload_key_http(self, effect: UploadKey) -> list[Effect]:
@@ -330,8 +349,29 @@ class ChallengerService(RoleService):
         if result is None:  # the socket's timeout or ours
             return self.machine.timeout(cid, now=sent_wall + max(effect.timeout_s, time.monotonic() - sent))
         at = sent_wall + result.total_s  # the miner's part: from the send to the terminator
-        # the first chunk is the circuit once on our input: judged as a libp2p result is
-        return await self._judge(cid, at, result.chunks[0], drawn.image)
+        return await self._judge_chain(cid, at, result.chunks, drawn.image)
+
+    async def _judge_chain(self, cid: str, at: float, chunks: tuple[bytes, ...], image: Any) -> list[Effect]:
+        """Every chunk of a chained /compute: chunk 1 is the circuit once on our input and
+        is scored as a libp2p result is; each later chunk is decrypted and compared with
+        our own clear chain (protocol.brainlock.judge_chain). A later chunk that strays is
+        the error outcome wrong_chained_output, its iteration in the detail."""
+        from fhe.bundle import MalformedResult
+
+        try:
+            comparison, fault = await trio.to_thread.run_sync(judge_chain_in_worker, self.client, chunks, image)
+        except MalformedResult as exc:
+            self.outcome_details[cid] = str(exc)[:300]
+            return self.machine.error(cid, reason=exc.reason, now=time.time())
+        except Exception as exc:  # our own failure: still exactly one outcome, and say so loudly
+            log.exception("could not check challenge %s", cid)
+            self._problem(f"checking a result failed on this validator: {exc!r}")
+            return self.machine.error(cid, reason="validator_error", now=time.time())
+        if fault is not None and comparison.argmax_match:  # a wrong chunk 1 is scored WRONG below
+            self.outcome_details[cid] = fault.detail(len(chunks))
+            return self.machine.error(cid, reason=WRONG_CHAINED_OUTPUT, now=time.time())
+        return self.machine.response_received(cid, at=at, argmax_agrees=comparison.argmax_match,
+                                              cosine=comparison.cosine)
 
     def _record(self, effect: RecordOutcome) -> None:
         record = effect.record
@@ -339,9 +379,11 @@ class ChallengerService(RoleService):
         self.outcomes.append({"challenge_id": record.challenge_id, "epoch": record.epoch, "miner": record.miner,
                               "issued_at": record.issued_at, "outcome": record.outcome.value,
                               "latency_s": record.latency_s, "cosine": record.cosine,
-                              "error_reason": record.error_reason})
-        log.info("challenge %s miner=%s outcome=%s latency_s=%s reason=%s", record.challenge_id[:12], record.miner,
-                 record.outcome.value, record.latency_s, record.error_reason)
+                              "error_reason": record.error_reason,
+                              "detail": self.outcome_details.pop(record.challenge_id, None)})
+        log.info("challenge %s miner=%s outcome=%s latency_s=%s reason=%s %s", record.challenge_id[:12],
+                 record.miner, record.outcome.value, record.latency_s, record.error_reason,
+                 self.outcomes[-1]["detail"] or "")
 
     async def _gossip_scores(self, effect: GossipScore) -> None:
         self.history.record_scores(effect)
@@ -442,6 +484,28 @@ def compare_in_worker(client: Any, result: bytes, image: Any) -> Any:
     """client.compare on a worker thread."""
     _tag_stack_here()
     return client.compare(result, image)
+
+
+def judge_chain_in_worker(client: Any, chunks: tuple[bytes, ...], image: Any) -> tuple[Any, Any]:
+    """(chunk 1's Comparison, the first straying later chunk's ChainFault or None), on a
+    worker thread. Stops decrypting at the first fault; MalformedResult names the chunk."""
+    from fhe.bundle import MalformedResult
+    from protocol.brainlock import equal_fraction, judge_chain
+
+    _tag_stack_here()
+    comparison = client.compare(chunks[0], image)
+    if len(chunks) == 1:
+        return comparison, None
+    expected = client.chained_reference_integers(image, len(chunks))
+    for iteration in range(2, len(chunks) + 1):
+        try:
+            got = client.decrypt_integers(chunks[iteration - 1])
+        except MalformedResult as exc:
+            raise MalformedResult(f"iteration {iteration} of {len(chunks)}: {exc}") from exc
+        fault = judge_chain([equal_fraction(got.tolist(), expected[iteration - 1].tolist())], first=iteration)
+        if fault is not None:
+            return comparison, fault
+    return comparison, None
 
 
 CONFIDENT_SEED_TRIES = 64

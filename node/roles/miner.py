@@ -13,7 +13,9 @@ label; nothing else on the miner changes. FHE runs in the engine's worker thread
 the trio loop (gossip, other streams) never waits on a circuit.
 
 behaviour (sealmesh testnet --fault, never on a real node): "garbage" answers random
-bytes of a result's size without computing; "slow" sleeps slow_delay_s first.
+bytes of a result's size without computing; "slow" sleeps slow_delay_s first;
+"stale_chain" (the Brainlock /compute only) computes two chained iterations and sends
+its first output again for every later one, the cheat of a miner that stops chaining.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from protocol.challenge import MinerKeyring
 from protocol.challenge_messages import (FHE_PROTOCOL, MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES, AddKey, BadFrame,
                                          ChallengeRequest, ChallengeResponse, KeyAdded, ModelOffer, Refused,
                                          StreamMessage, open_frame, seal_frame)
+from protocol.challenge_messages import MAX_RESULT_BYTES
 from protocol.epistula import Envelope
 from protocol.inbound import admit_stream_envelope
 from protocol.errors import RemoteProtocolError
@@ -78,6 +81,8 @@ class MinerService(RoleService):
         self.refused = Counter()  # reason -> count
         self.compute_s: list[float] = []
         self.garbage_bytes = 0
+        self.brainlock_port = 0  # the Brainlock HTTP server's bound port once it listens; 0: none
+        self.last_offer: ModelOffer | None = None  # the ModelOffer last published (shown on /status)
 
     # -- the seam --
 
@@ -97,7 +102,9 @@ class MinerService(RoleService):
             if self.config.brainlock_port is not None:
                 from node.roles.brainlock_http import BrainlockHttp
 
-                await nursery.start(BrainlockHttp(self, self.settings.api_host, self.config.brainlock_port).serve)
+                # the port it bound (brainlock_port 0: any free one) goes into our ModelOffer
+                self.brainlock_port = await nursery.start(
+                    BrainlockHttp(self, self.settings.api_host, self.config.brainlock_port).serve)
             nursery.start_soon(self._offer_loop)
 
     async def _load(self) -> None:
@@ -117,6 +124,11 @@ class MinerService(RoleService):
         smallest_key = max(1, self.engine.evaluation_key_bytes - 4096)
         self.keyring.max_keys = max(self.keyring.max_keys, self.engine.key_cache_bytes // smallest_key + 1)
         self.garbage_bytes = result_bytes_estimate(bundle / SERVER_ZIP)
+        if self.garbage_bytes > MAX_RESULT_BYTES and self.config.brainlock_port is None:
+            # e.g. the 32x32 synthetic CNV (50 MB a result): served over Brainlock HTTP only (docs/fhe.md)
+            log.warning("%s's results (about %d bytes) are over the libp2p result cap (%d): no libp2p challenge "
+                        "can succeed; set brainlock_port in fhe.json to serve it over HTTP", self.manifest.model,
+                        self.garbage_bytes, MAX_RESULT_BYTES)
         self.ready.set()
         log.info("phase=miner-ready model=%s server_sha256=%s behaviour=%s", self.manifest.model,
                  self.manifest.server_sha256[:16], self.behaviour)
@@ -125,12 +137,16 @@ class MinerService(RoleService):
     def offer(self) -> ModelOffer:
         assert self.ctx is not None and self.manifest is not None
         return ModelOffer(self.manifest.model, self.manifest.server_sha256, self.ctx.mesh.peer_id, FHE_PROTOCOL,
-                          self.keyring.max_iterations, now_ms())
+                          self.keyring.max_iterations, now_ms(), brainlock_port=self.brainlock_port)
 
     async def _offer_loop(self) -> None:
         assert self.ctx is not None
         while True:
-            await self.ctx.publish(self.offer())
+            first = self.last_offer is None
+            self.last_offer = self.offer()
+            await self.ctx.publish(self.last_offer)
+            if first:
+                self._report()
             quiet = sum(self.served.values()) > 0  # a validator found us: late joiners only
             await trio.sleep(self.config.offer_interval_s * (10 if quiet else 1))
 
@@ -265,6 +281,7 @@ class MinerService(RoleService):
             "keys": len(self.engine.key_ids()) if self.engine else 0,
             "key_cache_bytes": self.engine.cache_bytes if self.engine else 0,
             "compute_s": self.compute_s[-20:],
+            "offered_brainlock_port": self.last_offer.brainlock_port if self.last_offer else None,
         })
 
 
