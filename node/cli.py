@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "until stopped)")
     node.add_argument("--epochs", type=int, help="validator: FHE challenge epochs to run (default 0: none)")
     node.add_argument("--keep-rounds", type=int, help="rounds of state, blobs and status kept (default 20)")
+    node.add_argument("--join", action="store_true", default=None,
+                      help="not in the genesis: ask the running mesh to admit this node (with --stake)")
+    node.add_argument("--stake", type=int, help="with --join: ledger units offered into escrow")
     node.add_argument("--insecure-small-committee", action="store_true", default=None,
                       help="accept a committee of fewer than 3 members or threshold 1, which can "
                            "decrypt single updates (test meshes only)")
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="committee Paillier key size (1024 only for quick local runs)")
     from node.head_cli import add_head_commands
     add_head_commands(commands)  # sealmesh head status|close|fanout
+    from node.membership_cli import add_leave_command
+    add_leave_command(commands)  # sealmesh leave --data-dir DIR
     from node.mesh_files import add_mesh_commands
     add_mesh_commands(commands)  # sealmesh mesh init|add-member|add-bootstrap|show
     from node.status_cli import add_status_command
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "head":
             from node.head_cli import run_head
             return run_head(args)
+        if args.command == "leave":
+            from node.membership_cli import run_leave
+            return run_leave(args)
         if args.command == "mesh":
             from node.mesh_files import run_mesh
             return run_mesh(args)
@@ -220,7 +228,7 @@ def _node(args: argparse.Namespace) -> int:
         "announce_addrs": tuple(args.announce_addrs) if args.announce_addrs else None,
         "data": args.data, "eval_data": args.eval_data, "rounds": args.rounds, "epochs": args.epochs,
         "keep_rounds": args.keep_rounds, "insecure_small_committee": args.insecure_small_committee,
-        "relay": args.relay,
+        "relay": args.relay, "join": args.join, "stake": args.stake,
     }
     from node.addresses import AddressError, check_announce_addr
     from node.registry.genesis import check_bootstrap_addr
@@ -235,9 +243,14 @@ def _node(args: argparse.Namespace) -> int:
         genesis = _registry(settings)
     except (SettingsError, WalletError, GenesisError, AddressError, ConnectionError) as exc:
         raise UserError(str(exc)) from exc
-    if genesis.directory.member(hotkey.ss58_address) is None:
+    from node.membership import is_known_member
+    if settings.join and settings.stake <= 0:
+        raise UserError("--join needs --stake N, the ledger units this node offers into escrow "
+                        "(at least the mesh's minimum for its role; docs/membership.md)")
+    if not settings.join and not is_known_member(settings.data_dir, genesis, hotkey.ss58_address):
         raise UserError(f"hotkey {hotkey.ss58_address} is not a member of mesh {genesis.mesh_id!r}; "
-                        "add it to the genesis file or register it on the subnet")
+                        "ask the running mesh to admit it (`--join --stake N`), add it to the genesis "
+                        "file, or register it on the subnet")
     from node.http_thread import HttpBindError
     try:
         trio.run(Node(settings, hotkey, genesis).run)

@@ -29,6 +29,8 @@ from node.blobs import BLOB_PROTOCOL, MAX_BLOB_REQUEST_BYTES, PROBE_PROTOCOL, Bl
 from node.mesh import EnvelopeFirst, Mesh, MeshConfig, StreamRefused, ValidationResult
 from node.metrics import NodeMetrics
 from node.presence import Presence
+from node.membership import MembershipService, live_genesis
+from protocol.admission import JoinRateLimit
 from protocol.liveness import liveness_window_ms
 from node.registry.genesis import Genesis
 from node.settings import NodeSettings
@@ -67,6 +69,7 @@ def load_or_create_node_key(data_dir: Path) -> bytes:
 
 class Node:
     def __init__(self, settings: NodeSettings, hotkey: Signer, genesis: Genesis) -> None:
+        genesis = live_genesis(genesis)  # the genesis plus the confirmed membership records (issue 15)
         self.settings = settings
         self.hotkey = hotkey
         self.genesis = genesis
@@ -82,6 +85,11 @@ class Node:
         self.started_ms = now_ms()
         self.membership_views: dict[str, list[str]] = {}
         self.services: list[RoleService] = services_for(settings)
+        self.join_limit = JoinRateLimit()
+        self.membership = MembershipService(
+            settings, hotkey, genesis, metrics=self.metrics, publish=self.publish,
+            services=lambda: {s.name: s for s in self.services},
+            peer_id=lambda: self.mesh.peer_id if self.mesh else "", addrs=lambda: self.addrs)
         self.store: BlobStore | None = None
         self.role_context: RoleContext | None = None
         self.addrs: list[str] = []  # announced: set once the mesh listens
@@ -159,10 +167,14 @@ class Node:
         nursery.start_soon(self._dial_announced_loop)
         if self.settings.role.value == "validator":
             nursery.start_soon(self._membership_view_loop)
+        nursery.start_soon(self.membership.run)
         await self._start_roles(nursery)
 
     async def _start_roles(self, nursery: trio.Nursery) -> None:
         assert self.mesh is not None and self.store is not None
+        if not self.membership.admitted.is_set():  # --join: the roles start once admitted
+            log.info("phase=waiting-for-admission")
+            await self.membership.admitted.wait()
         self.role_context = RoleContext(
             settings=self.settings, hotkey=self.hotkey, genesis=self.genesis, mesh=self.mesh,
             store=self.store, verifier=self.verifier, metrics=self.metrics,
@@ -185,7 +197,8 @@ class Node:
     def _gossip_validator(self, channel: Channel):
         return gossip_validator(channel, self.verifier, mesh_id=self.genesis.mesh_id,
                                 max_bytes=self.mesh.config.max_gossip_bytes,
-                                on_reject=lambda reason: self.metrics.reject("gossip", reason))
+                                on_reject=lambda reason: self.metrics.reject("gossip", reason),
+                                join_limit=self.join_limit)
 
     async def _consume(self, channel: Channel, receive) -> None:
         async for gossip in receive:
@@ -195,6 +208,7 @@ class Node:
                 continue
             message = decode(envelope.body, channel=channel)
             self.metrics.received.labels(channel=channel.value, type=message.TYPE).inc()
+            self.membership.on_gossip(envelope.signed_by, message, gossip.data)  # it needs the signed bytes
             self._dispatch(envelope.signed_by, message, gossip.received_ms)
 
     def _dispatch(self, sender: str, message: Message, received_ms: int) -> None:
@@ -324,6 +338,7 @@ class Node:
             "uptime_s": round((now_ms() - self.started_ms) / 1000, 3),
             "presence": self.presence.snapshot(now_ms(), with_samples=with_samples),
             "membership_views": dict(self.membership_views),
+            "membership": self.membership.status(),  # joins, leaves, this node's escrow (issue 15)
             "rejected": _rejected_counts(self.metrics),
             "mesh_stats": dict([*_flatten_stats(mesh.stats), *_flatten_stats(mesh.stream_stats)]) if mesh else {},
             "sections": self.role_context.sections() if self.role_context else {},
@@ -372,14 +387,15 @@ def envelope_first_for(protocol_id: str, verifier: EnvelopeVerifier, *,
 
 
 def gossip_validator(channel: Channel, verifier: EnvelopeVerifier, *, mesh_id: str, max_bytes: int,
-                     on_reject: Callable[[str], None] = lambda reason: None):
+                     on_reject: Callable[[str], None] = lambda reason: None,
+                     join_limit: JoinRateLimit | None = None):
     """The mesh validator for one channel: verify, then ACCEPT; REJECT (the forwarder is
     charged) only for refusals every node makes alike; IGNORE for those that depend on the
     receiver (its clock, its replay cache): protocol/inbound.py forwarder_is_at_fault."""
     def validate(from_peer: str, data: bytes) -> tuple[ValidationResult, str]:
         try:
             open_gossip(data, channel=channel, verifier=verifier, now_ms=now_ms(), max_bytes=max_bytes,
-                        from_peer=from_peer, mesh_id=mesh_id)
+                        from_peer=from_peer, mesh_id=mesh_id, join_limit=join_limit)
         except RemoteProtocolError as exc:
             on_reject(exc.reason)
             log.warning("rejected gossip reason=%s from_peer=%s channel=%s: %s",

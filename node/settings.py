@@ -75,6 +75,10 @@ class NodeSettings:
     # survive ("garbage" or "slow" miner, "cheat" trainer, "close-early" validator: closes the
     # settlement head before the agreed rounds). Never set on a real node.
     behaviour: str = "honest"
+    # Joining a running mesh (issue 15, docs/membership.md): publish a signed join request
+    # offering `stake` into the head's escrow; the roles start once a snapshot admits it.
+    join: bool = False
+    stake: int = 0
     # Trainer: differential privacy of its own update (training/privacy.py, docs/privacy.md).
     # dp_noise_multiplier z > 0 turns it on: the delta is clipped to L2 norm dp_clip_norm and
     # N(0, (z * dp_clip_norm)^2) is added per value before sealing; epsilon is reported at dp_delta.

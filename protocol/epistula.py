@@ -306,7 +306,7 @@ class EnvelopeVerifier:
         self.replays.record(envelope.signed_by, envelope.uuid, envelope.timestamp_ms, now_ms)
 
     def preflight(self, envelope: Envelope, *, now_ms: int, policy: SenderPolicy,
-                  broadcast: bool) -> Member:
+                  broadcast: bool, stranger_ok: bool = False) -> Member:
         """Every check of verify() without recording the uuid; raises an EpistulaError.
 
         For a stream request whose envelope arrives before its payload: the envelope is
@@ -314,9 +314,11 @@ class EnvelopeVerifier:
         hundred bytes, not hundreds of MB), and verify() runs on the whole request once it
         is in, which is where the uuid is spent."""
         member = self.directory.member(envelope.signed_by)
-        if member is None:
+        if member is None and stranger_ok:  # a join request (protocol/admission.py): a stranger, no roles
+            member = Member(envelope.signed_by, frozenset(), 0.0)
+        elif member is None:
             raise UnknownSigner(f"{envelope.signed_by} is not a member of this mesh")
-        if not policy.allows(member):
+        elif not policy.allows(member):
             raise SignerNotAllowed(
                 f"{envelope.signed_by} (roles {sorted(r.value for r in member.roles)}, "
                 f"stake {member.stake}) may not send this message "

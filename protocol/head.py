@@ -38,6 +38,7 @@ from crypto.identity import verify_signature
 from protocol._wire import unpack_strict
 from protocol.epistula import Signer
 from protocol import head_rules as rules
+from protocol import member_book as mb
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages import decode as decode_message
 from protocol.messages import encode as encode_message
@@ -174,9 +175,9 @@ class Withdraw:
     withdrawn_before: int
 
 
-Tx = Union[RoundResult, ScoreReport, Transfer, SlashVote, Withdraw]
+Tx = Union[RoundResult, ScoreReport, Transfer, SlashVote, Withdraw, mb.Admit, mb.Leave, mb.MemberSlash]
 TX_KINDS: dict[str, type] = {c.KIND: c for c in (RoundResult, ScoreReport, Transfer, SlashVote,
-                                                  Withdraw)}
+                                                  Withdraw, *mb.MEMBER_TXS)}
 
 
 def encode_tx(tx: Tx) -> bytes:
@@ -224,7 +225,9 @@ def _tx_field_types(cls: type) -> dict[str, Any]:
 
 
 def _check_tx_shape(tx: Tx) -> None:
-    if isinstance(tx, (RoundResult, ScoreReport)):
+    if isinstance(tx, mb.MEMBER_TXS):  # membership records (issue 15): protocol/member_book.py
+        mb.check_shape(tx)
+    elif isinstance(tx, (RoundResult, ScoreReport)):
         if any(amount <= 0 or not who or who == POOL for who, amount in tx.rewards.items()):
             raise _reject("malformed_tx", "each reward goes to a named account and is positive")
     elif isinstance(tx, Transfer):
@@ -260,10 +263,16 @@ class Ledger:
     deposits: tuple[str, ...] = ()  # absorbed deposit ids
     deposited: int = 0  # value that entered after the head opened
     withdrawn: dict[str, int] = field(default_factory=dict)  # party -> value it took out, ever
+    book: mb.MemberBook = mb.EMPTY_BOOK  # membership records and members' escrow (issue 15)
 
     @property
     def total(self) -> int:
         return sum(self.balances.values())
+
+    @property
+    def escrowed(self) -> int:
+        """Admitted members' stake, held in the head outside the balances."""
+        return self.book.escrowed
 
     @property
     def withdrawn_total(self) -> int:
@@ -283,19 +292,23 @@ class Ledger:
                 "rounds": [self.rounds_below, list(self.rounds_recent), self.rounds_settled],
                 "epochs": [self.epochs_below, list(self.epochs_recent), self.epochs_settled],
                 "deposits": list(self.deposits), "deposited": self.deposited,
-                "withdrawn": dict(self.withdrawn)}
+                "withdrawn": dict(self.withdrawn),
+                # Only once there is a membership record: a ledger without one hashes as before.
+                **({} if self.book.empty else {"members": self.book.to_wire()})}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "Ledger":
         shape = {"balances": dict[str, int], "applied": list[str], "rounds": list,
                  "epochs": list, "deposits": list[str], "deposited": int,
                  "withdrawn": dict[str, int]}
-        if not isinstance(wire, dict) or set(wire) != set(shape) or not all(
+        keys = set(wire) - {"members"} if isinstance(wire, dict) else set()
+        if not isinstance(wire, dict) or keys != set(shape) or not all(
                 _conforms(wire[k], hint) for k, hint in shape.items()):
             raise _reject("malformed_snapshot", f"a ledger has exactly the fields {sorted(shape)}")
         rounds, epochs = (_window_from_wire(wire[k], k) for k in ("rounds", "epochs"))
+        book = mb.MemberBook.from_wire(wire["members"]) if "members" in wire else mb.EMPTY_BOOK
         return cls(dict(wire["balances"]), tuple(wire["applied"]), *rounds, *epochs,
-                   tuple(wire["deposits"]), wire["deposited"], dict(wire["withdrawn"]))
+                   tuple(wire["deposits"]), wire["deposited"], dict(wire["withdrawn"]), book)
 
     def hash(self) -> str:
         return self._hash
@@ -321,6 +334,8 @@ def _window_from_wire(wire: Any, what: str) -> tuple[int, tuple[int, ...], int]:
 
 def apply_tx(ledger: Ledger, tx: Tx, txid: str) -> Ledger:
     """The ledger after `tx`, or RemoteProtocolError with the reason it cannot apply."""
+    if isinstance(tx, mb.MEMBER_TXS):
+        return mb.apply_member_tx(ledger, tx, POOL)
     balances = dict(ledger.balances)
     if isinstance(tx, RoundResult):
         problem = rules.window_problem(ledger.rounds_below, ledger.rounds_recent, tx.round, "round")
@@ -737,6 +752,9 @@ class HeadMachine:
         self.views_pruned_rounds = 0
         self.views_pruned_epochs = 0
         self._pending_ledger: Ledger | None = None  # derived: confirmed ledger + pending txs
+        # What this party judges membership records against (configuration, not state:
+        # the node sets it from the genesis file and its settings); None co-signs none.
+        self.membership: mb.MembershipRules | None = None
 
     # -- entry point ------------------------------------------------------------------
 
@@ -932,6 +950,9 @@ class HeadMachine:
         """Why we would not co-sign this RoundResult or ScoreReport (head_rules); None
         for a record we agree with and for every other kind of transaction."""
         ledger = self.confirmed.ledger if self.confirmed is not None else None
+        if isinstance(tx, mb.MEMBER_TXS):
+            # At most one per snapshot (_ready_txs), so the confirmed ledger is the one it applies to.
+            return None if ledger is None else mb.record_problem(tx, ledger, self.membership)
         if isinstance(tx, RoundResult) and ledger is not None and tx.round < ledger.rounds_below:
             # Checked first: its own view may be pruned, and it must not wait for one.
             return rules.window_problem(ledger.rounds_below, (), tx.round, "round")
@@ -1001,6 +1022,9 @@ class HeadMachine:
             tx = decode_tx(raw)
             if self._record_problem(tx) is not None:
                 continue
+            if isinstance(tx, mb.MEMBER_TXS) and any(
+                    isinstance(decode_tx(r), mb.MEMBER_TXS) for r, _ in chosen):
+                continue  # one membership record per snapshot: the next one takes it
             try:
                 ledger = apply_tx(ledger, tx, txid)
             except RemoteProtocolError:
@@ -1075,6 +1099,9 @@ class HeadMachine:
         if len(message.txs) != len(message.signatures) or len(message.txs) > MAX_SNAPSHOT_TXS:
             raise _reject("malformed_request", "a ReqSn has one signature per transaction")
         txs = tuple(zip(message.txs, message.signatures))
+        if sum(isinstance(_decoded_or_none(raw), mb.MEMBER_TXS) for raw, _ in txs) > 1:
+            raise _reject("one_membership_record_per_snapshot", f"snapshot {message.number} holds "
+                          "more than one membership record")
         for raw, signature in txs:
             try:
                 tx = decode_tx(raw)
@@ -1682,7 +1709,17 @@ _RECEIVERS: dict[type, Callable[..., list[Effect]]] = {
 }
 
 
+def _decoded_or_none(raw: bytes) -> Tx | None:
+    try:
+        return decode_tx(raw)
+    except RemoteProtocolError:
+        return None
+
+
 def _settled_records(tx: Tx, txid: str, number: int) -> list[Effect]:
+    if isinstance(tx, mb.MEMBER_TXS):
+        return [Record(kind, {**data, "author": tx.author, "tx_id": txid})
+                for kind, data in mb.settled_records(tx, None, number)]
     if isinstance(tx, RoundResult):
         return [Record("round_result", {"round": tx.round, "adapter_id": tx.adapter_id,
                                         "contributors": list(tx.contributors),
@@ -1729,6 +1766,8 @@ def final_payouts(ledger: Ledger, escrows: dict[str, int], slashed: list[str]) -
     remainder goes one unit each to the first of them in hotkey order.
     """
     payouts = {who: amount for who, amount in ledger.balances.items() if amount}
+    for member, entry in ledger.book.members.items():  # admitted members' stake goes back to them
+        payouts[member] = payouts.get(member, 0) + entry.stake
     keepers = sorted(p for p in escrows if p not in slashed) or sorted(escrows)
     forfeited = sum(escrows[p] for p in escrows if p not in keepers)
     share, remainder = divmod(forfeited, len(keepers))
@@ -1766,14 +1805,15 @@ def ValueConserved(m: HeadMachine) -> bool:
         ledgers.append(m.proposal.ledger)
     if m.confirmed is not None:
         ledgers.append(m.pending_ledger)
-    if any(ledger.total + ledger.withdrawn_total != m.committed_total + ledger.deposited
+    if any(ledger.total + ledger.escrowed + ledger.withdrawn_total != m.committed_total + ledger.deposited
            for ledger in ledgers):
         return False
-    if any(ledger.deposited != sum(m.deposits[d].amount for d in ledger.deposits)
+    if any(ledger.deposited - ledger.book.staked != sum(m.deposits[d].amount for d in ledger.deposits)
            for ledger in ledgers if all(d in m.deposits for d in ledger.deposits)):
         return False
     if m.phase == Phase.FINAL and m.payouts is not None:
-        expected = (m.closing.snapshot.ledger.total + m.escrow_total if m.closing
+        expected = (m.closing.snapshot.ledger.total + m.closing.snapshot.ledger.escrowed + m.escrow_total
+                    if m.closing
                     else m.committed_total + m.escrow_total)
         return sum(m.payouts.values()) == expected
     return True
@@ -1867,7 +1907,8 @@ def RewardsOnlyByRule(m: HeadMachine) -> bool:
                    for r in all_rounds)
         paid += sum(sum(rules.epoch_rewards(m.observed_epochs[e], p.epoch_reward).values())
                     for e in all_epochs)
-        if ledger.balances.get(POOL, 0) != initial_pool - paid:
+        # penalties and slashed members' escrow go to the pool (protocol/member_book.py)
+        if ledger.balances.get(POOL, 0) != initial_pool - paid + ledger.book.forfeited:
             return False
     return True
 

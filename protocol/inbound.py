@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from protocol.epistula import Envelope, EnvelopeVerifier, Signer, seal
+from protocol.admission import JoinRateLimit, JoinRequest
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member
 from protocol.messages import Announce, Channel, Message, MessageError, OversizedMessage, WrongChannel, decode, encode
@@ -30,7 +31,14 @@ def seal_message(signer: Signer, message: Message, *, now_ms: int, signed_for: s
 # shares the mesh's directory (genesis or metagraph snapshot): the relay should have
 # refused it too, so it counts against the forwarder (REJECT). Gossip carries an empty
 # signed-for for exactly this reason; see protocol/epistula.py.
-RECEIVER_DEPENDENT_REASONS = frozenset({"stale_timestamp", "future_timestamp", "replay", "replay_quota"})
+#
+# unknown_signer too (issue 15): membership changes while the mesh runs, and a relay that
+# has already applied the snapshot admitting a member (or a node that has not yet
+# applied the one it left by) judges its messages differently from its neighbour. A
+# stranger's message costs the receiver a directory lookup only, before any signature.
+# A join request over its publisher's rate is dropped the same way (join_rate_limited).
+RECEIVER_DEPENDENT_REASONS = frozenset({"stale_timestamp", "future_timestamp", "replay", "replay_quota",
+                                        "unknown_signer", JoinRateLimit.reason})
 
 
 def forwarder_is_at_fault(reason: str) -> bool:
@@ -46,9 +54,13 @@ class GossipOnly(MessageError):
     reason = "gossip_only"
 
 
+class JoinRateLimited(RemoteProtocolError):
+    reason = JoinRateLimit.reason
+
+
 def check_peer_binding(message: Message, from_peer: str, mesh_id: str) -> None:
-    """An announcement must come from the peer id it claims, for this mesh."""
-    if isinstance(message, Announce):
+    """An announcement (or a join request) must come from the peer id it claims, for this mesh."""
+    if isinstance(message, (Announce, JoinRequest)):
         if message.peer_id != from_peer:
             raise PeerBindingError(f"announce claims peer {message.peer_id} but was published by {from_peer}")
         if message.mesh_id != mesh_id:
@@ -56,7 +68,8 @@ def check_peer_binding(message: Message, from_peer: str, mesh_id: str) -> None:
 
 
 def open_gossip(raw: bytes, *, channel: Channel, verifier: EnvelopeVerifier, now_ms: int,
-                max_bytes: int, from_peer: str | None = None, mesh_id: str = "") -> Verified:
+                max_bytes: int, from_peer: str | None = None, mesh_id: str = "",
+                join_limit: JoinRateLimit | None = None) -> Verified:
     """Verify a gossip payload received on `channel`; raises RemoteProtocolError.
 
     Gossip is signed for no one: a signed-for (even this node's own hotkey) is refused,
@@ -64,14 +77,23 @@ def open_gossip(raw: bytes, *, channel: Channel, verifier: EnvelopeVerifier, now
     With from_peer (the pubsub publisher), a peer-bound message must name that peer and
     this mesh; the uuid is spent only once everything passed, so a member re-publishing
     another's genuine Announce under its own peer id does not burn it (a replay refusal
-    of the genuine copy would follow otherwise)."""
+    of the genuine copy would follow otherwise).
+
+    A JoinRequest is the one message a stranger may send (OPEN_TO_STRANGERS); with
+    join_limit, each publishing peer's join requests are rate-limited before their
+    signature is checked."""
     if len(raw) > max_bytes:
         raise OversizedMessage(f"gossip payload of {len(raw)} bytes is over the {max_bytes}-byte limit")
     envelope = Envelope.from_gossip_bytes(raw)
     message = decode(envelope.body, channel=channel)
     if not message.BROADCAST:
         raise WrongChannel(f"{message.TYPE} is sent on a direct stream, not on gossip")
-    member = verifier.preflight(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=True)
+    stranger_ok = getattr(message, "OPEN_TO_STRANGERS", False)
+    if stranger_ok and join_limit is not None and not join_limit.allow(from_peer or "", now_ms):
+        raise JoinRateLimited(f"join requests published by {from_peer} are over the rate of "
+                              f"{join_limit.burst} then 1 per {join_limit.every_ms} ms")
+    member = verifier.preflight(envelope, now_ms=now_ms, policy=message.POLICY, broadcast=True,
+                                stranger_ok=stranger_ok)
     if from_peer is not None:
         check_peer_binding(message, from_peer, mesh_id)
     elif message.PEER_BOUND:

@@ -80,6 +80,7 @@ def message_type(cls: type[Message]) -> type[Message]:
 # Each protocol keeps its messages beside its machine; they register on import. Loading
 # them here, once, lets any decoder know every type whatever the caller imported.
 PROTOCOL_MESSAGE_MODULES = (
+    "protocol.admission",
     "protocol.aggregation_messages",
     "protocol.blob_messages",
     "protocol.challenge_messages",

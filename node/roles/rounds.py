@@ -468,6 +468,8 @@ class RoundsService(GuardedWork, RoleService):
             await trio.sleep_until(opened + self.config.round_period_s)
 
     def _live_trainers(self) -> set[str]:
+        if hasattr(self.ctx, "genesis"):  # the live directory: trainers admitted since start count (issue 15)
+            self.trainers = members_with(self.ctx.genesis, Role.TRAINER)
         seen = {t: self.ctx.last_seen(t) for t in self.trainers}
         window = liveness_window_ms(self.settings.announce_interval_s)
         return live_members({t: s for t, s in seen.items() if s is not None}, now_ms(), window)
@@ -774,7 +776,7 @@ class RoundsService(GuardedWork, RoleService):
         self.aggregating[blob_ids] = done = trio.Event()
         ro = slot.ro
         try:
-            holders = [*self.trainers, *ro.validators]
+            holders = [*members_with(self.ctx.genesis, Role.TRAINER), *ro.validators]  # live (issue 15)
             blobs = [await self._fetch(b, holders, max_bytes=ro.max_contribution_bytes,
                                        until_ms=ro.final_deadline_ms) for b in blob_ids]
             items = await trio.to_thread.run_sync(

@@ -27,6 +27,7 @@ bytes again; the machine treats them as duplicates.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -123,6 +124,11 @@ class SettlementService(RoleService):
     def is_author(self) -> bool:
         return bool(self.parties) and self.parties[0] == self.me
 
+    async def submit_tx(self, tx: Any) -> bool:
+        """Author a transaction (a membership record, node/membership.py) on the open head."""
+        assert self.head is not None
+        return await self._apply(tx.KIND, lambda now: self.head.handle(h.NewTx(tx, now)))
+
     def _enqueue(self, record: dict[str, Any]) -> None:
         self.queue.append(record)
         self._save_queue()
@@ -154,10 +160,13 @@ class SettlementService(RoleService):
     async def run(self, ctx: RoleContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.ctx = ctx
         self.me = ctx.hotkey.ss58_address
-        self.parties = sorted(m.hotkey for m in ctx.genesis.members if Role.VALIDATOR in m.roles)
+        founding = getattr(ctx.genesis, "founding", ctx.genesis)  # a validator admitted later is no party
+        self.parties = sorted(m.hotkey for m in founding.members if Role.VALIDATOR in m.roles)
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
         (ctx.data_dir / COMMANDS_DIR).mkdir(exist_ok=True)
-        self.head = await trio.to_thread.run_sync(EmbeddedHead, ctx.data_dir / "head.sqlite", ctx.hotkey)
+        from node.membership import membership_rules  # admission rules for membership records (issue 15)
+        self.head = await trio.to_thread.run_sync(functools.partial(
+            EmbeddedHead, ctx.data_dir / "head.sqlite", ctx.hotkey, membership=membership_rules(ctx.genesis)))
         self.queue = self._load_queue() + self.queue
         try:
             async with trio.open_nursery() as nursery:

@@ -49,8 +49,9 @@ class Outbound:
 
 class EmbeddedHead:
     def __init__(self, path: str | Path, signer: Signer, *,
-                 verify: h.Verify = verify_signature) -> None:
+                 verify: h.Verify = verify_signature, membership: Any = None) -> None:
         self.path = Path(path)
+        self._membership = membership  # the admission rules (protocol/member_book.MembershipRules)
         self._signer = signer
         self._verify = verify
         self._lock = threading.Lock()
@@ -60,12 +61,19 @@ class EmbeddedHead:
         self._db.executescript(SCHEMA)
         row = self._db.execute("SELECT state, events FROM machine WHERE id = 1").fetchone()
         self.reloaded = row is not None
-        self.machine = self._load(row[0]) if row else h.HeadMachine(signer, verify=verify)
+        self.machine = self._load(row[0]) if row else self._fresh()
         self.events_applied = row[1] if row else 0
 
+    def _fresh(self) -> h.HeadMachine:
+        machine = h.HeadMachine(self._signer, verify=self._verify)
+        machine.membership = self._membership
+        return machine
+
     def _load(self, state: bytes) -> h.HeadMachine:
-        return h.HeadMachine.from_wire(msgpack.unpackb(state, raw=False), self._signer,
-                                       verify=self._verify)
+        machine = h.HeadMachine.from_wire(msgpack.unpackb(state, raw=False), self._signer,
+                                          verify=self._verify)
+        machine.membership = self._membership  # configuration, not state: set at every load
+        return machine
 
     def close(self) -> None:
         self._db.close()
@@ -127,7 +135,7 @@ class EmbeddedHead:
 
     def _reload(self) -> None:
         row = self._db.execute("SELECT state, events FROM machine WHERE id = 1").fetchone()
-        self.machine = self._load(row[0]) if row else h.HeadMachine(self._signer, verify=self._verify)
+        self.machine = self._load(row[0]) if row else self._fresh()
         self.events_applied = row[1] if row else 0
 
     # -- the outbox and timers -----------------------------------------------------------

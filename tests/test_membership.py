@@ -1,0 +1,387 @@
+"""Joining and leaving a running mesh (issue 15), driven with no network: the admission
+rules, the membership records in the head (three real validators on tests/test_head's
+bus), the live directory, and the gossip pipeline's verdicts on strangers.
+
+Each attack of the issue is performed: a bad signature, a replayed join, too little
+stake, a slashed hotkey inside its cool-down, a flood of join requests from one peer;
+each is refused with its reason and changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from crypto.identity import Hotkey
+from protocol import head as h
+from protocol import member_book as mb
+from protocol.admission import (AdmissionPolicy, JoinRateLimit, JoinRequest, LeaveRequest, MembershipUpdate,
+                                admission_problem, leave_penalty)
+from protocol.epistula import EnvelopeVerifier
+from protocol.errors import RemoteProtocolError
+from protocol.inbound import forwarder_is_at_fault, open_gossip, seal_message
+from protocol.membership import Member, Role
+from protocol.membership_sync import checked_update
+from protocol.messages import Channel, Ping
+from protocol.head_messages import HeadNewTx
+from tests.test_head import A, B, C, KEYS, T0, open_head
+
+KEY_A = KEYS[0]
+
+MESH = "m1"
+DAVE = Hotkey.from_uri("//Dave")
+EVE = Hotkey.from_uri("//Eve")
+FOUNDING = (Member(A, frozenset({Role.VALIDATOR})), Member(B, frozenset({Role.VALIDATOR})),
+            Member(C, frozenset({Role.VALIDATOR})))
+POLICY = AdmissionPolicy(min_stake={"trainer": 10, "validator": 100, "miner": 10}, max_members=5,
+                         slash_cooldown_rounds=2, min_rounds_before_leave=2, early_leave_penalty_pct=10)
+RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY)
+PEER = "12D3KooWDaveDaveDaveDaveDaveDaveDaveDaveDave"
+
+
+def join_bytes(key=DAVE, *, stake=50, joins_before=0, roles=("trainer",), at=T0, mesh=MESH) -> bytes:
+    request = JoinRequest(mesh, PEER, ["/ip4/10.0.0.4/tcp/9000"], list(roles), stake, joins_before, at)
+    return seal_message(key, request, now_ms=at).to_gossip_bytes()
+
+
+def leave_bytes(key=DAVE, *, joins_before=1, at=T0) -> bytes:
+    return seal_message(key, LeaveRequest(MESH, joins_before, at), now_ms=at).to_gossip_bytes()
+
+
+def membership_head():
+    bus = open_head()
+    for m in bus.machines.values():
+        m.membership = RULES
+    return bus
+
+
+def submit(bus, tx) -> None:
+    bus.do(A, h.NewTx(tx, bus.now))
+    bus.flush()
+
+
+def ledger(bus) -> h.Ledger:
+    ledgers = {m.confirmed.ledger.hash() for m in bus.machines.values()}
+    assert len(ledgers) == 1, "the parties disagree"
+    return bus.machines[A].confirmed.ledger
+
+
+def admitted(bus, **join) -> h.Ledger:
+    submit(bus, mb.Admit(A, join_bytes(**join)))
+    bus.check_invariants()
+    return ledger(bus)
+
+
+# --- the rules, as plain functions -------------------------------------------------------
+
+
+def rule(request: JoinRequest, **over):
+    args = dict(mesh_id=MESH, is_member=False, joins_before=0, member_count=3, slashed_at_round=None,
+                rounds_settled=0, policy=POLICY)
+    args.update(over)
+    return admission_problem(DAVE.ss58_address, request, **args)
+
+
+def test_admission_rules_each_refusal_has_its_reason():
+    ok = JoinRequest(MESH, PEER, [], ["trainer"], 10, 0, T0)
+    assert rule(ok) is None
+    assert rule(dataclasses.replace(ok, stake=9))[0] == "stake_too_low"
+    assert rule(dataclasses.replace(ok, roles=["trainer", "validator"], stake=99))[0] == "stake_too_low"
+    assert rule(ok, member_count=5)[0] == "member_cap"
+    assert rule(ok, slashed_at_round=4, rounds_settled=5)[0] == "slashed_cooldown"
+    assert rule(ok, slashed_at_round=4, rounds_settled=6) is None  # the cool-down is over
+    assert rule(ok, joins_before=1)[0] == "stale_join"
+    assert rule(ok, is_member=True)[0] == "already_member"
+    assert rule(dataclasses.replace(ok, mesh_id="other"))[0] == "wrong_mesh"
+    assert rule(dataclasses.replace(ok, roles=["king"]))[0] == "bad_roles"
+    assert rule(dataclasses.replace(ok, addrs=["x"] * 9))[0] == "bad_addrs"
+
+
+def test_leave_penalty_only_before_the_minimum_rounds():
+    assert leave_penalty(50, admitted_at_round=3, rounds_settled=4, policy=POLICY) == 5
+    assert leave_penalty(50, admitted_at_round=3, rounds_settled=5, policy=POLICY) == 0
+
+
+def test_join_rate_limit_is_per_peer_and_refills():
+    limit = JoinRateLimit(burst=3, every_ms=10_000)
+    assert [limit.allow("p", T0) for _ in range(5)] == [True, True, True, False, False]
+    assert limit.allow("q", T0)  # another peer has its own bucket
+    assert limit.allow("p", T0 + 10_000) and not limit.allow("p", T0 + 10_000)
+
+
+# --- the records in the head ------------------------------------------------------------
+
+
+def test_admit_locks_the_stake_in_escrow_and_every_party_cosigns():
+    bus = membership_head()
+    before = ledger(bus)
+    after = admitted(bus)
+    entry = after.book.members[DAVE.ss58_address]
+    assert entry.roles == ("trainer",) and entry.stake == 50 and entry.peer_id == PEER
+    assert after.escrowed == 50 and after.deposited == before.deposited + 50
+    assert after.balances == before.balances  # escrow is outside the balances
+    assert "member_admitted" in bus.kinds(B)
+    directory = mb.LiveDirectory(FOUNDING)
+    assert directory.member(DAVE.ss58_address) is None
+    assert directory.apply(after.book) == ([DAVE.ss58_address], [])
+    assert directory.member(DAVE.ss58_address).roles == frozenset({Role.TRAINER})
+
+
+def test_leave_releases_escrow_minus_the_early_penalty():
+    bus = membership_head()
+    admitted(bus)
+    submit(bus, mb.Leave(A, leave_bytes(), penalty=5))  # no round settled since: early
+    after = ledger(bus)
+    assert DAVE.ss58_address not in after.book.members and after.escrowed == 0
+    assert after.withdrawn[DAVE.ss58_address] == 45 and after.balances[h.POOL] == 1500 + 5
+    assert "member_left" in bus.kinds(C)
+    bus.check_invariants()
+    assert not mb.LiveDirectory(FOUNDING).apply(after.book)[0]  # not a member any more
+
+
+def test_a_leave_with_the_wrong_penalty_is_not_cosigned():
+    bus = membership_head()
+    admitted(bus)
+    before = ledger(bus)
+    waived = mb.Leave(B, leave_bytes(), penalty=0)  # B would waive the early-leave penalty
+    with pytest.raises(h.HeadMisuse) as refused:
+        bus.do(B, h.NewTx(waived, bus.now))
+    assert refused.value.reason == "wrong_penalty"
+    raw = h.encode_tx(waived)
+    signature = KEYS[1].sign(h.tx_signing_payload("head-1", h.tx_id(raw)))
+    with pytest.raises(RemoteProtocolError) as theirs:  # sent anyway: the others refuse it too
+        bus.machines[A].handle(h.Receive(B, HeadNewTx("head-1", raw, signature), bus.now))
+    assert theirs.value.reason == "wrong_penalty"
+    assert ledger(bus) == before
+
+
+@pytest.mark.parametrize("label, tx, reason", [
+    ("too little stake", lambda: mb.Admit(A, join_bytes(stake=9)), "stake_too_low"),
+    ("wrong mesh", lambda: mb.Admit(A, join_bytes(mesh="other")), "wrong_mesh"),
+    ("validator stake", lambda: mb.Admit(A, join_bytes(roles=("validator",), stake=50)), "stake_too_low"),
+])
+def test_a_refused_join_changes_nothing(label, tx, reason):
+    bus = membership_head()
+    before = ledger(bus)
+    with pytest.raises(h.HeadMisuse) as refused:
+        bus.do(A, h.NewTx(tx(), bus.now))
+    assert refused.value.reason == reason, label
+    bus.flush()
+    assert ledger(bus) == before and not bus.machines[A].pending
+
+
+def test_a_join_with_a_bad_signature_is_refused():
+    doc = msgpack.unpackb(join_bytes(), raw=False)
+    doc["signature"] = "0x" + "11" * 64
+    forged = msgpack.packb(doc, use_bin_type=True)
+    bus = membership_head()
+    before = ledger(bus)
+    with pytest.raises(RemoteProtocolError) as refused:
+        h.decode_tx(h.encode_tx(mb.Admit(A, forged)))
+    assert refused.value.reason == "bad_signature"
+    with pytest.raises(RemoteProtocolError):  # a party's NewTx carrying it is refused the same
+        bus.machines[B].handle(h.Receive(A, HeadNewTx("head-1", h.encode_tx(mb.Admit(A, forged)), b"x" * 64),
+                                         bus.now))
+    assert ledger(bus) == before and not bus.machines[B].pending
+
+
+def test_a_replayed_join_is_refused_even_after_the_member_left():
+    bus = membership_head()
+    original = join_bytes()
+    submit(bus, mb.Admit(A, original))
+    with pytest.raises(h.HeadMisuse) as refused:
+        bus.do(A, h.NewTx(mb.Admit(A, original), bus.now + 1))
+    assert refused.value.reason == "already_member"
+    submit(bus, mb.Leave(A, leave_bytes(), penalty=5))
+    before = ledger(bus)
+    with pytest.raises(h.HeadMisuse) as refused:  # the same signed request, replayed later
+        bus.do(A, h.NewTx(mb.Admit(A, original), bus.now + 2))
+    assert refused.value.reason == "stale_join"
+    assert ledger(bus) == before
+    rejoin = admitted(bus, joins_before=1, at=T0 + 5)  # a fresh request is fine
+    assert rejoin.book.joins[DAVE.ss58_address] == 2
+
+
+def test_a_slashed_member_loses_its_escrow_and_waits_out_the_cooldown():
+    bus = membership_head()
+    admitted(bus)
+    submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "invalid_contribution", 0))
+    after = ledger(bus)
+    assert after.escrowed == 0 and after.balances[h.POOL] == 1500 + 50
+    assert after.book.slashed == {DAVE.ss58_address: 0}
+    bus.check_invariants()
+    with pytest.raises(h.HeadMisuse) as refused:
+        bus.do(A, h.NewTx(mb.Admit(A, join_bytes(joins_before=1, at=T0 + 9)), bus.now))
+    assert refused.value.reason == "slashed_cooldown"
+    assert ledger(bus) == after
+
+
+def test_one_membership_record_per_snapshot():
+    bus = membership_head()
+    hold = lambda sender, receiver, message: True  # noqa: E731 - keep everything in flight
+    bus.do(A, h.NewTx(mb.Admit(A, join_bytes()), bus.now))
+    bus.do(A, h.NewTx(mb.Admit(A, join_bytes(EVE)), bus.now))
+    bus.flush(keep=hold)
+    request = next(m for _, _, m in bus.in_flight if isinstance(m, h.HeadReqSn))
+    assert len(request.txs) == 1
+    bus.in_flight = []
+    second = h.encode_tx(mb.Admit(A, join_bytes(EVE)))
+    signature = KEY_A.sign(h.tx_signing_payload("head-1", h.tx_id(second)))
+    forged = dataclasses.replace(request, txs=request.txs + [second], signatures=request.signatures + [signature])
+    effects = bus.machines[B].handle(h.Receive(A, forged, bus.now))
+    assert any(isinstance(e, h.Record) and e.data.get("reason") == "one_membership_record_per_snapshot"
+               for e in effects)
+
+
+def test_value_is_conserved_through_fanout_with_escrow_back():
+    bus = membership_head()
+    admitted(bus)
+    payouts = h.final_payouts(ledger(bus), {A: 90, B: 90, C: 90}, [])
+    assert payouts[DAVE.ss58_address] == 50
+
+
+def test_ledger_without_records_hashes_as_before():
+    bus = open_head()
+    wire = ledger(bus).to_wire()
+    assert "members" not in wire and h.Ledger.from_wire(wire) == ledger(bus)
+    with pytest.raises(RemoteProtocolError):  # an empty book is never written
+        h.Ledger.from_wire({**wire, "members": mb.EMPTY_BOOK.to_wire()})
+
+
+# --- every node follows the head ---------------------------------------------------------
+
+
+def test_a_fully_signed_snapshot_updates_any_node_and_a_forged_one_does_not():
+    bus = membership_head()
+    admitted(bus)
+    snapshot = bus.machines[A].confirmed
+    update = MembershipUpdate("head-1", snapshot.encode())
+    got = checked_update(update, (A, B, C), current_head=None, current_number=0)
+    assert DAVE.ss58_address in got.ledger.book.members
+    with pytest.raises(RemoteProtocolError) as stale:
+        checked_update(update, (A, B, C), current_head="head-1", current_number=snapshot.number)
+    assert stale.value.reason == "stale_update"
+    unsigned = dataclasses.replace(snapshot, signatures={A: snapshot.signatures[A]})
+    with pytest.raises(RemoteProtocolError) as forged:
+        checked_update(MembershipUpdate("head-1", unsigned.encode()), (A, B, C), current_head=None,
+                       current_number=0)
+    assert forged.value.reason == "not_fully_signed"
+    tampered = dataclasses.replace(snapshot, ledger=dataclasses.replace(snapshot.ledger, book=mb.EMPTY_BOOK))
+    with pytest.raises(RemoteProtocolError) as bad:
+        checked_update(MembershipUpdate("head-1", tampered.encode()), (A, B, C), current_head=None,
+                       current_number=0)
+    assert bad.value.reason == "bad_snapshot_signature"
+
+
+# --- the gossip pipeline: strangers ------------------------------------------------------
+
+
+def verifier_of(directory) -> EnvelopeVerifier:
+    return EnvelopeVerifier(directory, A)
+
+
+def test_a_join_request_is_the_one_message_a_stranger_may_send():
+    verifier = verifier_of(mb.LiveDirectory(FOUNDING))
+    now = T0
+    joined = open_gossip(join_bytes(at=now), channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=now,
+                         max_bytes=65536, from_peer=PEER, mesh_id=MESH)
+    assert isinstance(joined.message, JoinRequest) and joined.member.roles == frozenset()
+    ping = seal_message(DAVE, Ping(1, now), now_ms=now).to_gossip_bytes()
+    with pytest.raises(RemoteProtocolError) as refused:
+        open_gossip(ping, channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=now, max_bytes=65536,
+                    from_peer=PEER, mesh_id=MESH)
+    # IGNOREd, never charged to the relay: its neighbour may already have it as a member
+    assert refused.value.reason == "unknown_signer" and not forwarder_is_at_fault("unknown_signer")
+    with pytest.raises(RemoteProtocolError) as bound:  # it must come from the peer it names
+        open_gossip(join_bytes(at=now + 1), channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=now,
+                    max_bytes=65536, from_peer="12D3KooWSomeoneElse", mesh_id=MESH)
+    assert bound.value.reason == "peer_binding"
+
+
+def test_a_flood_of_join_requests_from_one_peer_is_rate_limited_and_not_charged():
+    verifier = verifier_of(mb.LiveDirectory(FOUNDING))
+    limit = JoinRateLimit(burst=3, every_ms=10_000)
+    reasons = []
+    for i in range(10):
+        try:
+            open_gossip(join_bytes(at=T0 + i), channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=T0 + i,
+                        max_bytes=65536, from_peer=PEER, mesh_id=MESH, join_limit=limit)
+            reasons.append("ok")
+        except RemoteProtocolError as exc:
+            reasons.append(exc.reason)
+    assert reasons == ["ok"] * 3 + ["join_rate_limited"] * 7
+    assert not forwarder_is_at_fault("join_rate_limited")
+
+
+def test_the_directory_admits_a_member_without_a_restart():
+    directory = mb.LiveDirectory(FOUNDING)
+    verifier = verifier_of(directory)
+    bus = membership_head()
+    directory.apply(admitted(bus).book)
+    ping = seal_message(DAVE, Ping(1, T0), now_ms=T0).to_gossip_bytes()
+    verified = open_gossip(ping, channel=Channel.MEMBERSHIP, verifier=verifier, now_ms=T0, max_bytes=65536,
+                           from_peer=PEER, mesh_id=MESH)
+    assert verified.member.hotkey == DAVE.ss58_address
+
+
+# --- the node's side: a validator judging requests, counted in /metrics -------------------
+
+
+def test_a_validator_counts_each_refused_join_in_metrics_and_records_only_a_good_one(tmp_path):
+    import types
+
+    import trio
+
+    from node.membership import LiveGenesis, MembershipService
+    from node.metrics import NodeMetrics
+    from node.registry.genesis import Genesis
+    from tests.nodes import rejected_metric
+
+    bus = membership_head()
+    machine = bus.machines[A]
+    submitted = []
+
+    async def submit_tx(tx):
+        submitted.append(tx)
+        bus.do(A, h.NewTx(tx, bus.now))
+        bus.flush()
+        return True
+
+    settlement = types.SimpleNamespace(head=types.SimpleNamespace(machine=machine), is_author=lambda: True,
+                                       submit_tx=submit_tx)
+    metrics = NodeMetrics()
+    genesis = LiveGenesis(Genesis(MESH, FOUNDING))
+    settings = types.SimpleNamespace(data_dir=tmp_path, join=False, stake=0, role=Role.VALIDATOR)
+    service = MembershipService(settings, KEY_A, genesis, metrics=metrics, publish=lambda m: None,
+                                services=lambda: {"settlement": settlement}, peer_id=lambda: "", addrs=lambda: [])
+    service.rules = RULES
+
+    doc = msgpack.unpackb(join_bytes(at=T0 + 1), raw=False)
+    doc["signature"] = "0x" + "11" * 64
+    attacks = {"stake_too_low": join_bytes(stake=9), "bad_signature": msgpack.packb(doc, use_bin_type=True),
+               "wrong_mesh": join_bytes(mesh="other")}
+
+    async def feed(raw):
+        try:
+            await service._on_request(DAVE.ss58_address, JoinRequest(MESH, PEER, [], ["trainer"], 1, 0, T0), raw)
+        except RemoteProtocolError as exc:
+            service._count(exc.reason)
+
+    async def main():
+        for raw in attacks.values():
+            await feed(raw)
+        assert not submitted and ledger(bus).book == mb.EMPTY_BOOK  # no state change
+        good = join_bytes()
+        await feed(good)
+        assert len(submitted) == 1 and DAVE.ss58_address in ledger(bus).book.members
+        await feed(good)  # replayed after admission
+        submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "sabotage", 0))
+        await feed(join_bytes(joins_before=1, at=T0 + 7))  # slashed, inside the cool-down
+        assert len(submitted) == 1
+
+    trio.run(main)
+    text = metrics.render().decode()
+    for reason in [*attacks, "already_member", "slashed_cooldown"]:
+        assert rejected_metric(text, "membership", reason) == 1, reason
+    assert service.status()["refused"]["stake_too_low"] == 1
