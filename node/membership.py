@@ -30,6 +30,7 @@ import trio
 
 from protocol import head as h
 from protocol import member_book as mb
+from protocol._wire import unpack_strict
 from protocol.admission import AdmissionPolicy, JoinRequest, LeaveRequest, MembershipUpdate, leave_penalty
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
@@ -102,10 +103,10 @@ def load_persisted(data_dir: Path, parties: tuple[str, ...]) -> tuple[str, h.Sna
     if not path.exists():
         return None
     try:
-        doc = msgpack.unpackb(path.read_bytes(), raw=False)
+        doc = unpack_strict(path.read_bytes())  # its snapshot came from peers: read strictly
         update = MembershipUpdate(doc["head_id"], doc["snapshot"])
         return update.head_id, checked_update(update, parties, current_head=None, current_number=0)
-    except (ValueError, KeyError, TypeError, RemoteProtocolError) as exc:
+    except (ValueError, KeyError, TypeError, RemoteProtocolError, msgpack.UnpackException) as exc:
         log.warning("membership: ignoring %s: %s", path, exc)
         return None
 

@@ -11,6 +11,18 @@ from pathlib import Path
 from node.testnet import NodeProcess, _spawn, _stop_all
 
 
+def wait_for(what: str, predicate, timeout_s: float, every_s: float = 2.0):
+    """predicate()'s first truthy value, polled every `every_s`; AssertionError naming
+    `what` when none came within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
 def wait_ready(node: NodeProcess, timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -24,7 +24,7 @@ import pytest
 from node.registry.genesis import load_genesis, write_genesis
 from node.roles.rounds import RoundConfig, write_round_config
 from node.testnet import TestnetPlan, _spawn, _stop_all, prepare
-from tests.nodes import http_get, wait_ready
+from tests.nodes import http_get, wait_for, wait_ready
 
 SEALMESH = [sys.executable, "-m", "node.cli"]
 
@@ -41,16 +41,6 @@ def status(node) -> dict:
 def final_rounds(validator) -> list[dict]:
     rounds = status(validator).get("sections", {}).get("training", {}).get("rounds", [])
     return [r for r in rounds if r.get("phase") == "final"]
-
-
-def wait_for(what: str, predicate, timeout_s: float, every_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def mesh_with_a_stranger(root: Path):

@@ -385,3 +385,19 @@ def test_a_validator_counts_each_refused_join_in_metrics_and_records_only_a_good
     for reason in [*attacks, "already_member", "slashed_cooldown"]:
         assert rejected_metric(text, "membership", reason) == 1, reason
     assert service.status()["refused"]["stake_too_low"] == 1
+
+
+def test_a_kept_snapshot_file_that_is_garbage_or_not_strict_is_ignored(tmp_path):
+    """DATA_DIR/membership.snapshot holds a snapshot that came from peers: read strictly,
+    and a bad one is ignored (the node follows the head again), never trusted or fatal."""
+    import msgpack
+
+    from node.membership import SNAPSHOT_FILE, load_persisted
+
+    path = tmp_path / SNAPSHOT_FILE
+    assert load_persisted(tmp_path, ("5Fake",)) is None  # none kept yet
+    for raw in (b"\xc1 not msgpack", msgpack.packb({"head_id": "h", "snapshot": b"x"}) + b"\xc0",
+                msgpack.packb({"head_id": "h", "snapshot": b"x", "head_id2": msgpack.ExtType(1, b"")}),
+                msgpack.packb({"head_id": "h", "snapshot": b"not a snapshot"})):
+        path.write_bytes(raw)
+        assert load_persisted(tmp_path, ("5Fake",)) is None

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests import netns
+from tests.nodes import wait_for
 
 SEALMESH = str(Path(sys.executable).with_name("sealmesh"))
 VALIDATORS, TRAINERS = ["v1", "v2", "v3"], ["t1", "t2"]
@@ -67,16 +68,6 @@ def node_status(lan: netns.Lan, name: str, data_dir: Path) -> dict:
 
 def rounds_of(status: dict) -> list[dict]:
     return status.get("sections", {}).get("training", {}).get("rounds", [])
-
-
-def wait_for(what: str, predicate, timeout_s: float, every_s: float = 3.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def tree_bytes(path: Path) -> int:
