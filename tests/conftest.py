@@ -1,3 +1,4 @@
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# A segfault in a native library (libp2p's crypto, Concrete, torch) kills the whole run
+# with one line from make. Python's fault handler then prints every thread's stack, on a
+# duplicate of stdout (kept open for the run: the handler writes to its fd at crash time),
+# since stdout is what CI shows and pytest captures sys.stderr.
+_FAULT_OUT = os.fdopen(os.dup(1), "w")
+faulthandler.enable(file=_FAULT_OUT, all_threads=True)
 
 
 def pytest_collection_modifyitems(config, items):
