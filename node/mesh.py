@@ -511,6 +511,11 @@ class Mesh:
         if self._is_banned(target):
             raise MeshRequestError(f"peer {target} is blacklisted")
         relay_id = ID.from_base58(relay_addr.get_peer_id())
+        # An explicit relayed address is news (a relay that was down is back, a member
+        # announced a new reservation): the swarm's 60 s memory of a failed dial to the
+        # relay or the target must not refuse it.
+        self._unblock(relay_id)
+        self._unblock(target)
         with trio.fail_after(self.config.dial_timeout_s):
             if not self._host.get_network().get_connections(relay_id):
                 await self._host.connect(info_from_p2p_addr(relay_addr))

@@ -3,6 +3,8 @@ reservation and the (max+1)-th circuit to a reserved peer, and cuts a circuit ov
 data or duration limit; each with its reason counted in the relay's stream stats
 (/status mesh_stats `relay_refused_by_reason.*`, /metrics) and logged (node/relay_limits.py).
 
+Also: a relayed dial is not refused by the swarm's memory of an earlier failed dial.
+
 Real meshes on loopback in one process, hole punching off (DCUtR would replace the
 circuits with direct connections). No namespaces: reachability plays no part here.
 """
@@ -14,6 +16,7 @@ import hashlib
 
 import pytest
 import trio
+from libp2p.peer.id import ID
 
 from node.mesh import Mesh, MeshConfig, MeshRequestError
 
@@ -115,3 +118,23 @@ def test_a_circuit_over_its_duration_limit_is_cut():
 
 def _sha(data: bytes) -> bytes:
     return hashlib.sha256(data).hexdigest().encode()
+
+
+def test_a_relayed_dial_is_not_refused_for_an_earlier_failure():
+    """A relay restart once made `connect <relayed addr>` fail at once with "recently failed
+    all addresses (negative cache)": the dialler's bootstrap redial had failed while the
+    relay was down, and py-libp2p refuses a peer for 60 s after that."""
+
+    async def main() -> None:
+        async with meshes(2) as (relay, (home, pub)):
+            relayed = await home.reserve_relay(relay.listen_addrs[0])
+            relay_id = relay.listen_addrs[0].rsplit("/p2p/", 1)[1]
+            swarm = pub._host.get_network()
+            for conn in list(swarm.get_connections(ID.from_base58(relay_id))):
+                await conn.close()  # as if the relay had gone, and the redial failed:
+            swarm._negative_peer_cache.mark_failed(relay_id)
+            swarm._negative_peer_cache.mark_failed(home.peer_id)
+            await pub.connect(relayed)
+            assert pub.connection_kinds()[home.peer_id] == "relayed"
+
+    trio.run(main)
