@@ -15,6 +15,7 @@ the top of a module.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,16 +83,18 @@ def private_owner(module: str) -> str | None:
     return None
 
 
-def sources(root: Path) -> list[Path]:
-    return [p for tree in TREES if (root / tree).is_dir() for p in sorted((root / tree).rglob("*.py"))]
+@functools.lru_cache(maxsize=8)  # the tree is read once for all the checks
+def import_graph(root: Path) -> dict[str, frozenset[str]]:
+    """Every module of the trees under `root` and the modules it imports."""
+    paths = [p for tree in TREES if (root / tree).is_dir() for p in sorted((root / tree).rglob("*.py"))]
+    return {module_name(path, root): frozenset(imports_of(path, root)) for path in paths}
 
 
 def private_imports(root: Path) -> set[tuple[str, str]]:
     """(importer, module) for each import of an underscore module from outside its package."""
     bad = set()
-    for path in sources(root):
-        importer = module_name(path, root)
-        for module in imports_of(path, root):
+    for importer, modules in import_graph(root).items():
+        for module in modules:
             owner = private_owner(module)
             if owner is not None and importer != owner and not importer.startswith(owner + "."):
                 bad.add((importer, module))
@@ -99,24 +102,15 @@ def private_imports(root: Path) -> set[tuple[str, str]]:
 
 
 def node_imports_below_node(root: Path) -> set[tuple[str, str]]:
-    bad = set()
-    for tree in BELOW_NODE:
-        for path in sorted((root / tree).rglob("*.py")) if (root / tree).is_dir() else []:
-            importer = module_name(path, root)
-            bad.update((importer, m) for m in imports_of(path, root) if m.split(".")[0] == "node")
-    return bad
+    return {(importer, module) for importer, modules in import_graph(root).items()
+            if importer.split(".")[0] in BELOW_NODE for module in modules if module.split(".")[0] == "node"}
 
 
 def cycles_inside(package: str, root: Path) -> list[list[str]]:
     """Import cycles among the modules of `package` (its __init__ left out: it only
     re-exports, and every module of the package is imported through it)."""
-    folder = root.joinpath(*package.split("."))
-    graph = {}
-    for path in sorted(folder.glob("*.py")):
-        if path.name == "__init__.py":
-            continue
-        name = module_name(path, root)
-        graph[name] = {m for m in imports_of(path, root) if m.rpartition(".")[0] == package and m != package}
+    graph = {name: {m for m in modules if m.rpartition(".")[0] == package}
+             for name, modules in import_graph(root).items() if name.rpartition(".")[0] == package}
     found, done = [], set()
 
     def visit(module: str, trail: list[str]) -> None:
