@@ -1,4 +1,4 @@
-"""Mesh messages of the secure-aggregation round (protocol/aggregation.py); registered with protocol.messages on import.
+"""Mesh messages of the secure-aggregation round (protocol/aggregation/); registered with protocol.messages on import.
 
 All of them travel on Channel.TRAIN. Big data never does: a contribution, an aggregate,
 a partial-decryption batch and an adapter are blobs named by the sha256 of their bytes

@@ -1,4 +1,4 @@
-"""Mesh messages of the settlement head (protocol/head.py); registered with protocol.messages on import.
+"""Mesh messages of the settlement head (protocol/head/); registered with protocol.messages on import.
 
 One message per TLA+ action that another party must see (specs/Head.tla). Every one
 travels on the settle channel and only validators, the head's parties, may send it;

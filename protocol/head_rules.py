@@ -2,7 +2,7 @@
 
 Who may author a RoundResult or ScoreReport, which ids may be settled, and what each
 one pays are decided here, from the head's agreed parameters and the party's own view
-of the round or epoch. protocol/head.py asks these functions before it co-signs; the
+of the round or epoch. protocol/head/ asks these functions before it co-signs; the
 node uses the same reward functions to author, so author and co-signers compute alike.
 
 Issue 11, finding 2: without these rules one party could author results for rounds

@@ -1,5 +1,5 @@
 """How a node that is not a head party learns the membership: from a fully signed
-snapshot (protocol/head.py) that a validator publishes in a MembershipUpdate.
+snapshot (protocol/head/) that a validator publishes in a MembershipUpdate.
 
 A snapshot that every party of the head signed is authoritative for everyone (the head's
 own rule for Sync), so any node can check one with the parties' hotkeys alone: the

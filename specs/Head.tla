@@ -5,7 +5,7 @@
 (* lifecycle hydra-node exposes: Idle -> Initializing -> Open -> Closed ->  *)
 (* FanoutPossible -> Final.                                                 *)
 (*                                                                          *)
-(* protocol/head.py implements it: a local command or a received message   *)
+(* protocol/head/ implements it: a local command or a received message     *)
 (* there is the action of the same name here (OnX is the handler _on_x of  *)
 (* a received message), and the invariants at the end have the same names *)
 (* as the Python functions that tests/test_head_explore.py checks in every *)
@@ -159,7 +159,7 @@ ByTheRule(t) ==
 SeenBy(p, t) == ~IsRound(t) \/ txPool[t].round \in observed[p]
 AllByTheRule(s) == \A i \in 1..Len(s) : ByTheRule(s[i])
 AllSeenBy(p, s) == \A i \in 1..Len(s) : SeenBy(p, s[i])
-\* The ledger counts settlements, as protocol/head.py does; each was in range, as every
+\* The ledger counts settlements, as protocol/head/_ledger.py does; each was in range, as every
 \* party checked before signing (RewardsOnlyByRule).
 SettledAgreed(l) == l.settled
 
@@ -686,7 +686,7 @@ Next ==
 Spec == Init /\ [][Next]_vars
 
 ----------------------------------------------------------------------------
-(* Invariants; protocol/head.py has a function of each name.                *)
+(* Invariants; protocol/head/_invariants.py has a function of each name.    *)
 
 TypeOK ==
     /\ phase \in [Parties -> Phases]

@@ -1,6 +1,6 @@
 -------------------------- MODULE SecureAggregation --------------------------
 (***************************************************************************)
-(* Secure-aggregation rounds: protocol/aggregation.py.                     *)
+(* Secure-aggregation rounds: the package protocol/aggregation/.           *)
 (*                                                                         *)
 (* Each action is a method of a Python machine under the same name in      *)
 (* snake_case (OpenRound = ValidatorRound.open_round, JoinRound =          *)
@@ -22,7 +22,7 @@
 (* joins one RoundOpen, so one suffices). The minimum that protects a      *)
 (* trainer is the mesh's, MeshMinContributors, a constant of the           *)
 (* configuration; a node joins only an Acceptable RoundOpen: the Opener's, *)
-(* with the mesh's minimum (protocol/aggregation.py round_open_refusal).   *)
+(* with the mesh's minimum (protocol/aggregation round_open_refusal).      *)
 (* Round ids, hyper-parameters and deadlines are checked there too; the    *)
 (* model has one round at a time, so they are not modelled.                *)
 (* Python publishes a set below the minimum inside CloseCollection or      *)

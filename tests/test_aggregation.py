@@ -1,4 +1,4 @@
-"""The secure-aggregation round machines, driven event by event (protocol/aggregation.py)."""
+"""The secure-aggregation round machines, driven event by event (protocol/aggregation/)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from protocol import messages as m
 from protocol.aggregation import Phase, CommitteePhase, TrainerPhase
 from protocol.aggregation_messages import (
     MAX_COMMITTEE, MAX_HYPERPARAMETERS, MAX_NAME_CHARS, MAX_ROUND_CONTRIBUTORS, MAX_STATS,
-    MAX_VALIDATORS, AcceptedSet, Contribution, ContributionVerdict, PartialDecryption, RoundAborted,
-    RoundFinal, RoundOpen,
+    MAX_VALIDATORS, AcceptedSet, BlameRequest, Contribution, ContributionVerdict, PartialDecryption,
+    RoundAborted, RoundFinal, RoundOpen, SlotProof,
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.inbound import open_gossip, seal_message
@@ -721,18 +721,18 @@ def _overflowing_round():
 def test_finding5_an_overflow_names_who_fails_or_stays_silent_and_no_one_else():
     ro, v, own = _overflowing_round()
     effects = v.slot_overflow(0, 3, False, now_ms=15_000, blame_ms=5_000)
-    (request,) = sent(effects, agg.BlameRequest)
+    (request,) = sent(effects, BlameRequest)
     assert v.phase is Phase.BLAME and (request.plaintext_index, request.slot, request.top) == (0, 3, False)
     assert of(effects, agg.SetTimer) == [agg.SetTimer("blame_deadline", 20_000)]
     assert v.final_deadline(now_ms=20_000) == [] and v.phase is Phase.BLAME  # the blame deadline ends it
-    answer = lambda t: agg.SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h(f"proof:{t}"))  # noqa: E731
+    answer = lambda t: SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h(f"proof:{t}"))  # noqa: E731
     (verify,) = of(v.receive_slot_proof(T1, answer(T1)), agg.VerifySlotProofBlob)
     assert verify.contribution_blob_id == h(f"blob:{T1}") and verify.position == agg.BlamePosition(0, 3, False)
     v.receive_slot_proof(T2, answer(T2))
-    other = agg.SlotProof(ro.round_id, own.aggregate_id, 1, 3, False, h("proof:other"))
+    other = SlotProof(ro.round_id, own.aggregate_id, 1, 3, False, h("proof:other"))
     assert v.receive_slot_proof(T3, other) == []  # an answer to another position is not ours
     with pytest.raises(RemoteProtocolError, match="second_slot_proof|different"):
-        v.receive_slot_proof(T2, agg.SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h("again")))
+        v.receive_slot_proof(T2, SlotProof(ro.round_id, own.aggregate_id, 0, 3, False, h("again")))
     assert v.verify_slot_proof(T1, valid=True) == []
     assert v.verify_slot_proof(T2, valid=False, reason="bad_slot_proof") == []
     assert v.blame_deadline(now_ms=20_000)
@@ -755,7 +755,7 @@ def test_finding5_a_trainer_answers_a_blame_only_from_a_round_validator_for_its_
     ro = make_open()
     t = agg.TrainerRound(T1)
     join(t, ro)
-    request = agg.BlameRequest(ro.round_id, h("agg"), 0, 3, False)
+    request = BlameRequest(ro.round_id, h("agg"), 0, 3, False)
     with pytest.raises(RemoteProtocolError, match="not_a_contributor|did not contribute"):
         t.receive_blame_request(V1, request)
     t.contribute(h("mine"), ciphertext_count=ro.ciphertexts_per_contribution, size_bytes=4096, now_ms=1_000)
@@ -763,15 +763,15 @@ def test_finding5_a_trainer_answers_a_blame_only_from_a_round_validator_for_its_
         t.receive_blame_request("someone", request)
     assert info.value.reason == "not_a_round_validator"
     with pytest.raises(RemoteProtocolError) as info:
-        t.receive_blame_request(V1, agg.BlameRequest(ro.round_id, h("agg"), ro.ciphertexts_per_contribution, 0, False))
+        t.receive_blame_request(V1, BlameRequest(ro.round_id, h("agg"), ro.ciphertexts_per_contribution, 0, False))
     assert info.value.reason == "bad_blame_position"
     (prove,) = of(t.receive_blame_request(V1, request), agg.ProveSlots)
     assert prove.position == agg.BlamePosition(0, 3, False) and t.resume_effects() == [prove]
-    (answer,) = sent(t.slot_proved(prove.position, h("proof")), agg.SlotProof)
+    (answer,) = sent(t.slot_proved(prove.position, h("proof")), SlotProof)
     assert answer.proof_blob_id == h("proof") and answer.aggregate_id == h("agg")
-    assert sent(t.receive_blame_request(V2, request), agg.SlotProof) == [answer]  # proven once, re-sent
+    assert sent(t.receive_blame_request(V2, request), SlotProof) == [answer]  # proven once, re-sent
     with pytest.raises(RemoteProtocolError) as info:  # each validator gets one position per round
-        t.receive_blame_request(V1, agg.BlameRequest(ro.round_id, h("agg"), 1, 3, False))
+        t.receive_blame_request(V1, BlameRequest(ro.round_id, h("agg"), 1, 3, False))
     assert info.value.reason == "second_blame_position"
     again = agg.TrainerRound.from_state(msgpack.unpackb(msgpack.packb(t.to_state()), raw=False))
     assert again.to_state() == t.to_state()

@@ -13,8 +13,8 @@ spec's variables (`spec_state`), and the check is:
   action of the spec: CloseCollection publishes a set below the minimum at once, and a
   recomputed aggregate checks the partials buffered before it, ReceivePartial).
 
-The mutation test runs the same check on a copy of protocol/aggregation.py with one
-guard changed (a member no longer aborts when agreement has become impossible): the
+The mutation test runs the same check on a copy of the protocol/aggregation package with
+one guard changed (a member no longer aborts when agreement has become impossible): the
 explorer's invariants still hold, and the check names the states the spec never has.
 """
 
@@ -327,7 +327,7 @@ def graph() -> SpecGraph:
 def test_every_python_transition_is_a_step_of_the_spec(graph, capsys):
     result = check(graph, configured_explorer())
     with capsys.disabled():
-        print("\n" + report("protocol/aggregation.py", graph, result))
+        print("\n" + report("protocol/aggregation/", graph, result))
         print("  one-step events by spec action:", dict(sorted(result.actions.items())))
     assert result.initial_ok, "the explorer's first world is not the spec's initial state"
     assert not result.outside, [(label, s) for label, s in result.outside[:3]]
@@ -347,16 +347,26 @@ MUTATED = "return []"
 
 
 def mutant_aggregation() -> types.ModuleType:
-    source = (ROOT / "protocol" / "aggregation.py").read_text()
-    assert source.count(GUARD) == 1, "the guard the mutation test changes moved: update GUARD"
+    """A copy of the protocol/aggregation package, imported under another name, with GUARD
+    changed in the one module that holds it (the package's own imports point at the copy)."""
+    sources = {path.name: path.read_text() for path in sorted((ROOT / "protocol" / "aggregation").glob("*.py"))}
+    assert sum(text.count(GUARD) for text in sources.values()) == 1, \
+        "the guard the mutation test changes moved: update GUARD"
     name = "protocol._aggregation_mutant"
-    module = types.ModuleType(name)
-    module.__file__ = str(ROOT / "protocol" / "aggregation.py")
-    sys.modules[name] = module  # dataclasses look their module up
-    try:
-        exec(compile(source.replace(GUARD, MUTATED), module.__file__, "exec"), module.__dict__)
-    finally:
-        del sys.modules[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "_aggregation_mutant"
+        folder.mkdir()
+        for filename, text in sources.items():
+            (folder / filename).write_text(text.replace(GUARD, MUTATED).replace("protocol.aggregation.", name + "."))
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its modules import each other, and dataclasses look their module up
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+                del sys.modules[loaded]
     return module
 
 

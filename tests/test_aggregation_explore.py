@@ -1,4 +1,4 @@
-"""Exhaustive exploration of the secure-aggregation machines (protocol/aggregation.py).
+"""Exhaustive exploration of the secure-aggregation machines (protocol/aggregation/).
 
 A breadth-first search, with state hashing, over every interleaving of a small mesh:
 3 trainers (t3 cheats: its proof does not verify), 2 validators, a committee of 3 with

@@ -13,6 +13,7 @@ import pytest
 
 from crypto.identity import Hotkey
 from protocol import head as h
+from protocol import head_rules as rules
 from protocol import messages as wire
 from protocol.errors import RemoteProtocolError
 from protocol.head_messages import (HeadAckSn, HeadClose, HeadContest, HeadDeposit, HeadNewTx,
@@ -111,7 +112,7 @@ def open_head(agreed_rounds: int = 0, **overrides) -> Bus:
 
 def round_result(number: int, author: str = A, rewards: dict[str, int] | None = None) -> h.RoundResult:
     """Round `number` as rank 0 (A) authors it: contributors A and C, rewards by the rule."""
-    rule = h.rules.round_rewards([A, C], ROUND_REWARD)
+    rule = rules.round_rewards([A, C], ROUND_REWARD)
     return h.RoundResult(author, number, f"adapter-{number}", [A, C], rule if rewards is None else rewards)
 
 

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from protocol import head as h
+from protocol import head_rules as rules
 from protocol.head_messages import HeadAckSn, HeadClose, HeadDeposit, HeadNewTx, HeadReqSn
 from tests.test_head import A, B, C, ESCROW, KEYS, ROUND_REWARD, Bus, open_head, round_result
 
@@ -69,7 +70,7 @@ def test_finding2_fake_rounds_paying_their_author_are_not_cosigned():
     # 3. In range but not B's to author, or not by the rule: refused with those reasons.
     bus.rejected.clear()
     bus.records = {p: [] for p in bus.records}
-    by_b = signed(B, h.RoundResult(B, 0, "adapter-0", [A, C], h.rules.round_rewards([A, C], ROUND_REWARD)))
+    by_b = signed(B, h.RoundResult(B, 0, "adapter-0", [A, C], rules.round_rewards([A, C], ROUND_REWARD)))
     greedy = signed(A, h.RoundResult(A, 0, "adapter-0", [A, C], {A: ROUND_REWARD}))
     for raw, sig in (by_b, greedy):
         bus.inject(B, hand_made_request(bus, B, [(raw, sig)]))
@@ -125,8 +126,8 @@ def test_finding2_the_scheduled_author_cannot_invent_or_alter_a_round():
 
 
 def test_finding2_the_early_close_rule_counts_only_agreed_rounds():
-    assert h.rules.settled_agreed_rounds((0, 10**9, 10**9 + 1), round_limit=2) == 1
-    assert h.rules.settled_agreed_rounds((0, 1), round_limit=2) == 2
+    assert rules.settled_agreed_rounds((0, 10**9, 10**9 + 1), round_limit=2) == 1
+    assert rules.settled_agreed_rounds((0, 1), round_limit=2) == 2
 
 
 # --- the same attack against the real settlement services --------------------------------

@@ -31,7 +31,7 @@ from node.registry.genesis import Genesis
 from node.roles import rounds
 from node.roles.trainer import TrainerService
 from protocol import aggregation as agg
-from protocol.aggregation_messages import AcceptedSet, Contribution, RoundOpen, SlotProof
+from protocol.aggregation_messages import AcceptedSet, Contribution, PartialDecryption, RoundOpen, SlotProof
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
 
@@ -357,7 +357,7 @@ def test_finding7_an_incomplete_partial_names_its_member_and_live_members_cover_
                 share, total[blocks[attackers_own[0]].start:blocks[attackers_own[0]].stop], context(attackers_own[0]),
                 workers=1)}
             blob_id = store.put(cm.encode_partial_blob(public, share.index, agreed.aggregate_id, partial))
-            await wire.publish(attacker, agg.PartialDecryption(0, agreed.aggregate_id, blob_id))
+            await wire.publish(attacker, PartialDecryption(0, agreed.aggregate_id, blob_id))
             await _until(lambda: all(n.slots[0].validator.bad_partials for n in nodes), "the attacker named")
             await _until(lambda: all(n.slots[0].validator.covers_valid == set(honest) for n in nodes),
                          "both covers verified", timeout_s=90)

@@ -1,7 +1,7 @@
 """Settlement role: validators co-sign round results and miner scores on a head.
 
 Runs on every validator, over the settle channel. Backend "embedded" (default) is the
-validators' own multi-signed head (protocol/head.py in node/settlement/embedded.py);
+validators' own multi-signed head (protocol/head/ in node/settlement/embedded.py);
 backend "hydra" drives a hydra-node (HydraSettlementService below). Lifecycle of the
 embedded head, as this service drives it (docs/settlement.md, "Running it"):
 

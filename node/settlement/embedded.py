@@ -1,4 +1,4 @@
-"""The embedded settlement backend: the head machine (protocol/head.py) kept in SQLite.
+"""The embedded settlement backend: the head machine (protocol/head/) kept in SQLite.
 
 Every event is applied inside one SQLite transaction that stores the machine's new
 state, the messages it wants sent (an outbox), its records and its timers. Only after
