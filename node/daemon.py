@@ -197,8 +197,12 @@ class Node:
     def _gossip_validator(self, channel: Channel):
         return gossip_validator(channel, self.verifier, mesh_id=self.genesis.mesh_id,
                                 max_bytes=self.mesh.config.max_gossip_bytes,
-                                on_reject=lambda reason: self.metrics.reject("gossip", reason),
-                                join_limit=self.join_limit)
+                                on_reject=self._on_gossip_reject, join_limit=self.join_limit)
+
+    def _on_gossip_reject(self, reason: str) -> None:
+        self.metrics.reject("gossip", reason)
+        if reason == "unknown_signer":  # perhaps registered on the chain since the last read
+            self.membership.stranger_spoke()
 
     async def _consume(self, channel: Channel, receive) -> None:
         async for gossip in receive:

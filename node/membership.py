@@ -144,6 +144,7 @@ class MembershipService:
         self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, bytes]](256)
         self._published_number = -1
         self._published_at = 0.0
+        self.registry: Any = None  # a RegistryRefresher with --network/--netuid
         if self.genesis.directory.member(self.me) is not None:
             self.admitted.set()
 
@@ -156,6 +157,13 @@ class MembershipService:
             self._send.send_nowait((sender, message, raw))
         except trio.WouldBlock:
             self._count("inbox_full")
+
+    def stranger_spoke(self) -> None:
+        """A message from a hotkey not in the directory was IGNOREd (unknown_signer): with
+        a chain registry, it may have registered since the last read, so read early
+        (rate-limited: node/registry/refresh.py). A genesis file has nothing to re-read."""
+        if self.registry is not None:
+            self.registry.nudge()
 
     # -- running -----------------------------------------------------------------------
 
@@ -172,11 +180,12 @@ class MembershipService:
                 nursery.start_soon(self._join_loop)
             if getattr(self.settings, "network", None) is not None and self.settings.netuid is not None:
                 from node.registry.metagraph import load_metagraph_directory
-                from node.registry.refresh import keep_registry
+                from node.registry.refresh import RegistryRefresher
                 network, netuid = self.settings.network, self.settings.netuid
-                nursery.start_soon(lambda: keep_registry(
+                self.registry = RegistryRefresher(
                     self.genesis.directory, lambda: load_metagraph_directory(network, netuid),
-                    on_change=lambda added, removed: self.report()))
+                    on_change=lambda added, removed: self.report())
+                nursery.start_soon(self.registry.run)
 
     async def _inbox_loop(self) -> None:
         async for sender, message, raw in self._inbox:
