@@ -25,6 +25,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_gossip, seal_message
 from protocol.membership import Member, Role
 from protocol.messages import Channel, Ping, encode
+from protocol.offences import OffenceViews
 from tests.test_head import A, B, C, T0
 
 MESH = "m1"
@@ -34,8 +35,11 @@ FOUNDING = tuple(Member(p, frozenset({Role.VALIDATOR})) for p in (A, B, C))
 STAKES = (1, 2)
 POLICY = AdmissionPolicy(min_stake={"trainer": 2, "validator": 2, "miner": 2}, max_members=4,
                          slash_cooldown_rounds=1, min_rounds_before_leave=1, early_leave_penalty_pct=50)
-RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY)
 MAX_ROUNDS, MAX_JOINS = 2, 1
+# Every validator's rounds named the stranger in every round (NameOffender in the spec):
+# a slash is then enabled whenever it is a member; one on other grounds never is.
+RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY, offences=OffenceViews(
+    {r: {D: "invalid_contribution"} for r in range(MAX_ROUNDS + 1)}))
 PEER = "12D3KooWDaveDaveDaveDaveDaveDaveDaveDaveDave"
 _signed: dict[tuple, bytes] = {}
 
@@ -82,7 +86,8 @@ def successors(state):
         after = apply(ledger, mb.Leave(A, signed("leave", 0, joins), penalty))
         assert after is not None, "a member's own leave is refused"
         out.append(("Leave", (after, requests)))
-        after = apply(ledger, mb.MemberSlash(A, D, "sabotage", ledger.rounds_settled))
+        assert apply(ledger, mb.MemberSlash(A, D, "sabotage", ledger.rounds_settled)) is None  # no evidence
+        after = apply(ledger, mb.MemberSlash(A, D, "invalid_contribution", ledger.rounds_settled))
         assert after is not None
         out.append(("Slash", (after, requests)))
     if ledger.rounds_settled < MAX_ROUNDS:
