@@ -90,10 +90,13 @@ def head_parties(genesis: Any) -> tuple[str, ...]:
     return tuple(sorted(m.hotkey for m in founding.members if Role.VALIDATOR in m.roles))
 
 
-def membership_rules(genesis: Any, policy: AdmissionPolicy | None = None) -> mb.MembershipRules:
+def membership_rules(genesis: Any, policy: AdmissionPolicy | None = None,
+                     offences: Any = None) -> mb.MembershipRules:
+    """offences: this validator's round views (protocol/offences.OffenceViews) that a
+    MemberSlash is judged against; the settlement role passes its own."""
     founding = getattr(genesis, "founding", genesis)
     return mb.MembershipRules(founding.mesh_id, frozenset(m.hotkey for m in founding.members),
-                              policy or AdmissionPolicy())
+                              policy or AdmissionPolicy(), offences=offences)
 
 
 def load_persisted(data_dir: Path, parties: tuple[str, ...]) -> tuple[str, h.Snapshot] | None:
