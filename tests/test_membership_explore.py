@@ -4,9 +4,11 @@ the gossip pipeline for Speak), with the spec's invariants checked by name in ea
 
 Bounds like specs/Membership.cfg: the founding set (the head's three validators), one
 stranger, stakes below and above the minimum, a cap of one member beyond the founders,
-a cool-down of 1 settled round, at most 2 settled rounds and 2 admissions. The Python
-state is the ledger itself (its hash) plus the requests published, so it is coarser
-than the spec's (no ghosts): 240 distinct states, 480 transitions, depth 10, 0.1 s.
+a cool-down of 1 settled round, at most 2 settled rounds and 2 admissions, and two
+validators' round views that differ in round 1 (so no slash there). The Python state is
+the ledger itself (its hash) plus the requests published, so it is coarser than the
+spec's (no ghosts, fixed views): 196 distinct states, 396 transitions, depth 10, 0.1 s
+(240 and 480 before slashes needed evidence).
 Requests are signed once each (sr25519 signatures are randomized): a replay is Admit of
 a request already published, as in the spec."""
 
@@ -36,10 +38,13 @@ STAKES = (1, 2)
 POLICY = AdmissionPolicy(min_stake={"trainer": 2, "validator": 2, "miner": 2}, max_members=4,
                          slash_cooldown_rounds=1, min_rounds_before_leave=1, early_leave_penalty_pct=50)
 MAX_ROUNDS, MAX_JOINS = 2, 1
-# Every validator's rounds named the stranger in every round (NameOffender in the spec):
-# a slash is then enabled whenever it is a member; one on other grounds never is.
+# Two validators' round views (NameOffender in the spec): A's rounds named the stranger in
+# every round, B's not in round 1. A slash needs both: it is enabled in rounds 0 and 2
+# while the stranger is a member, refused in round 1 and on any other grounds.
 RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY, offences=OffenceViews(
     {r: {D: "invalid_contribution"} for r in range(MAX_ROUNDS + 1)}))
+RULES_B = dataclasses.replace(RULES, offences=OffenceViews(
+    {r: ({} if r == 1 else {D: "invalid_contribution"}) for r in range(MAX_ROUNDS + 1)}))
 PEER = "12D3KooWDaveDaveDaveDaveDaveDaveDaveDaveDave"
 _signed: dict[tuple, bytes] = {}
 
@@ -59,7 +64,7 @@ INITIAL = h.Ledger({A: 1000, B: 1000, C: 1000, h.POOL: 1500})
 
 def apply(ledger: h.Ledger, tx) -> h.Ledger | None:
     """The ledger after a record every party co-signs, or None where a party refuses it."""
-    if mb.record_problem(tx, ledger, RULES) is not None:
+    if any(mb.record_problem(tx, ledger, rules) is not None for rules in (RULES, RULES_B)):
         return None
     try:
         return h.apply_tx(ledger, tx, "")
@@ -88,8 +93,9 @@ def successors(state):
         out.append(("Leave", (after, requests)))
         assert apply(ledger, mb.MemberSlash(A, D, "sabotage", ledger.rounds_settled)) is None  # no evidence
         after = apply(ledger, mb.MemberSlash(A, D, "invalid_contribution", ledger.rounds_settled))
-        assert after is not None
-        out.append(("Slash", (after, requests)))
+        assert (after is None) == (ledger.rounds_settled == 1), "a slash on B's round 1, which named nobody"
+        if after is not None:
+            out.append(("Slash", (after, requests)))
     if ledger.rounds_settled < MAX_ROUNDS:
         out.append(("SettleRound", (dataclasses.replace(ledger, rounds_settled=ledger.rounds_settled + 1), requests)))
     return out
@@ -120,6 +126,9 @@ INVARIANTS = {
         e.admitted_at_round - s[0].book.slashed[k] >= POLICY.slash_cooldown_rounds
         for k, e in s[0].book.members.items() if k in s[0].book.slashed),
     "NoReplayedAdmission": lambda s: s[0].book.joins.get(D, 0) <= len(s[1]),
+    "SlashOnlyOnEvidence": lambda s: all(views.rounds[r].get(k) == "invalid_contribution"
+                                         for k, r in s[0].book.slashed.items()
+                                         for views in (RULES.offences, RULES_B.offences)),
 }
 
 
