@@ -3,6 +3,7 @@ deregistrations reach the live directory; a failing or hanging chain keeps the l
 member list; the book of admitted members survives a re-read; an unknown hotkey that speaks
 brings a read forward, at most one per gap however many speak."""
 
+import functools
 import random
 import threading
 import time
@@ -194,7 +195,7 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
     from protocol.inbound import seal_message
     from protocol.messages import Channel, Ping
 
-    alice, dave = Hotkey.from_uri("//Alice"), Hotkey.from_uri("//Dave")
+    alice, dave, eve = (Hotkey.from_uri(u) for u in ("//Alice", "//Dave", "//Eve"))
     chain = Chain((alice.ss58_address, True))
     founding = chain.read().members
     node = Node(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path / "node"), alice,
@@ -202,7 +203,7 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
     node.membership.registry = RegistryRefresher(node.genesis.directory, chain.read, period_s=3600.0,
                                                  min_gap_s=0.2)
     validate = gossip_validator(Channel.MEMBERSHIP, node.verifier, mesh_id="bittensor-15", max_bytes=65536,
-                                on_reject=node._on_gossip_reject)
+                                on_reject=functools.partial(node._rejected, "gossip"))
 
     def now_ms():
         return time.time_ns() // 1_000_000
@@ -220,6 +221,13 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
             await _wait(lambda: node.genesis.directory.member(dave.ss58_address) is not None)
             assert validate("12D3KooWRelay", ping(3)) == (ValidationResult.ACCEPT, "ok")
             assert chain.reads == 2  # two strangers' messages, one read
+            # a stranger over HTTP nudges too
+            chain.register(eve.ss58_address)
+            envelope = seal_message(eve, Ping(4, now_ms()), now_ms=now_ms())
+            code, reply = await node._on_http_message(envelope.to_headers(), envelope.body)
+            assert (code, reply["reason"]) == (401, "unknown_signer")
+            await _wait(lambda: node.genesis.directory.member(eve.ss58_address) is not None)
+            assert node.membership.registry.nudges == 3
             nursery.cancel_scope.cancel()
     trio.run(main)
     assert node.metrics.rejected.labels(source="gossip", reason="unknown_signer")._value.get() == 2
@@ -235,4 +243,4 @@ def test_with_a_genesis_file_a_stranger_reads_nothing(tmp_path):
     node = Node(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path / "node"), alice,
                 Genesis("m", (Member(alice.ss58_address, frozenset({Role.VALIDATOR})),)))
     assert node.membership.registry is None
-    node._on_gossip_reject("unknown_signer")  # nothing to nudge: no error, no read
+    node._rejected("http", "unknown_signer")  # nothing to nudge: no error, no read
