@@ -16,7 +16,7 @@ from protocol import head as h
 from protocol import member_book as mb
 from protocol.admission import JoinRequest
 from protocol.inbound import seal_message
-from tests.test_settlement_service import A, B, C, T1, T2, Router, _open_mesh, quick, trio_test  # noqa: F401
+from tests.test_settlement_service import KEYS, A, B, C, T1, T2, Router, _open_mesh, quick, trio_test  # noqa: F401
 
 FERDIE = Hotkey.from_uri("//Ferdie")
 F = FERDIE.ss58_address
@@ -126,4 +126,23 @@ async def test_an_operator_slashes_a_founding_member_its_round_named(tmp_path):
         proposed = await command(router, C, {"hotkey": T2, "grounds": "invalid_contribution", "round": 0})
         assert proposed["ok"], proposed
         await router.until(lambda: all(T2 in lg.book.departed and T2 in lg.book.slashed for lg in ledgers(router)))
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_validator_restarted_keeps_its_round_views_and_cosigns_on_them(tmp_path):
+    """B's view of round 0 is on disk when it restarts; a slash proposed after that (of a
+    founding member, so not one the author proposes unasked) is judged against it."""
+    router = Router()
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path, rounds=5)
+        for party in (A, B, C):
+            router.services[party].record_round(round_doc(0, rejected={T1: "malformed_contribution"}))
+        await router.until(lambda: all(lg.rounds_settled == 1 for lg in ledgers(router)))
+        await router.crash(B)
+        await router.start(nursery, next(k for k in KEYS if k.ss58_address == B), tmp_path, rounds=5)
+        assert router.services[B].offences.rounds == {0: {T1: "invalid_contribution"}}
+        proposed = await command(router, C, {"hotkey": T1, "grounds": "invalid_contribution", "round": 0})
+        assert proposed["ok"], proposed
+        await router.until(lambda: all(T1 in lg.book.slashed for lg in ledgers(router)), timeout_s=30)
         nursery.cancel_scope.cancel()
