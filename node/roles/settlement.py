@@ -371,7 +371,10 @@ class SettlementService(RoleService):
         except h.HeadMisuse as exc:
             if exc.reason in ("wrong_phase", "no_head"):
                 return False
-            self._error(f"{record['kind']} record refused ({exc.reason}): {exc}")
+            if record["kind"] == "member_slash" and exc.reason == "not_a_member":
+                log.info("settle: %s is gone already (left, or slashed for an earlier round)", record["target"])
+            else:
+                self._error(f"{record['kind']} record refused ({exc.reason}): {exc}")
         self.queue.remove(record)
         self._save_queue()
         self.report()
