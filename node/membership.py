@@ -376,6 +376,10 @@ class MembershipService:
             else (self.admitted_ms - self.join_started_ms) / 1000,
             "leave_requested_ms": self.leave_requested_ms, "left_ms": self.left_ms,
             "refused": dict(self.refused), "events": list(self.events[-20:]),
+            # --network/--netuid: chain reads, and how many were brought forward by strangers
+            "registry": None if self.registry is None else {
+                "reads": self.registry.reads, "nudges": self.registry.nudges,
+                "nudged_reads": self.registry.nudged_reads},
         }
 
     def report(self) -> None:

@@ -197,7 +197,7 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
 
     alice, dave, eve = (Hotkey.from_uri(u) for u in ("//Alice", "//Dave", "//Eve"))
     chain = Chain((alice.ss58_address, True))
-    founding = chain.read().members
+    founding = members_from_neurons(chain.neurons)  # what the node read at start
     node = Node(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path / "node"), alice,
                 Genesis("bittensor-15", founding))
     node.membership.registry = RegistryRefresher(node.genesis.directory, chain.read, period_s=3600.0,
@@ -214,7 +214,7 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
     async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.membership.registry.run)
-            await _wait(lambda: chain.reads == 1)
+            await _wait(lambda: chain.reads == 1 and chain.in_flight == 0)  # its first read is over
             chain.register(dave.ss58_address)
             assert validate("12D3KooWRelay", ping(1)) == (ValidationResult.IGNORE, "unknown_signer")
             assert validate("12D3KooWRelay", ping(2)) == (ValidationResult.IGNORE, "unknown_signer")
@@ -228,6 +228,7 @@ def test_a_hotkey_registered_on_the_chain_is_accepted_without_a_restart(tmp_path
             assert (code, reply["reason"]) == (401, "unknown_signer")
             await _wait(lambda: node.genesis.directory.member(eve.ss58_address) is not None)
             assert node.membership.registry.nudges == 3
+            assert node.membership.status()["registry"] == {"reads": 3, "nudges": 3, "nudged_reads": 2}
             nursery.cancel_scope.cancel()
     trio.run(main)
     assert node.metrics.rejected.labels(source="gossip", reason="unknown_signer")._value.get() == 2
@@ -242,5 +243,5 @@ def test_with_a_genesis_file_a_stranger_reads_nothing(tmp_path):
     alice = Hotkey.from_uri("//Alice")
     node = Node(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path / "node"), alice,
                 Genesis("m", (Member(alice.ss58_address, frozenset({Role.VALIDATOR})),)))
-    assert node.membership.registry is None
+    assert node.membership.registry is None and node.membership.status()["registry"] is None
     node._rejected("http", "unknown_signer")  # nothing to nudge: no error, no read
