@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_head_commands(commands)  # sealmesh head status|close|fanout
     from node.membership_cli import add_leave_command
     add_leave_command(commands)  # sealmesh leave --data-dir DIR
+    from node.membership_cli import add_member_command
+    add_member_command(commands)  # sealmesh member slash --hotkey --grounds --round --data-dir DIR
     from node.mesh_files import add_mesh_commands
     add_mesh_commands(commands)  # sealmesh mesh init|add-member|add-bootstrap|show
     from node.status_cli import add_status_command
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "leave":
             from node.membership_cli import run_leave
             return run_leave(args)
+        if args.command == "member":
+            from node.membership_cli import run_member
+            return run_member(args)
         if args.command == "mesh":
             from node.mesh_files import run_mesh
             return run_mesh(args)

@@ -135,13 +135,13 @@ class Node:
                                   lambda: self.status().get("mesh_stats", {}).items())
         self.store = open_store(self.settings.storage, data_dir, env=os.environ)
         blobs = BlobService(self.store, self.verifier,
-                            on_reject=lambda reason: self.metrics.reject("stream", reason))
+                            on_reject=functools.partial(self._rejected, "stream"))
         mesh.set_stream_handler(BLOB_PROTOCOL, blobs.handle, MAX_BLOB_REQUEST_BYTES)
         mesh.set_stream_handler(PROBE_PROTOCOL, handle_probe, 64)
         for service in self.services:
             for protocol_id, (handler, max_bytes) in service.stream_handlers().items():
                 mesh.set_stream_handler(protocol_id, handler, max_bytes, envelope_first=envelope_first_for(
-                    protocol_id, self.verifier, on_reject=lambda reason: self.metrics.reject("stream", reason)))
+                    protocol_id, self.verifier, on_reject=functools.partial(self._rejected, "stream")))
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         assert self.mesh is not None
@@ -197,8 +197,14 @@ class Node:
     def _gossip_validator(self, channel: Channel):
         return gossip_validator(channel, self.verifier, mesh_id=self.genesis.mesh_id,
                                 max_bytes=self.mesh.config.max_gossip_bytes,
-                                on_reject=lambda reason: self.metrics.reject("gossip", reason),
-                                join_limit=self.join_limit)
+                                on_reject=functools.partial(self._rejected, "gossip"), join_limit=self.join_limit)
+
+    def _rejected(self, source: str, reason: str) -> None:
+        """Count a refused message; a stranger's (unknown_signer) may have registered on
+        the chain since the registry's last read, so it nudges a re-read (rate-limited)."""
+        self.metrics.reject(source, reason)
+        if reason == "unknown_signer":
+            self.membership.stranger_spoke()
 
     async def _consume(self, channel: Channel, receive) -> None:
         async for gossip in receive:
@@ -231,7 +237,7 @@ class Node:
         try:
             verified = open_request(headers, body, verifier=self.verifier, now_ms=now_ms())
         except RemoteProtocolError as exc:
-            self.metrics.reject("http", exc.reason)
+            self._rejected("http", exc.reason)
             log.warning("rejected http reason=%s: %s", exc.reason, exc.hint)
             return 401 if exc.reason in _AUTH_REASONS else 400, {"error": exc.hint, "reason": exc.reason}
         self.metrics.received.labels(channel="http", type=verified.message.TYPE).inc()

@@ -90,10 +90,13 @@ def head_parties(genesis: Any) -> tuple[str, ...]:
     return tuple(sorted(m.hotkey for m in founding.members if Role.VALIDATOR in m.roles))
 
 
-def membership_rules(genesis: Any, policy: AdmissionPolicy | None = None) -> mb.MembershipRules:
+def membership_rules(genesis: Any, policy: AdmissionPolicy | None = None,
+                     offences: Any = None) -> mb.MembershipRules:
+    """offences: this validator's round views (protocol/offences.OffenceViews) that a
+    MemberSlash is judged against; the settlement role passes its own."""
     founding = getattr(genesis, "founding", genesis)
     return mb.MembershipRules(founding.mesh_id, frozenset(m.hotkey for m in founding.members),
-                              policy or AdmissionPolicy())
+                              policy or AdmissionPolicy(), offences=offences)
 
 
 def load_persisted(data_dir: Path, parties: tuple[str, ...]) -> tuple[str, h.Snapshot] | None:
@@ -144,6 +147,7 @@ class MembershipService:
         self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, bytes]](256)
         self._published_number = -1
         self._published_at = 0.0
+        self.registry: Any = None  # a RegistryRefresher with --network/--netuid
         if self.genesis.directory.member(self.me) is not None:
             self.admitted.set()
 
@@ -156,6 +160,13 @@ class MembershipService:
             self._send.send_nowait((sender, message, raw))
         except trio.WouldBlock:
             self._count("inbox_full")
+
+    def stranger_spoke(self) -> None:
+        """A message from a hotkey not in the directory was IGNOREd (unknown_signer): with
+        a chain registry, it may have registered since the last read, so read early
+        (rate-limited: node/registry/refresh.py). A genesis file has nothing to re-read."""
+        if self.registry is not None:
+            self.registry.nudge()
 
     # -- running -----------------------------------------------------------------------
 
@@ -172,11 +183,12 @@ class MembershipService:
                 nursery.start_soon(self._join_loop)
             if getattr(self.settings, "network", None) is not None and self.settings.netuid is not None:
                 from node.registry.metagraph import load_metagraph_directory
-                from node.registry.refresh import keep_registry
+                from node.registry.refresh import RegistryRefresher
                 network, netuid = self.settings.network, self.settings.netuid
-                nursery.start_soon(lambda: keep_registry(
+                self.registry = RegistryRefresher(
                     self.genesis.directory, lambda: load_metagraph_directory(network, netuid),
-                    on_change=lambda added, removed: self.report()))
+                    on_change=lambda added, removed: self.report())
+                nursery.start_soon(self.registry.run)
 
     async def _inbox_loop(self) -> None:
         async for sender, message, raw in self._inbox:
@@ -364,6 +376,10 @@ class MembershipService:
             else (self.admitted_ms - self.join_started_ms) / 1000,
             "leave_requested_ms": self.leave_requested_ms, "left_ms": self.left_ms,
             "refused": dict(self.refused), "events": list(self.events[-20:]),
+            # --network/--netuid: chain reads, and how many were brought forward by strangers
+            "registry": None if self.registry is None else {
+                "reads": self.registry.reads, "nudges": self.registry.nudges,
+                "nudged_reads": self.registry.nudged_reads},
         }
 
     def report(self) -> None:

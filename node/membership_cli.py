@@ -1,4 +1,6 @@
-"""`sealmesh leave --data-dir DIR`: ask the running node to leave its mesh (issue 15).
+"""`sealmesh leave --data-dir DIR`: ask the running node to leave its mesh (issue 15);
+`sealmesh member slash --hotkey SS58 --grounds G --round R --data-dir DIR`: ask the
+running validator to propose a MemberSlash (the co-signers' evidence rule decides).
 
 Like `sealmesh head close`: a request file in DATA_DIR/membership-commands/, which the
 node's membership service picks up within a second and answers with a result file.
@@ -52,4 +54,42 @@ def run_leave(args: argparse.Namespace) -> int:
     if not doc.get("ok"):
         raise UserError(f"leave refused ({doc.get('reason')}): {doc.get('error')}")
     print(f"leave requested: {doc.get('note')}")
+    return 0
+
+
+GROUNDS = ("invalid_contribution", "sabotage", "withheld_share")  # protocol/member_book.MEMBER_SLASH_GROUNDS
+
+
+def add_member_command(commands: argparse._SubParsersAction) -> None:
+    member = commands.add_parser("member", help="act on another member of the mesh (validators)")
+    actions = member.add_subparsers(dest="member_command", required=True, metavar="ACTION")
+    slash = actions.add_parser(
+        "slash", help="ask the running validator to propose slashing a member for what a round proved",
+        description="Propose a MemberSlash on the settlement head: the member's escrow goes to the "
+        "reward pool and it may not join again for the cool-down. Every validator (this one "
+        "first) co-signs it only if its own round ROUND named HOTKEY on GROUNDS: a contribution "
+        "rejected for what its bytes prove (bad_proof, malformed_contribution, wrong_size) or a "
+        "slot proof out of range in the blame step are invalid_contribution; no round names "
+        "sabotage or withheld_share yet. Without that evidence it is refused and nothing changes.")
+    slash.add_argument("--hotkey", required=True, help="the member's SS58 hotkey")
+    slash.add_argument("--grounds", required=True, choices=GROUNDS, help="what its round proved")
+    slash.add_argument("--round", type=int, required=True, help="the round id the grounds refer to")
+    slash.add_argument("--data-dir", type=Path, required=True, help="the validator's data dir")
+    slash.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the node")
+
+
+def run_member(args: argparse.Namespace) -> int:
+    from node.cli import UserError
+    from node.head_cli import HeadCliError, ask_node
+
+    if args.round < 0:
+        raise UserError("--round is a round id (0 or more)")
+    try:
+        doc = ask_node(args.data_dir, "member_slash", timeout_s=args.timeout,
+                       payload={"hotkey": args.hotkey, "grounds": args.grounds, "round": args.round})
+    except HeadCliError as exc:
+        raise UserError(str(exc)) from exc
+    if not doc.get("ok"):
+        raise UserError(f"member slash refused ({doc.get('reason')}): {doc.get('error')}")
+    print(f"member slash proposed (tx {str(doc.get('tx_id'))[:12]}): {doc.get('note')}")
     return 0

@@ -14,7 +14,9 @@ every other record:
   released to it (the ledger's `withdrawn`, paid out by the node), the penalty goes to
   the reward pool;
 - MemberSlash: the member's escrow goes to the reward pool, and the hotkey may not
-  join again for the policy's cool-down.
+  join again for the policy's cool-down. A party co-signs one only if its own view of
+  the round it names (`evidence`) named the same member on the same grounds
+  (protocol/offences.py).
 
 The ledger rules here (apply_member_tx) are the same at every party; whether a party
 co-signs a record at all is record_problem, the admission rules of protocol/admission.py
@@ -34,6 +36,7 @@ from protocol.admission import (AdmissionPolicy, JoinRequest, LeaveRequest, admi
 from protocol.epistula import Envelope, signing_payload
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
+from protocol.offences import OffenceViews, slash_evidence_problem
 
 MEMBER_SLASH_GROUNDS = ("invalid_contribution", "sabotage", "withheld_share")
 
@@ -294,6 +297,9 @@ class MembershipRules:
     mesh_id: str
     founding: frozenset[str]
     policy: AdmissionPolicy = AdmissionPolicy()
+    # This party's own views of whom its rounds named (protocol/offences.py), which a
+    # MemberSlash must match. Held by reference: the node adds a view as each round ends.
+    offences: OffenceViews | None = field(default=None, compare=False)
 
 
 def record_problem(tx: MemberTx, ledger: Any, rules: MembershipRules | None) -> tuple[str, str] | None:
@@ -304,7 +310,7 @@ def record_problem(tx: MemberTx, ledger: Any, rules: MembershipRules | None) -> 
     if isinstance(tx, MemberSlash):
         if not book.is_member(tx.target, rules.founding):
             return ("not_a_member", f"{tx.target} is not a member")
-        return None
+        return slash_evidence_problem(tx.target, tx.grounds, tx.evidence, rules.offences)
     hotkey, request = open_request(tx.request)
     if isinstance(tx, Admit):
         assert isinstance(request, JoinRequest)

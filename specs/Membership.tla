@@ -16,6 +16,12 @@
 (* escrow below is admitted members' stake only. Rounds settle (`rounds`,  *)
 (* the ledger's rounds_settled), which is the clock of the cool-down and   *)
 (* of the early-leave penalty: no party's own clock is involved.           *)
+(*                                                                          *)
+(* Slashing (protocol/offences.py): each validator keeps its own view of   *)
+(* whom each of its rounds named (`named`, NameOffender), frozen once the  *)
+(* round settled; a slash cites a round and is co-signed by a validator    *)
+(* only if its own view of that round names the member, so it takes       *)
+(* effect only where every validator's does (SlashOnlyOnEvidence).         *)
 (***************************************************************************)
 EXTENDS Naturals, FiniteSets
 
@@ -29,7 +35,8 @@ CONSTANTS
     MinRounds,   \* leaving sooner forfeits Penalty (at most the escrow)
     Penalty,
     MaxRounds,   \* bounds for TLC
-    MaxJoins
+    MaxJoins,
+    Validators   \* the head's parties, each with its own round views
 
 Hotkeys == Founding \cup Strangers
 
@@ -47,10 +54,12 @@ VARIABLES
     staked,      \* stake that entered the head by admissions, ever
     requests,    \* signed join requests ever published: <<hotkey, stake, joins_before>>
     heard,       \* ghost: senders whose messages a node acted on
-    stateAtSpeak \* ghost: TRUE while every stranger's message left the state alone
+    stateAtSpeak, \* ghost: TRUE while every stranger's message left the state alone
+    named,       \* validator -> <<hotkey, round>> its own rounds named (OffenceViews)
+    slashedFor   \* ghost: <<hotkey, round>> of every slash that took effect
 
 vars == <<member, escrow, locked, released, pool, joins, slashed, slashedAt, admittedAt, rounds,
-          staked, requests, heard, stateAtSpeak>>
+          staked, requests, heard, stateAtSpeak, named, slashedFor>>
 ledger == <<member, escrow, locked, released, pool, joins, slashed, slashedAt, admittedAt, rounds,
             staked, requests>>
 
@@ -75,6 +84,8 @@ Init ==
     /\ requests = {}
     /\ heard = {}
     /\ stateAtSpeak = TRUE
+    /\ named = [v \in Validators |-> {}]
+    /\ slashedFor = {}
 
 \* Anyone not a member signs a join request with the stake it chooses and its current
 \* admission count (node/membership.py join_request); a replay is an old element of
@@ -84,7 +95,7 @@ RequestJoin(h, s, j) ==
     /\ j = joins[h] /\ j <= MaxJoins
     /\ requests' = requests \cup {<<h, s, j>>}
     /\ UNCHANGED <<member, escrow, locked, released, pool, joins, slashed, slashedAt, admittedAt,
-                   rounds, staked, heard, stateAtSpeak>>
+                   rounds, staked, heard, stateAtSpeak, named, slashedFor>>
 
 \* protocol/admission.py admission_problem = None
 AdmissionOK(h, s, j) ==
@@ -104,7 +115,8 @@ Admit(h, s, j) ==
     /\ joins' = [joins EXCEPT ![h] = j + 1]
     /\ admittedAt' = [admittedAt EXCEPT ![h] = rounds]
     /\ staked' = staked + s
-    /\ UNCHANGED <<released, pool, slashed, slashedAt, rounds, requests, heard, stateAtSpeak>>
+    /\ UNCHANGED <<released, pool, slashed, slashedAt, rounds, requests, heard, stateAtSpeak, named,
+                   slashedFor>>
 
 \* protocol/admission.py leave_penalty
 Due(h) == IF rounds - admittedAt[h] >= MinRounds THEN 0
@@ -119,34 +131,48 @@ Leave(h) ==
     /\ pool' = pool + Due(h)
     /\ escrow' = [escrow EXCEPT ![h] = 0]
     /\ UNCHANGED <<locked, joins, slashed, slashedAt, admittedAt, rounds, staked, requests, heard,
-                   stateAtSpeak>>
+                   stateAtSpeak, named, slashedFor>>
 
-\* Every validator co-signs a member slash (a snapshot needs all): its escrow goes to the pool.
-Slash(h) ==
+\* Validator v's round now running (round `rounds`) names member h: its contribution was
+\* rejected for what its bytes prove, or its slot proof was out of range (named_offenders).
+\* Views differ between validators only where a round's inputs did (the model lets them).
+NameOffender(v, h) ==
+    /\ member[h] /\ h \in Strangers /\ rounds < MaxRounds
+    /\ named' = [named EXCEPT ![v] = named[v] \cup {<<h, rounds>>}]
+    /\ UNCHANGED <<member, escrow, locked, released, pool, joins, slashed, slashedAt, admittedAt,
+                   rounds, staked, requests, heard, stateAtSpeak, slashedFor>>
+
+\* A member slash citing round r, co-signed by every validator (a snapshot needs all), each
+\* only if its own round r named h (slash_evidence_problem): its escrow goes to the pool.
+Slash(h, r) ==
     /\ member[h]
+    /\ \A v \in Validators : <<h, r>> \in named[v]
+    /\ slashedFor' = slashedFor \cup {<<h, r>>}
     /\ member' = [member EXCEPT ![h] = FALSE]
     /\ pool' = pool + escrow[h]
     /\ escrow' = [escrow EXCEPT ![h] = 0]
     /\ slashed' = slashed \cup {h}
     /\ slashedAt' = [slashedAt EXCEPT ![h] = rounds]
-    /\ UNCHANGED <<locked, released, joins, admittedAt, rounds, staked, requests, heard, stateAtSpeak>>
+    /\ UNCHANGED <<locked, released, joins, admittedAt, rounds, staked, requests, heard, stateAtSpeak,
+                   named>>
 
 SettleRound ==
     /\ rounds < MaxRounds
     /\ rounds' = rounds + 1
     /\ UNCHANGED <<member, escrow, locked, released, pool, joins, slashed, slashedAt, admittedAt,
-                   staked, requests, heard, stateAtSpeak>>
+                   staked, requests, heard, stateAtSpeak, named, slashedFor>>
 
 \* Any signed message other than a join request (protocol/inbound.py): a member's is acted
 \* on; a stranger's is IGNOREd (unknown_signer), changing nothing, nor charging its relay.
 Speak(h) ==
     /\ heard' = IF member[h] THEN heard \cup {h} ELSE heard
     /\ stateAtSpeak' = (stateAtSpeak /\ (member[h] \/ heard' = heard))
-    /\ UNCHANGED ledger
+    /\ UNCHANGED <<ledger, named, slashedFor>>
 
 Next ==
     \/ \E h \in Hotkeys, s \in Stakes, j \in 0..MaxJoins : RequestJoin(h, s, j) \/ Admit(h, s, j)
-    \/ \E h \in Hotkeys : Leave(h) \/ Slash(h) \/ Speak(h)
+    \/ \E h \in Hotkeys : Leave(h) \/ Speak(h) \/ \E r \in 0..MaxRounds : Slash(h, r)
+    \/ \E v \in Validators, h \in Hotkeys : NameOffender(v, h)
     \/ SettleRound
 
 Spec == Init /\ [][Next]_vars
@@ -173,6 +199,9 @@ DepositLocked ==
 CapRespected == Cardinality(Members) <= Cap \/ Cardinality(Founding) > Cap
 
 CooldownRespected == \A h \in slashed : member[h] => admittedAt[h] - slashedAt[h] >= Cooldown
+
+\* A slash took effect only on a round that every validator's own view named it in.
+SlashOnlyOnEvidence == \A p \in slashedFor : \A v \in Validators : p \in named[v]
 
 \* Each admission used a request of its own: a replayed one admits nobody twice.
 NoReplayedAdmission == \A h \in Hotkeys : joins[h] <= Cardinality({r \in requests : r[1] = h})

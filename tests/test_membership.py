@@ -23,6 +23,8 @@ from protocol.errors import RemoteProtocolError
 from protocol.inbound import forwarder_is_at_fault, open_gossip, seal_message
 from protocol.membership import Member, Role
 from protocol.membership_sync import checked_update
+from protocol.aggregation import NAMED_OUT_OF_RANGE, NAMED_SILENT
+from protocol.offences import OffenceViews, named_offenders
 from protocol.messages import Channel, Ping
 from protocol.head_messages import HeadNewTx
 from tests.test_head import A, B, C, KEYS, T0, open_head
@@ -203,9 +205,31 @@ def test_a_replayed_join_is_refused_even_after_the_member_left():
     assert rejoin.book.joins[DAVE.ss58_address] == 2
 
 
+def with_views(bus) -> dict[str, OffenceViews]:
+    """Each party its own round views (what its rounds named), as a node holds them."""
+    views = {}
+    for party, m in bus.machines.items():
+        views[party] = OffenceViews()
+        m.membership = dataclasses.replace(RULES, offences=views[party])
+    return views
+
+
+def round_ended(bus, views, party, round_id, rejected=(), bad=None) -> None:
+    """`party`'s round `round_id` ended: its view first, then its head hears the round
+    (node/roles/settlement.py record_round does the same, in that order)."""
+    views[party].observe(round_id, named_offenders(rejected, bad or {}))
+    bus.do(party, h.ObserveRound(round_id, f"adapter-{round_id}", [A], bus.now))
+    bus.flush()
+
+
 def test_a_slashed_member_loses_its_escrow_and_waits_out_the_cooldown():
+    """Round 0 rejected Dave's contribution at every validator (its range proof does not
+    verify): the record author slashes him for it and every party co-signs."""
     bus = membership_head()
+    views = with_views(bus)
     admitted(bus)
+    for party in (A, B, C):
+        round_ended(bus, views, party, 0, rejected=[(DAVE.ss58_address, "bad_proof")])
     submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "invalid_contribution", 0))
     after = ledger(bus)
     assert after.escrowed == 0 and after.balances[h.POOL] == 1500 + 50
@@ -215,6 +239,74 @@ def test_a_slashed_member_loses_its_escrow_and_waits_out_the_cooldown():
         bus.do(A, h.NewTx(mb.Admit(A, join_bytes(joins_before=1, at=T0 + 9)), bus.now))
     assert refused.value.reason == "slashed_cooldown"
     assert ledger(bus) == after
+
+
+def test_a_slash_named_by_the_blame_step_waits_for_a_cosigner_that_has_not_ended_the_round():
+    bus = membership_head()
+    views = with_views(bus)
+    admitted(bus)
+    named = {DAVE.ss58_address: NAMED_OUT_OF_RANGE}
+    round_ended(bus, views, A, 0, bad=named)
+    before = ledger(bus)
+    submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "invalid_contribution", 0))
+    assert ledger(bus) == before  # B and C have not ended round 0: they wait, unsigned
+    round_ended(bus, views, B, 0, bad=named)
+    assert ledger(bus) == before
+    round_ended(bus, views, C, 0, bad=named)
+    bus.flush()
+    assert ledger(bus).book.slashed == {DAVE.ss58_address: 0}
+    bus.check_invariants()
+
+
+@pytest.mark.parametrize("label, rejected, bad, grounds", [
+    ("the round named nobody", [], {}, "invalid_contribution"),
+    ("its blob could not be fetched", [("DAVE", "unavailable")], {}, "invalid_contribution"),
+    ("it stayed silent in the blame step", [], {"DAVE": NAMED_SILENT}, "invalid_contribution"),
+    ("other grounds than the round's", [("DAVE", "bad_proof")], {}, "sabotage"),
+])
+def test_a_slash_without_evidence_is_refused_by_the_cosigners_and_changes_nothing(label, rejected, bad, grounds):
+    """The author's view names Dave (or it says so anyway); the co-signers' own round 0
+    did not, on those grounds: they refuse the record, and the ledger stays as it was."""
+    bus = membership_head()
+    views = with_views(bus)
+    admitted(bus)
+    dave = DAVE.ss58_address
+    rejected = [(dave if t == "DAVE" else t, r) for t, r in rejected]
+    bad = {dave if t == "DAVE" else t: why for t, why in bad.items()}
+    round_ended(bus, views, A, 0, rejected=[(dave, "bad_proof")])
+    views[A].rounds[0] = {dave: grounds}  # the author believes what it slashes for
+    for party in (B, C):
+        round_ended(bus, views, party, 0, rejected=rejected, bad=bad)
+    before = ledger(bus)
+    bus.rejected.clear()
+    submit(bus, mb.MemberSlash(A, dave, grounds, 0))
+    assert sorted(bus.rejected) == [(B, "no_offence_evidence"), (C, "no_offence_evidence")], label
+    assert ledger(bus) == before and ledger(bus).book.members[dave].stake == 50, label
+    # an author whose own round agrees with theirs does not author it at all
+    views[A].rounds[0] = named_offenders(rejected, bad)
+    with pytest.raises(h.HeadMisuse) as own:
+        bus.do(A, h.NewTx(mb.MemberSlash(A, dave, grounds, 0), bus.now))
+    assert own.value.reason == "no_offence_evidence", label
+
+
+def test_a_slash_for_a_round_not_ended_here_is_not_authored():
+    bus = membership_head()
+    with_views(bus)
+    admitted(bus)
+    with pytest.raises(h.HeadMisuse) as refused:
+        bus.do(A, h.NewTx(mb.MemberSlash(A, DAVE.ss58_address, "invalid_contribution", 3), bus.now))
+    assert refused.value.reason == "round_not_observed"
+
+
+def test_named_offenders_takes_only_what_the_bytes_prove():
+    rejected = [("t1", "bad_proof"), ("t2", "unavailable"), ("t3", "malformed_contribution"), ("t4", "wrong_size")]
+    bad = {"t5": NAMED_OUT_OF_RANGE, "t6": NAMED_SILENT}
+    assert named_offenders(rejected, bad) == {t: "invalid_contribution" for t in ("t1", "t3", "t4", "t5")}
+    views = OffenceViews()
+    assert views.observe(4, {"t1": "invalid_contribution"}) and not views.observe(4, {})
+    assert OffenceViews.from_wire(views.to_wire()).rounds == {4: {"t1": "invalid_contribution"}}
+    with pytest.raises(ValueError):
+        OffenceViews.from_wire({"x": {}})
 
 
 def test_one_membership_record_per_snapshot():
@@ -339,6 +431,7 @@ def test_a_validator_counts_each_refused_join_in_metrics_and_records_only_a_good
     from tests.nodes import rejected_metric
 
     bus = membership_head()
+    views = with_views(bus)
     machine = bus.machines[A]
     submitted = []
 
@@ -376,7 +469,9 @@ def test_a_validator_counts_each_refused_join_in_metrics_and_records_only_a_good
         await feed(good)
         assert len(submitted) == 1 and DAVE.ss58_address in ledger(bus).book.members
         await feed(good)  # replayed after admission
-        submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "sabotage", 0))
+        for party in (A, B, C):
+            round_ended(bus, views, party, 0, rejected=[(DAVE.ss58_address, "bad_proof")])
+        submit(bus, mb.MemberSlash(A, DAVE.ss58_address, "invalid_contribution", 0))
         await feed(join_bytes(joins_before=1, at=T0 + 7))  # slashed, inside the cool-down
         assert len(submitted) == 1
 

@@ -4,9 +4,11 @@ the gossip pipeline for Speak), with the spec's invariants checked by name in ea
 
 Bounds like specs/Membership.cfg: the founding set (the head's three validators), one
 stranger, stakes below and above the minimum, a cap of one member beyond the founders,
-a cool-down of 1 settled round, at most 2 settled rounds and 2 admissions. The Python
-state is the ledger itself (its hash) plus the requests published, so it is coarser
-than the spec's (no ghosts): 240 distinct states, 480 transitions, depth 10, 0.1 s.
+a cool-down of 1 settled round, at most 2 settled rounds and 2 admissions, and two
+validators' round views that differ in round 1 (so no slash there). The Python state is
+the ledger itself (its hash) plus the requests published, so it is coarser than the
+spec's (no ghosts, fixed views): 196 distinct states, 396 transitions, depth 10, 0.1 s
+(240 and 480 before slashes needed evidence).
 Requests are signed once each (sr25519 signatures are randomized): a replay is Admit of
 a request already published, as in the spec."""
 
@@ -25,6 +27,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_gossip, seal_message
 from protocol.membership import Member, Role
 from protocol.messages import Channel, Ping, encode
+from protocol.offences import OffenceViews
 from tests.test_head import A, B, C, T0
 
 MESH = "m1"
@@ -34,8 +37,14 @@ FOUNDING = tuple(Member(p, frozenset({Role.VALIDATOR})) for p in (A, B, C))
 STAKES = (1, 2)
 POLICY = AdmissionPolicy(min_stake={"trainer": 2, "validator": 2, "miner": 2}, max_members=4,
                          slash_cooldown_rounds=1, min_rounds_before_leave=1, early_leave_penalty_pct=50)
-RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY)
 MAX_ROUNDS, MAX_JOINS = 2, 1
+# Two validators' round views (NameOffender in the spec): A's rounds named the stranger in
+# every round, B's not in round 1. A slash needs both: it is enabled in rounds 0 and 2
+# while the stranger is a member, refused in round 1 and on any other grounds.
+RULES = mb.MembershipRules(MESH, frozenset(m.hotkey for m in FOUNDING), POLICY, offences=OffenceViews(
+    {r: {D: "invalid_contribution"} for r in range(MAX_ROUNDS + 1)}))
+RULES_B = dataclasses.replace(RULES, offences=OffenceViews(
+    {r: ({} if r == 1 else {D: "invalid_contribution"}) for r in range(MAX_ROUNDS + 1)}))
 PEER = "12D3KooWDaveDaveDaveDaveDaveDaveDaveDaveDave"
 _signed: dict[tuple, bytes] = {}
 
@@ -55,7 +64,7 @@ INITIAL = h.Ledger({A: 1000, B: 1000, C: 1000, h.POOL: 1500})
 
 def apply(ledger: h.Ledger, tx) -> h.Ledger | None:
     """The ledger after a record every party co-signs, or None where a party refuses it."""
-    if mb.record_problem(tx, ledger, RULES) is not None:
+    if any(mb.record_problem(tx, ledger, rules) is not None for rules in (RULES, RULES_B)):
         return None
     try:
         return h.apply_tx(ledger, tx, "")
@@ -82,9 +91,11 @@ def successors(state):
         after = apply(ledger, mb.Leave(A, signed("leave", 0, joins), penalty))
         assert after is not None, "a member's own leave is refused"
         out.append(("Leave", (after, requests)))
-        after = apply(ledger, mb.MemberSlash(A, D, "sabotage", ledger.rounds_settled))
-        assert after is not None
-        out.append(("Slash", (after, requests)))
+        assert apply(ledger, mb.MemberSlash(A, D, "sabotage", ledger.rounds_settled)) is None  # no evidence
+        after = apply(ledger, mb.MemberSlash(A, D, "invalid_contribution", ledger.rounds_settled))
+        assert (after is None) == (ledger.rounds_settled == 1), "a slash on B's round 1, which named nobody"
+        if after is not None:
+            out.append(("Slash", (after, requests)))
     if ledger.rounds_settled < MAX_ROUNDS:
         out.append(("SettleRound", (dataclasses.replace(ledger, rounds_settled=ledger.rounds_settled + 1), requests)))
     return out
@@ -115,6 +126,9 @@ INVARIANTS = {
         e.admitted_at_round - s[0].book.slashed[k] >= POLICY.slash_cooldown_rounds
         for k, e in s[0].book.members.items() if k in s[0].book.slashed),
     "NoReplayedAdmission": lambda s: s[0].book.joins.get(D, 0) <= len(s[1]),
+    "SlashOnlyOnEvidence": lambda s: all(views.rounds[r].get(k) == "invalid_contribution"
+                                         for k, r in s[0].book.slashed.items()
+                                         for views in (RULES.offences, RULES_B.offences)),
 }
 
 

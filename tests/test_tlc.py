@@ -91,3 +91,14 @@ def test_tlc_catches_a_round_that_never_ends_without_a_fair_clock():
     result = _mutant(model, "    /\\ WF_vars(Tick)\n", "", cfg=cfg)
     assert not result.passed
     assert "Temporal properties were violated" in result.output, result.output[-3000:]
+
+
+def test_tlc_catches_a_slash_that_only_its_authors_round_named():
+    """Slash(h, r) enabled by one validator's view (the author's) instead of every one's:
+    a member is slashed on a round another validator's view does not name (a few seconds)."""
+    model = next(m for m in tlc.MODELS if m.name == "Membership")
+    result = _mutant(model, "    /\\ \\A v \\in Validators : <<h, r>> \\in named[v]\n",
+                     "    /\\ \\E v \\in Validators : <<h, r>> \\in named[v]\n")
+    assert not result.passed
+    assert "Invariant SlashOnlyOnEvidence is violated" in result.output, result.output[-3000:]
+

@@ -41,11 +41,13 @@ from node.settings import NodeSettings, SettingsError
 from node.settlement.embedded import EmbeddedHead, Outbound
 from protocol import head as h
 from protocol import head_rules as rules
+from protocol import member_book as mb
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.head_messages import (HeadAckSn, HeadClose, HeadCommit, HeadInit, HeadMessage, HeadNackSn,
                                     HeadReqSn)
 from protocol.membership import Role
 from protocol.messages import Channel, Message
+from protocol.offences import OffenceViews, named_offenders
 
 log = logging.getLogger("sealmesh.settlement")
 
@@ -64,7 +66,8 @@ RESEND_MS = 2_000
 STEP_S = 0.2
 INBOX = 1024
 COMMANDS_DIR = "settlement-commands"  # `sealmesh head close|fanout` drop a file here
-COMMANDS = ("close", "fanout", "withdraw")
+COMMANDS = ("close", "fanout", "withdraw", "member_slash")
+OFFENCES_FILE = "offences.json"  # this validator's round views that a MemberSlash must match
 
 
 def now_ms() -> int:
@@ -95,6 +98,7 @@ class SettlementService(RoleService):
         self.queue: list[dict[str, Any]] = []  # our views, and (rank 0) records waiting for an Open head
         self.rejected: dict[str, int] = {}
         self.errors: list[str] = []
+        self.offences = OffenceViews()  # whom our own rounds named (protocol/offences.py)
         self.misbehaved = False
         self.inbox_dropped = 0
         self._lock = trio.Lock()
@@ -109,9 +113,27 @@ class SettlementService(RoleService):
         view of it (what it will co-sign against); rank 0 also authors its RoundResult."""
         view = {"round": int(doc["round"]), "adapter_id": str(doc["adapter_id"]),
                 "contributors": sorted(set(doc.get("contributors", [])))}
+        # Whom the round named, kept before the head hears the round: a MemberSlash that
+        # waited for our view of it is judged again when the head does.
+        named = named_offenders([(r["trainer"], r["reason"]) for r in doc.get("rejected", [])],
+                                doc.get("bad_contributors") or {})
+        if self.offences.observe(view["round"], named):
+            self._save_offences()
         self._enqueue({"kind": "observe_round", **view})
         if self.is_author():
             self._enqueue({"kind": "round", **view, "rewards": round_rewards(doc)})
+            for target, grounds in self._slashable(named).items():
+                log.info("phase=member-slash-proposed round=%d member=%s grounds=%s", view["round"], target, grounds)
+                self._enqueue({"kind": "member_slash", "target": target, "grounds": grounds, "round": view["round"]})
+
+    def _slashable(self, named: dict[str, str]) -> dict[str, str]:
+        """The named whom the author slashes unasked: admitted members, whose stake is in the
+        head's escrow. A founding member has no escrow there, and removing one from the
+        genesis set is its operators' call (`sealmesh member slash`, the same evidence rule)."""
+        machine = self.head.machine if self.head is not None else None
+        confirmed = getattr(machine, "confirmed", None)
+        book = confirmed.ledger.book if confirmed is not None else None
+        return {t: g for t, g in named.items() if book is not None and t in book.members}
 
     def record_scores(self, doc: dict[str, Any]) -> None:
         """An epoch's miner scores (node/roles/challenger.py): every party's own view;
@@ -165,8 +187,10 @@ class SettlementService(RoleService):
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
         (ctx.data_dir / COMMANDS_DIR).mkdir(exist_ok=True)
         from node.membership import membership_rules  # admission rules for membership records (issue 15)
+        self._load_offences()
         self.head = await trio.to_thread.run_sync(functools.partial(
-            EmbeddedHead, ctx.data_dir / "head.sqlite", ctx.hotkey, membership=membership_rules(ctx.genesis)))
+            EmbeddedHead, ctx.data_dir / "head.sqlite", ctx.hotkey,
+            membership=membership_rules(ctx.genesis, offences=self.offences)))
         self.queue = self._load_queue() + self.queue
         try:
             async with trio.open_nursery() as nursery:
@@ -331,6 +355,9 @@ class SettlementService(RoleService):
                 record["round"], record["adapter_id"], record["contributors"], now))
         elif record["kind"] == "observe_epoch":
             event = lambda now: head.handle(h.ObserveEpoch(record["epoch"], record["scores"], now))  # noqa: E731
+        elif record["kind"] == "member_slash":
+            tx = mb.MemberSlash(self.me, record["target"], record["grounds"], record["round"])
+            event = lambda now: head.handle(h.NewTx(tx, now))  # noqa: E731
         elif record["kind"] == "round":
             event = lambda now: head.record_round_result(record["round"], record["adapter_id"],  # noqa: E731
                                                          record["contributors"], record["rewards"], now)
@@ -344,7 +371,10 @@ class SettlementService(RoleService):
         except h.HeadMisuse as exc:
             if exc.reason in ("wrong_phase", "no_head"):
                 return False
-            self._error(f"{record['kind']} record refused ({exc.reason}): {exc}")
+            if record["kind"] == "member_slash" and exc.reason == "not_a_member":
+                log.info("settle: %s is gone already (left, or slashed for an earlier round)", record["target"])
+            else:
+                self._error(f"{record['kind']} record refused ({exc.reason}): {exc}")
         self.queue.remove(record)
         self._save_queue()
         self.report()
@@ -401,6 +431,8 @@ class SettlementService(RoleService):
             return {"ok": False, "reason": "unknown_command", "error": f"use one of {COMMANDS}"}
         if command == "withdraw":
             return await self._withdraw((request or {}).get("amount"))
+        if command == "member_slash":
+            return await self._member_slash(request or {})
         event = h.Close if command == "close" else h.Fanout
         async with self._lock:
             try:
@@ -434,6 +466,54 @@ class SettlementService(RoleService):
         return {"ok": True, "state": m.phase.value, "amount": amount, "tx_id": h.tx_id(h.encode_tx(tx)),
                 "withdrawn_before": before,
                 "note": "paid out once a snapshot confirms it: see `sealmesh head status`"}
+
+    async def _member_slash(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`sealmesh member slash --hotkey H --grounds G --round R`: propose a MemberSlash.
+        Judged here first by the rule every co-signer applies (protocol/offences.py): our
+        own round R must have named H on grounds G, else it is refused and nothing is sent."""
+        head = self.head
+        assert head is not None
+        target, grounds, round_id = request.get("hotkey"), request.get("grounds"), request.get("round")
+        if not (isinstance(target, str) and 0 < len(target) <= 64 and grounds in mb.MEMBER_SLASH_GROUNDS
+                and type(round_id) is int and round_id >= 0):
+            return {"ok": False, "reason": "bad_request",
+                    "error": f"--hotkey SS58, --grounds one of {mb.MEMBER_SLASH_GROUNDS}, --round N"}
+        m = head.machine
+        tx = mb.MemberSlash(self.me, target, grounds, round_id)
+        async with self._lock:
+            try:
+                outbound = await trio.to_thread.run_sync(lambda: head.handle(h.NewTx(tx, now_ms())))
+            except LocalProtocolError as exc:
+                return {"ok": False, "reason": getattr(exc, "reason", "refused"), "error": str(exc),
+                        "state": m.phase.value}
+            await self._publish(outbound)
+        log.info("phase=member-slash-proposed round=%d member=%s grounds=%s by=operator", round_id, target, grounds)
+        self.report()
+        return {"ok": True, "state": m.phase.value, "tx_id": h.tx_id(h.encode_tx(tx)),
+                "note": "confirmed once every validator co-signs it; each does only if its own round "
+                        f"{round_id} named {target} for {grounds} (see `sealmesh status`, membership)"}
+
+    def _offences_path(self) -> Path:
+        return self.ctx.data_dir / OFFENCES_FILE
+
+    def _load_offences(self) -> None:
+        """Views kept at the last run, and any that rounds reported before we started."""
+        path = self._offences_path()
+        try:
+            kept = OffenceViews.from_wire(json.loads(path.read_text())) if path.exists() else OffenceViews()
+        except (OSError, ValueError) as exc:
+            log.warning("settle: ignoring %s: %s", path, exc)
+            kept = OffenceViews()
+        for round_id, named in sorted(kept.rounds.items()):
+            self.offences.observe(round_id, named)
+        self._save_offences()
+
+    def _save_offences(self) -> None:
+        if not hasattr(self, "ctx"):
+            return
+        tmp = self._offences_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.offences.to_wire()))
+        tmp.replace(self._offences_path())
 
     # -- status ----------------------------------------------------------------------------
 
