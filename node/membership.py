@@ -125,11 +125,14 @@ class MembershipService:
     def __init__(self, settings: Any, hotkey: Any, genesis: LiveGenesis, *, metrics: Any,
                  publish: Callable[[Any], Any], services: Callable[[], dict[str, Any]],
                  peer_id: Callable[[], str], addrs: Callable[[], list[str]],
-                 report: Callable[[str, dict[str, Any]], None] = lambda section, doc: None) -> None:
+                 report: Callable[[str, dict[str, Any]], None] = lambda section, doc: None,
+                 on_change: Callable[[list[str], list[str], mb.MemberBook], None] = lambda added, removed, book: None
+                 ) -> None:
         self.settings, self.hotkey, self.genesis = settings, hotkey, genesis
         self.me = hotkey.ss58_address
         self.metrics, self.publish, self.services = metrics, publish, services
         self.peer_id, self.addrs, self._report = peer_id, addrs, report
+        self.on_change = on_change  # the daemon dials admitted members, forgets departed ones
         self.parties = head_parties(genesis)
         self.rules = membership_rules(genesis)
         self.head_id: str | None = None
@@ -213,6 +216,8 @@ class MembershipService:
             self._event("admitted", hotkey, snapshot.number)
         for hotkey in removed:
             self._event("removed", hotkey, snapshot.number)
+        if added or removed:
+            self.on_change(added, removed, snapshot.ledger.book)
         if self.genesis.directory.member(self.me) is not None and not self.admitted.is_set():
             self.admitted_ms = now_ms()
             self.admitted.set()

@@ -401,3 +401,39 @@ def test_a_kept_snapshot_file_that_is_garbage_or_not_strict_is_ignored(tmp_path)
                 msgpack.packb({"head_id": "h", "snapshot": b"not a snapshot"})):
         path.write_bytes(raw)
         assert load_persisted(tmp_path, ("5Fake",)) is None
+
+
+def test_an_admitted_member_is_dialled_at_its_join_requests_endpoint_and_forgotten_when_it_leaves(tmp_path):
+    """Issue 15 over separate hosts: members learn an admitted joiner's peer id and
+    announce addresses from the confirmed record (its signed join request), so they dial it
+    at once instead of waiting for its next Announce; an Announce heard first is newer and
+    kept; a member that left is no longer dialled."""
+    import types
+
+    from node.daemon import Node
+    from node.membership import LiveGenesis, MembershipService
+    from node.metrics import NodeMetrics
+    from node.presence import Presence
+    from node.registry.genesis import Genesis
+
+    presence = Presence(B, frozenset(m.hotkey for m in FOUNDING))
+    node = types.SimpleNamespace(presence=presence)
+    settings = types.SimpleNamespace(data_dir=tmp_path, join=False, stake=0, role=Role.TRAINER)
+    service = MembershipService(settings, KEYS[1], LiveGenesis(Genesis(MESH, FOUNDING)), metrics=NodeMetrics(),
+                                publish=lambda m: None, services=lambda: {}, peer_id=lambda: "",
+                                addrs=lambda: [], on_change=lambda *args: Node._on_membership_change(node, *args))
+    bus = membership_head()
+    admitted(bus)
+    head_id = bus.machines[A].params.head_id
+    service._take(head_id, bus.machines[A].confirmed)
+    assert presence.peer_of[DAVE.ss58_address] == PEER
+    assert presence.addrs_of[DAVE.ss58_address] == ["/ip4/10.0.0.4/tcp/9000"]
+
+    submit(bus, mb.Leave(A, leave_bytes(), 5))
+    service._take(head_id, bus.machines[A].confirmed)
+    assert DAVE.ss58_address not in presence.peer_of and DAVE.ss58_address not in presence.addrs_of
+
+    announced = Presence(B, frozenset())
+    announced.peer_of[DAVE.ss58_address], announced.addrs_of[DAVE.ss58_address] = "12D3KooWnewer", ["/ip4/1.2.3.4"]
+    assert not announced.on_admitted(DAVE.ss58_address, PEER, ["/ip4/10.0.0.4/tcp/9000"])
+    assert announced.peer_of[DAVE.ss58_address] == "12D3KooWnewer"
