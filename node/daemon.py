@@ -186,9 +186,21 @@ class Node:
             last_seen=self.presence.last_seen.get,
             addrs_of=lambda hotkey: list(self.presence.addrs_of.get(hotkey, ())))
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
-        for service in self.services:
-            log.info("phase=role-start service=%s", service.name)
-            await nursery.start(functools.partial(service.run, self.role_context))
+        await nursery.start(self._run_roles)
+
+    async def _run_roles(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The roles, until a confirmed snapshot says this node left the mesh (issue 15):
+        from then on the others ignore its messages (unknown_signer) and serve it nothing,
+        so its roles would only burn CPU; the API, /status and its escrow stay visible."""
+        assert self.role_context is not None
+        async with trio.open_nursery() as roles:
+            for service in self.services:
+                log.info("phase=role-start service=%s", service.name)
+                await roles.start(functools.partial(service.run, self.role_context))
+            task_status.started()
+            await self.membership.left.wait()
+            log.info("phase=roles-stopped reason=left the mesh; the node can be stopped")
+            roles.cancel_scope.cancel()
 
     def _on_membership_change(self, added: list[str], removed: list[str], book: Any) -> None:
         """Members admitted by a confirmed snapshot are dialled at the peer id and announce
@@ -265,7 +277,8 @@ class Node:
         """Announce often until every member is heard, then rarely (for late joiners)."""
         assert self.mesh is not None
         while True:
-            await self._announce()
+            if not self.membership.left.is_set():  # a node that left is nobody's member
+                await self._announce()
             fast = not self.presence.heard_everyone()
             # A relayed address gained or lost is announced at once (node/reachability.py).
             with trio.move_on_after(self.settings.announce_interval_s * (1 if fast else 10)):

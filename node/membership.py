@@ -138,6 +138,7 @@ class MembershipService:
         self.head_id: str | None = None
         self.snapshot: h.Snapshot | None = None
         self.admitted = trio.Event()
+        self.left = trio.Event()  # a snapshot confirmed our leave: the daemon stops our roles
         self.refused: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []  # joins and leaves seen, newest last (bounded)
         self.join_started_ms: int | None = None
@@ -227,6 +228,7 @@ class MembershipService:
             self.left_ms = now_ms()
             released = snapshot.ledger.withdrawn.get(self.me, 0)
             log.info("phase=left snapshot=%d escrow_released=%d", snapshot.number, released)
+            self.left.set()
         if persist:
             path = self.settings.data_dir / SNAPSHOT_FILE
             tmp = path.with_suffix(".tmp")

@@ -437,3 +437,53 @@ def test_an_admitted_member_is_dialled_at_its_join_requests_endpoint_and_forgott
     announced.peer_of[DAVE.ss58_address], announced.addrs_of[DAVE.ss58_address] = "12D3KooWnewer", ["/ip4/1.2.3.4"]
     assert not announced.on_admitted(DAVE.ss58_address, PEER, ["/ip4/10.0.0.4/tcp/9000"])
     assert announced.peer_of[DAVE.ss58_address] == "12D3KooWnewer"
+
+
+def test_a_node_whose_leave_is_confirmed_stops_its_roles_and_its_announces(tmp_path):
+    """After a confirmed leave the others ignore the node (unknown_signer) and serve it no
+    blob: its roles would train, seal and publish for nobody. They stop; the node, its API
+    and its status (state left, escrow released) stay."""
+    import trio
+
+    from node.daemon import Node
+    from node.registry.genesis import Genesis
+    from node.roles.base import RoleService
+    from node.settings import NodeSettings
+
+    node = Node(NodeSettings(role=Role.TRAINER, data_dir=tmp_path), KEYS[1], Genesis(MESH, FOUNDING))
+    ran = {"started": 0, "cancelled": 0}
+
+    class Working(RoleService):
+        name = "working"
+
+        async def run(self, ctx, *, task_status=trio.TASK_STATUS_IGNORED):
+            ran["started"] += 1
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                ran["cancelled"] += 1
+                raise
+
+    node.services = [Working()]
+    node.role_context, node.mesh = object(), object()  # neither is used by these loops
+    announced = []
+
+    async def announce():
+        announced.append(1)
+    node._announce = announce
+
+    async def main():
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node._run_roles)
+                await trio.sleep(0.05)
+                assert ran == {"started": 1, "cancelled": 0}
+                node.membership.left.set()
+                await trio.sleep(0.05)
+                assert ran == {"started": 1, "cancelled": 1}
+                nursery.start_soon(node._announce_loop)
+                await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    trio.run(main)
+    assert announced == []

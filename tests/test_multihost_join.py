@@ -147,6 +147,8 @@ def test_a_trainer_joins_a_mesh_of_five_machines_is_included_then_leaves(tmp_pat
     for name in founders + [JOINER]:
         log = (root / f"{name}.log").read_text()
         assert "invalid messages: disconnecting" not in log, name
+    assert "phase=roles-stopped" in (root / f"{JOINER}.log").read_text()  # it left: it trains for nobody
+    timings["rounds_join_to_included"] = first - opened_before
     timings["escrow"] = {"stake": STAKE, "released": released, "penalty": STAKE - released}
     print("\nmultihost join:", json.dumps(timings))
 
