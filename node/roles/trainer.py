@@ -472,11 +472,15 @@ class TrainerService(GuardedWork, RoleService):
         while True:
             try:
                 data = await self.ctx.fetch(ro.base_adapter_id, list(ro.validators), max_bytes=64 << 20, timeout_s=30)
-                return vector_of_adapter(data)[1]
+                break
             except BlobFetchError:
                 if now_ms() >= until:
                     raise
                 await trio.sleep(1.0)
+        # Decoded with torch only once the model loaded: torch's first use on two threads at
+        # once (the loader's and ours) can deadlock the node (training.vector.warm_numpy_bridge).
+        await self.model_ready.wait()
+        return vector_of_adapter(data)[1]
 
     # -- privacy --
 
