@@ -207,7 +207,12 @@ def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_pa
                                        tree_bytes(d / "blobs")) for name, d in data_dirs.items()}
             timings["rounds_done"] = max(r["round"] for r in rounds_of(opener())) + 1
             timings["wall_s"] = time.monotonic() - started
-            final_status = opener()
+
+            def all_evaluated():  # a round's eval loss comes a moment after it is final
+                status = opener()
+                return status if finals(status) and all(
+                    r.get("loss_after") is not None for r in finals(status)) else None
+            final_status = wait_for("the final rounds' eval losses", all_evaluated, 120, 1)
             served = json.dumps([node_status(lan, t, data_dirs[t]) for t in TRAINERS])  # what /status tells anyone
             assert not any(m in served for m in markers.values())
         finally:
