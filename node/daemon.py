@@ -89,7 +89,8 @@ class Node:
         self.membership = MembershipService(
             settings, hotkey, genesis, metrics=self.metrics, publish=self.publish,
             services=lambda: {s.name: s for s in self.services},
-            peer_id=lambda: self.mesh.peer_id if self.mesh else "", addrs=lambda: self.addrs)
+            peer_id=lambda: self.mesh.peer_id if self.mesh else "", addrs=lambda: self.addrs,
+            on_change=self._on_membership_change)
         self.store: BlobStore | None = None
         self.role_context: RoleContext | None = None
         self.addrs: list[str] = []  # announced: set once the mesh listens
@@ -175,6 +176,8 @@ class Node:
         if not self.membership.admitted.is_set():  # --join: the roles start once admitted
             log.info("phase=waiting-for-admission")
             await self.membership.admitted.wait()
+            # Members ignored our Announces until now (unknown_signer); tell them at once.
+            await self._announce()
         self.role_context = RoleContext(
             settings=self.settings, hotkey=self.hotkey, genesis=self.genesis, mesh=self.mesh,
             store=self.store, verifier=self.verifier, metrics=self.metrics,
@@ -183,9 +186,33 @@ class Node:
             last_seen=self.presence.last_seen.get,
             addrs_of=lambda hotkey: list(self.presence.addrs_of.get(hotkey, ())))
         self.role_context.data_dir.mkdir(parents=True, exist_ok=True)
-        for service in self.services:
-            log.info("phase=role-start service=%s", service.name)
-            await nursery.start(functools.partial(service.run, self.role_context))
+        await nursery.start(self._run_roles)
+
+    async def _run_roles(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The roles, until a confirmed snapshot says this node left the mesh (issue 15):
+        from then on the others ignore its messages (unknown_signer) and serve it nothing,
+        so its roles would only burn CPU; the API, /status and its escrow stay visible."""
+        assert self.role_context is not None
+        async with trio.open_nursery() as roles:
+            for service in self.services:
+                log.info("phase=role-start service=%s", service.name)
+                await roles.start(functools.partial(service.run, self.role_context))
+            task_status.started()
+            await self.membership.left.wait()
+            log.info("phase=roles-stopped reason=left the mesh; the node can be stopped")
+            roles.cancel_scope.cancel()
+
+    def _on_membership_change(self, added: list[str], removed: list[str], book: Any) -> None:
+        """Members admitted by a confirmed snapshot are dialled at the peer id and announce
+        addresses of their signed join request (_dial_announced_loop), members that left
+        no longer (issue 15)."""
+        for hotkey in added:
+            entry = book.members.get(hotkey)
+            if entry is not None and self.presence.on_admitted(hotkey, entry.peer_id, list(entry.addrs)):
+                log.info("phase=member-endpoint member=%s peer_id=%s addrs=%s", hotkey, entry.peer_id,
+                         list(entry.addrs))
+        for hotkey in removed:
+            self.presence.forget(hotkey)
 
     def _ready_doc(self) -> dict[str, Any]:
         assert self.mesh is not None
@@ -256,13 +283,18 @@ class Node:
         """Announce often until every member is heard, then rarely (for late joiners)."""
         assert self.mesh is not None
         while True:
-            await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id,
-                                        self.addrs + self.reachability.relayed_addrs,
-                                        [self.settings.role.value], self.started_ms))
+            if not self.membership.left.is_set():  # a node that left is nobody's member
+                await self._announce()
             fast = not self.presence.heard_everyone()
             # A relayed address gained or lost is announced at once (node/reachability.py).
             with trio.move_on_after(self.settings.announce_interval_s * (1 if fast else 10)):
                 await self.reachability.changed.wait()
+
+    async def _announce(self) -> None:
+        assert self.mesh is not None
+        await self.publish(Announce(self.genesis.mesh_id, self.mesh.peer_id,
+                                    self.addrs + self.reachability.relayed_addrs,
+                                    [self.settings.role.value], self.started_ms))
 
     async def _dial_announced_loop(self) -> None:
         """Dial members we hear of but are not connected to, at the addresses their signed

@@ -128,16 +128,20 @@ class MembershipService:
     def __init__(self, settings: Any, hotkey: Any, genesis: LiveGenesis, *, metrics: Any,
                  publish: Callable[[Any], Any], services: Callable[[], dict[str, Any]],
                  peer_id: Callable[[], str], addrs: Callable[[], list[str]],
-                 report: Callable[[str, dict[str, Any]], None] = lambda section, doc: None) -> None:
+                 report: Callable[[str, dict[str, Any]], None] = lambda section, doc: None,
+                 on_change: Callable[[list[str], list[str], mb.MemberBook], None] = lambda added, removed, book: None
+                 ) -> None:
         self.settings, self.hotkey, self.genesis = settings, hotkey, genesis
         self.me = hotkey.ss58_address
         self.metrics, self.publish, self.services = metrics, publish, services
         self.peer_id, self.addrs, self._report = peer_id, addrs, report
+        self.on_change = on_change  # the daemon dials admitted members, forgets departed ones
         self.parties = head_parties(genesis)
         self.rules = membership_rules(genesis)
         self.head_id: str | None = None
         self.snapshot: h.Snapshot | None = None
         self.admitted = trio.Event()
+        self.left = trio.Event()  # a snapshot confirmed our leave: the daemon stops our roles
         self.refused: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []  # joins and leaves seen, newest last (bounded)
         self.join_started_ms: int | None = None
@@ -225,6 +229,8 @@ class MembershipService:
             self._event("admitted", hotkey, snapshot.number)
         for hotkey in removed:
             self._event("removed", hotkey, snapshot.number)
+        if added or removed:
+            self.on_change(added, removed, snapshot.ledger.book)
         if self.genesis.directory.member(self.me) is not None and not self.admitted.is_set():
             self.admitted_ms = now_ms()
             self.admitted.set()
@@ -234,6 +240,7 @@ class MembershipService:
             self.left_ms = now_ms()
             released = snapshot.ledger.withdrawn.get(self.me, 0)
             log.info("phase=left snapshot=%d escrow_released=%d", snapshot.number, released)
+            self.left.set()
         if persist:
             path = self.settings.data_dir / SNAPSHOT_FILE
             tmp = path.with_suffix(".tmp")

@@ -47,6 +47,23 @@ class Presence:
         self.addrs_of[hotkey] = list(announce.addrs)
         return new
 
+    def on_admitted(self, hotkey: str, peer_id: str, addrs: list[str]) -> bool:
+        """A member admitted by a confirmed membership record (issue 15): its signed join
+        request named its peer id and announce addresses, as an Announce would, so they are
+        dialled at once rather than at its next Announce (a joiner hears every member early
+        and announces rarely after that). An Announce already heard is newer: kept. True if
+        the record's endpoint was taken."""
+        if hotkey in self.peer_of or hotkey == self.own_hotkey:
+            return False
+        self.peer_of[hotkey] = peer_id
+        self.addrs_of[hotkey] = list(addrs)
+        return True
+
+    def forget(self, hotkey: str) -> None:
+        """A member that left: no longer dialled (its node may keep running)."""
+        self.peer_of.pop(hotkey, None)
+        self.addrs_of.pop(hotkey, None)
+
     def on_ping(self, hotkey: str, ping: Ping, received_ms: int) -> None:
         seen = self.pings_from[hotkey]
         if ping.seq in seen:

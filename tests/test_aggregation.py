@@ -553,6 +553,25 @@ def test_a_trainer_that_finishes_after_the_deadline_sends_nothing():
         bad_shape.contribute(h("blob"), ciphertext_count=11, size_bytes=100, now_ms=0)
 
 
+def test_a_trainer_whose_model_was_late_skips_rounds_it_can_no_longer_contribute_to():
+    """A node that just started or joined (issue 15) has RoundOpens queued before its model
+    loads: it trains only for a round whose deadline is ahead, never for one that ended
+    or timed out meanwhile (that CPU would make it miss the open round too)."""
+    ro = make_open()  # deadline at 10_000
+    t = agg.TrainerRound(T1)
+    assert not t.worth_training(0)  # not joined
+    join(t, ro)
+    assert t.worth_training(9_999) and not t.worth_training(10_000)
+    ended = agg.TrainerRound(T2)
+    join(ended, ro)
+    ended.receive_round_final(V1, RoundFinal(7, ro.base_adapter_id, h("new"), h("agg"), [T1], {}))
+    assert not ended.worth_training(0)
+    done = agg.TrainerRound(T3)
+    join(done, ro)
+    done.contribute(h("blob"), ciphertext_count=12, size_bytes=100, now_ms=1)
+    assert not done.worth_training(2)  # contributed already
+
+
 # --- persistence: resume in every phase ----------------------------------------------------
 
 

@@ -411,3 +411,39 @@ def test_validator_with_bad_eval_data_says_what_at_start(tmp_path, keys, model, 
             "not_utf8": "not UTF-8"}[case] in status
     assert [r.levelname for r in caplog.records if "no eval loss" in r.getMessage()] == ["ERROR"]
     assert service.model_ready.is_set()
+
+
+def test_a_trainer_decodes_a_base_adapter_only_once_its_model_is_loaded(tmp_path, keys):
+    """A joiner gets a RoundOpen while its model loads (issue 15). It fetched and decoded
+    the base adapter with torch on the event loop's thread while the loader thread was in
+    torch's first numpy set-up: the node deadlocked for good (the loopback join test hung
+    that way). The base is fetched at once but decoded only after model_ready."""
+    import types
+
+    from training.vector import tensors_to_bytes
+
+    base = tensors_to_bytes({"a.lora_A.weight": torch.ones(2, 3)})
+    fetched = []
+
+    async def fetch(blob_id, holders, **kwargs):
+        fetched.append(blob_id)
+        return base
+
+    service = TrainerService(_trainer_settings(tmp_path, keys))
+    service.ctx = types.SimpleNamespace(fetch=fetch)
+    ro = types.SimpleNamespace(base_adapter_id="ab" * 32, validators=[OPENER], deadline_ms=rounds.now_ms() + 60_000)
+    got = []
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _collect(got, service._fetch_base(ro)))
+            await trio.sleep(5)
+            assert fetched == [ro.base_adapter_id] and got == []  # fetched, not decoded
+            service.model_ready.set()
+            await trio.sleep(1)
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert got and list(got[0]) == [1.0] * 6
+
+
+async def _collect(into: list, awaitable) -> None:
+    into.append(await awaitable)

@@ -496,3 +496,89 @@ def test_a_kept_snapshot_file_that_is_garbage_or_not_strict_is_ignored(tmp_path)
                 msgpack.packb({"head_id": "h", "snapshot": b"not a snapshot"})):
         path.write_bytes(raw)
         assert load_persisted(tmp_path, ("5Fake",)) is None
+
+
+def test_an_admitted_member_is_dialled_at_its_join_requests_endpoint_and_forgotten_when_it_leaves(tmp_path):
+    """Issue 15 over separate hosts: members learn an admitted joiner's peer id and
+    announce addresses from the confirmed record (its signed join request), so they dial it
+    at once instead of waiting for its next Announce; an Announce heard first is newer and
+    kept; a member that left is no longer dialled."""
+    import types
+
+    from node.daemon import Node
+    from node.membership import LiveGenesis, MembershipService
+    from node.metrics import NodeMetrics
+    from node.presence import Presence
+    from node.registry.genesis import Genesis
+
+    presence = Presence(B, frozenset(m.hotkey for m in FOUNDING))
+    node = types.SimpleNamespace(presence=presence)
+    settings = types.SimpleNamespace(data_dir=tmp_path, join=False, stake=0, role=Role.TRAINER)
+    service = MembershipService(settings, KEYS[1], LiveGenesis(Genesis(MESH, FOUNDING)), metrics=NodeMetrics(),
+                                publish=lambda m: None, services=lambda: {}, peer_id=lambda: "",
+                                addrs=lambda: [], on_change=lambda *args: Node._on_membership_change(node, *args))
+    bus = membership_head()
+    admitted(bus)
+    head_id = bus.machines[A].params.head_id
+    service._take(head_id, bus.machines[A].confirmed)
+    assert presence.peer_of[DAVE.ss58_address] == PEER
+    assert presence.addrs_of[DAVE.ss58_address] == ["/ip4/10.0.0.4/tcp/9000"]
+
+    submit(bus, mb.Leave(A, leave_bytes(), 5))
+    service._take(head_id, bus.machines[A].confirmed)
+    assert DAVE.ss58_address not in presence.peer_of and DAVE.ss58_address not in presence.addrs_of
+
+    announced = Presence(B, frozenset())
+    announced.peer_of[DAVE.ss58_address], announced.addrs_of[DAVE.ss58_address] = "12D3KooWnewer", ["/ip4/1.2.3.4"]
+    assert not announced.on_admitted(DAVE.ss58_address, PEER, ["/ip4/10.0.0.4/tcp/9000"])
+    assert announced.peer_of[DAVE.ss58_address] == "12D3KooWnewer"
+
+
+def test_a_node_whose_leave_is_confirmed_stops_its_roles_and_its_announces(tmp_path):
+    """After a confirmed leave the others ignore the node (unknown_signer) and serve it no
+    blob: its roles would train, seal and publish for nobody. They stop; the node, its API
+    and its status (state left, escrow released) stay."""
+    import trio
+
+    from node.daemon import Node
+    from node.registry.genesis import Genesis
+    from node.roles.base import RoleService
+    from node.settings import NodeSettings
+
+    node = Node(NodeSettings(role=Role.TRAINER, data_dir=tmp_path), KEYS[1], Genesis(MESH, FOUNDING))
+    ran = {"started": 0, "cancelled": 0}
+
+    class Working(RoleService):
+        name = "working"
+
+        async def run(self, ctx, *, task_status=trio.TASK_STATUS_IGNORED):
+            ran["started"] += 1
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                ran["cancelled"] += 1
+                raise
+
+    node.services = [Working()]
+    node.role_context, node.mesh = object(), object()  # neither is used by these loops
+    announced = []
+
+    async def announce():
+        announced.append(1)
+    node._announce = announce
+
+    async def main():
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node._run_roles)
+                await trio.sleep(0.05)
+                assert ran == {"started": 1, "cancelled": 0}
+                node.membership.left.set()
+                await trio.sleep(0.05)
+                assert ran == {"started": 1, "cancelled": 1}
+                nursery.start_soon(node._announce_loop)
+                await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    trio.run(main)
+    assert announced == []

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,19 +75,47 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_path):
-    root = tmp_path
-    wallets = root / "wallets"
-    rng = random.Random(12)
-    markers = {t: f"MARKER-{t}-{secrets.token_hex(8)}" for t in TRAINERS}
-    started = time.monotonic()
-    timings: dict[str, float] = {}
+def make_wallet(wallets: Path, name: str) -> str:
+    """`sealmesh wallet create` then `wallet show`: the member's hotkey address."""
+    sh("wallet", "create", "--name", name, "--hotkey", "default", "--path", str(wallets))
+    return sh("wallet", "show", "--name", name, "--hotkey", "default", "--path", str(wallets)).strip()
 
+
+def trainer_data(root: Path, name: str, rng: random.Random, marker: str = "") -> Path:
+    folder = root / f"{name}-data"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(sentences(rng, 150, marker))
+    return folder
+
+
+@dataclass
+class Machines:
+    """What the README's steps 1-2 leave on each machine: wallets, the genesis file, the
+    dealt committee, each member's data dir (its committee files, rounds.json) and data."""
+
+    root: Path
+    wallets: Path
+    genesis: Path
+    hotkeys: dict[str, str]
+    data_dirs: dict[str, Path]
+
+    def command(self, lan: netns.Lan, name: str, role: str) -> list[str]:
+        """README steps 3-4: the node's command line on its machine."""
+        argv = [SEALMESH, "node", "--role", role, "--genesis", str(self.genesis), "--wallet-name", name,
+                "--wallet-path", str(self.wallets), "--data-dir", str(self.data_dirs[name]),
+                "--listen-host", "0.0.0.0", "--listen-port", "9000",
+                "--announce-addr", f"/ip4/{lan.ip(name)}/tcp/9000", "--keep-rounds", str(KEEP_ROUNDS)]
+        if role == "validator":
+            return argv + ["--eval-data", str(self.root / f"{name}-eval.txt")]
+        return argv + ["--data", str(self.root / f"{name}-data")]
+
+
+def prepare_machines(root: Path, rng: random.Random, markers: dict[str, str]) -> Machines:
+    """Steps 1-2 of the README for VALIDATORS and TRAINERS (1024-bit 2-of-3 committee)."""
+    wallets = root / "wallets"
     # -- each member makes its wallet; one of them writes the genesis file --
-    hotkeys = {}
-    for name in VALIDATORS + TRAINERS:
-        sh("wallet", "create", "--name", name, "--hotkey", "default", "--path", str(wallets))
-        hotkeys[name] = sh("wallet", "show", "--name", name, "--hotkey", "default", "--path", str(wallets)).strip()
+    hotkeys = {name: make_wallet(wallets, name) for name in VALIDATORS + TRAINERS}
     genesis = root / "genesis.json"
     sh("mesh", "init", "--mesh-id", "lab", "--out", str(genesis))
     for name in VALIDATORS + TRAINERS:
@@ -106,29 +135,37 @@ def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_pa
         (root / f"{name}-eval.txt").write_text(sentences(rng, 120))
         (data_dirs[name] / "rounds.json").write_text(json.dumps(ROUNDS_JSON))
     for name in TRAINERS:
-        folder = root / f"{name}-data"
-        folder.mkdir()
-        for i in range(3):
-            (folder / f"part{i}.txt").write_text(sentences(rng, 150, markers[name]))
+        trainer_data(root, name, rng, markers[name])
+    return Machines(root, wallets, genesis, hotkeys, data_dirs)
+
+
+def start_mesh(lan: netns.Lan, machines: Machines, env: dict) -> None:
+    """README steps 3-4: v1 first, its ready.json the genesis' bootstrap, then the others."""
+    data_dirs = machines.data_dirs
+    lan.start("v1", machines.command(lan, "v1", "validator"), machines.root / "v1.log", env)
+    wait_for("v1's ready.json", lambda: (data_dirs["v1"] / "ready.json").exists(), 180, 1)
+    sh("mesh", "add-bootstrap", str(machines.genesis), str(data_dirs["v1"] / "ready.json"))
+    for name in VALIDATORS[1:] + TRAINERS:
+        role = "validator" if name in VALIDATORS else "trainer"
+        lan.start(name, machines.command(lan, name, role), machines.root / f"{name}.log", env)
+
+
+def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_path):
+    root = tmp_path
+    rng = random.Random(12)
+    markers = {t: f"MARKER-{t}-{secrets.token_hex(8)}" for t in TRAINERS}
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    machines = prepare_machines(root, rng, markers)
+    hotkeys, data_dirs = machines.hotkeys, machines.data_dirs
 
     def command(name: str) -> list[str]:
-        role = "validator" if name in VALIDATORS else "trainer"
-        argv = [SEALMESH, "node", "--role", role, "--genesis", str(genesis), "--wallet-name", name,
-                "--wallet-path", str(wallets), "--data-dir", str(data_dirs[name]),
-                "--listen-host", "0.0.0.0", "--listen-port", "9000",
-                "--announce-addr", f"/ip4/{lan.ip(name)}/tcp/9000", "--keep-rounds", str(KEEP_ROUNDS)]
-        if role == "validator":
-            return argv + ["--eval-data", str(root / f"{name}-eval.txt")]
-        return argv + ["--data", str(root / f"{name}-data")]
+        return machines.command(lan, name, "validator" if name in VALIDATORS else "trainer")
 
     with netns.Lan(VALIDATORS + TRAINERS) as lan:
         logs = {name: root / f"{name}.log" for name in data_dirs}
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        lan.start("v1", command("v1"), logs["v1"], env)
-        wait_for("v1's ready.json", lambda: (data_dirs["v1"] / "ready.json").exists(), 180, 1)
-        sh("mesh", "add-bootstrap", str(genesis), str(data_dirs["v1"] / "ready.json"))
-        for name in VALIDATORS[1:] + TRAINERS:
-            lan.start(name, command(name), logs[name], env)
+        start_mesh(lan, machines, env)
 
         opener_name = min(VALIDATORS, key=lambda n: hotkeys[n])
 
@@ -170,7 +207,12 @@ def test_a_mesh_of_five_machines_trains_on_its_members_data_until_stopped(tmp_pa
                                        tree_bytes(d / "blobs")) for name, d in data_dirs.items()}
             timings["rounds_done"] = max(r["round"] for r in rounds_of(opener())) + 1
             timings["wall_s"] = time.monotonic() - started
-            final_status = opener()
+
+            def all_evaluated():  # a round's eval loss comes a moment after it is final
+                status = opener()
+                return status if finals(status) and all(
+                    r.get("loss_after") is not None for r in finals(status)) else None
+            final_status = wait_for("the final rounds' eval losses", all_evaluated, 120, 1)
             served = json.dumps([node_status(lan, t, data_dirs[t]) for t in TRAINERS])  # what /status tells anyone
             assert not any(m in served for m in markers.values())
         finally:

@@ -22,6 +22,16 @@ from safetensors.torch import save as st_save
 from training.errors import AdapterRejected
 
 
+def warm_numpy_bridge() -> None:
+    """Make torch set up its numpy bridge now, on this thread. torch does it on first use
+    (a C++ function-local static whose initialiser imports numpy modules); two threads
+    reaching it at once deadlock: the one inside waits for the GIL during the import, the
+    other holds the GIL and waits for the initialiser. A trainer that got a RoundOpen while
+    its model loaded (a node just started or just joined) hung that way, its event loop
+    stopped for good. Called first by the model loader, before any other thread uses torch."""
+    torch.from_numpy(np.zeros(1, dtype=np.float32)).to("cpu", torch.float32).numpy()
+
+
 @dataclass(frozen=True)
 class VectorLayout:
     """Names (sorted) and shapes of the tensors that a flat vector concatenates."""

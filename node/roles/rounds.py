@@ -1,4 +1,4 @@
-"""Private training rounds, validator and committee side: the shell around protocol/aggregation.py.
+"""Private training rounds, validator and committee side: the shell around protocol/aggregation/.
 
 Every validator runs one RoundsService. It feeds the round machines (ValidatorRound, and
 CommitteeRound when it holds a key share) with gossip, timers and the results of the
@@ -209,8 +209,10 @@ def load_training_model(settings: NodeSettings):
     import torch
 
     from training import LoRASettings, attach_lora, load_base_model
+    from training.vector import warm_numpy_bridge
 
     torch.set_num_threads(1)  # a shared CPU: OpenMP threads spin (docs/training.md)
+    warm_numpy_bridge()  # this thread first: the roles use torch only once the model is ready
     base = load_base_model(settings.model, quantize_4bit=True, device="cpu")
     return base.tokenizer, attach_lora(base, LoRASettings())
 

@@ -351,6 +351,8 @@ class TrainerService(GuardedWork, RoleService):
             log.error("round=%d cannot fetch the base adapter: %s", round_id, exc)
             return
         await self.model_ready.wait()
+        if self._past(round_id):
+            return
         layout = layout_of(ro)
         values = adapter_values(ro)
         if base.size != values:
@@ -359,6 +361,8 @@ class TrainerService(GuardedWork, RoleService):
         hyper = ro.hyperparameters
         started = now_ms()
         async with self.train_lock:
+            if self._past(round_id):  # another round's training took the time
+                return
             results: dict[str, Any] = {}
 
             async def precompute() -> None:
@@ -384,6 +388,16 @@ class TrainerService(GuardedWork, RoleService):
         update = results["update"]
         shell.update(first_loss=update.first_loss, last_loss=update.last_loss, train_loss=update.train_loss)
         await self._seal_and_contribute(round_id, ro, update.delta, results["pre"], started_ms=started)
+
+    def _past(self, round_id: int) -> bool:
+        """The round ended or its deadline passed while we waited (agg.TrainerRound.worth_training)."""
+        machine = self.machines.get(round_id)
+        if machine is not None and machine.worth_training(now_ms()):
+            return False
+        log.info("phase=skipped round=%d reason=the round ended or its deadline passed before training could start",
+                 round_id)
+        self.shell.get(round_id, {})["skipped"] = "deadline passed before training could start"
+        return True
 
     async def _seal_and_contribute(self, round_id: int, ro: RoundOpen, delta, pre, *, started_ms: int) -> None:
         """Seal `delta` with the precomputation, keep what a blame step needs, store, contribute."""
@@ -458,11 +472,15 @@ class TrainerService(GuardedWork, RoleService):
         while True:
             try:
                 data = await self.ctx.fetch(ro.base_adapter_id, list(ro.validators), max_bytes=64 << 20, timeout_s=30)
-                return vector_of_adapter(data)[1]
+                break
             except BlobFetchError:
                 if now_ms() >= until:
                     raise
                 await trio.sleep(1.0)
+        # Decoded with torch only once the model loaded: torch's first use on two threads at
+        # once (the loader's and ours) can deadlock the node (training.vector.warm_numpy_bridge).
+        await self.model_ready.wait()
+        return vector_of_adapter(data)[1]
 
     # -- privacy --
 

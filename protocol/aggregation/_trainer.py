@@ -51,6 +51,15 @@ class TrainerRound:
         return [EnterPhase(TrainerPhase.TRAINING.value), Train(ro),
                 SetTimer("final_deadline", ro.final_deadline_ms)]
 
+    def worth_training(self, now_ms: int) -> bool:
+        """Whether training now can still end in a contribution: the round is still ours to
+        train for and its deadline has not passed. A trainer whose model was not ready when
+        the round opened (a node that just started or just joined, issue 15) asks before it
+        spends the CPU: rounds that ended meanwhile are skipped, so the open one is reached
+        in time. A query, no state change (Contribute still decides)."""
+        return (self.phase is TrainerPhase.TRAINING and self.round_open is not None
+                and now_ms < self.round_open.deadline_ms)
+
     def contribute(self, blob_id: str, *, ciphertext_count: int, size_bytes: int, now_ms: int) -> list[Effect]:
         """Contribute: send the sealed update's id, once, if the deadline has not passed."""
         ro = self._joined()
