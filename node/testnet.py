@@ -202,7 +202,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _spawn(node: NodeProcess) -> subprocess.Popen:
-    log = open(node.data_dir / "node.log", "wb")
+    # Appended: a node restarted in the same run (a test that kills one) keeps the log of
+    # its first life, which is where the reason for anything after the restart usually is.
+    # A new run starts from an empty directory (_fresh_node_dir).
+    log = open(node.data_dir / "node.log", "ab")
     # Own session: a Ctrl-C in the terminal reaches only this controller, which then
     # stops the nodes in order. Death signal: if the controller is killed outright,
     # the kernel sends each node SIGTERM, so no node outlives its test mesh.

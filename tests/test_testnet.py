@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from node.testnet import TestnetPlan, build_report, run_testnet, NodeProcess
+from node.testnet import NodeProcess, TestnetPlan, _spawn, build_report, run_testnet
 from protocol.membership import Role
 
 
@@ -76,3 +76,12 @@ def test_a_second_run_in_the_same_directory_is_a_new_mesh_and_keeps_only_fhe_key
     assert not (validator / "roles" / "rounds").exists() and not (validator / "roles" / "head.sqlite").exists()
     assert (validator / "roles" / "fhe-keys" / "evaluation.key").read_bytes() == b"kept"
     assert (validator / "node_key").read_bytes() != seed_before and (validator / "node.toml").exists()
+
+
+def test_a_node_restarted_in_the_same_run_keeps_the_log_of_its_first_life(tmp_path):
+    node = NodeProcess("v", Role.VALIDATOR, "hotkey", tmp_path, 0)  # no node.toml: each life fails at once
+    lengths = []
+    for _ in range(2):
+        assert _spawn(node).wait(timeout=120) != 0
+        lengths.append(len((tmp_path / "node.log").read_text().splitlines()))
+    assert lengths[0] > 0 and lengths[1] == 2 * lengths[0], lengths
