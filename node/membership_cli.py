@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from node.membership import COMMANDS_DIR
+from protocol.member_book import MEMBER_SLASH_GROUNDS
 
 
 class LeaveError(Exception):
@@ -57,7 +58,7 @@ def run_leave(args: argparse.Namespace) -> int:
     return 0
 
 
-GROUNDS = ("invalid_contribution", "sabotage", "withheld_share")  # protocol/member_book.MEMBER_SLASH_GROUNDS
+GROUNDS = MEMBER_SLASH_GROUNDS  # the record's own list: a new ground is a choice here at once
 
 
 def add_member_command(commands: argparse._SubParsersAction) -> None:
