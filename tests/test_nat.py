@@ -256,7 +256,9 @@ def test_daemon_announces_at_once_when_its_relayed_address_changes():
     node = SimpleNamespace(mesh=SimpleNamespace(peer_id="P"), genesis=SimpleNamespace(mesh_id="m"),
                            reachability=Reachability(), addrs=["/ip4/10.0.0.1/tcp/1/p2p/P"], started_ms=0,
                            settings=SimpleNamespace(announce_interval_s=100.0, role=SimpleNamespace(value="trainer")),
-                           presence=SimpleNamespace(heard_everyone=lambda: True), publish=publish)
+                           presence=SimpleNamespace(heard_everyone=lambda: True), publish=publish,
+                           membership=SimpleNamespace(left=trio.Event()))  # a member that has not left
+    node._announce = lambda: daemon.Node._announce(node)  # the loop calls it as a method
     relayed = "/ip4/10.0.0.9/tcp/2/p2p/R/p2p-circuit/p2p/P"
 
     async def main() -> None:
