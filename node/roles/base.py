@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 import trio
 
+from node.clock import now_ms  # node/roles/rounds.py takes it from here
 from node.blobs import BlobFetchError, Holder, fetch_from_holders, partial_dir_for
 from node.mesh import Mesh
 from node.metrics import NodeMetrics
@@ -32,10 +32,6 @@ log = logging.getLogger("sealmesh.roles")
 
 StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
