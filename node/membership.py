@@ -31,7 +31,7 @@ import trio
 from protocol import head as h
 from protocol import member_book as mb
 from node.clock import now_ms
-from protocol._wire import unpack_strict
+from crypto.wire import unpack_strict
 from protocol.admission import AdmissionPolicy, JoinRequest, LeaveRequest, MembershipUpdate, leave_penalty
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
