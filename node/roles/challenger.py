@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import json
 import logging
 import secrets
@@ -393,12 +392,9 @@ class ChallengerService(RoleService):
         weights = score_weights(scores)
         doc = {"epoch": effect.epoch, "validator": effect.validator, "scores": scores, "weights": weights}
         self.weights_set.append(doc)
-        settlement = self.ctx.service("settlement")
-        record = getattr(settlement, "record_scores", None)
-        if record is not None:
-            outcome = record(doc)
-            if inspect.isawaitable(outcome):
-                await outcome
+        settlement = self.ctx.settlement
+        if settlement is not None:
+            settlement.record_scores(doc)
         if self.settings.network:
             try:
                 await trio.to_thread.run_sync(set_weights_on_subnet, self.settings, weights)
