@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from node.cli_errors import UserError
 from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_bundle, exchange, load_fhe_config,
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
@@ -60,8 +61,6 @@ BRAINLOCK_ENDPOINTS_FILE = "brainlock_endpoints.json"
 
 def load_brainlock_endpoints(data_dir: Path) -> dict[str, tuple[str, int]]:
     """miner hotkey -> (host, port) from DATA_DIR/brainlock_endpoints.json; {} without it."""
-    from node.cli import UserError
-
     path = Path(data_dir) / BRAINLOCK_ENDPOINTS_FILE
     if not path.exists():
         return {}
