@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from protocol.errors import RemoteProtocolError
+from crypto.errors import RemoteProtocolError
 
 LABEL = b"sealmesh/channel/v1"
 PUBLIC_KEY_BYTES = 32

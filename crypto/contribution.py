@@ -29,6 +29,7 @@ from gmpy2 import mpz
 from crypto import djn, packing, proofs, subset_range
 from crypto.packing import PackingLayout
 from crypto.paillier import PublicKey
+from crypto.wire import unpack_strict  # the strict reader the message layer uses too
 
 WIRE_VERSION = 1
 PURPOSE_CONTRIBUTION = "contribution"
@@ -183,8 +184,6 @@ def encode(public: PublicKey, contribution: Contribution) -> bytes:
 
 def decode(public: PublicKey, data: bytes, *, max_ciphertexts: int = MAX_CIPHERTEXTS) -> Contribution:
     """Strict decode; raises InvalidContribution("malformed_contribution", ...) on anything off."""
-    from protocol._wire import unpack_strict  # pure helper shared with the message layer
-
     try:
         obj = unpack_strict(data)
     except Exception as exc:
@@ -322,8 +321,6 @@ def encode_slot_proof(proof: subset_range.SlotRangeProof) -> bytes:
 
 def decode_slot_proof(data: bytes) -> subset_range.SlotRangeProof:
     """Strict decode; raises InvalidContribution("malformed_slot_proof", ...) on anything off."""
-    from protocol._wire import unpack_strict
-
     try:
         obj = unpack_strict(data)
     except Exception as exc:

@@ -43,7 +43,7 @@ from crypto.paillier import (
     VerificationKeys,
 )
 from crypto.proofs import MAX_EXPONENT_EXCESS_BITS
-from protocol.errors import LocalProtocolError, RemoteProtocolError
+from crypto.errors import LocalProtocolError, RemoteProtocolError
 
 # Statistical hiding of every integer sharing (TNO's and ours), in bits. TNO defaults to
 # 40; 80 keeps shares within crypto/proofs.py's exponent headroom for committees up to ~25.

@@ -24,7 +24,7 @@ import msgpack
 from gmpy2 import mpz
 
 from crypto import batch_powmod
-from protocol._wire import unpack_strict  # the strict msgpack reader every peer's bytes go through
+from crypto.wire import unpack_strict  # the strict msgpack reader every peer's bytes go through
 
 DEFAULT_BITS = 2048
 SUPPORTED_BITS = (2048, 3072)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fhe.images import cifar_like_image
 from protocol.errors import LocalProtocolError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -254,8 +255,6 @@ def _build_cnv(checkpoint: Path | None) -> nn.Module:
 
 
 def _cnv_calibration() -> np.ndarray:
-    from fhe.inputs import cifar_like_image
-
     return np.stack([cifar_like_image(np.random.default_rng(seed)) for seed in range(100)])
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import trio
 
+from node.clock import now_ms
 from node.mesh import Mesh, MeshRequestError, request_started_ms
 from node.progress import Progress
 from node.storage.local import (BlobCorrupt, BlobNotFound, BlobStore, LocalBlobStore, PartialBlobFile, StorageError,
@@ -40,10 +41,6 @@ PROBE_PROTOCOL = "/sealmesh/probe/1"  # one-hop latency probe: the bare stream b
 MAX_BLOB_REQUEST_BYTES = 1024
 _OK, _ERROR, _MANIFEST = b"\x00", b"\x01", b"\x02"
 _MANIFEST_CACHE = 64  # manifests kept by a holder: a chunk is served without hashing the whole blob
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class BlobFetchError(Exception):
@@ -66,7 +63,7 @@ class BlobService:
 
     async def handle(self, peer_id: str, payload: bytes) -> bytes:
         # Freshness from when the request began to arrive, as for every stream request.
-        arrived_ms = request_started_ms() or _now_ms()
+        arrived_ms = request_started_ms() or now_ms()
         try:
             request = open_direct(payload, verifier=self.verifier, now_ms=arrived_ms,
                                   max_bytes=MAX_BLOB_REQUEST_BYTES)
@@ -148,7 +145,7 @@ async def fetch_blob(mesh: Mesh, signer: Signer, *, peer_id: str, peer_hotkey: s
     """Fetch and verify a blob from one peer; BlobFetchError or BlobCorrupt otherwise."""
     if not is_content_id(cid):
         raise ValueError(f"not a content id: {cid!r}")
-    envelope = seal_message(signer, BlobRequest(cid), now_ms=time.time_ns() // 1_000_000,
+    envelope = seal_message(signer, BlobRequest(cid), now_ms=now_ms(),
                             signed_for=peer_hotkey)
     reply = await mesh.request(peer_id, BLOB_PROTOCOL, envelope.to_gossip_bytes(),
                                max_response_bytes=max_bytes + 1, timeout_s=timeout_s)
@@ -277,7 +274,7 @@ async def _ask_manifest(mesh: Mesh, signer: Signer, holder: Holder, cid: str, ma
 async def _request(mesh: Mesh, signer: Signer, holder: Holder, message: Message, max_response: int,
                    timeout_s: float) -> bytes:
     """One signed request; the reply with its status byte, _OK or _MANIFEST, else BlobFetchError."""
-    envelope = seal_message(signer, message, now_ms=_now_ms(), signed_for=holder.hotkey)
+    envelope = seal_message(signer, message, now_ms=now_ms(), signed_for=holder.hotkey)
     reply = await mesh.request(holder.peer_id, BLOB_PROTOCOL, envelope.to_gossip_bytes(),
                                max_response_bytes=max_response, timeout_s=timeout_s)
     if reply[:1] in (_OK, _MANIFEST):

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from node.cli_errors import UserError  # re-exported: `from node.cli import UserError` keeps working
+
 EXAMPLES = """\
 examples:
   sealmesh wallet create --name alice --hotkey default
@@ -188,10 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sealmesh: error: {exc}", file=sys.stderr)
         return 2
     return 2
-
-
-class UserError(Exception):
-    pass
 
 
 def _parse_fault(text: str) -> tuple[str, str]:

@@ -37,7 +37,7 @@ from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, Verific
 from node.files import write_atomic
 from protocol.aggregation import RoundPolicy
 from protocol.committee_rules import committee_size_problem
-from protocol._wire import unpack_strict
+from crypto.wire import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 COMMITTEE_DIR = "committee"

@@ -15,12 +15,12 @@ import random
 import secrets
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import trio
 
+from node.clock import now_ms
 from node.addresses import announced_addrs
 from node.reachability import Reachability, keep_reachability
 from node.api import ApiServer
@@ -48,10 +48,6 @@ MEMBERSHIP_VIEW_INTERVAL_S = 5.0
 STATUS_INTERVAL_S = 0.5
 DIAL_ANNOUNCED_INTERVAL_S = 5.0  # how often members heard of but not connected to are dialled
 DIAL_ANNOUNCED_BACKOFF_S = 30.0  # ... and how long one that could not be reached is left alone
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def load_or_create_node_key(data_dir: Path) -> bytes:

@@ -16,12 +16,12 @@ import logging
 import math
 import os
 import shutil
-import time
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from node.clock import now_ms
 from node.mesh import Mesh, MeshRequestError
 from node.progress import PhaseProgress
 from protocol.challenge_messages import (FHE_PROTOCOL, MAX_RESPONSE_BYTES, Refused, StreamMessage, open_frame,
@@ -164,10 +164,6 @@ class ExchangeError(Exception):
     def __init__(self, reason: str, hint: str) -> None:
         super().__init__(f"{reason}: {hint}")
         self.reason, self.hint = reason, hint
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def exchange(mesh: Mesh, signer: Signer, verifier: EnvelopeVerifier, *, peer_id: str, peer_hotkey: str,

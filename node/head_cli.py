@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from node.clock import now_ms
 from protocol import head as h
 
 COMMANDS_DIR = "settlement-commands"  # node/roles/settlement.py watches it
@@ -152,7 +153,7 @@ def ask_node(data_dir: Path, command: str, *, timeout_s: float,
                            "settlement service has started?")
     result = folder / f"{command}.result"
     result.unlink(missing_ok=True)
-    request = {"at_ms": time.time_ns() // 1_000_000, **(payload or {})}
+    request = {"at_ms": now_ms(), **(payload or {})}
     tmp = folder / f"{command}.request.tmp"  # written whole, then renamed: never read half-written
     tmp.write_text(json.dumps(request))
     tmp.replace(folder / f"{command}.request")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from tno.mpc.communication import Pool
 from tno.mpc.communication.httphandlers import HTTPClient, HTTPServer
 from tno.mpc.communication.serialization import Serialization
 
+from node.clock import now_ms
 from protocol.epistula import Envelope, EpistulaError
 from protocol.errors import RemoteProtocolError
 from protocol.keygen_channel import (MAX_WIRE_BYTES, PERMANENT_REASONS, DuplicateSequence,
@@ -43,10 +43,6 @@ log = logging.getLogger("sealmesh.keygen.transport")
 
 REFUSED_HEADER = "X-Keygen-Refused"
 _RETRY_DELAY_S = 1.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ class SealedHTTPClient(HTTPClient):
                     timeout: ClientTimeout, num_retries: int) -> None:
         url = f"http://{self.addr}:{self.port}"
         while True:
-            body = make_body(_now_ms())
+            body = make_body(now_ms())
             try:
                 async with self.session.post(url, data=body, timeout=timeout) as resp:
                     text = await resp.text()
@@ -117,7 +113,7 @@ class SealedHTTPServer(HTTPServer):
                 reason="request_size"), status=413)
         wire = await request.read()
         try:
-            delivery = self.pool.channel.receive(wire, now_ms=_now_ms())
+            delivery = self.pool.channel.receive(wire, now_ms=now_ms())
         except DuplicateSequence:
             return web.Response(text="already received")  # the sender's retry: stop it
         except RemoteProtocolError as exc:

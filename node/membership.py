@@ -30,7 +30,8 @@ import trio
 
 from protocol import head as h
 from protocol import member_book as mb
-from protocol._wire import unpack_strict
+from node.clock import now_ms
+from crypto.wire import unpack_strict
 from protocol.admission import AdmissionPolicy, JoinRequest, LeaveRequest, MembershipUpdate, leave_penalty
 from protocol.errors import RemoteProtocolError
 from protocol.membership import Member, Role
@@ -45,10 +46,6 @@ LEAVE_RESEND_S = 10.0
 REPUBLISH_S = 15.0
 STEP_S = 0.5
 REPORT_SECTION = "membership"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class LiveGenesis:

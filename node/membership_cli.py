@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from node.cli_errors import UserError
 from node.membership import COMMANDS_DIR
 from protocol.member_book import MEMBER_SLASH_GROUNDS
 
@@ -47,7 +48,6 @@ def request_leave(data_dir: Path, timeout_s: float) -> dict:
 
 
 def run_leave(args: argparse.Namespace) -> int:
-    from node.cli import UserError
     try:
         doc = request_leave(args.data_dir, args.timeout)
     except LeaveError as exc:
@@ -80,7 +80,6 @@ def add_member_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_member(args: argparse.Namespace) -> int:
-    from node.cli import UserError
     from node.head_cli import HeadCliError, ask_node
 
     if args.round < 0:

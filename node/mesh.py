@@ -47,6 +47,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.clock import now_ms
 from node._libp2p_tuning import (
     MeshGossipSub,
     MeshPubsub,
@@ -864,7 +865,7 @@ class Mesh:
             topic=msg.topicIDs[0],
             from_peer=ID(msg.from_id).to_base58(),
             data=msg.data,
-            received_ms=int(time.time() * 1000),
+            received_ms=now_ms(),
             seqno=msg.seqno,
         )
         try:
@@ -919,7 +920,7 @@ class Mesh:
         prefix and, for an envelope-first protocol, the envelope, verified."""
         with trio.move_on_after(self.config.stream_header_timeout_s):
             length = int.from_bytes(await self._read(stream, 4), "big")
-            started_ms = int(time.time() * 1000)
+            started_ms = now_ms()
             _request_started_ms.set(started_ms)
             if length > route.max_request_bytes:
                 raise StreamRefused("request_too_large",

@@ -1,29 +1,11 @@
 """The two kinds of protocol error, after h11: our own misuse vs a peer's bad input.
 
-Every RemoteProtocolError carries a short machine-readable `reason` (a /metrics label
-and a log field) and a human hint.
+Defined in crypto/errors.py (crypto/ raises them too and may not import protocol/);
+this is where the protocol and the node import them from.
 """
 
 from __future__ import annotations
 
+from crypto.errors import LocalProtocolError, RemoteProtocolError
 
-class LocalProtocolError(Exception):
-    """We asked a machine to do something its rules forbid: a bug on our side."""
-
-
-class RemoteProtocolError(Exception):
-    """A peer sent something the protocol rejects. `reason` is a stable label."""
-
-    reason = "invalid"
-
-    def __init__(self, hint: str, *, reason: str | None = None) -> None:
-        super().__init__(hint)
-        if reason is not None:
-            self.reason = reason
-
-    @property
-    def hint(self) -> str:
-        return str(self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(reason={self.reason!r}, hint={self.hint!r})"
+__all__ = ["LocalProtocolError", "RemoteProtocolError"]

@@ -50,7 +50,7 @@ from node.storage import BlobCorrupt, InvalidContentId, LocalBlobStore, content_
 from protocol import epistula as ep
 from protocol import head
 from protocol import messages as m
-from protocol._wire import unpack_strict
+from crypto.wire import unpack_strict
 from protocol.errors import RemoteProtocolError
 from protocol.inbound import open_direct, open_gossip, open_request, seal_message
 from protocol.keygen_channel import MAX_WIRE_BYTES, CeremonyRoster, KeygenChannel, MalformedFrame
@@ -660,10 +660,10 @@ class _NoStore:
     put = has = delete = get
 
 
-# Every msgpack decoding call outside protocol/_wire.unpack_strict, and why it may be
+# Every msgpack decoding call outside crypto/wire.unpack_strict, and why it may be
 # there. A new decoder of peer bytes must use unpack_strict (this test then says so).
 LENIENT_MSGPACK_READERS = {
-    "protocol/_wire.py": "unpack_strict itself",
+    "crypto/wire.py": "unpack_strict itself",
     "crypto/dkg.py": "this member's own key share file",
     "node/committee.py": "this node's committee files",
     "node/keygen.py": "this member's ceremony result file",
@@ -682,7 +682,7 @@ def test_sound_strict_msgpack_peer_bytes_go_through_unpack_strict():
                 readers.add(str(path.relative_to(root)))
     assert readers <= set(LENIENT_MSGPACK_READERS), (
         f"{sorted(readers - set(LENIENT_MSGPACK_READERS))} decode msgpack without "
-        "protocol._wire.unpack_strict: use it for anything a peer sent")
+        "crypto.wire.unpack_strict: use it for anything a peer sent")
 
 
 @pytest.mark.slow  # importing TNO's serializers pulls in torch and pandas: 6-15 s here

@@ -15,7 +15,7 @@ from crypto.identity import Hotkey
 from node.metrics import NodeMetrics
 from node.registry.genesis import Genesis
 from node.roles import settlement as st
-from node.roles.base import RoleContext
+from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings, SettingsError
 from node.settlement import EmbeddedHead
 from protocol import head as h
@@ -319,6 +319,34 @@ async def test_hydra_backend_settles_a_round_on_a_hydra_node(tmp_path):
     assert [m["tag"] for m in peer.received] == ["Init", "NewTx", "Close", "Fanout"]
     carried = [r for snap in peer.snapshots for tx in snap.confirmed for r in records_in(tx_from_envelope(tx))]
     assert carried == [RoundResultRecord(0, "adapter-0", tuple(sorted([T1, T2])), {T1: 60, T2: 60})]
+
+
+def test_both_backends_are_settlement_backends_reached_through_the_role_context(tmp_path):
+    import inspect
+
+    from node.roles.base import SettlementBackend
+
+    for backend in (st.SettlementService, st.HydraSettlementService):
+        assert issubclass(backend, SettlementBackend), backend
+        assert inspect.iscoroutinefunction(backend.step), backend
+    embedded = st.make_service(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path))
+    hydra = st.make_service(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path, settlement="hydra",
+                                         hydra_url="ws://127.0.0.1:1"))
+
+    def context(services: dict) -> RoleContext:
+        return RoleContext(settings=embedded.settings, hotkey=KEYS[0], genesis=GENESIS, mesh=None, store=None,
+                           verifier=None, metrics=NodeMetrics(), data_dir=tmp_path / "roles",
+                           publish=None, peer_of=lambda hotkey: None, services=services)
+
+    assert context({"settlement": embedded}).settlement is embedded
+    assert context({"settlement": hydra}).settlement is hydra
+    assert context({}).settlement is None  # trainers and miners run none
+
+    class NotABackend(RoleService):
+        name = "settlement"
+
+    with pytest.raises(TypeError, match="NotABackend lacks the SettlementBackend methods"):
+        context({"settlement": NotABackend()}).settlement
 
 
 def test_hydra_backend_needs_a_hydra_url():

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import trio
 
+from node.clock import now_ms  # node/roles/rounds.py takes it from here
 from node.blobs import BlobFetchError, Holder, fetch_from_holders, partial_dir_for
 from node.mesh import Mesh
 from node.metrics import NodeMetrics
@@ -34,8 +34,23 @@ StreamHandler = Callable[[str, bytes], Awaitable[bytes]]
 T = TypeVar("T")
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+@runtime_checkable
+class SettlementBackend(Protocol):
+    """What the other roles ask of this node's settlement service, whichever backend runs
+    it: node/roles/settlement.py's SettlementService (the embedded head) or
+    HydraSettlementService (a hydra-node's head). Reached as `RoleContext.settlement`."""
+
+    def record_round(self, doc: dict[str, Any]) -> None:
+        """A finished round (node/roles/rounds.py): this party's view, and the record if it authors."""
+
+    def record_scores(self, doc: dict[str, Any]) -> None:
+        """An epoch's miner scores (node/roles/challenger.py), the same way."""
+
+    def is_author(self) -> bool:
+        """Whether this node authors the head's records (rank 0 of its parties)."""
+
+    async def step(self) -> None:
+        """One pass of the backend's loop: open, record what is queued, close when done."""
 
 
 @dataclass
@@ -67,8 +82,19 @@ class RoleContext:
             self._sections[section] = doc
 
     def service(self, name: str) -> "RoleService | None":
-        """Another role service of this node (e.g. "settlement" to record a round), if running."""
+        """Another role service of this node, by its name, if running."""
         return self.services.get(name)
+
+    @property
+    def settlement(self) -> SettlementBackend | None:
+        """This node's settlement backend, if it runs one (validators do)."""
+        service = self.services.get("settlement")
+        if service is None:
+            return None
+        if not isinstance(service, SettlementBackend):
+            raise TypeError(f"the settlement service {type(service).__name__} lacks the SettlementBackend "
+                            "methods (node/roles/base.py)")
+        return service
 
     def sections(self) -> dict[str, Any]:
         with self._lock:

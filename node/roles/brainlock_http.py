@@ -46,7 +46,7 @@ from typing import Any
 
 import trio
 
-from node.fhe_service import now_ms
+from node.clock import now_ms
 from protocol.brainlock import (BrainlockRefusal, check_body_complete, check_body_progress,
                                 check_body_signature, check_declared_body, check_headers, check_upload_slot,
                                 form_boundary, parse_compute_form, parse_form, require_field, route_body_limit,

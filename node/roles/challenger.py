@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import json
 import logging
 import secrets
@@ -39,6 +38,7 @@ from typing import Any
 
 import trio
 
+from node.cli_errors import UserError
 from node.fhe_service import (REPORT_SECTION, ExchangeError, FheConfig, ensure_bundle, exchange, load_fhe_config,
                               write_fhe_config)
 from node.roles.base import RoleContext, RoleService
@@ -61,8 +61,6 @@ BRAINLOCK_ENDPOINTS_FILE = "brainlock_endpoints.json"
 
 def load_brainlock_endpoints(data_dir: Path) -> dict[str, tuple[str, int]]:
     """miner hotkey -> (host, port) from DATA_DIR/brainlock_endpoints.json; {} without it."""
-    from node.cli import UserError
-
     path = Path(data_dir) / BRAINLOCK_ENDPOINTS_FILE
     if not path.exists():
         return {}
@@ -393,12 +391,9 @@ class ChallengerService(RoleService):
         weights = score_weights(scores)
         doc = {"epoch": effect.epoch, "validator": effect.validator, "scores": scores, "weights": weights}
         self.weights_set.append(doc)
-        settlement = self.ctx.service("settlement")
-        record = getattr(settlement, "record_scores", None)
-        if record is not None:
-            outcome = record(doc)
-            if inspect.isawaitable(outcome):
-                await outcome
+        settlement = self.ctx.settlement
+        if settlement is not None:
+            settlement.record_scores(doc)
         if self.settings.network:
             try:
                 await trio.to_thread.run_sync(set_weights_on_subnet, self.settings, weights)

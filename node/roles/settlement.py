@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import trio
 
+from node.clock import now_ms
 from node.roles.base import RoleContext, RoleService
 from node.settings import NodeSettings, SettingsError
 from node.settlement.embedded import EmbeddedHead, Outbound
@@ -68,10 +69,6 @@ INBOX = 1024
 COMMANDS_DIR = "settlement-commands"  # `sealmesh head close|fanout` drop a file here
 COMMANDS = ("close", "fanout", "withdraw", "member_slash")
 OFFENCES_FILE = "offences.json"  # this validator's round views that a MemberSlash must match
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 split_reward = rules.split_reward  # the reward rule lives in protocol/head_rules

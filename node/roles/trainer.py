@@ -31,7 +31,8 @@ import trio
 
 from node import committee as cm
 from node.blobs import BlobFetchError
-from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms, remind
+from node.clock import now_ms
+from node.roles.base import GuardedWork, RoleContext, RoleService, remind
 from node.roles.rounds import (REPORT_SECTION, STATE_DIR, Inbox, RoundConfig, StateFiles, adapter_values,
                                layout_of, load_training_model, members_with, mesh_rounds, vector_of_adapter)
 from node.settings import NodeSettings
