@@ -34,6 +34,7 @@ The package, one module per part, each importing only those above it:
   _phases      the three machines' phases
   _effects     what a machine asks its shell to do
   _round_open  a RoundOpen checked, and the mesh's rules it must match (MeshRounds, RoundPolicy)
+  _blocks      who decrypts which block: substitutes, cover, the batches a combine takes
   _rules       the draw of contributors, the blocks a partial carries, the blame step
   _agreement   accepted sets and the quorum that agrees on one
   _state       saved state: version, the RoundOpen in wire form, shared guards
@@ -48,9 +49,10 @@ underscore modules (tests/test_layering.py).
 from __future__ import annotations
 
 from protocol.aggregation._phases import CommitteePhase, Phase, TrainerPhase
-from protocol.aggregation._effects import (BlamePosition, CombinePartials, ComputeAggregate, DecryptPartial, Effect,
-                                           EnterPhase, ProveSlots, Send, SetTimer, Train, VerifyContributionBlob,
-                                           VerifyPartialBlob, VerifySlotProofBlob)
+from protocol.aggregation._effects import (BlamePosition, CombinePartials, ComputeAggregate, CoverBlocks,
+                                           DecryptPartial, Effect, EnterPhase, ProveSlots, Send, SetTimer, Train,
+                                           VerifyContributionBlob, VerifyPartialBlob, VerifySlotProofBlob)
+from protocol.aggregation._blocks import blocks_for, blocks_to_decrypt, cover, cover_for_missing
 from protocol.aggregation._round_open import (DEFAULT_HYPERPARAMETERS, MAX_HOTKEY_CHARS, HyperparameterBound,
                                               MeshRounds, OpenRefusal, RoundPolicy, check_round_open,
                                               expected_base_adapter, hyperparameters_problem, is_blob_id,
@@ -59,7 +61,7 @@ from protocol.aggregation._round_open import (DEFAULT_HYPERPARAMETERS, MAX_HOTKE
 from protocol.aggregation._rules import (BLAME_MS, CANDIDATES_PER_PLACE, COOLDOWN_ROUNDS, MAX_BLAME_MS,
                                          NAMED_OUT_OF_RANGE, NAMED_SILENT, blame_position_problem, candidate_limit,
                                          cooling_down, draw_contributors, draw_seed, own_blocks,
-                                         partial_coverage_problem)
+                                         partial_coverage_problem, round_blocks)
 from protocol.aggregation._agreement import SetView
 from protocol.aggregation._state import STATE_VERSION
 from protocol.aggregation._validator import Exclusion, ValidatorRound
@@ -75,16 +77,17 @@ from protocol.aggregation._invariants import (ACTIONS, ADVERSARY_ACTIONS, ENVIRO
 from protocol.aggregation_messages import MAX_NAME_CHARS
 
 __all__ = [
-    "ACTIONS", "ADVERSARY_ACTIONS", "BLAME_MS", "blame_position_problem", "BlamePosition", "candidate_limit",
-    "CANDIDATES_PER_PLACE", "check_round_open", "CombinePartials", "CommitteePhase", "CommitteeRound",
-    "ComputeAggregate", "COOLDOWN_ROUNDS", "cooling_down", "DecryptPartial", "DEFAULT_HYPERPARAMETERS",
+    "ACTIONS", "ADVERSARY_ACTIONS", "BLAME_MS", "blame_position_problem", "BlamePosition", "blocks_for",
+    "blocks_to_decrypt", "candidate_limit", "CANDIDATES_PER_PLACE", "check_round_open", "CombinePartials",
+    "CommitteePhase", "CommitteeRound", "ComputeAggregate", "COOLDOWN_ROUNDS", "cooling_down", "cover",
+    "cover_for_missing", "CoverBlocks", "DecryptPartial", "DEFAULT_HYPERPARAMETERS",
     "draw_contributors", "draw_seed", "Effect", "EnterPhase", "ENVIRONMENT_ACTIONS", "Exclusion",
     "expected_base_adapter", "FinalContainsOnlyValidContributions", "HonestNeverNamed",
     "HonestValidatorsAgreeOnAdapter", "HyperparameterBound", "hyperparameters_problem", "INVARIANTS", "is_blob_id",
     "JoinedOnlyMeshRounds", "MAX_BLAME_MS", "MAX_HOTKEY_CHARS", "MAX_NAME_CHARS", "MeshRounds", "NAMED_OUT_OF_RANGE", "NAMED_SILENT",
     "NoDecryptionBelowMin", "OnlyAgreedAggregateDecrypted", "open_wait_reason", "OpenRefusal",
     "OverflowNamesAByzantine", "own_blocks", "partial_coverage_problem", "Phase", "ProveSlots", "quorum",
-    "round_id_problem", "round_open_problem", "round_open_refusal", "RoundPolicy", "scheduled_opener", "Send",
+    "round_blocks", "round_id_problem", "round_open_problem", "round_open_refusal", "RoundPolicy", "scheduled_opener", "Send",
     "SetTimer", "SetView", "STATE_VERSION", "Train", "TrainerPhase", "TrainerRound", "TypeOK", "ValidatorRound",
     "VerifyContributionBlob", "VerifyPartialBlob", "VerifySlotProofBlob",
 ]
