@@ -11,7 +11,9 @@ Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED
              accepted ones (sorted by trainer hotkey) are aggregated and published as
              an AcceptedSet; the round goes on with the set that a quorum (a strict
              majority of the round's validators) published identically;
-  DECRYPT    t valid partial decryptions of that aggregate are combined;
+  DECRYPT    partial decryptions of that aggregate are verified; once every decryption
+             block has t valid batches from distinct members (first partial or cover:
+             _blocks.cover) those batches are combined (CombinePartials names them);
   FINAL      the shell reports the new adapter id; RoundFinal is sent.
   BLAME      the sum did not unpack at one position (SlotOverflow, issue 11 finding 5):
              every contributor of the agreed set is asked to prove that position in
@@ -19,7 +21,8 @@ Validator phases:  OPEN -> COLLECT -> AGGREGATE -> DECRYPT -> FINAL, or ABORTED
              stayed silent is named in bad_contributors and the round is aborted; the
              named are refused as contributors for COOLDOWN_ROUNDS rounds after it.
 A committee member releases its partial decryption only for an aggregate that a quorum
-agreed on, that it recomputed itself, and that has at least the mesh's min_contributors.
+agreed on, that it recomputed itself, and that has at least the mesh's min_contributors;
+after it, once, a cover of blocks still short of t valid batches (choose_cover -> CoverBlocks).
 
 Who may open a round, and with which parameters, is not the RoundOpen's to say: every
 node holds the mesh's rules (MeshRounds: validators, committee, RoundPolicy) and joins
