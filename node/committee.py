@@ -15,9 +15,9 @@ A node's committee directory (DATA_DIR/committee) holds:
 committee keygen`, node/keygen.py) writes them too, keeping its member_key.msgpack as
 the share. A committee that can decrypt single updates (protocol/committee_rules.py)
 loads only when the node's settings say insecure_small_committee, with a warning. Everything else in this module is the
-shell's side of threshold decryption: which positions of the aggregate each member
-decrypts (crypto.contribution.decryption_blocks, plus cover for members that are gone),
-and the wire form of aggregates and partial-decryption blobs.
+shell's side of threshold decryption: the wire form of aggregates and partial-decryption
+blobs, and combining the batches a validator's machine chose. Which member decrypts which
+block (substitutes, cover) is protocol.aggregation's rule (_blocks.py).
 """
 
 from __future__ import annotations
@@ -233,71 +233,6 @@ def save_ceremony_committee(directory: Path, members: Sequence[str],
     return key
 
 
-# --- who decrypts what -------------------------------------------------------------------
-
-
-def blocks_for(count: int, committee_size: int, threshold: int) -> list[DecryptionBlock]:
-    return decryption_blocks(count, range(1, committee_size + 1), threshold)
-
-
-def blocks_to_decrypt(blocks: Sequence[DecryptionBlock], me: int, alive: Iterable[int],
-                      threshold: int) -> list[int]:
-    """Block numbers member `me` decrypts: its own, and a gone member's where it is needed.
-
-    A block whose assigned members are not all alive needs substitutes: the alive members
-    outside it, lowest index first, as many as are missing. Every member that sees the
-    same alive set picks the same substitutes, so the work is not duplicated.
-    """
-    alive = set(alive) | {me}
-    chosen = []
-    for number, block in enumerate(blocks):
-        if me in block.members:
-            chosen.append(number)
-            continue
-        missing = sum(1 for m in block.members if m not in alive)
-        substitutes = sorted(m for m in alive if m not in block.members)[:missing]
-        if me in substitutes:
-            chosen.append(number)
-    return chosen
-
-
-def cover_for_missing(blocks: Sequence[DecryptionBlock], holders: Mapping[int, Iterable[int]], me: int,
-                      threshold: int) -> list[int]:
-    """Block numbers member `me` covers once the partials are in: blocks with fewer than t
-    valid batches get substitutes from the members that released valid partials (so are
-    live) and hold none for that block, lowest index first, as many as are missing.
-    `holders`: member -> block numbers of its valid batches. Every member with the same
-    view picks the same substitutes (issue 11 finding 7)."""
-    live = sorted(holders)
-    if me not in holders:
-        return []
-    by_block: dict[int, set[int]] = {b: set() for b in range(len(blocks))}
-    for member, numbers in holders.items():
-        for b in numbers:
-            if b in by_block:
-                by_block[b].add(member)
-    chosen = []
-    for number, have in sorted(by_block.items()):
-        missing = threshold - len(have)
-        if missing > 0 and me in [m for m in live if m not in have][:missing]:
-            chosen.append(number)
-    return chosen
-
-
-def cover(blocks: Sequence[DecryptionBlock], holders: Mapping[int, Iterable[int]],
-          threshold: int) -> dict[int, list[int]] | None:
-    """For each block, the t members (lowest index first) whose valid partials cover it;
-    None while some block has fewer than t. `holders`: member -> block numbers it gave."""
-    by_block: dict[int, list[int]] = {b: [] for b in range(len(blocks))}
-    for member, numbers in holders.items():
-        for b in numbers:
-            if b in by_block:
-                by_block[b].append(member)
-    if any(len(m) < threshold for m in by_block.values()):
-        return None
-    return {b: sorted(m)[:threshold] for b, m in by_block.items()}
-
-
 # --- blobs -------------------------------------------------------------------------------
 
 
@@ -399,8 +334,8 @@ def combine_blocks(key: CommitteeKey, aggregate: Sequence[int], blocks: Sequence
 
 
 __all__ = [
-    "BadAggregateBlob", "BadPartialBlob", "COMMITTEE_DIR", "CommitteeKey", "CommitteeKeyError", "blocks_for",
-    "blocks_to_decrypt", "combine_blocks", "cover", "cover_for_missing", "deal_committee", "decode_aggregate",
+    "BadAggregateBlob", "BadPartialBlob", "COMMITTEE_DIR", "CommitteeKey", "CommitteeKeyError",
+    "combine_blocks", "deal_committee", "decode_aggregate",
     "decode_partial_blob",
     "encode_aggregate", "encode_partial_blob", "load_committee", "majority", "partial_context", "public_key_id",
     "public_part", "save_ceremony_committee", "save_committee", "write_atomic",

@@ -18,7 +18,8 @@ Reductions, stated:
 - RoundOpen reaches every trainer and member in the step the first validator opens
   (copies from other validators are identical and idempotent: test_aggregation.py).
 - local shell work completes in the step that asks for it: verifying a contribution or
-  a partial, computing an aggregate, combining. A member's partial decryption is its
+  a partial, computing an aggregate, combining. Honest members decrypt substitutes for
+  the bad member's blocks in their first partial (blocks_to_decrypt), so no cover step. A member's partial decryption is its
   own step (so a member can drop out after agreeing). A verdict still pending at the
   deadline is covered in test_aggregation.py instead.
 - messages that can no longer change their recipient (a contribution after the
@@ -178,8 +179,14 @@ def shell_result(node: str, machine: Any, effect: Any, world: World) -> tuple[st
         return "release_partial", (effect.aggregate_id, h(f"partial:{node}:{effect.aggregate_id}")), {}
     if isinstance(effect, agg.VerifyPartialBlob):
         good = effect.member not in BAD_MEMBERS and effect.member_index == COMMITTEE.index(effect.member) + 1
-        # an honest member's batch carries its own blocks (agg.own_blocks), a bad one's a bad proof
-        ok = {"valid": True, "blocks": agg.own_blocks(machine.round_open, effect.member)}
+        # An honest member's batch carries its own blocks and, by the substitute rule
+        # (agg.blocks_to_decrypt), the bad member's: the cover those blocks need, folded into
+        # the first partial (the cover step itself is driven in test_aggregation.py); a bad
+        # member's batch has a bad proof. The combine needs t valid batches per block.
+        ro = machine.round_open
+        good_members = [COMMITTEE.index(c) + 1 for c in COMMITTEE if c not in BAD_MEMBERS]
+        ok = {"valid": True, "blocks": agg.blocks_to_decrypt(agg.round_blocks(ro), effect.member_index,
+                                                              good_members, ro.threshold)}
         return "verify_partial", (effect.member,), (ok if good else {"valid": False, "reason": "proof"})
     if isinstance(effect, agg.CombinePartials):
         return "finalize", (h(f"adapter:{effect.base_adapter_id}:{effect.aggregate_id}"), {"l2": 0.5}), {}

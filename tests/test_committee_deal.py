@@ -14,6 +14,7 @@ import pytest
 from crypto import paillier
 from crypto.identity import Hotkey
 from node import committee as cm
+from protocol import aggregation as agg
 from node import keygen
 from node.cli import main
 from node.keygen_cli import keygen_main
@@ -46,7 +47,7 @@ def decrypts_with(keys: list[cm.CommitteeKey], public: cm.CommitteeKey, alive: l
     a round does (blocks_to_decrypt, cover), combine; returns the plaintexts."""
     values = [secrets.randbelow(1 << 40) for _ in range(5)]
     aggregate = [public.public.encrypt(v) for v in values]
-    blocks = cm.blocks_for(len(aggregate), len(public.members), public.threshold)
+    blocks = agg.blocks_for(len(aggregate), len(public.members), public.threshold)
     context_of = lambda b: cm.partial_context("deal-test", 0, "agg", b)  # noqa: E731
     batches = {}
     for key in keys:
@@ -55,8 +56,8 @@ def decrypts_with(keys: list[cm.CommitteeKey], public: cm.CommitteeKey, alive: l
             continue
         batches[me] = {b: paillier.partial_decrypt_many(key.share, aggregate[blocks[b].start:blocks[b].stop],
                                                         context_of(b), workers=1)
-                       for b in cm.blocks_to_decrypt(blocks, me, alive, public.threshold)}
-    chosen = cm.cover(blocks, {m: list(bs) for m, bs in batches.items()}, public.threshold)
+                       for b in agg.blocks_to_decrypt(blocks, me, alive, public.threshold)}
+    chosen = agg.cover(blocks, {m: list(bs) for m, bs in batches.items()}, public.threshold)
     assert chosen is not None
     assert cm.combine_blocks(public, aggregate, blocks, batches, chosen, context_of) == values
     return values

@@ -12,6 +12,7 @@ import pytest
 
 from crypto import contribution, paillier
 from node import committee as cm
+from protocol import aggregation as agg
 from node.roles import rounds
 from node.roles.trainer import shard_index, tamper, TrainerUsageError
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -66,20 +67,20 @@ def test_committee_files_missing_or_inconsistent_say_why(tmp_path, keys):
 
 @pytest.mark.parametrize("n,t", [(2, 2), (3, 2), (5, 3)])
 def test_each_block_gets_t_members_when_all_alive_and_when_one_is_gone(n, t):
-    blocks = cm.blocks_for(100, n, t)
+    blocks = agg.blocks_for(100, n, t)
     everyone = set(range(1, n + 1))
-    holders = {m: cm.blocks_to_decrypt(blocks, m, everyone, t) for m in everyone}
-    assert cm.cover(blocks, holders, t) is not None
+    holders = {m: agg.blocks_to_decrypt(blocks, m, everyone, t) for m in everyone}
+    assert agg.cover(blocks, holders, t) is not None
     assert all(len(h) == t for h in holders.values())  # t/n of the work each
     if n > t:
         gone = n  # the last member never shows up
         alive = everyone - {gone}
-        holders = {m: cm.blocks_to_decrypt(blocks, m, alive, t) for m in alive}
-        chosen = cm.cover(blocks, holders, t)
+        holders = {m: agg.blocks_to_decrypt(blocks, m, alive, t) for m in alive}
+        chosen = agg.cover(blocks, holders, t)
         assert chosen is not None and all(gone not in ms for ms in chosen.values())
         # without the cover, the survivors' own blocks alone do not suffice
         own = {m: [b for b, blk in enumerate(blocks) if m in blk.members] for m in alive}
-        assert cm.cover(blocks, own, t) is None
+        assert agg.cover(blocks, own, t) is None
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +98,18 @@ def sealed_round(keys):
 def test_partials_by_block_combine_to_the_mean(keys, sealed_round):
     layout, updates, _, total = sealed_round
     public = keys[0].public
-    blocks = cm.blocks_for(len(total), 3, 2)
+    blocks = agg.blocks_for(len(total), 3, 2)
     aggregate_id = "ab" * 32
     context = lambda b: cm.partial_context("m", 0, aggregate_id, b)  # noqa: E731
     batches = {}
     for key in keys[:2]:  # member 3 is gone: 1 and 2 cover its blocks
-        mine = cm.blocks_to_decrypt(blocks, key.share.index, {1, 2}, 2)
+        mine = agg.blocks_to_decrypt(blocks, key.share.index, {1, 2}, 2)
         data = cm.encode_partial_blob(public, key.share.index, aggregate_id, {
             b: paillier.partial_decrypt_many(key.share, total[blocks[b].start:blocks[b].stop], context(b), workers=1)
             for b in mine})
         batches[key.share.index] = cm.decode_partial_blob(keys[0], data, member_index=key.share.index,
                                                           aggregate_id=aggregate_id, blocks=blocks)
-    chosen = cm.cover(blocks, {m: list(b) for m, b in batches.items()}, 2)
+    chosen = agg.cover(blocks, {m: list(b) for m, b in batches.items()}, 2)
     plaintexts = cm.combine_blocks(keys[0], total, blocks, batches, chosen, context)
     mean = contribution.decode_sum(plaintexts, 300, 2, layout)
     assert np.max(np.abs(mean - (updates[0] + updates[1]) / 2)) < 2 * layout.step
@@ -117,7 +118,7 @@ def test_partials_by_block_combine_to_the_mean(keys, sealed_round):
 def test_partial_blob_of_another_member_or_aggregate_or_garbage_is_refused(keys, sealed_round):
     _, _, _, total = sealed_round
     public = keys[0].public
-    blocks = cm.blocks_for(len(total), 3, 2)
+    blocks = agg.blocks_for(len(total), 3, 2)
     agg_id = "cd" * 32
     batch = paillier.partial_decrypt_many(keys[0].share, total[blocks[0].start:blocks[0].stop], b"x", workers=1)
     data = cm.encode_partial_blob(public, 1, agg_id, {0: batch})

@@ -330,7 +330,7 @@ def test_finding7_an_incomplete_partial_names_its_member_and_live_members_cover_
     store, wire = SharedStore(), Wire()
     blobs = {t: store.put(contribution.encode(public, contribution.seal(
         public, layout, u, contribution.context_for(public, genesis.mesh_id, 0, t)))) for t, u in updates.items()}
-    blocks = cm.blocks_for(ro.ciphertexts_per_contribution, len(VALIDATORS), keys[0].threshold)
+    blocks = agg.blocks_for(ro.ciphertexts_per_contribution, len(VALIDATORS), keys[0].threshold)
     attackers_own = agg.own_blocks(ro, attacker)
     assert len(attackers_own) == 2  # it decrypts one of them only
 
@@ -361,6 +361,7 @@ def test_finding7_an_incomplete_partial_names_its_member_and_live_members_cover_
             await _until(lambda: all(n.slots[0].validator.bad_partials for n in nodes), "the attacker named")
             await _until(lambda: all(n.slots[0].validator.covers_valid == set(honest) for n in nodes),
                          "both covers verified", timeout_s=90)
+            await _until(lambda: all(hasattr(n, "combine_asked") for n in nodes), "the machines' combine")
             nursery.cancel_scope.cancel()
         return nodes, agreed, total, context
 
@@ -370,10 +371,20 @@ def test_finding7_an_incomplete_partial_names_its_member_and_live_members_cover_
         assert v.bad_partials == {attacker: "incomplete_partial"}  # named, with why
         assert v.partials_valid == set(honest) and v.bad_covers == {}
         assert node.combine_asked.aggregate_id == agreed.aggregate_id
-    index = {VALIDATORS.index(m) + 1: m for m in honest}
-    batches = {i: nodes[0].slots[0].batches[m] for i, m in index.items()}
-    chosen = cm.cover(blocks, {i: list(b) for i, b in batches.items()}, keys[0].threshold)
-    assert chosen is not None  # every block has t = 2 valid batches again
+    # The machine asked for the combine only once every block had t = 2 valid batches, and
+    # named them: members 2 and 3, each block's from the partial or cover blob that holds it.
+    v, effect = nodes[0].slots[0].validator, nodes[0].combine_asked
+    assert [b for b, _ in effect.batches] == list(range(len(blocks)))
+    assert all(len(chosen) == keys[0].threshold for _, chosen in effect.batches)
+    assert {i for _, chosen in effect.batches for i, _ in chosen} == {2, 3}
+    assert {blob for _, chosen in effect.batches for _, blob in chosen} == (
+        {v.partials[m][1] for m in honest} | {v.covers[m][1] for m in honest})
+    batches: dict[int, dict] = {}
+    for b, chosen_batches in effect.batches:
+        for i, blob in chosen_batches:
+            batches.setdefault(i, {})[b] = nodes[0].slots[0].batches[blob][b]
+    chosen = {b: [i for i, _ in c] for b, c in effect.batches}
+    assert chosen == agg.cover(blocks, {i: list(b) for i, b in batches.items()}, keys[0].threshold)
     assert {tuple(nodes[i].slots[0].shell["cover_blocks"]) for i in range(2)} == {(0,), (2,)}
     plaintexts = cm.combine_blocks(keys[0], total, blocks, batches, chosen, context)
     mean = contribution.decode_sum(plaintexts, VALUES, 2, rounds.layout_of(ro))
@@ -385,13 +396,13 @@ def test_finding7_the_coverage_rule_and_who_covers_what(keys):
     assert agg.own_blocks(ro, VALIDATORS[0]) == (0, 2)
     assert agg.partial_coverage_problem(ro, VALIDATORS[0], [0]) == f"blocks [2] of {VALIDATORS[0]}'s are missing"
     assert agg.partial_coverage_problem(ro, VALIDATORS[0], [0, 1, 2]) is None  # cover blocks besides: fine
-    blocks = cm.blocks_for(30, 3, 2)  # b0: (1, 2), b1: (2, 3), b2: (3, 1)
+    blocks = agg.blocks_for(30, 3, 2)  # b0: (1, 2), b1: (2, 3), b2: (3, 1)
     # member 1 released only b0: b2 lacks a batch; members 2 and 3 are live
     holders = {2: [0, 1], 3: [1, 2]}
-    assert cm.cover_for_missing(blocks, holders, 2, 2) == [2]
-    assert cm.cover_for_missing(blocks, holders, 3, 2) == [0]
-    assert cm.cover_for_missing(blocks, holders, 1, 2) == []  # a member not found valid covers nothing
-    assert cm.cover_for_missing(blocks, {1: [0, 2], 2: [0, 1], 3: [1, 2]}, 2, 2) == []  # nothing missing
+    assert agg.cover_for_missing(blocks, holders, 2, 2) == [2]
+    assert agg.cover_for_missing(blocks, holders, 3, 2) == [0]
+    assert agg.cover_for_missing(blocks, holders, 1, 2) == []  # a member not found valid covers nothing
+    assert agg.cover_for_missing(blocks, {1: [0, 2], 2: [0, 1], 3: [1, 2]}, 2, 2) == []  # nothing missing
 
 
 # --- finding 8: first come, first served let colluders isolate one trainer -------------------

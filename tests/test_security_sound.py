@@ -40,6 +40,7 @@ from crypto import contribution as C
 from crypto import paillier, proofs
 from crypto.identity import Hotkey
 from node import committee as cm
+from protocol import aggregation as agg
 from node import keygen
 from node.blobs import MAX_BLOB_REQUEST_BYTES, BlobService, fetch_blob
 from node.daemon import Node, gossip_validator, load_or_create_node_key
@@ -241,7 +242,7 @@ def aggregate() -> tuple[int, ...]:
 
 
 def blocks():
-    return cm.blocks_for(len(aggregate()), len(MEMBERS), committee()[0].threshold)
+    return agg.blocks_for(len(aggregate()), len(MEMBERS), committee()[0].threshold)
 
 
 def partial_context(block: int, round_id: int = ROUND) -> bytes:
@@ -250,9 +251,9 @@ def partial_context(block: int, round_id: int = ROUND) -> bytes:
 
 def own_batches(key: cm.CommitteeKey, round_id: int = ROUND, alive=(1, 2, 3)) -> dict:
     """The member's batches for the blocks the node would have it decrypt (its own, and
-    a gone member's where it is a substitute: cm.blocks_to_decrypt)."""
+    a gone member's where it is a substitute: agg.blocks_to_decrypt)."""
     cs, t = aggregate(), key.threshold
-    mine = cm.blocks_to_decrypt(blocks(), key.share.index, set(alive), t)
+    mine = agg.blocks_to_decrypt(blocks(), key.share.index, set(alive), t)
     return {b: paillier.partial_decrypt_many(key.share, cs[blocks()[b].start:blocks()[b].stop],
                                              partial_context(b, round_id), workers=1)
             for b in mine}
@@ -279,7 +280,7 @@ def node_checks(member_index: int, batches: dict) -> tuple[dict, bool]:
 
 def combine_with(member_batches: dict[int, dict]) -> list[int]:
     key = committee()[0]
-    chosen = cm.cover(blocks(), {m: list(bs) for m, bs in member_batches.items()}, key.threshold)
+    chosen = agg.cover(blocks(), {m: list(bs) for m, bs in member_batches.items()}, key.threshold)
     assert chosen is not None
     return cm.combine_blocks(key, list(aggregate()), blocks(), member_batches, chosen, partial_context)
 

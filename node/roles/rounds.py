@@ -278,8 +278,7 @@ class RoundSlot:
         self.shell: dict[str, Any] = {"phases": {}, "committee_phases": {}, "finals": {}, "verdicts": {},
                                       "partials_used": {}, "evaluation": {}, "seconds": {}, "recorded": False}
         self.alive: set[str] = set()  # validators heard from in this round
-        self.batches: dict[str, dict] = {}  # member -> block -> verified BatchPartialDecryption
-        self.covers_loaded: set[str] = set()  # members whose verified cover batches are in batches
+        self.batches: dict[str, dict] = {}  # partial or cover blob id -> block -> verified BatchPartialDecryption
         self.changed = trio.Event()
         self.ended = trio.Event()
 
@@ -448,8 +447,8 @@ class RoundsService(GuardedWork, RoleService):
             if slot.committee:
                 await self._apply(slot, "committee", slot.committee.resume_effects())
                 c = slot.committee
-                if c.phase is agg.CommitteePhase.RELEASED and not c.cover_blob_id and v.phase is agg.Phase.DECRYPT:
-                    self._start(self._cover_missing, slot, c.agreed.aggregate_id)  # still owed, maybe
+                if c.cover_pending():  # our cover may still be owed: the machine decides after the wait
+                    self._start(self._cover_missing, slot)
         self.report()
 
     # -- opening rounds (rank 0) --
@@ -650,6 +649,8 @@ class RoundsService(GuardedWork, RoleService):
                 self._start(self._compute_aggregate, slot, role, effect.blob_ids)
             elif isinstance(effect, agg.DecryptPartial):
                 self._start(self._decrypt_partial, slot, effect.aggregate_id)
+            elif isinstance(effect, agg.CoverBlocks):
+                self._start(self._cover_blocks, slot, effect)
             elif isinstance(effect, agg.VerifyPartialBlob):
                 self._start(self._verify_partial, slot, effect)
             elif isinstance(effect, agg.CombinePartials):
@@ -815,8 +816,8 @@ class RoundsService(GuardedWork, RoleService):
                 await slot.changed.wait()
         alive = {ro.committee.index(h) + 1 for h in slot.alive if h in ro.committee}
         cs = self._aggregate(slot, aggregate_id)
-        blocks = cm.blocks_for(len(cs), len(ro.committee), ro.threshold)
-        mine = cm.blocks_to_decrypt(blocks, share.index, alive, ro.threshold)
+        blocks = agg.round_blocks(ro)
+        mine = agg.blocks_to_decrypt(blocks, share.index, alive, ro.threshold)
         context = self._context(slot, aggregate_id)
         started = now_ms()
 
@@ -833,38 +834,36 @@ class RoundsService(GuardedWork, RoleService):
         log.info("phase=partial round=%d blocks=%s alive=%s seconds=%.2f engine=%s threads=%d", slot.round_id, mine,
                  sorted(alive), slot.shell["seconds"]["partial_decrypt"], batch_powmod.engine(), self.config.threads)
         await self._feed(slot, "committee", lambda c: c.release_partial(aggregate_id, blob_id))
-        self._start(self._cover_missing, slot, aggregate_id)
+        self._start(self._cover_missing, slot)
 
-    async def _cover_missing(self, slot: RoundSlot, aggregate_id: str) -> None:
-        """Issue 11 finding 7: after cover_wait_s, the blocks that still lack t valid batches
-        (a member released an incomplete or bad partial, or died after being heard) get
-        cover from the live members that released valid ones (committee.cover_for_missing),
-        once per member and round."""
-        from crypto import paillier
-
-        ro, v, share = slot.ro, slot.validator, self.key.share
+    async def _cover_missing(self, slot: RoundSlot) -> None:
+        """Issue 11 finding 7: after cover_wait_s, and again whenever the round changes, our
+        committee machine chooses the blocks we cover (CommitteeRound.choose_cover, from our
+        validator machine's verified batches); its CoverBlocks effect does the work."""
         await trio.sleep(self.config.cover_wait_s)
-        while (v.phase is agg.Phase.DECRYPT and slot.committee.phase is agg.CommitteePhase.RELEASED
-               and not slot.committee.cover_blob_id):
-            cs = self._aggregate(slot, aggregate_id)
-            blocks = cm.blocks_for(len(cs), len(ro.committee), ro.threshold)
-            holders = {ro.committee.index(m) + 1: list(slot.batches[m]) for m in slot.batches if m in v.partials_valid}
-            if cm.cover(blocks, holders, ro.threshold) is not None:
-                return  # every block can be combined
-            mine = cm.cover_for_missing(blocks, holders, share.index, ro.threshold)
-            if mine:
-                context = self._context(slot, aggregate_id)
-                batches = await trio.to_thread.run_sync(lambda: {
-                    b: paillier.partial_decrypt_many(share, cs[blocks[b].start:blocks[b].stop], context(b),
-                                                     workers=self.config.threads) for b in mine})
-                blob = cm.encode_partial_blob(self.key.public, share.index, aggregate_id, batches)
-                blob_id = self.ctx.store.put(blob)
-                slot.shell["cover_blocks"] = mine
-                log.info("phase=cover round=%d blocks=%s", slot.round_id, mine)
-                await self._feed(slot, "committee", lambda c: c.release_cover(aggregate_id, blob_id))
+        while slot.committee.cover_pending() and self.slots.get(slot.round_id) is slot:
+            await self._feed(slot, "committee", lambda c: c.choose_cover(slot.validator.cover_view()))
+            if not slot.committee.cover_pending():
                 return
             with trio.move_on_after(self.config.cover_wait_s):
                 await slot.changed.wait()
+
+    async def _cover_blocks(self, slot: RoundSlot, effect: agg.CoverBlocks) -> None:
+        """CoverBlocks: decrypt the blocks the machine chose, store them, release the cover."""
+        from crypto import paillier
+
+        share, mine = self.key.share, list(effect.blocks)
+        cs = self._aggregate(slot, effect.aggregate_id)
+        blocks = agg.round_blocks(slot.ro)
+        context = self._context(slot, effect.aggregate_id)
+        batches = await trio.to_thread.run_sync(lambda: {
+            b: paillier.partial_decrypt_many(share, cs[blocks[b].start:blocks[b].stop], context(b),
+                                             workers=self.config.threads) for b in mine})
+        blob_id = self.ctx.store.put(cm.encode_partial_blob(self.key.public, share.index, effect.aggregate_id,
+                                                            batches))
+        slot.shell["cover_blocks"] = mine
+        log.info("phase=cover round=%d blocks=%s", slot.round_id, mine)
+        await self._feed(slot, "committee", lambda c: c.release_cover(effect.aggregate_id, blob_id))
 
     async def _partial_batches(self, slot: RoundSlot, member: str, member_index: int, blob_id: str,
                                aggregate_id: str, *, verify: bool) -> dict:
@@ -874,7 +873,7 @@ class RoundsService(GuardedWork, RoleService):
         data = await self._fetch(blob_id, [member, *ro.validators], max_bytes=64 << 20,
                                  until_ms=ro.final_deadline_ms)
         cs = self._aggregate(slot, aggregate_id)
-        blocks = cm.blocks_for(len(cs), len(ro.committee), ro.threshold)
+        blocks = agg.round_blocks(ro)
         batches = cm.decode_partial_blob(self.key, data, member_index=member_index, aggregate_id=aggregate_id,
                                          blocks=blocks)
         if verify:
@@ -902,40 +901,29 @@ class RoundsService(GuardedWork, RoleService):
                                                                            cover=effect.cover))
             return
         # The machine decides whether the blocks are the member's (an incomplete first partial
-        # names it); only batches of members it finds valid are ever combined.
-        slot.batches.setdefault(effect.member, {}).update(batches)
-        if effect.cover:
-            slot.covers_loaded.add(effect.member)
+        # names it) and which batches are combined (CombinePartials.batches).
+        slot.batches[effect.partial_blob_id] = batches
         await self._feed(slot, "validator", lambda v: v.verify_partial(effect.member, valid=True, blocks=list(batches),
                                                                        cover=effect.cover))
 
     async def _combine(self, slot: RoundSlot, effect: agg.CombinePartials) -> None:
-        """Wait until every block has t valid batches, then combine, decode, step, store."""
+        """CombinePartials: the batches the machine chose (t per block, each from a partial or
+        cover blob it verified; fetched again after a restart), combined, decoded, applied."""
         from crypto import packing, paillier
         from crypto.contribution import decode_sum
 
-        ro, v = slot.ro, slot.validator
+        ro = slot.ro
         cs = self._aggregate(slot, effect.aggregate_id)
-        blocks = cm.blocks_for(len(cs), len(ro.committee), ro.threshold)
-        while True:
-            for member in sorted(v.partials_valid - set(slot.batches)):  # verified before a restart
-                aggregate_id, blob_id = v.partials[member]
-                slot.batches[member] = await self._partial_batches(
-                    slot, member, ro.committee.index(member) + 1, blob_id, aggregate_id, verify=False)
-            for member in sorted(v.covers_valid - slot.covers_loaded):  # likewise covers
-                aggregate_id, blob_id = v.covers[member]
-                slot.batches.setdefault(member, {}).update(await self._partial_batches(
-                    slot, member, ro.committee.index(member) + 1, blob_id, aggregate_id, verify=False))
-                slot.covers_loaded.add(member)
-            index = {ro.committee.index(m) + 1: m for m in slot.batches if m in v.partials_valid}
-            chosen = cm.cover(blocks, {i: list(slot.batches[m]) for i, m in index.items()}, ro.threshold)
-            if chosen is not None:
-                break
-            if v.phase is not agg.Phase.DECRYPT:
-                return
-            await slot.changed.wait()
+        blocks = agg.round_blocks(ro)
+        batches: dict[int, dict] = {}  # member index -> block -> batch
+        for number, chosen_batches in effect.batches:
+            for index, blob_id in chosen_batches:
+                if blob_id not in slot.batches:  # verified before a restart
+                    slot.batches[blob_id] = await self._partial_batches(
+                        slot, ro.committee[index - 1], index, blob_id, effect.aggregate_id, verify=False)
+                batches.setdefault(index, {})[number] = slot.batches[blob_id][number]
+        chosen = {number: [index for index, _ in chosen_batches] for number, chosen_batches in effect.batches}
         started = now_ms()
-        batches = {i: slot.batches[m] for i, m in index.items()}
         try:
             plaintexts = await trio.to_thread.run_sync(
                 cm.combine_blocks, self.key, cs, blocks, batches, chosen, self._context(slot, effect.aggregate_id),
@@ -957,7 +945,7 @@ class RoundsService(GuardedWork, RoleService):
             return
         adapter_id = self.ctx.store.put(adapter)
         slot.shell["seconds"]["combine"] = round((now_ms() - started) / 1000, 3)
-        slot.shell["partials_used"] = {str(b): [index[i] for i in members] for b, members in chosen.items()}
+        slot.shell["partials_used"] = {str(b): [ro.committee[i - 1] for i in members] for b, members in chosen.items()}
         await self._feed(slot, "validator", lambda m: m.finalize(adapter_id, stats))
 
     async def _combine_failed(self, slot: RoundSlot, exc: Exception) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from protocol.aggregation._agreement import Agreement, SetView
-from protocol.aggregation._effects import ComputeAggregate, DecryptPartial, Effect, EnterPhase, Send, SetTimer
+from protocol.aggregation._blocks import cover, cover_for_missing
+from protocol.aggregation._effects import (ComputeAggregate, CoverBlocks, DecryptPartial, Effect, EnterPhase, Send,
+                                           SetTimer)
 from protocol.aggregation._phases import CommitteePhase
 from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id
+from protocol.aggregation._rules import round_blocks
 from protocol.aggregation._state import STATE_VERSION, check_state, round_open_from_state, round_open_state, same_round
 from protocol.aggregation_messages import AcceptedSet, PartialDecryption, RoundOpen
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -29,6 +32,8 @@ class CommitteeRound:
         self.released_blob_id = ""
         self.mesh_min = 1  # the mesh's min_contributors, set on joining
         self.cover_blob_id = ""  # our cover partial, if we released one
+        self.cover_blocks: tuple[int, ...] = ()  # the blocks we chose to cover (CoverBlocks is out)
+        self.cover_settled = False  # no cover of ours is needed this round (or it is chosen)
 
     def join_round(self, validator: str, msg: RoundOpen, *, mesh: MeshRounds, now_ms: int,
                    last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
@@ -92,6 +97,37 @@ class CommitteeRound:
         return [Send(PartialDecryption(ro.round_id, aggregate_id, partial_blob_id)),
                 EnterPhase(CommitteePhase.RELEASED.value)]
 
+    def cover_pending(self) -> bool:
+        """Our partial is out and our cover is not decided yet: the shell asks choose_cover,
+        after its cover wait and again whenever the round changes."""
+        return self.phase is CommitteePhase.RELEASED and not self.cover_settled
+
+    def choose_cover(self, verified: Mapping[int, Iterable[int]] | None) -> list[Effect]:
+        """Issue 11 finding 7: which blocks we cover for members that released incomplete or
+        bad partials, or none, or died after being heard. `verified`: our validator's view
+        (ValidatorRound.cover_view): member index -> block numbers of its valid batches;
+        None once that round no longer decrypts. Nothing to do while every block has t
+        valid batches (settled); CoverBlocks(the blocks cover_for_missing gives us) when
+        some lack them and we are a chosen substitute; otherwise wait for a later view.
+        Part of ReleasePartial in the spec, which does not model blocks (SecureAggregation.md)."""
+        ro, _ = self._joined()
+        if not self.cover_pending():
+            return []
+        assert self.agreed is not None
+        if verified is None:
+            self.cover_settled = True
+            return []
+        holders = {int(m): tuple(b) for m, b in verified.items()}
+        blocks = round_blocks(ro)
+        if cover(blocks, holders, ro.threshold) is not None:
+            self.cover_settled = True  # every block can be combined
+            return []
+        mine = cover_for_missing(blocks, holders, ro.committee.index(self.me) + 1, ro.threshold)
+        if not mine:
+            return []
+        self.cover_settled, self.cover_blocks = True, tuple(mine)
+        return [CoverBlocks(ro.round_id, self.agreed.aggregate_id, self.cover_blocks)]
+
     def release_cover(self, aggregate_id: str, partial_blob_id: str) -> list[Effect]:
         """After our partial, once: the blocks still missing after a timeout (a member that
         released an incomplete or bad partial, or none), decrypted from the same agreed
@@ -108,7 +144,7 @@ class CommitteeRound:
             raise LocalProtocolError(f"cover blob id {partial_blob_id!r} is not a sha256 hex id")
         if self.cover_blob_id:
             raise LocalProtocolError("one cover partial per round")
-        self.cover_blob_id = partial_blob_id
+        self.cover_blob_id, self.cover_settled = partial_blob_id, True
         return [Send(PartialDecryption(ro.round_id, aggregate_id, partial_blob_id, cover=True))]
 
     def final_deadline(self, *, now_ms: int) -> list[Effect]:
@@ -133,6 +169,9 @@ class CommitteeRound:
         return out
 
     def resume_effects(self) -> list[Effect]:
+        if (self.phase is CommitteePhase.RELEASED and self.cover_blocks and not self.cover_blob_id
+                and self.agreed is not None and self.round_open is not None):
+            return [CoverBlocks(self.round_open.round_id, self.agreed.aggregate_id, self.cover_blocks)]
         if self.phase is not CommitteePhase.DECRYPT or self.agreed is None or self.round_open is None:
             return []
         if not self.aggregate_confirmed:
@@ -161,6 +200,7 @@ class CommitteeRound:
             "agreed": self.agreed.to_state() if self.agreed else None,
             "aggregate_confirmed": self.aggregate_confirmed, "released_blob_id": self.released_blob_id,
             "mesh_min": self.mesh_min, "cover_blob_id": self.cover_blob_id,
+            "cover_blocks": list(self.cover_blocks), "cover_settled": self.cover_settled,
         }
 
     @classmethod
@@ -177,4 +217,6 @@ class CommitteeRound:
         machine.aggregate_confirmed, machine.released_blob_id = s["aggregate_confirmed"], s["released_blob_id"]
         machine.mesh_min = int(s.get("mesh_min", machine.round_open.min_contributors if machine.round_open else 1))
         machine.cover_blob_id = s.get("cover_blob_id", "")
+        machine.cover_blocks = tuple(s.get("cover_blocks", ()))
+        machine.cover_settled = bool(s.get("cover_settled", machine.cover_blob_id))
         return machine

@@ -1,5 +1,5 @@
 """Effects: what a round machine asks its shell to do (send, set a timer, verify, compute,
-decrypt, combine, prove)."""
+decrypt, cover, combine, prove)."""
 
 from __future__ import annotations
 
@@ -75,16 +75,30 @@ class VerifyPartialBlob:
 
 
 @dataclass(frozen=True)
+class CoverBlocks:
+    """Committee member: partially decrypt these blocks of the agreed aggregate (blocks
+    that lack t valid batches, which this member was chosen to cover: cover_for_missing),
+    store the batch with its proofs, then release_cover(aggregate_id, that blob's id)."""
+
+    round_id: int
+    aggregate_id: str
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class CombinePartials:
-    """Combine these t partials, unpack and average the sum over `contributors`, apply it
-    to the base adapter, store the adapter, then finalize(adapter_id, mean_stats); or
-    combine_fails(reason)."""
+    """Combine, block by block, the batches named in `batches` (t per block, each from the
+    member's partial or cover blob named there; all of them verified before), unpack and
+    average the sum over `contributors`, apply it to the base adapter, store the adapter,
+    then finalize(adapter_id, mean_stats); or combine_fails(reason) / slot_overflow(...)."""
 
     round_id: int
     aggregate_id: str
     base_adapter_id: str
-    partials: tuple[tuple[int, str], ...]  # (member_index, partial_blob_id)
+    partials: tuple[tuple[int, str], ...]  # (member_index, partial_blob_id) of every member combined
     contributors: int
+    # block number -> its t (member_index, blob id holding that block's batch), lowest index first
+    batches: tuple[tuple[int, tuple[tuple[int, str], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,4 +142,4 @@ class ProveSlots:
 
 
 Effect = Union[Send, SetTimer, EnterPhase, Train, VerifyContributionBlob, ComputeAggregate,
-               DecryptPartial, VerifyPartialBlob, CombinePartials, VerifySlotProofBlob, ProveSlots]
+               DecryptPartial, CoverBlocks, VerifyPartialBlob, CombinePartials, VerifySlotProofBlob, ProveSlots]

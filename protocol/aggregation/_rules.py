@@ -7,7 +7,8 @@ import functools
 import hashlib
 from typing import Iterable, Mapping
 
-from crypto.contribution import decryption_blocks, derive_layout
+from crypto.contribution import derive_layout
+from protocol.aggregation._blocks import blocks_for
 from protocol.aggregation._effects import BlamePosition
 from protocol.aggregation_messages import MAX_ROUND_CONTRIBUTORS, RoundOpen
 
@@ -54,8 +55,13 @@ def own_blocks(ro: RoundOpen, member: str) -> tuple[int, ...]:
     """The decryption blocks (crypto.contribution.decryption_blocks over the aggregate's
     ciphertexts) that `member` is asked to decrypt first."""
     index = ro.committee.index(member) + 1
-    blocks = decryption_blocks(ro.ciphertexts_per_contribution, range(1, len(ro.committee) + 1), ro.threshold)
+    blocks = round_blocks(ro)
     return tuple(b for b, block in enumerate(blocks) if index in block.members)
+
+
+def round_blocks(ro: RoundOpen):
+    """The decryption blocks of this round's aggregate (_blocks.blocks_for)."""
+    return blocks_for(ro.ciphertexts_per_contribution, len(ro.committee), ro.threshold)
 
 
 def partial_coverage_problem(ro: RoundOpen, member: str, blocks: Iterable[int]) -> str | None:

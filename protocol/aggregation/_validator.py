@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from protocol.aggregation._agreement import Agreement, SetView
+from protocol.aggregation._blocks import cover
 from protocol.aggregation._effects import (BlamePosition, CombinePartials, ComputeAggregate, Effect, EnterPhase, Send,
                                            SetTimer, VerifyContributionBlob, VerifyPartialBlob, VerifySlotProofBlob)
 from protocol.aggregation._phases import Phase
 from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id, round_open_problem
 from protocol.aggregation._rules import (BLAME_MS, COOLDOWN_ROUNDS, MAX_BLAME_MS, NAMED_OUT_OF_RANGE, NAMED_SILENT,
                                          blame_position_problem, candidate_limit, draw_contributors,
-                                         partial_coverage_problem)
+                                         partial_coverage_problem, round_blocks)
 from protocol.aggregation._state import STATE_VERSION, check_state, round_open_from_state, round_open_state, same_round
 from protocol.aggregation_messages import (MAX_NAME_CHARS, MAX_STATS, AcceptedSet, BlameRequest, Contribution,
                                            ContributionVerdict, PartialDecryption, RoundAborted, RoundFinal, RoundOpen,
@@ -65,7 +66,14 @@ class ValidatorRound:
         self.covers: dict[str, tuple[str, str]] = {}
         self.covers_valid: set[str] = set()
         self.bad_covers: dict[str, str] = {}
+        # member -> block numbers its valid first partial / valid cover partial carries
+        self.partial_blocks: dict[str, tuple[int, ...]] = {}
+        self.cover_blocks: dict[str, tuple[int, ...]] = {}
+        # The spec's `combining`: t partials are valid (the first t in committee order).
         self.combining: tuple[tuple[int, str], ...] = ()
+        # What the combine takes, once every block has t valid batches (_blocks.cover):
+        # block -> its t (member index, blob id). Until then CombinePartials is not asked for.
+        self.combine_batches: tuple[tuple[int, tuple[tuple[int, str], ...]], ...] = ()
         self.adapter_id = ""
         self.mean_stats: dict[str, float] = {}
         self.barred: frozenset[str] = frozenset()
@@ -244,9 +252,10 @@ class ValidatorRound:
                        cover: bool = False) -> list[Effect]:
         """VerifyPartial: the shell checked the batch and its proof against our aggregate;
         `blocks` are the block numbers it carries. A first partial must carry every block
-        assigned to its member (own_blocks), else the member is named: incomplete_partial."""
+        assigned to its member (own_blocks), else the member is named: incomplete_partial.
+        The combine is asked for once every block has t valid batches (_maybe_combine)."""
         if cover:
-            return self._verify_cover(member, valid=valid, reason=reason)
+            return self._verify_cover(member, valid=valid, reason=reason, blocks=blocks)
         if (member not in self.partials or member in self.partials_valid or member in self.bad_partials
                 or not self.aggregate_confirmed):
             raise LocalProtocolError(f"no verification of {member}'s partial decryption is pending")
@@ -261,6 +270,7 @@ class ValidatorRound:
             self.bad_partials[member] = reason
             return []
         self.partials_valid.add(member)
+        self.partial_blocks[member] = self._block_numbers(blocks)
         return self._maybe_combine()
 
     def _receive_cover(self, member: str, msg: PartialDecryption) -> list[Effect]:
@@ -281,9 +291,9 @@ class ValidatorRound:
             return []
         return [self._verify_partial_effect(member, cover=True)]
 
-    def _verify_cover(self, member: str, *, valid: bool, reason: str) -> list[Effect]:
-        """A cover partial's batches join its member's for combining (the shell keeps them);
-        an invalid one names its member in bad_covers."""
+    def _verify_cover(self, member: str, *, valid: bool, reason: str, blocks: Iterable[int]) -> list[Effect]:
+        """A cover partial's batches join its member's for combining (once its first
+        partial is valid too); an invalid one names its member in bad_covers."""
         if (member not in self.covers or member in self.covers_valid or member in self.bad_covers
                 or not self.aggregate_confirmed):
             raise LocalProtocolError(f"no verification of {member}'s cover partial is pending")
@@ -291,17 +301,18 @@ class ValidatorRound:
             raise LocalProtocolError("an invalid partial needs a reason (1..64 chars)")
         if self._terminal():
             return []
-        if valid:
-            self.covers_valid.add(member)
-        else:
+        if not valid:
             self.bad_covers[member] = reason
-        return []
+            return []
+        self.covers_valid.add(member)
+        self.cover_blocks[member] = self._block_numbers(blocks)
+        return self._maybe_combine()
 
     def finalize(self, adapter_id: str, mean_stats: Mapping[str, float]) -> list[Effect]:
         """Finalize: the shell combined, averaged and applied the sum; the round is done."""
         if self.phase is Phase.ABORTED:  # the final deadline came first: no adapter
             return []
-        if self.phase is not Phase.DECRYPT or not self.combining:
+        if self.phase is not Phase.DECRYPT or not self.combine_batches:
             raise LocalProtocolError(f"Finalize in phase {self.phase.value} without a combine")
         if not is_blob_id(adapter_id):
             raise LocalProtocolError(f"adapter id {adapter_id!r} is not a sha256 hex id")
@@ -318,7 +329,7 @@ class ValidatorRound:
         """CombineFails: the decrypted sum did not unpack (a slot overflowed): no adapter."""
         if self.phase is Phase.ABORTED:
             return []
-        if self.phase is not Phase.DECRYPT or not self.combining:
+        if self.phase is not Phase.DECRYPT or not self.combine_batches:
             raise LocalProtocolError(f"CombineFails in phase {self.phase.value} without a combine")
         return self._abort(f"combine_failed:{reason}"[:MAX_NAME_CHARS])
 
@@ -329,7 +340,7 @@ class ValidatorRound:
         prove it in range before now_ms + blame_ms."""
         if self.phase is Phase.ABORTED:
             return []
-        if self.phase is not Phase.DECRYPT or not self.combining:
+        if self.phase is not Phase.DECRYPT or not self.combine_batches:
             raise LocalProtocolError(f"SlotOverflow in phase {self.phase.value} without a combine")
         position = BlamePosition(plaintext_index, slot, top)
         problem = blame_position_problem(self.round_open, position)
@@ -457,7 +468,7 @@ class ValidatorRound:
                         if m not in self.partials_valid and m not in self.bad_partials]
             effects += [self._verify_partial_effect(m, cover=True) for m in sorted(self.covers)
                         if m not in self.covers_valid and m not in self.bad_covers]
-            if self.combining:
+            if self.combine_batches:
                 effects.append(self._combine_effect())
         if self.phase is Phase.BLAME:
             effects += [self._verify_slot_effect(t) for t in sorted(self.slot_proofs) if t not in self.slot_verdicts]
@@ -529,19 +540,57 @@ class ValidatorRound:
         aggregate_id, blob_id = (self.covers if cover else self.partials)[member]
         return VerifyPartialBlob(member, self.round_open.committee.index(member) + 1, blob_id, aggregate_id, cover)
 
+    def _block_numbers(self, blocks: Iterable[int]) -> tuple[int, ...]:
+        count = len(round_blocks(self.round_open))
+        return tuple(sorted({b for b in blocks if 0 <= b < count}))
+
+    def verified_blocks(self) -> dict[int, tuple[int, ...]]:
+        """member index -> block numbers of its valid batches (first partial and cover), for
+        members whose first partial is valid: what _blocks.cover and cover_for_missing read.
+        A cover of a member whose own partial is not (yet) valid does not count."""
+        committee = self.round_open.committee
+        return {committee.index(m) + 1: tuple(sorted(set(self.partial_blocks.get(m, ()))
+                                                     | set(self.cover_blocks.get(m, ()))))
+                for m in sorted(self.partials_valid, key=committee.index)}
+
+    def cover_view(self) -> dict[int, tuple[int, ...]] | None:
+        """What our committee member's cover choice reads (CommitteeRound.choose_cover):
+        verified_blocks while this round is decrypting, None once no cover can help it."""
+        return self.verified_blocks() if self.phase is Phase.DECRYPT else None
+
     def _maybe_combine(self) -> list[Effect]:
-        if self.combining or len(self.partials_valid) < self.round_open.threshold:
+        if self.phase is not Phase.DECRYPT or self.combine_batches:
             return []
-        # The first t valid partials in committee order: every validator with the same
-        # valid partials picks the same ones (the sum does not depend on the choice).
-        chosen = [m for m in self.round_open.committee if m in self.partials_valid][: self.round_open.threshold]
-        self.combining = tuple((self.round_open.committee.index(m) + 1, self.partials[m][1]) for m in chosen)
+        t = self.round_open.threshold
+        if not self.combining:
+            if len(self.partials_valid) < t:
+                return []
+            # The spec's combining: the first t valid partials in committee order.
+            chosen = [m for m in self.round_open.committee if m in self.partials_valid][:t]
+            self.combining = tuple((self.round_open.committee.index(m) + 1, self.partials[m][1]) for m in chosen)
+        # Every block needs t valid batches from distinct members, first partial or cover
+        # (issue 11 finding 7); lowest index first, so every validator with the same
+        # verified batches combines the same ones (the sum does not depend on the choice).
+        plan = cover(round_blocks(self.round_open), self.verified_blocks(), t)
+        if plan is None:
+            return []
+        self.combine_batches = tuple((b, tuple((i, self._blob_holding(i, b)) for i in members))
+                                     for b, members in sorted(plan.items()))
         return [self._combine_effect()]
+
+    def _blob_holding(self, member_index: int, block: int) -> str:
+        """The blob with this member's valid batch of `block`: its first partial, else its cover."""
+        member = self.round_open.committee[member_index - 1]
+        if block in self.partial_blocks.get(member, ()):
+            return self.partials[member][1]
+        return self.covers[member][1]
 
     def _combine_effect(self) -> CombinePartials:
         assert self.agreed is not None
+        used = sorted({i for _, chosen in self.combine_batches for i, _ in chosen})
+        partials = tuple((i, self.partials[self.round_open.committee[i - 1]][1]) for i in used)
         return CombinePartials(self.round_id, self.agreed.aggregate_id, self.round_open.base_adapter_id,
-                               self.combining, len(self.agreed.contributors))
+                               partials, len(self.agreed.contributors), self.combine_batches)
 
     def _abort(self, reason: str) -> list[Effect]:
         self.phase, self.abort_reason = Phase.ABORTED, reason
@@ -581,6 +630,9 @@ class ValidatorRound:
             "covers": {m: list(v) for m, v in sorted(self.covers.items())},
             "covers_valid": sorted(self.covers_valid), "bad_covers": dict(sorted(self.bad_covers.items())),
             "combining": [list(p) for p in self.combining],
+            "partial_blocks": {m: list(b) for m, b in sorted(self.partial_blocks.items())},
+            "cover_blocks": {m: list(b) for m, b in sorted(self.cover_blocks.items())},
+            "combine_batches": [[b, [list(p) for p in chosen]] for b, chosen in self.combine_batches],
             "adapter_id": self.adapter_id, "mean_stats": dict(sorted(self.mean_stats.items())),
             "barred": sorted(self.barred),
             "blame": self.blame.to_state() if self.blame else None, "blame_deadline_ms": self.blame_deadline_ms,
@@ -611,6 +663,10 @@ class ValidatorRound:
         machine.covers = {m: (v[0], v[1]) for m, v in s.get("covers", {}).items()}
         machine.covers_valid, machine.bad_covers = set(s.get("covers_valid", ())), dict(s.get("bad_covers", {}))
         machine.combining = tuple((p[0], p[1]) for p in s["combining"])
+        machine.partial_blocks = {m: tuple(b) for m, b in s.get("partial_blocks", {}).items()}
+        machine.cover_blocks = {m: tuple(b) for m, b in s.get("cover_blocks", {}).items()}
+        machine.combine_batches = tuple((b, tuple((p[0], p[1]) for p in chosen))
+                                        for b, chosen in s.get("combine_batches", ()))
         machine.adapter_id, machine.mean_stats = s["adapter_id"], dict(s["mean_stats"])
         machine.barred = frozenset(s.get("barred", ()))
         machine.blame = BlamePosition.from_state(s["blame"]) if s.get("blame") else None
