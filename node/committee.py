@@ -27,12 +27,12 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import msgpack
 
 from crypto import paillier
-from crypto.contribution import DecryptionBlock, decryption_blocks
+from crypto.contribution import DecryptionBlock
 from crypto.paillier import BatchPartialDecryption, KeyShare, PublicKey, VerificationKeys
 from node.files import write_atomic
 from protocol.aggregation import RoundPolicy

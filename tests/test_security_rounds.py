@@ -547,6 +547,7 @@ def test_finding5_an_overflowing_contribution_is_named_by_the_round(tmp_path, ke
                 v.config = rounds.RoundConfig(cover_wait_s=0.3, crypto_threads=1,
                                               blame_s=60 if answer == "forged_proof" else 3)
                 v.ctx.service = lambda name: None
+                v.ctx.settlement = None  # no settlement backend on these nodes
             trainers = [blame_trainer_shell(tmp_path, genesis, keys[0], t, wire, store, nursery)
                         for t in HONEST_TRAINERS]
             for v in validators:

@@ -30,7 +30,6 @@ Heavy CPU work runs in worker threads; the trio loop keeps serving the mesh.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -1060,9 +1059,8 @@ class RoundsService(GuardedWork, RoleService):
 
     async def _record_settlement(self, slot: RoundSlot) -> None:
         """Hand the result to the settlement service, once, if this node runs one."""
-        service = self.ctx.service("settlement")
-        record = getattr(service, "record_round", None)
-        if record is None or slot.shell.get("recorded"):
+        settlement = self.ctx.settlement
+        if settlement is None or slot.shell.get("recorded"):
             return
         v = slot.validator
         doc = {"round": slot.round_id, "base_adapter_id": slot.ro.base_adapter_id, "adapter_id": v.adapter_id,
@@ -1073,9 +1071,7 @@ class RoundsService(GuardedWork, RoleService):
                "aborted": v.abort_reason, "bad_contributors": dict(v.bad_contributors),
                "eval": dict(slot.shell["evaluation"])}
         try:
-            result = record(doc)
-            if inspect.isawaitable(result):
-                await result
+            settlement.record_round(doc)
         except Exception as exc:  # settlement is another service: its failure must not end rounds
             log.error("settlement record_round failed for round %d: %s", slot.round_id, exc)
             return
