@@ -11,23 +11,17 @@ if str(ROOT) not in sys.path:
 
 # A segfault in a native library (libp2p's crypto, Concrete, torch) kills the whole run
 # with one line from make. Python's fault handler then prints every thread's stack on the
-# terminal's stdout, which is what CI shows. Not on fd 1 as this file finds it: pytest
-# loads conftest files with its own capture already on fd 1 (and fd 2), so a crash report
-# written there went into the capture's temp file and died with the process. The global
-# capture is lifted for the dup, so the handler holds the real stdout for the whole run.
+# terminal's stdout, which is what CI shows. Not on fd 1 as this file finds it at import:
+# pytest imports conftest files with its own capture on fd 1 (and fd 2), so a report
+# written there went into the capture's temp file and died with the process. By
+# pytest_configure that capture is suspended (the terminal reporter takes the real stdout
+# then too), so the dup made here is the real stdout for the whole run.
 _FAULT_OUT = None
 
 
 def pytest_configure(config):
     global _FAULT_OUT
-    capture = config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        capture.suspend_global_capture(in_=False)
-    try:
-        _FAULT_OUT = os.fdopen(os.dup(1), "w")  # kept open: the handler writes to its fd at crash time
-    finally:
-        if capture is not None:
-            capture.resume_global_capture()
+    _FAULT_OUT = os.fdopen(os.dup(1), "w")  # kept open: the handler writes to its fd at crash time
     faulthandler.enable(file=_FAULT_OUT, all_threads=True)
 
 
