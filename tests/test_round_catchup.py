@@ -16,7 +16,7 @@ from node.settings import NodeSettings
 from protocol import aggregation as agg
 from protocol import head as h
 from protocol import round_catchup as rc
-from protocol.aggregation_messages import RoundAborted, RoundFinal
+from protocol.aggregation_messages import RoundAborted, RoundFinal, RoundOpen
 from protocol.membership import Role
 from protocol.messages import Channel, decode, encode
 from tests.test_settlement_service import KEYS, T1, T2, Router, _open_mesh, quick, trio_test  # noqa: F401
@@ -192,3 +192,69 @@ def test_rounds_awaiting_view_names_only_unseen_unsettled_rounds_in_range(tmp_pa
     machine = h.HeadMachine(KEYS[0])
     assert rc.rounds_awaiting_view(machine) == set()  # no head: nothing to wait for
     assert rc.round_confirmed(machine, 0) is False  # a head not open yet will need it
+
+
+def _aborted_slot(me: str, now: int) -> rr.RoundSlot:
+    """Round 0 as `me` ended it: opened by A, aborted at its final deadline, long past."""
+    ro = RoundOpen(round_id=0, base_adapter_id=BASE, public_key_id="f" * 64,
+                   hyperparameters={"steps": 20.0, "lr": 0.02, "batch_size": 8.0, "block_len": 64.0,
+                                    "adapter_values": 300.0},
+                   clip_bound=1.0, quant_bits=16, max_contributors=10, key_bits=2048, ciphertexts_per_contribution=12,
+                   max_contribution_bytes=1 << 22, deadline_ms=now - 60_000, final_deadline_ms=now - 30_000,
+                   min_contributors=2, committee=list(PARTIES), threshold=2, validators=list(PARTIES))
+    mesh = agg.MeshRounds(validators=PARTIES, committee=PARTIES, threshold=2, public_key_id=ro.public_key_id,
+                          key_bits=2048, policy=agg.RoundPolicy(min_contributors=2, max_contributors=10,
+                                                                clip_bound=1.0, quant_bits=16))
+    slot = rr.RoundSlot(ro)
+    slot.validator = agg.ValidatorRound.join_round(A, ro, me=me, mesh=mesh, now_ms=ro.deadline_ms - 1_000,
+                                                   last_round_id=None, expected_base=BASE)
+    slot.validator.final_deadline(now_ms=now)
+    assert slot.terminal() and slot.validator.phase is agg.Phase.ABORTED
+    return slot
+
+
+@trio_test
+async def test_an_aborted_round_is_republished_after_its_final_deadline_until_confirmed_and_adopted(tmp_path):
+    """After the final deadline the round machines re-send nothing; A and B re-publish
+    their RoundAborted (once per period, while their head has not confirmed round 0), and
+    C, down for the round, adopts the view "aborted" from them and signs."""
+    from node.metrics import NodeMetrics
+    from node.roles.base import RoleContext
+
+    router = Router()
+    train: list[tuple[str, object]] = []
+    async with trio.open_nursery() as nursery:
+        await _open_mesh(nursery, router, tmp_path, rounds=1)
+        aborted = {"round": 0, "adapter_id": "", "contributors": [], "rejected": []}
+        for hotkey in (A, B):
+            router.services[hotkey].record_round(aborted)
+        await router.until(lambda: router.services[C].awaits_round_view(0))
+        ended = {}
+        for key in KEYS[:2]:
+            me = key.ss58_address
+
+            async def publish(message, me=me):
+                train.append((me, message))
+            shell = rr.RoundsService(NodeSettings(role=Role.VALIDATOR, data_dir=tmp_path / "rounds" / me))
+            shell.me = me
+            shell.ctx = RoleContext(settings=shell.settings, hotkey=key, genesis=router.contexts[me].genesis,
+                                    mesh=None, store=None, verifier=None, metrics=NodeMetrics(),
+                                    data_dir=tmp_path / "rounds" / me, publish=publish, peer_of=lambda _: "peer",
+                                    services={"settlement": router.services[me]})
+            slot = _aborted_slot(me, st.now_ms())
+            ended[me] = (shell, slot)
+            await shell._republish_outcome(slot)
+            await shell._republish_outcome(slot)  # within REPUBLISH_MS: nothing more
+        assert [(sender, type(message)) for sender, message in train] == [(A, RoundAborted), (B, RoundAborted)]
+        lagging = _lagging_rounds_shell(router, C, tmp_path)
+        for sender, message in train:
+            await _gossip(lagging, sender, message)
+        assert lagging.adopted == [0]
+        await router.until(lambda: all(router.section(k)["snapshots_confirmed"] == 1 for k in PARTIES))
+        assert _view_of(router, C, 0) == h_view(final(adapter="", contributors=()))
+        train.clear()
+        for shell, slot in ended.values():
+            shell.republished.clear()  # the period is over; the head has confirmed round 0
+            await shell._republish_outcome(slot)
+        assert train == []
+        nursery.cancel_scope.cancel()
