@@ -31,6 +31,18 @@
 (* observed the round itself; otherwise, or while it has not observed it, *)
 (* it sends a signed refusal (NackSn), which blocks the withheld vote.     *)
 (*                                                                          *)
+(* Catching up (protocol/round_catchup.py). A party down for a whole round *)
+(* has no RoundFinal of its own and would refuse forever. AdoptByQuorum:   *)
+(* it adopts round r as observed once a strict majority of the parties     *)
+(* other than itself sent a RoundFinal of r (`finals`: who claimed which   *)
+(* round; an honest party claims what it observed itself, a byzantine one *)
+(* any round, happened or not, ByzFinal). A round's content is its id here *)
+(* (the reward rule RuleTo(r) pays by it), so a RoundFinal with other      *)
+(* content than what happened is one of a round that did not happen.       *)
+(* Adoption needs no honest view of its own, so RewardsOnlyByRule says:    *)
+(* every settled round happened, this party observed or adopted it, and a *)
+(* strict majority of the parties claimed it.                               *)
+(*                                                                          *)
 (* A head that keeps going (issue 12). The ledger does not keep every      *)
 (* settled round: a watermark `below` (every round under it settled or     *)
 (* skipped for good) and the settled ids `recent` inside [below, below +   *)
@@ -57,8 +69,9 @@ ASSUME Window \in Nat \ {0}
 \* Which environment and byzantine actions a model run explores (each config picks a
 \* few, so that TLC finishes): deposit, byz_close, byz_sign, byz_vote, byz_tx, byz_req.
 \* transfer: honest parties also pay each other; deposit: they deposit and recover.
+\* byz_final: a byzantine party sends RoundFinals of rounds of its choosing.
 ASSUME Faults \subseteq {"transfer", "deposit", "byz_close", "byz_sign", "byz_vote", "byz_tx",
-                         "byz_req"}
+                         "byz_req", "byz_final"}
 \* Withdrawers: the honest parties that take part of their balance out of the open head.
 ASSUME Withdrawers \subseteq Parties \ Byzantine
 \* Late: the parties whose own RoundFinal comes at a time of its own (the others learn a
@@ -100,13 +113,13 @@ CommittedTotal == N * InitBalance + PoolBalance
 
 VARIABLES phase, committed, aborted, confirmed, pending, proposal, requestedAt, acks,
           closing, deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-          deposits, now, happened, observed, waiting
+          deposits, now, happened, observed, waiting, finals
 
 vars == <<phase, committed, aborted, confirmed, pending, proposal, requestedAt, acks,
           closing, deadline, votes, payouts, delivered, msgs, signed, txPool, nextTx,
-          deposits, now, happened, observed, waiting>>
+          deposits, now, happened, observed, waiting, finals>>
 \* What the record rules read; most actions leave it as it is.
-views == <<happened, observed, waiting>>
+views == <<happened, observed, waiting, finals>>
 
 ----------------------------------------------------------------------------
 (* Ledger rules: every transaction conserves value.                         *)
@@ -255,6 +268,7 @@ Init ==
     /\ happened = {}
     /\ observed = [p \in Parties |-> {}]
     /\ waiting = [p \in Parties |-> NoSn]
+    /\ finals = {}
 
 ----------------------------------------------------------------------------
 (* Lifecycle. Commits are seen by everyone at once (they are the head's     *)
@@ -380,7 +394,7 @@ OnReqSn(p, m) ==
             /\ waiting' = IF Checked(p, m) THEN [waiting EXCEPT ![p] = m.s] ELSE waiting
             /\ UNCHANGED <<proposal, signed, acks, requestedAt>>
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
-                   payouts, txPool, nextTx, deposits, now, happened, observed>>
+                   payouts, txPool, nextTx, deposits, now, happened, observed, finals>>
 
 \* The party's own RoundFinal came: the request that waited for it is signed now.
 Resign(p) ==
@@ -393,7 +407,7 @@ Resign(p) ==
     /\ msgs' = msgs \cup {[type |-> "AckSn", from |-> p, s |-> waiting[p]]}
     /\ waiting' = [waiting EXCEPT ![p] = NoSn]
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, closing, deadline, votes,
-                   payouts, delivered, txPool, nextTx, deposits, now, happened, observed>>
+                   payouts, delivered, txPool, nextTx, deposits, now, happened, observed, finals>>
 
 \* A second, different request for the snapshot we signed: the leader equivocated. We
 \* never sign two; our signed refusal tells the parties that signed the other one that
@@ -421,11 +435,13 @@ OnNackSn(p, m) ==
                    acks, closing, deadline, votes, payouts, msgs, signed, txPool, nextTx,
                    deposits, now, views>>
 
-\* A round of the agreed range happens, and each party's node tells its machine.
+\* A round of the agreed range happens, and each party's node tells its machine; the
+\* honest ones that saw it publish their RoundFinal.
 RoundFinal(r) ==
     /\ r \in Rounds \ happened
     /\ happened' = happened \cup {r}
     /\ observed' = [p \in Parties |-> IF p \in Late THEN observed[p] ELSE observed[p] \cup {r}]
+    /\ finals' = finals \cup {<<q, r>> : q \in Honest \ Late}
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
                    nextTx, deposits, now, waiting>>
@@ -434,9 +450,26 @@ Observe(p, r) ==
     /\ p \in Late
     /\ r \in happened \ observed[p]
     /\ observed' = [observed EXCEPT ![p] = @ \cup {r}]
+    /\ finals' = IF p \in Byzantine THEN finals ELSE finals \cup {<<p, r>>}
     /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
                    acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
                    nextTx, deposits, now, happened, waiting>>
+
+\* Who claimed, by a RoundFinal, that round r happened.
+Claimed(r) == {q \in Parties : <<q, r>> \in finals}
+
+\* A party that has no view of round r (it was down for the round) adopts r once a
+\* strict majority of the parties other than itself claimed it (quorum N \div 2 + 1 of
+\* N, round_catchup.catchup_quorum). Any id: the shell asks only for rounds its head
+\* holds a record of, a narrower rule than this one.
+AdoptByQuorum(p, r) ==
+    /\ p \in Late \ Byzantine
+    /\ r \notin observed[p]
+    /\ Cardinality(Claimed(r) \ {p}) >= N \div 2 + 1
+    /\ observed' = [observed EXCEPT ![p] = @ \cup {r}]
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
+                   nextTx, deposits, now, happened, waiting, finals>>
 
 \* An AckSn counts only if it signs exactly the snapshot we signed; with every
 \* party's, the snapshot is confirmed and its transactions leave the pending list.
@@ -662,6 +695,16 @@ ByzReqSn(b) ==
                    acks, closing, deadline, votes, payouts, delivered, txPool, nextTx,
                    deposits, now, views>>
 
+\* It may claim any round, happened or not, or one outside the range.
+ByzFinal(b) ==
+    /\ "byz_final" \in Faults
+    /\ \E r \in Rounds \cup {FakeRound} :
+         /\ <<b, r>> \notin finals
+         /\ finals' = finals \cup {<<b, r>>}
+    /\ UNCHANGED <<phase, committed, aborted, confirmed, pending, proposal, requestedAt,
+                   acks, closing, deadline, votes, payouts, delivered, msgs, signed, txPool,
+                   nextTx, deposits, now, happened, observed, waiting>>
+
 ByzVote(b) ==
     /\ "byz_vote" \in Faults
     /\ \E t \in Parties \ {b}, g \in {"early", "withheld"} : msgs' = msgs \cup {Vote(b, t, g)}
@@ -680,7 +723,9 @@ Next ==
          \/ OnClose(p, m) \/ OnContest(p, m) \/ OnSlashVote(p, m))
     \/ \E r \in Rounds : RoundFinal(r)
     \/ \E p \in Late, r \in Rounds : Observe(p, r)
+    \/ \E p \in Late, r \in Rounds \cup {FakeRound} : AdoptByQuorum(p, r)
     \/ \E b \in Byzantine : ByzClose(b) \/ ByzSign(b) \/ ByzVote(b) \/ ByzNewTx(b) \/ ByzReqSn(b)
+                           \/ ByzFinal(b)
     \/ Advance
 
 Spec == Init /\ [][Next]_vars
@@ -701,6 +746,7 @@ TypeOK ==
          /\ deposits[p].status \in {"none", "pending", "absorbed", "recovered"}
          /\ observed[p] \subseteq happened
     /\ happened \subseteq Rounds
+    /\ finals \subseteq Parties \X (Rounds \cup {FakeRound})
 
 \* Every ledger an honest party holds contains exactly what was committed plus the
 \* deposits it absorbed, less what was withdrawn (committed + deposits = ledger +
@@ -745,12 +791,14 @@ SlashNeedsMajority ==
                 payouts[p][t] < closing[p].ledger.bal[t] + Escrow =>
                     Majority(VotesAgainst(t, {"early", "withheld"}) \ {t})
 
-\* Rewards are paid only for rounds that happened, that this party observed itself,
-\* in the agreed range, and only what the rule pays (issue 11, finding 2).
+\* Rewards are paid only for rounds that happened, that this party observed itself or
+\* adopted, that a strict majority of the parties claimed (their RoundFinal), in the
+\* agreed range, and only what the rule pays (issue 11, finding 2).
 RewardsOnlyByRule ==
     \A p \in Honest :
         \A l \in {confirmed[p].ledger} \cup (IF closing[p] /= NoSn THEN {closing[p].ledger} ELSE {}) :
             /\ l.rounds \subseteq happened \cap observed[p]
+            /\ \A r \in l.rounds : Majority(Claimed(r))
             /\ l.bal[Pool] = PoolBalance - RoundReward * Cardinality(l.rounds)
 
 \* No honest party is slashed: it never closes early, and it signs every snapshot in

@@ -102,3 +102,13 @@ def test_tlc_catches_a_slash_that_only_its_authors_round_named():
     assert not result.passed
     assert "Invariant SlashOnlyOnEvidence is violated" in result.output, result.output[-3000:]
 
+
+def test_tlc_catches_a_round_adopted_on_one_validators_word():
+    """AdoptByQuorum with a quorum of one: b, down for the round, takes byzantine c's
+    RoundFinal of a round that never happened as its view (issue 11 finding 2 again);
+    TypeOK's observed[p] \\subseteq happened says so first, within a few states."""
+    model = next(m for m in tlc.MODELS if m.name == "Head-catchup")
+    result = _mutant(model, "Cardinality(Claimed(r) \\ {p}) >= N \\div 2 + 1",
+                     "Cardinality(Claimed(r) \\ {p}) >= 1")
+    assert not result.passed
+    assert "Invariant TypeOK is violated" in result.output, result.output[-3000:]

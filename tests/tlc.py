@@ -46,6 +46,8 @@ class Model:
 # SEALMESH_SLOW=1 or `make tlc`. Each .cfg's header says what its bounds are.
 MODELS = (
     Model("Head", "Head", "Head.cfg", why="tests/test_head_explore.py's TLC bound", check_deadlock=False),
+    Model("Head-catchup", "Head", "Head.cfg", {"Faults": '{"byz_final"}', "MaxTx": "1"}, check_deadlock=False,
+          why="b down for the round adopts it by quorum (AdoptByQuorum) while c claims any round (ByzFinal)"),
     Model("FheChallengeEpochs", "FheChallenge", "FheChallengeEpochs.cfg",
           why="tests/test_challenge_explore.py's second bound: 2 epochs x 1 challenge"),
     Model("FheChallenge-ci", "FheChallenge", "FheChallenge.cfg", {"Challenges": "1"},

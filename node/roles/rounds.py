@@ -47,6 +47,7 @@ from node.blobs import BlobFetchError
 from node.roles.base import GuardedWork, RoleContext, RoleService, now_ms, remind
 from node.settings import NodeSettings
 from protocol import aggregation as agg
+from protocol import round_catchup as rc
 from protocol.aggregation_messages import (AcceptedSet, BlameRequest, Contribution, ContributionVerdict,
                                            PartialDecryption, RoundAborted, RoundFinal, RoundOpen, SlotProof)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -326,6 +327,11 @@ class RoundsService(GuardedWork, RoleService):
         self.initial_adapter_id: str | None = None
         self.evaluations: dict[str, float] = {}  # adapter id -> held-out loss
         self.errors: list[str] = []
+        # Catch-up (protocol/round_catchup.py): outcomes others sent of rounds we have no
+        # slot of, the rounds adopted so, and when we last re-published each ended round.
+        self.outcomes_heard: rc.OutcomesHeard | None = None
+        self.adopted: list[int] = []
+        self.republished: dict[int, int] = {}
 
     def on_message(self, sender: str, message: Message, received_ms: int) -> None:
         self.inbox.put(sender, message, received_ms)
@@ -529,6 +535,8 @@ class RoundsService(GuardedWork, RoleService):
             await self._join(sender, message)
             return
         slot = self.slots.get(round_id)
+        if slot is None and isinstance(message, (RoundFinal, RoundAborted)):
+            await self._catch_up(sender, message)
         if slot is None:
             if not isinstance(round_id, int) or agg.round_id_problem(round_id, self._last_round_id(),
                                                                     self.mesh.policy.max_round_gap):
@@ -716,9 +724,58 @@ class RoundsService(GuardedWork, RoleService):
             await trio.sleep(self.config.resend_s)
             for slot in list(self.slots.values()):
                 if now_ms() >= slot.ro.final_deadline_ms:
+                    await self._republish_outcome(slot)
                     continue
                 for message in self._still_needed(slot):
                     await self._publish(message)
+
+    async def _republish_outcome(self, slot: RoundSlot) -> None:
+        """After the final deadline, our RoundFinal (RoundAborted) again every
+        rc.REPUBLISH_MS while our head has not confirmed the round: a validator that was
+        down for the whole round adopts it from a majority of these (_catch_up)."""
+        confirmed = getattr(self.ctx.service("settlement"), "round_confirmed", None)
+        if not slot.terminal() or confirmed is None:
+            return
+        now = now_ms()
+        if not rc.republish_due(now_ms=now, final_deadline_ms=slot.ro.final_deadline_ms,
+                                confirmed=confirmed(slot.round_id), last_ms=self.republished.get(slot.round_id)):
+            return
+        self.republished[slot.round_id] = now
+        for message in slot.validator.still_needed():
+            if isinstance(message, (RoundFinal, RoundAborted)):
+                await self._publish(message)
+
+    async def _catch_up(self, sender: str, message: RoundFinal | RoundAborted) -> None:
+        """Another validator's outcome of a round we have no slot of (we were down for
+        it): while our head waits for a view of that round, collect them; once a strict
+        majority of the head's parties sent the same one, it is our view
+        (rc.adopted_outcome) and goes to settlement like our own would."""
+        service = self.ctx.service("settlement")
+        awaits = getattr(service, "awaits_round_view", None)
+        record = getattr(service, "record_round", None)
+        if awaits is None or record is None or not awaits(message.round_id):
+            return
+        parties = frozenset(getattr(service, "parties", ()))
+        if self.outcomes_heard is None or self.outcomes_heard.parties != parties:
+            self.outcomes_heard = rc.OutcomesHeard(parties, self.me)
+        outcome = self.outcomes_heard.hear(sender, message)
+        if outcome is None:
+            return
+        self.outcomes_heard.forget(outcome.round_id)
+        log.info("phase=round-adopted round=%d aborted=%s adapter=%s quorum=%d of %d", outcome.round_id,
+                 outcome.aborted, outcome.adapter_id[:12], rc.catchup_quorum(len(parties)), len(parties))
+        doc = {"round": outcome.round_id, "base_adapter_id": outcome.base_adapter_id,
+               "adapter_id": outcome.adapter_id, "aggregate_id": outcome.aggregate_id,
+               "contributors": list(outcome.contributors), "rejected": [],
+               "aborted": "adopted" if outcome.aborted else "", "bad_contributors": {}, "eval": {}, "adopted": True}
+        try:
+            result = record(doc)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # settlement is another service: its failure must not end rounds
+            log.error("settlement record_round failed for adopted round %d: %s", outcome.round_id, exc)
+            return
+        self.adopted.append(outcome.round_id)  # the inbox loop reports it
 
     def _still_needed(self, slot: RoundSlot) -> list[Message]:
         """What the machines say others may still need (still_needed)."""
@@ -1091,7 +1148,7 @@ class RoundsService(GuardedWork, RoleService):
         # (retention drops only ended rounds: one below the oldest kept has ended)
         trainers, oldest = getattr(self, "trainers", None), min(self.slots, default=0)
         done = not trainers or (self.settings.rounds > 0 and all(
-            r in ended or r < oldest for r in range(self.settings.rounds)))
+            r in ended or r < oldest or r in self.adopted for r in range(self.settings.rounds)))
         share = self.key.share if hasattr(self, "key") else None
         self.ctx.report(REPORT_SECTION, {
             "role": "validator", "done": done, "rounds_planned": self.settings.rounds, "opener": self.opener,
@@ -1099,7 +1156,7 @@ class RoundsService(GuardedWork, RoleService):
                           "threshold": self.key.threshold, "size": len(self.key.members)},
             "outer": self.config.outer, "eval": self.eval_status, "rounds": rounds, "errors": self.errors[-20:],
             "inbox_dropped": self.inbox.dropped, "waiting": getattr(self, "waiting", None),
-            "keep_rounds": self.settings.keep_rounds})
+            "keep_rounds": self.settings.keep_rounds, "rounds_adopted": self.adopted[-20:]})
 
 
 def round_summary(slot: RoundSlot) -> dict[str, Any]:

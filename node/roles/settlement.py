@@ -43,6 +43,7 @@ from node.settlement.embedded import EmbeddedHead, Outbound
 from protocol import head as h
 from protocol import head_rules as rules
 from protocol import member_book as mb
+from protocol import round_catchup as rc
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.head_messages import (HeadAckSn, HeadClose, HeadCommit, HeadInit, HeadMessage, HeadNackSn,
                                     HeadReqSn)
@@ -122,6 +123,20 @@ class SettlementService(RoleService):
             for target, grounds in self._slashable(named).items():
                 log.info("phase=member-slash-proposed round=%d member=%s grounds=%s", view["round"], target, grounds)
                 self._enqueue({"kind": "member_slash", "target": target, "grounds": grounds, "round": view["round"]})
+
+    def awaits_round_view(self, round_id: int) -> bool:
+        """Whether this head waits for a view of `round_id` that nothing queued will give
+        (protocol/round_catchup.py: the rounds service then adopts one by quorum)."""
+        if self.head is None or any(r["kind"] == "observe_round" and r["round"] == round_id for r in self.queue):
+            return False
+        try:
+            return round_id in rc.rounds_awaiting_view(self.head.machine)
+        except RuntimeError:  # read while a worker thread applies an event: the next message asks again
+            return False
+
+    def round_confirmed(self, round_id: int) -> bool | None:
+        """Whether this head needs nothing more of `round_id` (None: no head yet)."""
+        return None if self.head is None else rc.round_confirmed(self.head.machine, round_id)
 
     def _slashable(self, named: dict[str, str]) -> dict[str, str]:
         """The named whom the author slashes unasked: admitted members, whose stake is in the
