@@ -52,6 +52,13 @@ class SettlementBackend(Protocol):
     async def step(self) -> None:
         """One pass of the backend's loop: open, record what is queued, close when done."""
 
+    def awaits_round_view(self, round_id: int) -> bool:
+        """Whether the head waits for this party's view of a round nothing queued will give
+        (the rounds service then adopts one by quorum, protocol/round_catchup.py)."""
+
+    def round_confirmed(self, round_id: int) -> bool | None:
+        """Whether the head needs nothing more of the round (None: no head that judges views)."""
+
 
 @dataclass
 class RoleContext:

@@ -733,12 +733,13 @@ class RoundsService(GuardedWork, RoleService):
         """After the final deadline, our RoundFinal (RoundAborted) again every
         rc.REPUBLISH_MS while our head has not confirmed the round: a validator that was
         down for the whole round adopts it from a majority of these (_catch_up)."""
-        confirmed = getattr(self.ctx.service("settlement"), "round_confirmed", None)
-        if not slot.terminal() or confirmed is None:
+        settlement = self.ctx.settlement
+        if not slot.terminal() or settlement is None:
             return
         now = now_ms()
         if not rc.republish_due(now_ms=now, final_deadline_ms=slot.ro.final_deadline_ms,
-                                confirmed=confirmed(slot.round_id), last_ms=self.republished.get(slot.round_id)):
+                                confirmed=settlement.round_confirmed(slot.round_id),
+                                last_ms=self.republished.get(slot.round_id)):
             return
         self.republished[slot.round_id] = now
         for message in slot.validator.still_needed():
@@ -750,12 +751,10 @@ class RoundsService(GuardedWork, RoleService):
         it): while our head waits for a view of that round, collect them; once a strict
         majority of the head's parties sent the same one, it is our view
         (rc.adopted_outcome) and goes to settlement like our own would."""
-        service = self.ctx.service("settlement")
-        awaits = getattr(service, "awaits_round_view", None)
-        record = getattr(service, "record_round", None)
-        if awaits is None or record is None or not awaits(message.round_id):
+        settlement = self.ctx.settlement
+        if settlement is None or not settlement.awaits_round_view(message.round_id):
             return
-        parties = frozenset(getattr(service, "parties", ()))
+        parties = frozenset(getattr(settlement, "parties", ()))  # the head's parties (both backends)
         if self.outcomes_heard is None or self.outcomes_heard.parties != parties:
             self.outcomes_heard = rc.OutcomesHeard(parties, self.me)
         outcome = self.outcomes_heard.hear(sender, message)
@@ -769,9 +768,7 @@ class RoundsService(GuardedWork, RoleService):
                "contributors": list(outcome.contributors), "rejected": [],
                "aborted": "adopted" if outcome.aborted else "", "bad_contributors": {}, "eval": {}, "adopted": True}
         try:
-            result = record(doc)
-            if inspect.isawaitable(result):
-                await result
+            settlement.record_round(doc)
         except Exception as exc:  # settlement is another service: its failure must not end rounds
             log.error("settlement record_round failed for adopted round %d: %s", outcome.round_id, exc)
             return

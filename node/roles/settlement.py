@@ -634,6 +634,12 @@ class HydraSettlementService(RoleService):
     def is_author(self) -> bool:
         return bool(self.parties) and self.parties[0] == self.me
 
+    def awaits_round_view(self, round_id: int) -> bool:
+        return False  # a hydra-node's head takes no party's view of a round: nothing to adopt
+
+    def round_confirmed(self, round_id: int) -> bool | None:
+        return None  # no head here that judges views, so no outcome is re-published for it
+
     def record_round(self, doc: dict[str, Any]) -> None:
         from node.settlement.hydra_tx import RoundResultRecord
         if self.is_author():
