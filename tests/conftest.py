@@ -25,6 +25,16 @@ def pytest_configure(config):
     faulthandler.enable(file=_FAULT_OUT, all_threads=True)
 
 
+def pytest_runtest_setup(item):
+    # Armed again before every test: compiling a Concrete circuit loads LLVM, which puts its
+    # own SIGSEGV handler in place of Python's (its stack dump goes to stderr, which pytest
+    # captures, so a crash after the first FHE test left nothing behind). enable() alone
+    # is a no-op while Python thinks its handler is still there.
+    if _FAULT_OUT is not None:
+        faulthandler.disable()
+        faulthandler.enable(file=_FAULT_OUT, all_threads=True)
+
+
 def pytest_collection_modifyitems(config, items):
     # Heavy tests run with SEALMESH_SLOW=1 (make test-all); CI runs the rest.
     if os.environ.get("SEALMESH_SLOW") == "1":

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 
 import pytest
 import trio
 from libp2p.peer.id import ID
 
 from node.mesh import Mesh, MeshConfig, MeshRequestError
+
+# These run in a fresh process (tests/test_nat_limits_isolated.py starts it): in the
+# whole suite's process, after in-process Concrete compiles (LLVM takes over SIGSEGV,
+# SIGBUS, SIGILL, SIGTERM, SIGINT and SIGUSR1 then), this file's in-process relay meshes
+# died of SIGSEGV in 2 of 3 full runs and once in CI, and never when run alone.
+pytestmark = pytest.mark.skipif(os.environ.get("SEALMESH_NAT_LIMITS_CHILD") != "1",
+                                reason="runs in its own process: tests/test_nat_limits_isolated.py")
 
 ECHO = "/sealmesh-test/echo/1"
 
