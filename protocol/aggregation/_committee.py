@@ -9,7 +9,7 @@ from protocol.aggregation._blocks import cover, cover_for_missing
 from protocol.aggregation._effects import (ComputeAggregate, CoverBlocks, DecryptPartial, Effect, EnterPhase, Send,
                                            SetTimer)
 from protocol.aggregation._phases import CommitteePhase
-from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id
+from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id, is_copy_of_held
 from protocol.aggregation._rules import round_blocks
 from protocol.aggregation._state import STATE_VERSION, check_state, round_open_from_state, round_open_state, same_round
 from protocol.aggregation_messages import AcceptedSet, PartialDecryption, RoundOpen
@@ -39,10 +39,7 @@ class CommitteeRound:
                    last_round_id: int | None = None, expected_base: str | None = None) -> list[Effect]:
         """JoinRound: the scheduled opener announced a round that keeps the mesh's rules
         (round_open_refusal); a copy of it from another validator changes nothing."""
-        if self.round_open is not None:
-            if self.round_open != msg:
-                raise RemoteProtocolError(f"a different RoundOpen for round {msg.round_id}",
-                                          reason="conflicting_round_open")
+        if is_copy_of_held(self.round_open, msg):
             return []
         ro = check_round_open(mesh, validator, msg, now_ms=now_ms, last_round_id=last_round_id,
                               expected_base=expected_base)

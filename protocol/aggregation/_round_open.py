@@ -274,6 +274,16 @@ def hyperparameters_problem(policy: RoundPolicy, hyperparameters: Mapping[str, f
                  if (why := bounds[name].problem(value))), None)
 
 
+def is_copy_of_held(held: RoundOpen | None, msg: RoundOpen) -> bool:
+    """Whether `msg` repeats the RoundOpen a machine already joined (a copy changes
+    nothing); a different one for that round is refused, whoever sent it."""
+    if held is None:
+        return False
+    if held != msg:
+        raise RemoteProtocolError(f"a different RoundOpen for round {msg.round_id}", reason="conflicting_round_open")
+    return True
+
+
 def check_round_open(mesh: MeshRounds, sender: str, ro: RoundOpen, *, now_ms: int,
                      last_round_id: int | None, expected_base: str | None = None) -> RoundOpen:
     """round_open_refusal as a RemoteProtocolError with its reason."""

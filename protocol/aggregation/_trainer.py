@@ -6,7 +6,7 @@ from typing import Any
 
 from protocol.aggregation._effects import BlamePosition, Effect, EnterPhase, ProveSlots, Send, SetTimer, Train
 from protocol.aggregation._phases import TrainerPhase
-from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id
+from protocol.aggregation._round_open import MeshRounds, check_round_open, is_blob_id, is_copy_of_held
 from protocol.aggregation._rules import blame_position_problem
 from protocol.aggregation._state import STATE_VERSION, check_state, round_open_from_state, round_open_state, same_round
 from protocol.aggregation_messages import (MAX_NAME_CHARS, BlameRequest, Contribution, RoundAborted, RoundFinal,
@@ -36,10 +36,7 @@ class TrainerRound:
         """JoinRound: train for this round if there is time left, and only for the scheduled
         opener's round under the mesh's rules (round_open_refusal): the hyper-parameters
         are bounded, the minimum and layout are the mesh's."""
-        if self.round_open is not None:
-            if self.round_open != msg:
-                raise RemoteProtocolError(f"a different RoundOpen for round {msg.round_id}",
-                                          reason="conflicting_round_open")
+        if is_copy_of_held(self.round_open, msg):
             return []
         ro = check_round_open(mesh, validator, msg, now_ms=now_ms, last_round_id=last_round_id,
                               expected_base=expected_base)
